@@ -1,0 +1,1 @@
+"""The SendGrid Event Webhook ingress: verify, then publish the raw batch to Kafka."""

@@ -1,0 +1,33 @@
+"""Filter: a bounded, best-effort window of recently published ``sg_event_id``s.
+
+Exactness comes from ClickHouse (ReplacingMergeTree); this only saves the duplicates of a
+SendGrid retry from travelling the whole pipeline. Ids are remembered only after the events
+were acknowledged downstream: remembering earlier would turn a failed, retried produce into a
+silently dropped event.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+
+
+class RecentEventIds:
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, sg_event_id: object) -> bool:
+        return sg_event_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def remember(self, sg_event_ids: Iterable[str]) -> None:
+        if self._capacity == 0:
+            return
+        for sg_event_id in sg_event_ids:
+            self._ids[sg_event_id] = None
+            self._ids.move_to_end(sg_event_id)
+        while len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)

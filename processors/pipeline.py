@@ -1,0 +1,101 @@
+"""The processor as a pure function of one consumed raw-batch record.
+
+``process_raw_record(value, headers, metadata)`` splits the batch, normalizes and encodes each
+event, and turns every failure into a DeadLetter with its reason. No Kafka client here: the
+worker (``processors.worker``) feeds records in and sends what comes out.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from processors.errors import InvalidMessage
+from processors.normalize import BatchContext, normalize_event
+from processors.split import split_batch
+from schemas.dead_letter import DeadLetter
+from schemas.email_event import EmailEventCodec, SerializationError
+from schemas.raw_batch import InvalidRawBatch, decode_raw_batch
+
+STAGE = "processor"
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    """Where a consumed record came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    sg_event_id: str
+    event: str
+    value: bytes
+
+
+@dataclass(slots=True)
+class ProcessedRecord:
+    events: list[EncodedEvent] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+def process_raw_record(
+    value: bytes | None,
+    headers: Sequence[tuple[str, bytes]],
+    metadata: Metadata,
+    codec: EmailEventCodec,
+) -> ProcessedRecord:
+    result = ProcessedRecord()
+
+    def dead_letter(
+        reason: str, detail: str, payload: bytes, event_index: int | None = None
+    ) -> None:
+        result.dead_letters.append(
+            DeadLetter(
+                reason=reason,
+                detail=detail,
+                stage=STAGE,
+                payload=payload,
+                original_topic=metadata.topic,
+                original_partition=metadata.partition,
+                original_offset=metadata.offset,
+                event_index=event_index,
+                context_headers=headers,
+            )
+        )
+
+    try:
+        batch = decode_raw_batch(value, headers)
+    except InvalidRawBatch as exc:
+        dead_letter("invalid_raw_batch", str(exc), value or b"")
+        return result
+    try:
+        items = split_batch(batch.body)
+    except InvalidMessage as exc:
+        dead_letter(exc.reason, exc.detail, batch.body)
+        return result
+
+    context = BatchContext(
+        webhook=batch.webhook, received_at_ms=batch.received_at_ms, request_id=batch.request_id
+    )
+    for index, item in enumerate(items):
+        try:
+            event = normalize_event(item, context)
+            encoded = codec.encode(event)
+        except InvalidMessage as exc:
+            dead_letter(exc.reason, exc.detail, _event_bytes(item), index)
+            continue
+        except SerializationError as exc:
+            dead_letter("serialization_error", str(exc), _event_bytes(item), index)
+            continue
+        result.events.append(EncodedEvent(event.sg_event_id, event.event, encoded))
+    return result
+
+
+def _event_bytes(item: object) -> bytes:
+    return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,1 @@
+"""Embedded single-machine stand-ins for Kafka and ClickHouse used by `sgpipe up`."""

@@ -1,0 +1,42 @@
+"""structlog, configured once in the entrypoint.
+
+JSON lines (with structured tracebacks) when stderr is not a terminal, coloured console output
+when it is. Context such as ``request_id`` or ``topic``/``partition`` is bound with
+``structlog.contextvars`` by the component that knows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+_LEVELS["error"] = logging.ERROR
+
+
+def configure_logging(
+    level: Literal["debug", "info", "warning", "error"] = "info",
+    output: Literal["auto", "json", "console"] = "auto",
+) -> None:
+    as_json = output == "json" or (output == "auto" and not sys.stderr.isatty())
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    renderer: list[structlog.typing.Processor] = (
+        [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        if as_json
+        else [structlog.dev.ConsoleRenderer()]
+    )
+    structlog.configure(
+        processors=[*shared, *renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    # Libraries (aiokafka, aiohttp) log through the standard library: keep their warnings.
+    logging.basicConfig(stream=sys.stderr, level=max(_LEVELS[level], logging.WARNING))

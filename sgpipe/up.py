@@ -1,0 +1,152 @@
+"""`sgpipe up`: the whole pipeline in one process, on embedded defaults where nothing is set.
+
+Start order: broker (when no Kafka is configured) -> topics -> ClickHouse (embedded chdb
+served over HTTP when no URL is configured) -> sink -> processor -> ingress. Stop order is the
+reverse of the data flow: the ingress stops taking requests, then the processor and the sink
+drain their topics, then the stores stop. With the in-memory embedded broker that drain is what
+makes a clean stop lose nothing.
+
+While it runs, ``<data-dir>/sgpipe-up.json`` records where its services listen so that
+``sgpipe query`` (and BI tools) read the embedded store through its HTTP interface instead of
+opening the chdb data path, which only one process may hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from ingest.app import create_app
+from processors.worker import run_processor
+from sgpipe.kafka import ensure_topics
+from sgpipe.settings import Settings
+from sinks.worker import run_sink
+
+log = structlog.get_logger(__name__)
+
+STATE_FILE = "sgpipe-up.json"
+CLICKHOUSE_DIR = "clickhouse"
+
+
+class StageFailed(RuntimeError):
+    """A stage of `sgpipe up` stopped on its own; the pipeline was shut down."""
+
+
+def state_file(data_dir: Path) -> Path:
+    return data_dir / STATE_FILE
+
+
+async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set or a stage fails (then StageFailed, after a full shutdown)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    async with contextlib.AsyncExitStack() as stack:
+        embedded_broker = settings.kafka.bootstrap_servers is None
+        if embedded_broker:
+            from sgpipe.embedded.broker import EmbeddedBroker
+
+            broker = EmbeddedBroker(
+                settings.embedded.host, settings.embedded.kafka_port, data_dir / "tansu.log"
+            )
+            bootstrap_servers = await broker.start()
+            stack.push_async_callback(broker.stop)
+            kafka = settings.kafka.model_copy(
+                update={"bootstrap_servers": bootstrap_servers, "enable_idempotence": False}
+            )
+            settings = settings.model_copy(update={"kafka": kafka})
+        if settings.kafka.create_topics:
+            created = await ensure_topics(settings.kafka)
+            if created:
+                log.info("created topics", topics=created)
+
+        clickhouse_url = settings.clickhouse.url
+        if clickhouse_url is None:
+            from sgpipe.embedded.clickhouse import EmbeddedClickHouse
+
+            store = EmbeddedClickHouse(data_dir / CLICKHOUSE_DIR)
+            clickhouse_url = await store.start(
+                settings.embedded.host, settings.embedded.clickhouse_http_port
+            )
+            stack.push_async_callback(store.stop)
+            log.info("embedded clickhouse serving", url=clickhouse_url)
+
+        _write_state(data_dir, settings, clickhouse_url)
+        stack.callback(_remove_state, data_dir)
+
+        sink_stop, processor_stop = asyncio.Event(), asyncio.Event()
+        sink = asyncio.create_task(
+            run_sink(settings, sink_stop, clickhouse_url, drain=embedded_broker), name="sink"
+        )
+        processor = asyncio.create_task(
+            run_processor(settings, processor_stop, drain=embedded_broker), name="processor"
+        )
+        runner = web.AppRunner(create_app(settings), access_log=None)
+        try:
+            await runner.setup()
+            site = web.TCPSite(runner, settings.ingest.host, settings.ingest.port)
+            await site.start()
+            _log_webhook_urls(settings, runner)
+            failed = await _wait_for_stop_or_failure(stop, [sink, processor])
+        finally:
+            log.info("stopping: ingress first, then draining processor and sink")
+            await runner.cleanup()
+            await _stop_stage(processor, processor_stop)
+            await _stop_stage(sink, sink_stop)
+        if failed is not None:
+            raise StageFailed(f"stage {failed.get_name()} stopped: {failed.exception()!r}")
+    log.info("stopped")
+
+
+async def _wait_for_stop_or_failure(
+    stop: asyncio.Event, stages: list[asyncio.Task[None]]
+) -> asyncio.Task[None] | None:
+    stopped = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([stopped, *stages], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    for task in stages:
+        if task in done:
+            log.error("stage stopped unexpectedly", stage=task.get_name(), error=task.exception())
+            return task
+    return None
+
+
+async def _stop_stage(task: asyncio.Task[None], stop: asyncio.Event) -> None:
+    stop.set()
+    if not task.done():
+        await asyncio.wait([task])
+
+
+def _log_webhook_urls(settings: Settings, runner: web.AppRunner) -> None:
+    ports = [address[1] for address in runner.addresses if isinstance(address, tuple)]
+    port = ports[0] if ports else settings.ingest.port
+    if not settings.webhooks:
+        log.warning("no webhooks configured: add one under `webhooks:` in the config file")
+    for webhook in settings.webhooks:
+        log.info(
+            "send SendGrid events to",
+            webhook=webhook.name,
+            url=f"http://<this-host>:{port}/webhooks/{webhook.name}",
+            local_url=f"http://127.0.0.1:{port}/webhooks/{webhook.name}",
+        )
+
+
+def _write_state(data_dir: Path, settings: Settings, clickhouse_url: str) -> None:
+    state = {
+        "pid": os.getpid(),
+        "clickhouse_url": clickhouse_url,
+        "kafka_bootstrap_servers": settings.kafka.bootstrap_servers,
+        "database": settings.clickhouse.database,
+    }
+    path = state_file(data_dir)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    temporary.replace(path)
+
+
+def _remove_state(data_dir: Path) -> None:
+    state_file(data_dir).unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Normalized events -> ClickHouse, in batches, committing offsets only after the insert."""

@@ -1,0 +1,118 @@
+"""The sink's consume -> insert -> commit loop.
+
+Events are batched by size and time, decoded, and inserted into ClickHouse; offsets are
+committed only after the insert returned. Records that cannot be decoded go to the dead-letter
+topic. Insert failures are retried (holding the batch) until they succeed: a ClickHouse that
+rejects well-formed rows is a bad deploy to fix, not data to throw away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from schemas.dead_letter import DeadLetter, dead_letter_headers
+from schemas.email_event import EmailEventCodec, SerializationError
+from sgpipe.kafka import (
+    CommitLoop,
+    OutgoingRecord,
+    Record,
+    create_consumer,
+    create_producer,
+    send_all,
+)
+from sgpipe.settings import Settings
+from sinks.clickhouse import ClickHouseWriter, apply_migrations, connect
+from sinks.rows import to_columns
+
+log = structlog.get_logger(__name__)
+
+STAGE = "sink"
+
+
+def decode_records(
+    records: Sequence[Record], codec: EmailEventCodec
+) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
+    decoded: list[dict[str, Any]] = []
+    dead_letters: list[DeadLetter] = []
+    for record in records:
+        try:
+            decoded.append(codec.decode(record.value or b""))
+        except SerializationError as exc:
+            dead_letters.append(
+                DeadLetter(
+                    reason="undecodable_event",
+                    detail=str(exc),
+                    stage=STAGE,
+                    payload=record.value or b"",
+                    original_topic=record.topic,
+                    original_partition=record.partition,
+                    original_offset=record.offset,
+                    context_headers=record.headers,
+                )
+            )
+    return decoded, dead_letters
+
+
+async def run_sink(
+    settings: Settings,
+    stop: asyncio.Event,
+    clickhouse_url: str | None = None,
+    *,
+    drain: bool = False,
+) -> None:
+    """Consume normalized events until ``stop`` is set; flushes and commits before returning.
+
+    ``clickhouse_url`` overrides ``settings.clickhouse.url`` (the embedded store's address).
+    """
+    codec = EmailEventCodec()
+    client = await connect(settings.clickhouse, clickhouse_url)
+    try:
+        await apply_migrations(client, settings.clickhouse.database)
+        writer = ClickHouseWriter(client, settings.clickhouse.database)
+        producer = create_producer(settings.kafka)
+        consumer = create_consumer(settings.kafka, group_id=settings.sink.group_id)
+        dead_letter_topic = settings.kafka.topics.dead_letter
+
+        async def flush(records: Sequence[Record]) -> None:
+            decoded, dead_letters = decode_records(records, codec)
+            written = await writer.insert(to_columns(decoded)) if decoded else 0
+            await send_all(
+                producer,
+                [
+                    OutgoingRecord(
+                        dead_letter_topic, letter.payload, headers=dead_letter_headers(letter)
+                    )
+                    for letter in dead_letters
+                ],
+            )
+            log.info(
+                "inserted events",
+                rows=written,
+                records=len(records),
+                dead_letters=len(dead_letters),
+            )
+
+        loop = CommitLoop(
+            consumer,
+            flush,
+            name="sink",
+            max_records=settings.sink.batch_max_rows,
+            max_seconds=settings.sink.batch_max_seconds,
+            retry_backoff_max_seconds=settings.sink.retry_backoff_max_seconds,
+        )
+        consumer.subscribe([settings.kafka.topics.events], listener=loop.rebalance_listener())
+        await producer.start()
+        try:
+            await consumer.start()
+            try:
+                await loop.run(stop, drain=drain)
+            finally:
+                await consumer.stop()
+        finally:
+            await producer.stop()
+    finally:
+        await client.close()

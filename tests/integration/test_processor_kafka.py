@@ -1,0 +1,102 @@
+"""The processor against a real Kafka-protocol broker (tansu): records in, records out,
+offsets committed only for what was published."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+
+from processors.worker import run_processor
+from schemas.dead_letter import REASON_HEADER
+from schemas.email_event import EmailEventCodec
+from schemas.raw_batch import RawBatch, raw_batch_headers
+from sgpipe.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
+from tests.integration.kafka_tools import kafka_test_settings, read_topic
+
+pytestmark = pytest.mark.kafka
+
+EVENTS = [
+    {"email": "a@example.com", "event": "delivered", "sg_event_id": "ev-1", "timestamp": 17e8},
+    {"email": "b@example.com", "event": "open", "sg_event_id": "ev-2", "timestamp": "1700000001",
+     "category": "welcome", "plan": "pro"},
+    {"email": "c@example.com", "event": "click", "timestamp": 1700000002},  # no sg_event_id
+]  # fmt: skip
+
+
+def raw_batch(body: bytes, request_id: str) -> RawBatch:
+    return RawBatch(
+        webhook="main",
+        body=body,
+        received_at_ms=1_700_000_010_000,
+        request_id=request_id,
+        signature_timestamp=1_700_000_009,
+        authenticated_by="signature",
+    )
+
+
+async def test_processor_publishes_events_dead_letters_and_commits(
+    kafka_bootstrap_servers: str, unique_name: str
+) -> None:
+    settings = kafka_test_settings(kafka_bootstrap_servers, unique_name)
+    topics = settings.kafka.topics
+    await ensure_topics(settings.kafka)
+    body = ("[" + ",\r\n".join(json.dumps(event) for event in EVENTS) + "]\r\n").encode()
+    batches = [raw_batch(body, "req-1"), raw_batch(body, "req-2"), raw_batch(b"not json", "req-3")]
+    producer = create_producer(settings.kafka)
+    await producer.start()
+    try:
+        await send_all(
+            producer,
+            [OutgoingRecord(topics.raw, b.body, headers=raw_batch_headers(b)) for b in batches],
+        )
+    finally:
+        await producer.stop()
+
+    stop = asyncio.Event()
+    worker = asyncio.create_task(run_processor(settings, stop))
+    try:
+        events = await read_topic(kafka_bootstrap_servers, topics.events, expected=2)
+        dead = await read_topic(kafka_bootstrap_servers, topics.dead_letter, expected=3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(worker, timeout=30)
+
+    codec = EmailEventCodec()
+    decoded = sorted(
+        (codec.decode(record.value) for record in events), key=lambda e: e["sg_event_id"]
+    )
+    # The second copy of the batch (a SendGrid retry) is absorbed by the dedup window.
+    assert [(e["sg_event_id"], e["event"], e["email"]) for e in decoded] == [
+        ("ev-1", "delivered", "a@example.com"),
+        ("ev-2", "open", "b@example.com"),
+    ]
+    assert decoded[1]["category"] == ["welcome"]
+    assert decoded[1]["custom_args"] == {"plan": "pro"}
+    assert {record.key for record in events} == {b"ev-1", b"ev-2"}
+
+    reasons = sorted(dict(record.headers)[REASON_HEADER] for record in dead)
+    # The event without sg_event_id once per copy of the batch, and the non-JSON batch.
+    assert reasons == [b"invalid_json", b"missing_sg_event_id", b"missing_sg_event_id"]
+    invalid_json = next(r for r in dead if dict(r.headers)[REASON_HEADER] == b"invalid_json")
+    assert invalid_json.value == b"not json"
+    assert dict(invalid_json.headers)["sgpipe-request-id"] == b"req-3"
+
+    # Every raw record's offset was committed after its output was acknowledged.
+    checker = AIOKafkaConsumer(
+        bootstrap_servers=kafka_bootstrap_servers,
+        group_id=settings.processor.group_id,
+        enable_auto_commit=False,
+    )
+    await checker.start()
+    try:
+        committed = [
+            await checker.committed(TopicPartition(topics.raw, partition))
+            for partition in range(topics.partitions)
+        ]
+    finally:
+        await checker.stop()
+    assert sum(offset or 0 for offset in committed) == len(batches)
