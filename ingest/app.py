@@ -95,6 +95,11 @@ class WebhookVerifier:
         return cls(webhook.name, tuple(keys), webhook.timestamp_tolerance)
 
 
+def build_verifiers(settings: Settings) -> dict[str, WebhookVerifier]:
+    """Every webhook's verifier; ConfigError naming the webhook if one is unusable."""
+    return {webhook.name: WebhookVerifier.from_settings(webhook) for webhook in settings.webhooks}
+
+
 WEBHOOKS = web.AppKey("webhooks", dict[str, WebhookVerifier])
 PUBLISHER = web.AppKey("publisher", RawBatchPublisher)
 
@@ -106,9 +111,7 @@ def create_app(settings: Settings, publisher: RawBatchPublisher | None = None) -
         client_max_size=settings.ingest.max_body_bytes,
         middlewares=[_request_context, _json_errors],
     )
-    app[WEBHOOKS] = {
-        webhook.name: WebhookVerifier.from_settings(webhook) for webhook in settings.webhooks
-    }
+    app[WEBHOOKS] = build_verifiers(settings)
     if publisher is None:
         app.cleanup_ctx.append(_kafka_publisher(settings))
     else:

@@ -9,7 +9,7 @@ format can be added beside it later.
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
@@ -51,9 +51,22 @@ class EmailEventCodec:
         self._prefix = SINGLE_OBJECT_MAGIC + self.fingerprint
 
     def encode(self, event: EmailEvent) -> bytes:
-        record = asdict(event)
-        record["event_time"] = record.pop("event_time_ms")
-        record["received_at"] = record.pop("received_at_ms")
+        # Built by hand: dataclasses.asdict deep-copies every list and dict, and was most of
+        # the processor's time per event.
+        record = {
+            "webhook": event.webhook,
+            "event": event.event,
+            "sg_event_id": event.sg_event_id,
+            "event_time": event.event_time_ms,
+            "email": event.email,
+            "sg_message_id": event.sg_message_id,
+            "smtp_id": event.smtp_id,
+            "category": event.category,
+            "custom_args": event.custom_args,
+            "received_at": event.received_at_ms,
+            "request_id": event.request_id,
+            "raw": event.raw,
+        }
         buffer = io.BytesIO()
         buffer.write(self._prefix)
         try:

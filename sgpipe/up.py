@@ -22,7 +22,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from ingest.app import create_app
+from ingest.app import build_verifiers, create_app
 from processors.worker import run_processor
 from sgpipe.kafka import ensure_topics
 from sgpipe.settings import Settings
@@ -44,6 +44,7 @@ def state_file(data_dir: Path) -> Path:
 
 async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set or a stage fails (then StageFailed, after a full shutdown)."""
+    build_verifiers(settings)  # a bad key must stop us before anything starts
     data_dir.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         embedded_broker = settings.kafka.bootstrap_servers is None
