@@ -1,0 +1,909 @@
+"""Embedded ClickHouse: one chdb engine, served over ClickHouse's HTTP interface.
+
+chdb runs the real ClickHouse engine in-process, but only one process may hold a data path
+(a second one gets "Cannot lock file .../status"). So exactly one process owns the store: it
+opens the chdb session and serves the subset of ClickHouse's HTTP interface that
+clickhouse-connect and BI tools use. Everything else -- the pipeline's sink, `sgpipe query`,
+a BI tool -- talks to that endpoint through ClickHouse's normal protocol, the same code path it
+uses against a real server. `query_tsv` is the one exception, for when nobody is serving the
+store and the caller can open it directly.
+
+How a request runs:
+
+* The `chdb.session.Session` keeps the engine (and the lock on the data path) alive for the
+  server's lifetime. Each request opens its own short-lived connection handle to that engine
+  (about 0.2 ms). Handles are how chdb isolates `USE`/`SET` state, so every request gets a
+  fresh context exactly like a real server request without `session_id`: URL settings, the
+  `database` parameter, or a `SET` sent by one client never leak into the next. Handles also
+  run in parallel, where queries through one shared handle would serialize.
+* chdb calls block, so they run on a small thread pool owned by the app, never on the loop.
+* `INSERT ... FORMAT <fmt>` bodies are streamed into chdb's streaming insert
+  (`Connection.send_insert`), the API that takes binary input such as clickhouse-connect's
+  Native blocks, so an insert of any size uses bounded memory.
+* Other statements are read whole and run with `Connection.query`; their result is
+  materialised before the response starts, so a failure is always a proper HTTP error with
+  `X-ClickHouse-Exception-Code` and the summary header is complete. That suits the pipeline's
+  and an operator's queries; it is not meant for dumping a huge table in one request.
+* Responses are never compressed: that is always allowed (the server decides), and on
+  loopback compression only costs CPU. Request bodies may be compressed: aiohttp decodes
+  gzip/deflate/br/zstd itself, `lz4` (clickhouse-connect's default) is decoded here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import pathlib
+import re
+import threading
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+
+import lz4.frame
+import structlog
+from aiohttp import web
+
+if TYPE_CHECKING:
+    import chdb.session
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+
+# ClickHouse error codes this module raises itself (src/Common/ErrorCodes.cpp).
+_SYNTAX_ERROR: Final = 62
+_NOT_IMPLEMENTED: Final = 48
+_CANNOT_DECOMPRESS: Final = 271
+_STD_EXCEPTION: Final = 1001
+
+_DEFAULT_FORMAT: Final = "TabSeparated"
+_WORKERS: Final = 8  # concurrent chdb calls; ClickHouse parallelises each query itself
+_READ_BYTES: Final = 256 * 1024
+_APPEND_BYTES: Final = 1024 * 1024  # batch network chunks before each hop to a chdb thread
+_HEAD_SCAN_BYTES: Final = 1024 * 1024  # ClickHouse's own max_query_size is 256 KiB
+_FORM_MAX_BYTES: Final = 64 * 1024 * 1024  # multipart forms (large bound parameters) are read whole
+
+# URL parameters the HTTP layer itself consumes (or ClickHouse features not provided here)
+# and that must not become `SET` statements. `database` and `default_format` are also
+# settings in system.settings, which is why they are listed.
+_NOT_SETTINGS: Final = frozenset(
+    {
+        "query",
+        "database",
+        "default_format",
+        "query_id",
+        "session_id",
+        "session_timeout",
+        "session_check",
+        "close_session",
+        "user",
+        "password",
+        "quota_key",
+        "role",
+        "buffer_size",
+        "wait_end_of_query",
+        "client_protocol_version",
+        "stacktrace",
+        "compress",
+        "decompress",
+    }
+)
+
+# exceptionCodeToHTTPStatus in ClickHouse (src/Server/HTTP), by error name.
+_BAD_REQUEST_ERRORS: Final = frozenset(
+    {
+        "BAD_ARGUMENTS",
+        "CANNOT_COMPILE_REGEXP",
+        "DUPLICATE_COLUMN",
+        "ILLEGAL_COLUMN",
+        "INCORRECT_DATA",
+        "SYNTAX_ERROR",
+        "THERE_IS_NO_COLUMN",
+        "TOO_BIG_AST",
+        "TOO_DEEP_AST",
+        "TYPE_MISMATCH",
+        "UNEXPECTED_AST_STRUCTURE",
+        "UNKNOWN_ELEMENT_IN_AST",
+        "UNKNOWN_TYPE_OF_AST_NODE",
+        "VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE",
+    }
+)
+_NOT_FOUND_ERRORS: Final = frozenset(
+    {
+        "UNKNOWN_AGGREGATE_FUNCTION",
+        "UNKNOWN_DATABASE",
+        "UNKNOWN_DATABASE_ENGINE",
+        "UNKNOWN_DIRECTION_OF_SORTING",
+        "UNKNOWN_FORMAT",
+        "UNKNOWN_FUNCTION",
+        "UNKNOWN_IDENTIFIER",
+        "UNKNOWN_ROLE",
+        "UNKNOWN_SETTING",
+        "UNKNOWN_STORAGE",
+        "UNKNOWN_TABLE",
+        "UNKNOWN_TYPE",
+        "UNKNOWN_TYPE_OF_QUERY",
+    }
+)
+_RESULT_STATEMENTS: Final = frozenset(
+    {b"SELECT", b"WITH", b"SHOW", b"DESCRIBE", b"DESC", b"EXPLAIN", b"EXISTS", b"CHECK"}
+)
+# An INSERT whose data is not a FORMAT payload in the body: the engine parses it whole.
+_INSERT_WITHOUT_PAYLOAD: Final = frozenset({b"VALUES", b"SELECT", b"WITH", b"INFILE"})
+
+_ERROR_CODE = re.compile(r"^Code: (\d+)\.")
+# "... (UNKNOWN_TABLE)" or "... (UNKNOWN_TABLE) (version 26.9.2.1)" at the end of the text
+_ERROR_NAME = re.compile(r"\(([A-Z][A-Z0-9_]*)\)(?:\s*\(version [^)]*\))?\s*$")
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+# One SQL token. Comments, quoted strings and quoted identifiers are single tokens, so the
+# keyword scans below never look inside them; `\Z` lets a token run to the end of a partial
+# buffer (the caller then waits for more bytes).
+_TOKEN = re.compile(
+    rb"""
+      (?P<space>\s+)
+    | (?P<comment>--[^\n]*(?:\n|\Z) | \#[^\n]*(?:\n|\Z) | /\*.*?(?:\*/|\Z))
+    | (?P<quoted>'(?:[^'\\]|\\.|'')*(?:'|\Z) | "(?:[^"\\]|\\.|"")*(?:"|\Z)
+                 | `(?:[^`\\]|\\.|``)*(?:`|\Z))
+    | (?P<word>[A-Za-z_][A-Za-z0-9_]*)
+    | (?P<open>\()
+    | (?P<close>\))
+    | (?P<other>[^\s'"`\#/\-A-Za-z_()]+|[/\-])
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+# After the FORMAT keyword: the format name, then ClickHouse's rule for where inline data
+# starts -- after the first newline if there is one, else after the blanks.
+_FORMAT_NAME = re.compile(rb"\s+([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*(?:\r?\n)?")
+# What may follow a SELECT's FORMAT clause.
+_TRAILING = re.compile(rb"\s*(?:;|(?i:SETTINGS)\b|\Z)")
+
+
+class EmbeddedQueryError(Exception):
+    """A query failed in the embedded engine; the message is ClickHouse's error text."""
+
+    def __init__(self, message: str, code: int = _STD_EXCEPTION) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- the typed slice of chdb this module uses -------------------------------------------------
+
+
+class _Result(Protocol):
+    def bytes(self) -> bytes: ...
+    def rows_read(self) -> int: ...
+    def bytes_read(self) -> int: ...
+    def storage_rows_read(self) -> int: ...
+    def storage_bytes_read(self) -> int: ...
+    def rows_written(self) -> int: ...
+    def bytes_written(self) -> int: ...
+    def elapsed(self) -> float: ...
+
+
+class _InsertResult(Protocol):
+    rows_written: int
+    bytes_written: int
+    elapsed: float
+
+
+class _Inserter(Protocol):
+    def append(self, data: bytes) -> None: ...
+    def finish(self) -> _InsertResult: ...
+    def cancel(self) -> None: ...
+
+
+class _Connection(Protocol):
+    def query(self, query: str, format: str = ..., params: Any = ...) -> Any: ...
+    def send_insert(self, query: str, format: str = ...) -> _Inserter: ...
+    def close(self) -> None: ...
+
+
+def _connect(conn_str: str) -> _Connection:
+    # Imported here: `import chdb` costs ~0.4 s and ~270 MB, which HTTP-only users of this
+    # module (e.g. `sgpipe query` against a served store) should not pay.
+    from chdb.state import connect
+
+    conn: _Connection = connect(conn_str)
+    return conn
+
+
+def _session_conn_str(session: chdb.session.Session) -> str:
+    # chdb hosts one engine per process and rejects handles to any other path, so request
+    # handles must use the session's own connection string; Session has no public accessor.
+    conn_str = getattr(session, "_conn_str", None)
+    if not isinstance(conn_str, str):
+        raise TypeError("unsupported chdb version: Session has no connection string")
+    return conn_str
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def _engine_error(exc: BaseException) -> EmbeddedQueryError:
+    """ClickHouse's text from a chdb exception (chdb may prefix it, e.g. "Streaming insert
+    finish failed: Code: 27. ...")."""
+    text = str(exc).strip()
+    start = text.find("Code: ")
+    if start >= 0:
+        text = text[start:]
+        match = _ERROR_CODE.match(text)
+        if match:
+            return EmbeddedQueryError(text, int(match.group(1)))
+    return _clickhouse_error(_STD_EXCEPTION, "STD_EXCEPTION", text or type(exc).__name__)
+
+
+def _clickhouse_error(code: int, name: str, message: str) -> EmbeddedQueryError:
+    return EmbeddedQueryError(f"Code: {code}. DB::Exception: {message}. ({name})", code)
+
+
+def _http_status(error: EmbeddedQueryError) -> int:
+    match = _ERROR_NAME.search(str(error))
+    name = match.group(1) if match else ""
+    if name in _BAD_REQUEST_ERRORS or name.startswith("CANNOT_PARSE_"):
+        return 400
+    if name in _NOT_FOUND_ERRORS:
+        return 404
+    if name == "NOT_IMPLEMENTED":
+        return 501
+    return 500
+
+
+# --- SQL scanning ----------------------------------------------------------------------------
+
+
+def _tokens(buf: bytes) -> Iterator[re.Match[bytes] | None]:
+    """Tokens of `buf` from the start; yields None where nothing matches (e.g. a trailing
+    backslash in a partial buffer)."""
+    pos = 0
+    while pos < len(buf):
+        match = _TOKEN.match(buf, pos)
+        yield match
+        if match is None:
+            return
+        pos = match.end()
+
+
+@dataclass(frozen=True, slots=True)
+class _InsertHead:
+    sql: bytes  # the INSERT statement up to (without) its FORMAT clause
+    fmt: str
+    data_start: int
+
+
+_Plain = Literal["plain"]
+
+
+def _scan_insert(buf: bytes, final: bool) -> _InsertHead | _Plain | None:
+    """Is `buf` an `INSERT ... FORMAT <fmt>` with the data following it?
+
+    Returns the head, "plain" for any other statement (run whole by the engine), or None
+    when `buf` ends before that can be told and more bytes should be read first.
+    """
+    depth = 0
+    first = True
+    previous = b""
+    for match in _tokens(buf):
+        if match is None or (match.end() == len(buf) and not final):
+            return "plain" if final else None
+        kind, text = match.lastgroup, match.group()
+        if kind == "word":
+            word = text.upper()
+            if first and word != b"INSERT":
+                return "plain"
+            first = False
+            if depth == 0 and word in _INSERT_WITHOUT_PAYLOAD:
+                return "plain"
+            # FORMAT right after INTO/TABLE or a dot is a table named "format".
+            if depth == 0 and word == b"FORMAT" and previous not in (b"INTO", b"TABLE", b"."):
+                name = _FORMAT_NAME.match(buf, match.end())
+                if name is not None:
+                    if name.end() == len(buf) and not final:
+                        return None
+                    return _InsertHead(buf[: match.start()], name.group(1).decode(), name.end())
+        elif kind == "open":
+            depth += 1
+        elif kind == "close":
+            depth -= 1
+        if kind not in ("space", "comment"):
+            previous = text.upper()
+    return "plain" if final else None
+
+
+def _result_format(sql: bytes, default_format: str) -> str | None:
+    """The output format of a statement that returns a result set (its own trailing FORMAT
+    clause, else the default), or None for statements without one (DDL, INSERT, SET, ...).
+
+    clickhouse-connect's `command()` tells "empty result" from "no result" by the
+    X-ClickHouse-Format header, so it must be absent for the latter.
+    """
+    first: bytes | None = None
+    fmt: str | None = None
+    depth = 0
+    for match in _tokens(sql):
+        if match is None:
+            break
+        kind = match.lastgroup
+        if kind == "open":
+            depth += 1
+        elif kind == "close":
+            depth -= 1
+        elif kind == "word" and depth == 0:
+            word = match.group().upper()
+            if first is None:
+                first = word
+            elif word == b"FORMAT":
+                name = _FORMAT_NAME.match(sql, match.end())
+                # Only a trailing clause (`SELECT format FROM t` names a column).
+                if name is not None and _TRAILING.match(sql, name.end()):
+                    fmt = name.group(1).decode()
+    if first is None and sql.lstrip().startswith(b"("):
+        first = b"SELECT"
+    if first not in _RESULT_STATEMENTS:
+        return None
+    return fmt or default_format
+
+
+def _content_type(fmt: str) -> str:
+    if fmt.startswith(("TabSeparated", "TSV")):
+        return "text/tab-separated-values; charset=UTF-8"
+    if fmt.startswith("JSON"):
+        return "application/json; charset=UTF-8"
+    if fmt.startswith("CSV"):
+        return "text/csv; charset=UTF-8"
+    if fmt.startswith(("Native", "RowBinary", "Parquet", "Arrow", "ORC", "Avro", "MsgPack")):
+        return "application/octet-stream"
+    return "text/plain; charset=UTF-8"
+
+
+# --- request bodies ------------------------------------------------------------------------
+
+
+class _Lz4Frames:
+    """Decodes concatenated LZ4 frames: clickhouse-connect compresses each insert block as its
+    own frame (ClickHouse's `Content-Encoding: lz4` is the LZ4 frame format)."""
+
+    def __init__(self) -> None:
+        self._frame = lz4.frame.LZ4FrameDecompressor()
+        self._in_frame = False
+
+    def feed(self, data: bytes) -> bytes:
+        out: list[bytes] = []
+        while data:
+            try:
+                out.append(self._frame.decompress(data))
+            except RuntimeError as exc:
+                raise _clickhouse_error(_CANNOT_DECOMPRESS, "CANNOT_DECOMPRESS", str(exc)) from exc
+            self._in_frame = not self._frame.eof
+            if self._in_frame:
+                break
+            data = self._frame.unused_data or b""
+            self._frame = lz4.frame.LZ4FrameDecompressor()
+        return b"".join(out)
+
+    def close(self) -> None:
+        if self._in_frame:
+            raise _clickhouse_error(_CANNOT_DECOMPRESS, "CANNOT_DECOMPRESS", "truncated LZ4 frame")
+
+
+async def _body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body, decoded. aiohttp has already undone gzip/deflate/br/zstd."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    lz4_frames = _Lz4Frames() if encoding == "lz4" else None
+    async for chunk in request.content.iter_chunked(_READ_BYTES):
+        data = lz4_frames.feed(chunk) if lz4_frames is not None else chunk
+        if data:
+            yield data
+    if lz4_frames is not None:
+        lz4_frames.close()
+
+
+async def _statement_chunks(query_param: str, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    # ClickHouse runs the `query` parameter followed by the body, joined by a newline.
+    if query_param:
+        yield query_param.encode() + b"\n"
+    async for chunk in body:
+        yield chunk
+
+
+async def _batched(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    pending = bytearray(first)
+    async for chunk in rest:
+        pending += chunk
+        if len(pending) >= _APPEND_BYTES:
+            yield bytes(pending)
+            pending.clear()
+    if pending:
+        yield bytes(pending)
+
+
+async def _read_head(statement: AsyncIterator[bytes]) -> tuple[bytes, _InsertHead | _Plain]:
+    """Read until the statement's kind is known: the bytes read so far and the verdict."""
+    buf = bytearray()
+    async for chunk in statement:
+        buf += chunk
+        head = _scan_insert(bytes(buf), final=False)
+        if head is not None:
+            return bytes(buf), head
+        if len(buf) > _HEAD_SCAN_BYTES:
+            # No INSERT statement head is this long; let the engine parse whatever it is.
+            return bytes(buf), "plain"
+    final = _scan_insert(bytes(buf), final=True)
+    assert final is not None  # a final scan always decides
+    return bytes(buf), final
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    try:
+        async for _chunk in chunks:
+            pass
+    except EmbeddedQueryError:  # undecodable body: nothing more worth reading
+        return
+
+
+def _decode_sql(sql: bytes) -> str:
+    try:
+        return sql.decode()
+    except UnicodeDecodeError as exc:
+        raise _clickhouse_error(
+            _SYNTAX_ERROR, "SYNTAX_ERROR", f"query is not UTF-8: {exc}"
+        ) from exc
+
+
+# --- request parameters --------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Params:
+    """What the URL (and a multipart form) asks for, besides the statement."""
+
+    query: str = ""
+    database: str = ""
+    default_format: str = _DEFAULT_FORMAT
+    query_id: str = ""
+    readonly: bool = False
+    bind: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)
+
+    def update(self, values: Mapping[str, str]) -> None:
+        for name, value in values.items():
+            if name.startswith("param_"):
+                # chdb takes ClickHouse's HTTP form of query parameters as is: the text of
+                # the value (escaped like TSV), parsed by the engine as the placeholder's
+                # declared type. No substitution into the SQL happens here.
+                self.bind[name.removeprefix("param_")] = value
+            elif name == "query":
+                self.query = value
+            elif name == "database":
+                self.database = value
+            elif name == "default_format":
+                self.default_format = value or _DEFAULT_FORMAT
+            elif name == "query_id":
+                self.query_id = value
+            elif name in ("compress", "decompress") and value not in ("", "0"):
+                # ClickHouse's own block compression (not Content-Encoding); not provided.
+                raise _clickhouse_error(
+                    _NOT_IMPLEMENTED, "NOT_IMPLEMENTED", f"HTTP parameter {name}=1"
+                )
+            elif name not in _NOT_SETTINGS:
+                self.settings[name] = value
+
+
+async def _read_params(request: web.Request) -> _Params:
+    params = _Params(readonly=request.method in ("GET", "HEAD"))
+    params.update(request.query)
+    if request.content_type == "multipart/form-data":
+        # clickhouse-connect moves the query and large bound parameters into a form.
+        fields: dict[str, str] = {}
+        for name, value in (await request.post()).items():
+            if not isinstance(value, str):
+                raise _clickhouse_error(
+                    _NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "external data (temporary tables)"
+                )
+            fields[name] = value
+        params.update(fields)
+    params.query_id = params.query_id or str(uuid.uuid4())
+    return params
+
+
+def _quote_identifier(name: str) -> str:
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def _quote_string(value: str) -> str:
+    # Quoted even for numeric settings: ClickHouse converts a string literal to the
+    # setting's type, while a bare number would break String-typed settings.
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# --- execution -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    body: bytes
+    summary: dict[str, str]
+    fmt: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _EngineInfo:
+    setting_names: frozenset[str]
+    timezone: str
+    display_name: str
+
+
+def _load_engine_info(conn_str: str) -> _EngineInfo:
+    conn = _connect(conn_str)
+    try:
+        names = conn.query("SELECT name FROM system.settings", "TabSeparated").bytes()
+        row = conn.query("SELECT timezone(), hostName()", "TabSeparated").bytes()
+    finally:
+        conn.close()
+    timezone, display_name = row.decode().rstrip("\n").split("\t")
+    return _EngineInfo(frozenset(names.decode().split()), timezone, display_name)
+
+
+def _open_request_connection(
+    conn_str: str, params: _Params, settings: dict[str, str]
+) -> _Connection:
+    """A fresh handle set up for one request: its database and settings, nothing else."""
+    conn = _connect(conn_str)
+    try:
+        if params.database:
+            conn.query(f"USE {_quote_identifier(params.database)}", "TabSeparated")
+        assignments = [f"{name} = {_quote_string(value)}" for name, value in settings.items()]
+        if params.readonly and "readonly" not in settings:
+            # Like ClickHouse: a GET must not change data (a browser may prefetch it).
+            assignments.append("readonly = 2")
+        if assignments:
+            conn.query("SET " + ", ".join(assignments), "TabSeparated")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _run_query(conn: _Connection, sql: str, params: _Params, fmt: str | None) -> _Outcome:
+    result: _Result = conn.query(sql, fmt or params.default_format, params=params.bind)
+    body = result.bytes()
+    summary = {
+        "read_rows": str(result.storage_rows_read()),
+        "read_bytes": str(result.storage_bytes_read()),
+        "written_rows": str(result.rows_written()),
+        "written_bytes": str(result.bytes_written()),
+        "total_rows_to_read": "0",
+        "result_rows": str(result.rows_read()),
+        "result_bytes": str(len(body)),
+        "elapsed_ns": str(int(result.elapsed() * 1e9)),
+    }
+    return _Outcome(body, summary, fmt)
+
+
+def _insert_summary(result: _InsertResult) -> dict[str, str]:
+    return {
+        "read_rows": "0",
+        "read_bytes": "0",
+        "written_rows": str(result.rows_written),
+        "written_bytes": str(result.bytes_written),
+        "total_rows_to_read": "0",
+        "result_rows": str(result.rows_written),
+        "result_bytes": str(result.bytes_written),
+        "elapsed_ns": str(int(result.elapsed * 1e9)),
+    }
+
+
+class _StreamingInsert:
+    """One request's streaming insert: its handle and chdb inserter.
+
+    Each step runs as its own executor call, so no thread is held while the body trickles
+    in. The lock orders `release` after a step still running for a cancelled request (which
+    may be about to store the handle), so the handle is always closed: a leaked handle would
+    keep the engine, and the lock on the data path, alive after the session closes.
+    """
+
+    def __init__(self, conn_str: str, params: _Params, settings: dict[str, str]) -> None:
+        self._conn_str = conn_str
+        self._params = params
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._conn: _Connection | None = None
+        self._inserter: _Inserter | None = None
+
+    def begin(self, sql: str, fmt: str) -> None:
+        with self._lock:
+            self._conn = _open_request_connection(self._conn_str, self._params, self._settings)
+            self._inserter = self._conn.send_insert(sql, fmt)
+
+    def append(self, data: bytes) -> None:
+        with self._lock:
+            assert self._inserter is not None
+            self._inserter.append(data)
+
+    def finish(self) -> _InsertResult:
+        with self._lock:
+            assert self._inserter is not None
+            return self._inserter.finish()
+
+    def release(self) -> None:
+        """Abort the insert unless finished (cancel is then a no-op); close the handle."""
+        with self._lock:
+            conn, inserter = self._conn, self._inserter
+            self._conn = self._inserter = None
+            if conn is None:
+                return
+            try:
+                if inserter is not None:
+                    inserter.cancel()
+            except RuntimeError:
+                log.debug("embedded_clickhouse.insert_cancel_failed", exc_info=True)
+            finally:
+                conn.close()
+
+
+class _Server:
+    """Per-app state: the session's connection string, engine facts, the chdb thread pool."""
+
+    def __init__(self, session: chdb.session.Session) -> None:
+        self.conn_str = _session_conn_str(session)
+        self.info = _EngineInfo(frozenset(), "UTC", "chdb")
+        self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="chdb-http")
+
+    async def on_startup(self, _app: web.Application) -> None:
+        self.info = await self._call(lambda: _load_engine_info(self.conn_str))
+
+    async def on_cleanup(self, _app: web.Application) -> None:
+        # Waits for calls still running (e.g. of a request whose client went away) and the
+        # handle releases queued behind them, so the session can be closed safely after.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    async def _call(self, fn: Callable[[], _T]) -> _T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except RuntimeError as exc:  # chdb's errors (ChdbError is a RuntimeError)
+            raise _engine_error(exc) from exc
+
+    def engine_settings(self, params: _Params) -> dict[str, str]:
+        """The URL settings the engine knows; others (HTTP-only, client bookkeeping, or from
+        a newer server) are dropped rather than failing the request."""
+        known = {}
+        for name, value in params.settings.items():
+            if name in self.info.setting_names and _SETTING_NAME.match(name):
+                known[name] = value
+            else:
+                log.debug("embedded_clickhouse.setting_ignored", setting=name)
+        return known
+
+    async def execute(self, params: _Params, statement: AsyncIterator[bytes]) -> _Outcome:
+        head_bytes, head = await _read_head(statement)
+        if isinstance(head, _InsertHead):
+            try:
+                return await self._insert(params, head, head_bytes[head.data_start :], statement)
+            except EmbeddedQueryError:
+                # Read the rest of the body first: a client still sending it (urllib3 sends
+                # the whole body before reading) would otherwise see a broken pipe instead
+                # of the error.
+                await _drain(statement)
+                raise
+        parts = [head_bytes]
+        async for chunk in statement:
+            parts.append(chunk)
+        sql_bytes = b"".join(parts)
+        if not sql_bytes.strip():
+            raise _clickhouse_error(_SYNTAX_ERROR, "SYNTAX_ERROR", "Empty query")
+        sql = _decode_sql(sql_bytes)
+        fmt = _result_format(sql_bytes, params.default_format)
+        return await self._with_connection(params, lambda conn: _run_query(conn, sql, params, fmt))
+
+    async def _with_connection(
+        self, params: _Params, fn: Callable[[_Connection], _Outcome]
+    ) -> _Outcome:
+        settings = self.engine_settings(params)
+
+        def run() -> _Outcome:
+            conn = _open_request_connection(self.conn_str, params, settings)
+            try:
+                return fn(conn)
+            finally:
+                conn.close()
+
+        return await self._call(run)
+
+    async def _insert(
+        self, params: _Params, head: _InsertHead, first: bytes, rest: AsyncIterator[bytes]
+    ) -> _Outcome:
+        sql = _decode_sql(head.sql)
+        insert = _StreamingInsert(self.conn_str, params, self.engine_settings(params))
+        try:
+            await self._call(lambda: insert.begin(sql, head.fmt))
+            async for data in _batched(first, rest):
+                await self._call(functools.partial(insert.append, data))
+            result = await self._call(insert.finish)
+        finally:
+            # Submitted, not awaited: it runs even when this task is being cancelled, and
+            # the executor's shutdown waits for it.
+            self._executor.submit(insert.release)
+        return _Outcome(b"", _insert_summary(result))
+
+
+_SERVER: Final = web.AppKey("embedded_clickhouse", _Server)
+
+
+# --- HTTP handlers -------------------------------------------------------------------------
+
+
+def _headers(server: _Server, query_id: str, settings: Mapping[str, str]) -> dict[str, str]:
+    return {
+        "X-ClickHouse-Query-Id": query_id,
+        "X-ClickHouse-Server-Display-Name": server.info.display_name,
+        # clickhouse-connect reads result DateTimes in this zone; a per-query
+        # session_timezone changes it, as on a real server.
+        "X-ClickHouse-Timezone": settings.get("session_timezone") or server.info.timezone,
+    }
+
+
+def _error_response(server: _Server, error: EmbeddedQueryError, query_id: str) -> web.Response:
+    headers = _headers(server, query_id, {})
+    headers["X-ClickHouse-Exception-Code"] = str(error.code)
+    headers["Content-Type"] = "text/plain; charset=UTF-8"
+    return web.Response(status=_http_status(error), body=f"{error}\n".encode(), headers=headers)
+
+
+async def _ping(_request: web.Request) -> web.Response:
+    return web.Response(text="Ok.\n")
+
+
+async def _handle(request: web.Request) -> web.Response:
+    server = request.app[_SERVER]
+    if request.method == "GET" and "query" not in request.query:
+        return await _ping(request)
+    query_id = request.query.get("query_id") or str(uuid.uuid4())
+    try:
+        params = await _read_params(request)
+        query_id = params.query_id
+        statement = _statement_chunks(params.query, _body_chunks(request))
+        outcome = await server.execute(params, statement)
+    except EmbeddedQueryError as error:
+        log.debug("embedded_clickhouse.query_failed", query_id=query_id, error=str(error))
+        return _error_response(server, error, query_id)
+    except ConnectionError:
+        # The client went away mid-body (an unfinished insert has been aborted). Nobody will
+        # read this response; returning it keeps aiohttp from logging an error.
+        log.debug("embedded_clickhouse.client_disconnected", query_id=query_id)
+        return web.Response(status=400, text="client disconnected\n")
+    except Exception as exc:
+        # A bug here, not a query error: still answer like ClickHouse so clients show it.
+        log.warning("embedded_clickhouse.internal_error", query_id=query_id, exc_info=True)
+        internal = _clickhouse_error(_STD_EXCEPTION, "STD_EXCEPTION", repr(exc))
+        return _error_response(server, internal, query_id)
+    headers = _headers(server, query_id, params.settings)
+    headers["X-ClickHouse-Summary"] = json.dumps(outcome.summary, separators=(",", ":"))
+    if outcome.fmt is not None:
+        headers["X-ClickHouse-Format"] = outcome.fmt
+        headers["Content-Type"] = _content_type(outcome.fmt)
+    else:
+        headers["Content-Type"] = "text/plain; charset=UTF-8"
+    return web.Response(body=outcome.body, headers=headers)
+
+
+def create_http_app(session: chdb.session.Session) -> web.Application:
+    """The aiohttp app implementing the subset of ClickHouse's HTTP interface that
+    clickhouse-connect (sync and async) and simple BI tools use.
+
+    `GET /ping` and `GET /` answer "Ok."; `GET /?query=...` and `POST /` run a statement taken
+    from the `query` parameter, a line break and the body (as in ClickHouse); a GET runs with
+    readonly=2. `param_<name>` parameters bind `{name:Type}` placeholders, `database` and
+    `default_format` work as in ClickHouse, other parameters are applied as settings when the
+    engine knows them and ignored otherwise (including `session_id`: every request runs in a
+    fresh context). Multipart forms (query and parameters as fields) are accepted; external
+    data (temporary tables) is not.
+    """
+    server = _Server(session)
+    app = web.Application(client_max_size=_FORM_MAX_BYTES)
+    app[_SERVER] = server
+    app.on_startup.append(server.on_startup)
+    app.on_cleanup.append(server.on_cleanup)
+    app.router.add_get("/ping", _ping)
+    app.router.add_route("GET", "/", _handle)
+    app.router.add_route("POST", "/", _handle)
+    return app
+
+
+# --- the owner ---------------------------------------------------------------------------
+
+
+def _open_session(data_path: pathlib.Path) -> chdb.session.Session:
+    import chdb.session
+
+    data_path.mkdir(parents=True, exist_ok=True)
+    try:
+        # Session.__init__ is unannotated in chdb.
+        session: chdb.session.Session = chdb.session.Session(str(data_path))  # type: ignore[no-untyped-call]
+    except RuntimeError as exc:
+        # The engine prints the cause (usually "Cannot lock file .../status") to stderr and
+        # raises a generic start-up error.
+        raise RuntimeError(
+            f"cannot open the ClickHouse store at {data_path} (is another process using it?): {exc}"
+        ) from exc
+    return session
+
+
+class EmbeddedClickHouse:
+    """Owns a chdb session on `data_path` and serves ClickHouse's HTTP interface for it."""
+
+    def __init__(self, data_path: pathlib.Path) -> None:
+        self._data_path = data_path
+        self._session: chdb.session.Session | None = None
+        self._runner: web.AppRunner | None = None
+        self._url: str | None = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8123) -> str:
+        """Open the chdb session (creating data_path) and start serving; returns the base URL
+        like "http://127.0.0.1:8123" (port 0 = pick a free port; the URL has the real one)."""
+        if self._session is not None:
+            raise RuntimeError("embedded ClickHouse is already started")
+        # Engine start-up blocks (and takes the data path's lock): keep it off the loop.
+        self._session = await asyncio.to_thread(_open_session, self._data_path)
+        try:
+            # No access log: it would log every request at info.
+            runner = web.AppRunner(create_http_app(self._session), access_log=None)
+            await runner.setup()
+            self._runner = runner
+            await web.TCPSite(runner, host, port).start()
+        except BaseException:
+            await self.stop()
+            raise
+        bound_port = runner.addresses[0][1]
+        self._url = f"http://{f'[{host}]' if ':' in host else host}:{bound_port}"
+        log.debug("embedded_clickhouse.serving", url=self._url, data_path=str(self._data_path))
+        return self._url
+
+    async def stop(self) -> None:
+        """Stop serving, then close the chdb session. Idempotent."""
+        self._url = None
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+        session, self._session = self._session, None
+        if session is not None:
+            await asyncio.to_thread(session.close)
+
+    @property
+    def url(self) -> str:
+        if self._url is None:
+            raise RuntimeError("embedded ClickHouse is not serving; call start() first")
+        return self._url
+
+
+def query_tsv(data_path: pathlib.Path, sql: str, *, database: str | None = None) -> bytes:
+    """Open chdb directly on data_path (nobody else holds it), run sql, return TabSeparated
+    output (or the query's own FORMAT if it has one). `database`, if given, is the default
+    database for unqualified table names.
+
+    Raises EmbeddedQueryError with ClickHouse's text when the query fails, or when the store
+    cannot be opened (e.g. another process serves it: query that server instead).
+    """
+    if not data_path.is_dir():
+        # chdb would silently create an empty store at a mistyped path.
+        raise FileNotFoundError(f"no ClickHouse data directory at {data_path}")
+    try:
+        conn = _connect(str(data_path))
+    except RuntimeError as exc:
+        # The engine prints the cause (usually "Cannot lock file .../status") to stderr and
+        # raises a generic start-up error.
+        error = _engine_error(exc)
+        hint = f"{error}; is another process serving {data_path}? Query it over HTTP instead"
+        raise EmbeddedQueryError(hint, error.code) from exc
+    try:
+        if database:
+            conn.query(f"USE {_quote_identifier(database)}", _DEFAULT_FORMAT)
+        result: _Result = conn.query(sql, _DEFAULT_FORMAT)
+        return result.bytes()
+    except RuntimeError as exc:
+        raise _engine_error(exc) from exc
+    finally:
+        conn.close()

@@ -1,0 +1,205 @@
+"""`sgpipe up` as a user runs it: a real process with the embedded broker and ClickHouse,
+SendGrid's official signed test vector posted over HTTP, rows read back with `sgpipe query`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sgpipe.embedded.broker import free_port
+from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+
+SGPIPE = [sys.executable, "-m", "sgpipe.cli"]
+START_TIMEOUT = 90.0
+
+
+@dataclass
+class RunningPipeline:
+    process: subprocess.Popen[bytes]
+    base_url: str
+    data_dir: Path
+    config: Path
+    log: Path
+
+    def query(self, sql: str) -> str:
+        result = subprocess.run(
+            [*SGPIPE, "query", "--config", str(self.config), "--data-dir", str(self.data_dir), sql],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        return result.stdout.decode()
+
+    def wait_for(self, sql: str, expected: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            last = self.query(sql)
+            if last == expected:
+                return
+            time.sleep(0.3)
+        raise AssertionError(
+            f"{sql!r} gave {last!r}, expected {expected!r}\n{self.log.read_text()}"
+        )
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def signed_headers() -> dict[str, str]:
+    return {
+        "Content-Type": "application/json;charset=utf-8",
+        "User-Agent": "SendGrid Event API",
+        "X-Twilio-Email-Event-Webhook-Signature": SIGNATURE,
+        "X-Twilio-Email-Event-Webhook-Timestamp": TIMESTAMP,
+    }
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path) -> Iterator[RunningPipeline]:
+    config = tmp_path / "sgpipe.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "webhooks": [
+                    {"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}
+                ],
+                "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
+                "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+                # Off, so that a retried batch reaches ClickHouse: exactness must come from there.
+                "processor": {"dedup_window": 0},
+                "sink": {"batch_max_seconds": 0.2},
+                "logging": {"format": "json"},
+            }
+        )
+    )
+    port = free_port()
+    log = tmp_path / "sgpipe-up.log"
+    data_dir = tmp_path / "data"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [
+                *SGPIPE,
+                "up",
+                "--config",
+                str(config),
+                "--data-dir",
+                str(data_dir),
+                "--port",
+                str(port),
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    running = RunningPipeline(process, f"http://127.0.0.1:{port}", data_dir, config, log)
+    try:
+        _wait_until_serving(running)
+        yield running
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _wait_until_serving(running: RunningPipeline) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if running.process.poll() is not None:
+            raise AssertionError(f"sgpipe up exited early:\n{running.log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{running.base_url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(
+        f"sgpipe up did not serve within {START_TIMEOUT}s:\n{running.log.read_text()}"
+    )
+
+
+def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> None:
+    url = f"{pipeline.base_url}/webhooks/main"
+
+    status, headers, _ = post(url, BODY, signed_headers())
+    assert status == 200
+    pipeline.wait_for("SELECT count() FROM email_events FINAL", "1\n")
+    row = pipeline.query(
+        "SELECT webhook, event, email, sg_event_id, sg_message_id, smtp_id, event_time, "
+        "category, custom_args, request_id FROM email_events FINAL"
+    )
+    assert row.rstrip("\n").split("\t") == [
+        "main",
+        "dropped",
+        "hello@world.com",
+        "ZHJvcC0xMDk5NDkxOS1MUnpYbF9OSFN0T0doUTRrb2ZTbV9BLTA",
+        "LRzXl_NHStOGhQ4kofSm_A.filterdrecv-p3mdw1-756b745b58-kmzbl-18-5F5FC76C-9.0",
+        "<LRzXl_NHStOGhQ4kofSm_A@ismtpd0039p1iad1.sendgrid.net>",
+        "2020-09-14 19:41:32.000",
+        "[]",
+        "{}",
+        headers["X-Request-Id"],
+    ]
+    raw = pipeline.query("SELECT raw FROM email_events FINAL")
+    assert json.loads(raw.replace("\\\\", "\\"))["reason"] == "Bounced Address"
+
+    # SendGrid retries: the same signed batch again. The newer copy replaces the older one.
+    status, retry_headers, _ = post(url, BODY, signed_headers())
+    assert status == 200
+    retry_id = retry_headers["X-Request-Id"]
+    pipeline.wait_for(
+        f"SELECT count() FROM email_events FINAL WHERE request_id = '{retry_id}'", "1\n"
+    )
+    assert pipeline.query("SELECT count() FROM email_events FINAL") == "1\n"
+
+    # A tampered body is refused before anything is stored.
+    tampered = BODY.replace(b"dropped", b"delivered")
+    status, tampered_headers, body = post(url, tampered, signed_headers())
+    assert status == 401
+    assert json.loads(body)["error"] == "invalid_signature"
+    assert pipeline.query("SELECT count() FROM email_events FINAL") == "1\n"
+    tampered_id = tampered_headers["X-Request-Id"]
+    assert pipeline.query(
+        f"SELECT count() FROM email_events WHERE request_id = '{tampered_id}'"
+    ) == ("0\n")
+
+    # An unknown webhook is a 404.
+    status, _, _ = post(f"{pipeline.base_url}/webhooks/other", BODY, signed_headers())
+    assert status == 404
+
+    # SIGTERM drains and stops everything, the broker child included; the store stays readable.
+    state = json.loads((pipeline.data_dir / "sgpipe-up.json").read_text())
+    broker_host, broker_port = state["kafka_bootstrap_servers"].split(":")
+    pipeline.process.send_signal(signal.SIGTERM)
+    assert pipeline.process.wait(timeout=60) == 0, pipeline.log.read_text()
+    assert not (pipeline.data_dir / "sgpipe-up.json").exists()
+    with pytest.raises(OSError):
+        socket.create_connection((broker_host, int(broker_port)), timeout=2).close()
+    assert pipeline.query("SELECT count() FROM email_events FINAL") == "1\n"
