@@ -100,6 +100,7 @@ def build_verifiers(settings: Settings) -> dict[str, WebhookVerifier]:
     return {webhook.name: WebhookVerifier.from_settings(webhook) for webhook in settings.webhooks}
 
 
+REQUEST_ID = web.RequestKey("request_id", str)
 WEBHOOKS = web.AppKey("webhooks", dict[str, WebhookVerifier])
 PUBLISHER = web.AppKey("publisher", RawBatchPublisher)
 
@@ -141,7 +142,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def _request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     supplied = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = supplied if _REQUEST_ID_PATTERN.match(supplied) else uuid.uuid4().hex
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         response = await handler(request)
     response.headers[REQUEST_ID_HEADER] = request_id
@@ -157,7 +158,10 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
-        return error_response(exc.status, code.get(exc.status, "http_error"), exc.reason)
+        response = error_response(exc.status, code.get(exc.status, "http_error"), exc.reason)
+        if "Allow" in exc.headers:  # required on every 405 (RFC 9110 section 15.5.6)
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 def error_response(status: int, error: str, description: str) -> web.Response:
@@ -194,7 +198,7 @@ async def receive_batch(request: web.Request) -> web.Response:
         webhook=name,
         body=body,
         received_at_ms=time.time_ns() // 1_000_000,
-        request_id=request["request_id"],
+        request_id=request[REQUEST_ID],
         signature_timestamp=signature_timestamp,
         authenticated_by="signature" if verifier.keys else "none",
         content_type=request.headers.get("Content-Type"),

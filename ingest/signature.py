@@ -13,7 +13,7 @@ import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key
@@ -47,7 +47,7 @@ def load_public_key(encoded: str) -> ec.EllipticCurvePublicKey:
     try:
         der = base64.b64decode(encoded.strip(), validate=True)
         key = load_der_public_key(der)
-    except (binascii.Error, ValueError) as exc:
+    except (binascii.Error, ValueError, UnsupportedAlgorithm) as exc:
         raise InvalidPublicKey(f"not a base64 DER public key: {exc}") from exc
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise InvalidPublicKey("SendGrid keys are ECDSA P-256 (secp256r1) public keys")
@@ -93,8 +93,9 @@ def verify_signature(
 
 
 def _parse_timestamp(header: str) -> int:
+    # Checked before anything strips it: the signed bytes are the header exactly as sent.
     text = header.strip()
-    if not text.isascii() or not text.isdigit() or len(text) > 12:
+    if not header.isascii() or not text.isdigit() or len(text) > 12:
         raise SignatureRejected(
             "malformed_timestamp", f"{TIMESTAMP_HEADER} must be Unix seconds, got {header[:32]!r}"
         )

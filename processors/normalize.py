@@ -53,6 +53,11 @@ def normalize_event(item: Any, context: BatchContext) -> EmailEvent:
     sg_event_id = _required_text(item, "sg_event_id")
     if "timestamp" not in item or item["timestamp"] is None:
         raise InvalidEvent("missing_timestamp", "the event has no timestamp")
+    try:
+        arguments, raw = custom_arguments(item), _compact_json(item)
+    except RecursionError:
+        # json.loads accepted the nesting, but re-encoding costs a few frames more.
+        raise InvalidEvent("nesting_too_deep", "the event nests JSON too deeply") from None
     return EmailEvent(
         webhook=context.webhook,
         event=event,
@@ -62,10 +67,10 @@ def normalize_event(item: Any, context: BatchContext) -> EmailEvent:
         sg_message_id=_optional_text(item, "sg_message_id"),
         smtp_id=_optional_text(item, "smtp-id"),
         category=normalize_category(item.get("category")),
-        custom_args=custom_arguments(item),
+        custom_args=arguments,
         received_at_ms=context.received_at_ms,
         request_id=context.request_id,
-        raw=_compact_json(item),
+        raw=raw,
     )
 
 
@@ -75,27 +80,22 @@ def normalize_timestamp(value: Any) -> int:
     Accepts integer seconds (documented), numeric strings and floats (seen), and milliseconds
     (Single Send examples), told apart by magnitude.
     """
-    number: float
-    if isinstance(value, bool):
-        raise InvalidEvent("invalid_timestamp", f"timestamp must be a number, got {value!r}")
-    if isinstance(value, int | float):
-        number = value
-    elif isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise InvalidEvent(
-                "invalid_timestamp", f"timestamp is not a number: {value[:40]!r}"
-            ) from None
-    else:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise InvalidEvent(
             "invalid_timestamp", f"timestamp must be a number, got {type(value).__name__}"
         )
+    try:
+        # float() of a JSON integer beyond float range raises OverflowError, not inf.
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (ValueError, OverflowError):
+        raise InvalidEvent(
+            "invalid_timestamp", f"timestamp is not a usable number: {str(value)[:40]!r}"
+        ) from None
     if not math.isfinite(number) or number < 0:
-        raise InvalidEvent("invalid_timestamp", f"timestamp out of range: {value!r}")
+        raise InvalidEvent("invalid_timestamp", f"timestamp out of range: {str(value)[:40]!r}")
     milliseconds = round(number) if number >= _MILLISECONDS_THRESHOLD else round(number * 1000)
     if milliseconds > _MAX_EVENT_TIME_MS:
-        raise InvalidEvent("invalid_timestamp", f"timestamp out of range: {value!r}")
+        raise InvalidEvent("invalid_timestamp", f"timestamp out of range: {str(value)[:40]!r}")
     return milliseconds
 
 

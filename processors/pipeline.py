@@ -88,14 +88,21 @@ def process_raw_record(
             event = normalize_event(item, context)
             encoded = codec.encode(event)
         except InvalidMessage as exc:
-            dead_letter(exc.reason, exc.detail, _event_bytes(item), index)
+            dead_letter(exc.reason, exc.detail, _event_bytes(item, batch.body), index)
             continue
         except SerializationError as exc:
-            dead_letter("serialization_error", str(exc), _event_bytes(item), index)
+            dead_letter("serialization_error", str(exc), _event_bytes(item, batch.body), index)
             continue
         result.events.append(EncodedEvent(event.sg_event_id, event.event, encoded))
     return result
 
 
-def _event_bytes(item: object) -> bytes:
-    return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode()
+def _event_bytes(item: object, body: bytes) -> bytes:
+    """The dead letter's payload for one event: the event as compact JSON, or, when it cannot
+    be re-encoded (nesting too deep), the whole body; the event index still says which."""
+    try:
+        # ASCII escapes: an event can hold a lone surrogate (a valid JSON escape, invalid
+        # Unicode) that UTF-8 cannot encode, and its dead letter must still be written.
+        return json.dumps(item, separators=(",", ":")).encode()
+    except RecursionError:
+        return body

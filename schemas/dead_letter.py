@@ -38,7 +38,7 @@ class DeadLetter:
 def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
     headers = [
         (REASON_HEADER, letter.reason.encode()),
-        (DETAIL_HEADER, letter.detail.encode("utf-8", "replace")[:_MAX_DETAIL_BYTES]),
+        (DETAIL_HEADER, _truncate_utf8(letter.detail, _MAX_DETAIL_BYTES)),
         (STAGE_HEADER, letter.stage.encode()),
         (ORIGINAL_TOPIC_HEADER, letter.original_topic.encode()),
         (ORIGINAL_PARTITION_HEADER, str(letter.original_partition).encode()),
@@ -49,3 +49,9 @@ def dead_letter_headers(letter: DeadLetter) -> list[tuple[str, bytes]]:
     own = {name for name, _ in headers}
     headers.extend((name, value) for name, value in letter.context_headers if name not in own)
     return headers
+
+
+def _truncate_utf8(text: str, limit: int) -> bytes:
+    # Cut on a character boundary: the header must stay text for people and replay tools.
+    encoded = text.encode("utf-8", "replace")[:limit]
+    return encoded.decode("utf-8", "ignore").encode("utf-8")

@@ -84,7 +84,7 @@ class EmailEventCodec:
             )
         try:
             record = schemaless_reader(io.BytesIO(payload[10:]), self._schema)
-        except (ValueError, TypeError, EOFError, IndexError, UnicodeDecodeError) as exc:
+        except (ValueError, TypeError, OverflowError, EOFError, IndexError) as exc:
             raise SerializationError(f"cannot decode EmailEvent: {exc}") from exc
         if not isinstance(record, dict):
             raise SerializationError("EmailEvent payload did not decode to a record")

@@ -98,6 +98,11 @@ class WebhookSettings(_Section):
     @classmethod
     def _split_key_list(cls, value: object) -> object:
         if isinstance(value, str):
+            if value.strip().startswith("["):
+                try:
+                    return json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"not a JSON list of keys: {exc}") from exc
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
@@ -207,19 +212,19 @@ def _apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> 
         path = variable[len(ENV_PREFIX) :].lower().split(ENV_PATH_SEPARATOR)
         if not all(path):
             raise ConfigError(f"{variable}: empty path segment in environment variable name")
-        _set_path(document, path, _parse_env_value(environ[variable]), source=variable)
+        _set_path(document, path, _env_value(variable, path, environ[variable]), source=variable)
 
 
-def _parse_env_value(raw: str) -> Any:
-    # JSON lists/objects for structured values; everything else stays a string and pydantic
-    # converts it ("0" -> 0, "true" -> True) with its usual, strict-enough coercion.
-    stripped = raw.strip()
-    if stripped.startswith(("[", "{")):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError:
-            return raw
-    return raw
+def _env_value(variable: str, path: list[str], raw: str) -> Any:
+    # A top-level variable sets a whole section (SGPIPE_WEBHOOKS='[{...}]') and is JSON. Below
+    # that, values stay strings (a password may look like JSON): pydantic converts scalars and
+    # list-valued fields parse their own forms.
+    if len(path) > 1:
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{variable}: a whole section must be JSON: {exc}") from exc
 
 
 def _set_path(document: dict[str, Any], path: list[str], value: Any, *, source: str) -> None:

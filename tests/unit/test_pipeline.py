@@ -1,0 +1,590 @@
+"""process_raw_record end to end on bytes, the dead-letter contract, the dedup window and the
+EmailEvent single-object codec."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from fastavro import parse_schema
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processors.dedup import RecentEventIds
+from processors.pipeline import EncodedEvent, Metadata, ProcessedRecord, process_raw_record
+from schemas import avro_schema_json
+from schemas.dead_letter import (
+    DETAIL_HEADER,
+    EVENT_INDEX_HEADER,
+    ORIGINAL_OFFSET_HEADER,
+    ORIGINAL_PARTITION_HEADER,
+    ORIGINAL_TOPIC_HEADER,
+    REASON_HEADER,
+    STAGE_HEADER,
+    DeadLetter,
+    dead_letter_headers,
+)
+from schemas.email_event import EmailEvent, EmailEventCodec, SerializationError
+from schemas.raw_batch import FORMAT_HEADER, RawBatch, raw_batch_headers
+from tests.sendgrid_vector import BODY as VECTOR_BODY
+
+CODEC = EmailEventCodec()
+METADATA = Metadata(topic="sgpipe.raw", partition=3, offset=42, timestamp_ms=1_700_000_010_500)
+RECEIVED_AT_MS = 1_700_000_010_000
+
+
+def raw_batch(body: bytes, request_id: str = "req-1") -> RawBatch:
+    return RawBatch(
+        webhook="main",
+        body=body,
+        received_at_ms=RECEIVED_AT_MS,
+        request_id=request_id,
+        signature_timestamp=1_700_000_009,
+        authenticated_by="signature",
+        content_type="application/json;charset=utf-8",
+    )
+
+
+def sendgrid_body(items: list[Any]) -> bytes:
+    """A body the way SendGrid writes it: ``\\r\\n`` between events and at the end."""
+    return ("[" + ",\r\n".join(json.dumps(item) for item in items) + "]\r\n").encode()
+
+
+def process(body: bytes) -> tuple[ProcessedRecord, list[tuple[str, bytes]]]:
+    headers = raw_batch_headers(raw_batch(body))
+    return process_raw_record(body, headers, METADATA, CODEC), headers
+
+
+def at_ms(milliseconds: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(milliseconds=milliseconds)
+
+
+EVENTS: list[dict[str, Any]] = [
+    {"email": "a@example.com", "event": "processed", "sg_event_id": "ev-1", "timestamp": 1700000000,
+     "smtp-id": "<a@ismtpd-1>", "sg_message_id": "m1.filter-1", "category": ["welcome"]},
+    {"email": "a@example.com", "event": "delivered", "sg_event_id": "ev-2",
+     "timestamp": "1700000001", "response": "250 OK", "plan": "pro"},
+    {"email": "b@example.com", "event": "open", "sg_event_id": "ev-3", "timestamp": 1700000002123,
+     "sg_machine_open": True, "category": "newsletter", "user_id": 7},
+]  # fmt: skip
+
+
+# --- valid batches ---------------------------------------------------------------------------
+
+
+def test_valid_batch_yields_one_encoded_event_per_item() -> None:
+    result, _ = process(sendgrid_body(EVENTS))
+
+    assert result.dead_letters == []
+    assert [(e.sg_event_id, e.event) for e in result.events] == [
+        ("ev-1", "processed"),
+        ("ev-2", "delivered"),
+        ("ev-3", "open"),
+    ]
+    decoded = [CODEC.decode(e.value) for e in result.events]
+    assert decoded[0] == {
+        "webhook": "main",
+        "event": "processed",
+        "sg_event_id": "ev-1",
+        "event_time": at_ms(1_700_000_000_000),
+        "email": "a@example.com",
+        "sg_message_id": "m1.filter-1",
+        "smtp_id": "<a@ismtpd-1>",
+        "category": ["welcome"],
+        "custom_args": {},
+        "received_at": at_ms(RECEIVED_AT_MS),
+        "request_id": "req-1",
+        "raw": json.dumps(EVENTS[0], separators=(",", ":")),
+    }
+    assert decoded[1]["event_time"] == at_ms(1_700_000_001_000)
+    assert decoded[1]["custom_args"] == {"plan": "pro"}
+    assert decoded[1]["sg_message_id"] is None
+    assert decoded[2]["event_time"] == at_ms(1_700_000_002_123)
+    assert decoded[2]["category"] == ["newsletter"]
+    assert decoded[2]["custom_args"] == {"user_id": "7"}
+    assert [json.loads(record["raw"]) for record in decoded] == EVENTS
+
+
+def test_official_vector_body_is_processed() -> None:
+    result, _ = process(VECTOR_BODY)
+
+    assert result.dead_letters == []
+    assert result.events == [
+        EncodedEvent(
+            "ZHJvcC0xMDk5NDkxOS1MUnpYbF9OSFN0T0doUTRrb2ZTbV9BLTA", "dropped", result.events[0].value
+        )
+    ]
+    record = CODEC.decode(result.events[0].value)
+    assert record["email"] == "hello@world.com"
+    assert record["event_time"] == datetime(2020, 9, 14, 19, 41, 32, tzinfo=UTC)
+    assert record["smtp_id"] == "<LRzXl_NHStOGhQ4kofSm_A@ismtpd0039p1iad1.sendgrid.net>"
+    assert record["custom_args"] == {}
+
+
+def test_empty_array_yields_nothing() -> None:
+    result, _ = process(b"[]\r\n")
+    assert result == ProcessedRecord(events=[], dead_letters=[])
+
+
+def test_duplicate_events_in_one_batch_are_both_kept() -> None:
+    # Dedup is a separate (filter) step; the pure map keeps everything it was given.
+    result, _ = process(sendgrid_body([EVENTS[0], EVENTS[0]]))
+    assert [e.sg_event_id for e in result.events] == ["ev-1", "ev-1"]
+    assert result.events[0].value == result.events[1].value
+
+
+# --- invalid events in a batch ---------------------------------------------------------------
+
+
+def test_mixed_batch_encodes_valid_events_and_dead_letters_each_invalid_one() -> None:
+    items: list[Any] = [
+        EVENTS[0],
+        "not an event",
+        {"event": "open", "timestamp": 1700000000},
+        EVENTS[1],
+        {"event": "click", "sg_event_id": "ev-5", "timestamp": True},
+        {"event": "bounce", "sg_event_id": "ev-6", "timestamp": 1700000000, "email": {"a": 1}},
+        5,
+    ]
+    result, headers = process(sendgrid_body(items))
+
+    assert [e.sg_event_id for e in result.events] == ["ev-1", "ev-2"]
+    assert [CODEC.decode(e.value)["event"] for e in result.events] == ["processed", "delivered"]
+    assert [(d.event_index, d.reason) for d in result.dead_letters] == [
+        (1, "not_an_object"),
+        (2, "missing_sg_event_id"),
+        (4, "invalid_timestamp"),
+        (5, "invalid_email"),
+        (6, "not_an_object"),
+    ]
+    for letter in result.dead_letters:
+        assert letter.stage == "processor"
+        assert (letter.original_topic, letter.original_partition, letter.original_offset) == (
+            "sgpipe.raw",
+            3,
+            42,
+        )
+        assert list(letter.context_headers) == headers
+        assert json.loads(letter.payload) == items[letter.event_index or 0]
+        assert letter.detail
+    assert result.dead_letters[0].payload == b'"not an event"'
+    assert result.dead_letters[1].payload == b'{"event":"open","timestamp":1700000000}'
+
+
+# Found by this suite: the codec's SerializationError was handled, but writing the dead
+# letter re-encoded the item to UTF-8 and raised UnicodeEncodeError out of process_raw_record.
+@pytest.mark.parametrize(
+    "bad_event",
+    [
+        pytest.param(b'{"event":"open","sg_event_id":"\\ud800","timestamp":1}', id="json-escape"),
+        pytest.param(b'{"event":"open","sg_event_id":"\xed\xa0\x80","timestamp":1}', id="cesu"),
+        pytest.param(
+            b'{"event":"open","sg_event_id":"s","timestamp":1,"\\udfff":"v"}', id="custom-arg-key"
+        ),
+    ],
+)
+def test_lone_surrogate_event_is_dead_lettered_alone(bad_event: bytes) -> None:
+    body = b"[" + json.dumps(EVENTS[0]).encode() + b",\r\n" + bad_event + b"]\r\n"
+    result, _ = process(body)
+    assert [e.sg_event_id for e in result.events] == ["ev-1"]
+    assert [(d.event_index, d.reason) for d in result.dead_letters] == [(1, "serialization_error")]
+    letter = result.dead_letters[0]
+    assert letter.payload.isascii()
+    assert json.loads(letter.payload) == json.loads(bad_event)
+
+
+# Found by this suite: OverflowError escaped process_raw_record (a poison record).
+def test_integer_timestamp_beyond_float_range_is_dead_lettered() -> None:
+    bad_event = b'{"event":"open","sg_event_id":"big","timestamp":1' + b"0" * 400 + b"}"
+    body = b"[" + json.dumps(EVENTS[0]).encode() + b",\r\n" + bad_event + b"]\r\n"
+    result, _ = process(body)
+    assert [e.sg_event_id for e in result.events] == ["ev-1"]
+    assert [(d.event_index, d.reason) for d in result.dead_letters] == [(1, "invalid_timestamp")]
+
+
+# Found by this suite: one nesting depth parsed fine but could not be re-encoded.
+def test_deeply_nested_custom_argument_never_escapes_as_an_exception() -> None:
+    outcomes: dict[int, str] = {}
+    for depth in range(1, sys.getrecursionlimit() + 1):
+        nested = b"[" * depth + b"]" * depth
+        body = b'[{"event":"open","sg_event_id":"deep","timestamp":1,"nested":' + nested + b"}]"
+        result, _ = process(body)
+        if result.events:
+            outcomes[depth] = "event"
+        else:
+            (letter,) = result.dead_letters
+            outcomes[depth] = letter.reason
+            if letter.reason == "json_too_deep":
+                break
+    assert outcomes[1] == "event"
+    assert outcomes[max(outcomes)] == "json_too_deep"
+
+
+# --- properties: nothing escapes, every item is accounted for --------------------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(["\ud800", "a\udfffb", "Zürich", ""])
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
+    max_leaves=6,
+)
+extra_fields = st.dictionaries(
+    st.text(max_size=6) | st.sampled_from(["email", "category", "smtp-id"]), json_values, max_size=4
+)
+valid_events = st.builds(
+    lambda extra, required: {**extra, **required},
+    extra_fields,
+    st.fixed_dictionaries(
+        {
+            "event": st.sampled_from(["open", "bounce", "click"]) | st.text(min_size=1, max_size=5),
+            "sg_event_id": st.text(min_size=1, max_size=10),
+            "timestamp": st.integers(0, 2 * 10**12) | st.integers(0, 10**10).map(str),
+        }
+    ),
+)
+suspect_events = st.builds(
+    lambda required, extra: {**required, **extra},
+    st.fixed_dictionaries(
+        {"event": json_scalars, "sg_event_id": json_scalars, "timestamp": json_scalars}
+    ),
+    extra_fields,
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(valid_events | suspect_events | json_values, max_size=4))
+def test_every_item_is_encoded_or_dead_lettered_alone(items: list[Any]) -> None:
+    result, _ = process(sendgrid_body(items))
+
+    assert len(result.events) + len(result.dead_letters) == len(items)
+    indices = [letter.event_index for letter in result.dead_letters]
+    assert all(index is not None for index in indices)
+    assert len(set(indices)) == len(indices)
+    for encoded in result.events:
+        record = CODEC.decode(encoded.value)
+        assert (record["sg_event_id"], record["event"]) == (encoded.sg_event_id, encoded.event)
+        assert record["webhook"] == "main"
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=64) | st.builds(lambda b: b"[" + b + b"]", st.binary(max_size=32)))
+def test_arbitrary_bytes_never_raise(body: bytes) -> None:
+    result, _ = process(body)
+
+    batch_letters = [d for d in result.dead_letters if d.event_index is None]
+    if batch_letters:
+        assert result.events == []
+        assert [d.payload for d in result.dead_letters] == [body]
+    else:
+        assert len(result.events) + len(result.dead_letters) == len(json.loads(body))
+
+
+# --- invalid batches -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        pytest.param(b"not json", "invalid_json", id="not-json"),
+        pytest.param(b"", "invalid_json", id="empty"),
+        pytest.param(b'[{"event":"open"}', "invalid_json", id="truncated"),
+        pytest.param(b'{"event":"open","sg_event_id":"x"}', "not_an_array", id="object"),
+        pytest.param(b'"events"', "not_an_array", id="string"),
+        pytest.param(b"null", "not_an_array", id="null"),
+        pytest.param(b'[{"email":"\xc3\x28"}]', "invalid_json", id="invalid-utf8"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, "json_too_deep", id="too-deep"),
+    ],
+)
+def test_unusable_body_is_one_dead_letter_carrying_the_body(body: bytes, reason: str) -> None:
+    result, headers = process(body)
+
+    assert result.events == []
+    assert len(result.dead_letters) == 1
+    letter = result.dead_letters[0]
+    assert letter.reason == reason
+    assert letter.payload == body
+    assert letter.event_index is None
+    assert letter.stage == "processor"
+    assert (letter.original_topic, letter.original_partition, letter.original_offset) == (
+        "sgpipe.raw",
+        3,
+        42,
+    )
+    assert list(letter.context_headers) == headers
+
+
+def _without(headers: list[tuple[str, bytes]], name: str) -> list[tuple[str, bytes]]:
+    return [(key, value) for key, value in headers if key != name]
+
+
+def _replaced(headers: list[tuple[str, bytes]], name: str, value: bytes) -> list[tuple[str, bytes]]:
+    return [(key, value if key == name else old) for key, old in headers]
+
+
+VALID_HEADERS = raw_batch_headers(raw_batch(VECTOR_BODY))
+
+
+@pytest.mark.parametrize(
+    ("headers", "detail"),
+    [
+        pytest.param(_without(VALID_HEADERS, FORMAT_HEADER), "format", id="no-format"),
+        pytest.param([], "format", id="no-headers"),
+        pytest.param(
+            _replaced(VALID_HEADERS, FORMAT_HEADER, b"sendgrid-json/2"), "format", id="v2-format"
+        ),
+        pytest.param(_without(VALID_HEADERS, "sgpipe-webhook"), "sgpipe-webhook", id="no-webhook"),
+        pytest.param(
+            _replaced(VALID_HEADERS, "sgpipe-received-at-ms", b"yesterday"),
+            "malformed",
+            id="bad-received-at",
+        ),
+        pytest.param(
+            _replaced(VALID_HEADERS, "sgpipe-webhook", b"\xff\xfe"), "malformed", id="bad-utf8"
+        ),
+    ],
+)
+def test_unreadable_raw_batch_is_dead_lettered_as_invalid_raw_batch(
+    headers: list[tuple[str, bytes]], detail: str
+) -> None:
+    result = process_raw_record(VECTOR_BODY, headers, METADATA, CODEC)
+
+    assert result.events == []
+    assert len(result.dead_letters) == 1
+    letter = result.dead_letters[0]
+    assert letter.reason == "invalid_raw_batch"
+    assert detail in letter.detail
+    assert letter.payload == VECTOR_BODY
+    assert list(letter.context_headers) == headers
+    assert letter.original_offset == 42
+
+
+def test_record_without_value_is_dead_lettered_with_an_empty_payload() -> None:
+    result = process_raw_record(None, VALID_HEADERS, METADATA, CODEC)
+    assert result.events == []
+    assert [(d.reason, d.payload) for d in result.dead_letters] == [("invalid_raw_batch", b"")]
+    assert "no value" in result.dead_letters[0].detail
+
+
+# --- dead-letter headers ---------------------------------------------------------------------
+
+
+def test_dead_letter_headers_for_one_event() -> None:
+    items: list[Any] = [EVENTS[0], {"event": "open", "timestamp": 1}]
+    result, batch_headers = process(sendgrid_body(items))
+    (letter,) = result.dead_letters
+
+    headers = dead_letter_headers(letter)
+
+    values = dict(headers)
+    assert values[REASON_HEADER] == b"missing_sg_event_id"
+    assert values[DETAIL_HEADER] == b"the event has no sg_event_id"
+    assert values[STAGE_HEADER] == b"processor"
+    assert values[ORIGINAL_TOPIC_HEADER] == b"sgpipe.raw"
+    assert values[ORIGINAL_PARTITION_HEADER] == b"3"
+    assert values[ORIGINAL_OFFSET_HEADER] == b"42"
+    assert values[EVENT_INDEX_HEADER] == b"1"
+    # The raw batch's own headers ride along, so the letter can be replayed.
+    for name, value in batch_headers:
+        assert values[name] == value
+    assert values["sgpipe-webhook"] == b"main"
+    assert values["sgpipe-request-id"] == b"req-1"
+    assert len(headers) == len(values)
+
+
+def test_dead_letter_headers_for_a_whole_batch_have_no_event_index() -> None:
+    result, _ = process(b"not json")
+    values = dict(dead_letter_headers(result.dead_letters[0]))
+    assert values[REASON_HEADER] == b"invalid_json"
+    assert EVENT_INDEX_HEADER not in values
+    assert values[FORMAT_HEADER] == b"sendgrid-json/1"
+
+
+def test_dead_letter_headers_truncate_detail_and_keep_own_names() -> None:
+    letter = DeadLetter(
+        reason="invalid_json",
+        detail="é" * 2000,
+        stage="sink",
+        payload=b"x",
+        original_topic="t",
+        original_partition=0,
+        original_offset=7,
+        context_headers=[(REASON_HEADER, b"stale"), ("sgpipe-webhook", b"main")],
+    )
+
+    headers = dead_letter_headers(letter)
+
+    values = dict(headers)
+    assert len(values[DETAIL_HEADER]) == 1024
+    assert [value for name, value in headers if name == REASON_HEADER] == [b"invalid_json"]
+    assert values[STAGE_HEADER] == b"sink"
+    assert values["sgpipe-webhook"] == b"main"
+
+
+# Found by this suite: the detail was cut mid-character.
+def test_truncated_detail_is_still_utf8() -> None:
+    letter = DeadLetter(
+        reason="invalid_event",
+        detail="a" + "é" * 2000,
+        stage="processor",
+        payload=b"{}",
+        original_topic="t",
+        original_partition=0,
+        original_offset=0,
+    )
+    detail = dict(dead_letter_headers(letter))[DETAIL_HEADER]
+    assert len(detail) <= 1024
+    assert detail.decode("utf-8").startswith("aé")
+
+
+# --- dedup window ----------------------------------------------------------------------------
+
+
+def test_recent_event_ids_evicts_the_oldest_beyond_capacity() -> None:
+    recent = RecentEventIds(capacity=3)
+    recent.remember(["a", "b", "c", "d"])
+    assert len(recent) == 3
+    assert "a" not in recent
+    assert all(sg_event_id in recent for sg_event_id in ("b", "c", "d"))
+
+    recent.remember(["e"])
+    assert "b" not in recent
+    assert len(recent) == 3
+
+
+def test_recent_event_ids_remembering_again_refreshes_an_id() -> None:
+    recent = RecentEventIds(capacity=2)
+    recent.remember(["a", "b"])
+    recent.remember(["a"])
+    recent.remember(["c"])
+    assert "a" in recent
+    assert "b" not in recent
+    assert "c" in recent
+
+
+def test_recent_event_ids_counts_duplicates_once() -> None:
+    recent = RecentEventIds(capacity=10)
+    recent.remember(["a", "a", "b", "a"])
+    assert len(recent) == 2
+    assert 5 not in recent
+
+
+def test_recent_event_ids_capacity_zero_remembers_nothing() -> None:
+    recent = RecentEventIds(capacity=0)
+    recent.remember(["a", "b"])
+    assert len(recent) == 0
+    assert "a" not in recent
+
+
+# --- the codec -------------------------------------------------------------------------------
+
+CRC64_EMPTY = 0xC15D213AA4D7A795
+
+
+def _crc64_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        value = byte
+        for _ in range(8):
+            value = (value >> 1) ^ (CRC64_EMPTY if value & 1 else 0)
+        table.append(value)
+    return table
+
+
+_CRC64_TABLE = _crc64_table()
+
+
+def crc64_avro(data: bytes) -> int:
+    """The Avro specification's reference CRC-64-AVRO ("Schema Fingerprints")."""
+    value = CRC64_EMPTY
+    for byte in data:
+        value = (value >> 8) ^ _CRC64_TABLE[(value ^ byte) & 0xFF]
+    return value
+
+
+def sample_event(**changes: Any) -> EmailEvent:
+    event = EmailEvent(
+        webhook="main",
+        event="open",
+        sg_event_id="ev-1",
+        event_time_ms=1_700_000_000_000,
+        email="a@example.com",
+        sg_message_id=None,
+        smtp_id=None,
+        category=["welcome"],
+        custom_args={"plan": "pro"},
+        received_at_ms=RECEIVED_AT_MS,
+        request_id="req-1",
+        raw="{}",
+    )
+    return dataclasses.replace(event, **changes)
+
+
+def test_fastavro_fingerprint_matches_the_avro_spec_for_null() -> None:
+    assert crc64_avro(b'"null"') == 0x63DD24E7CC258F8A
+    assert fingerprint('"null"', "CRC-64-AVRO") == "8a8f25cce724dd63"
+    assert bytes.fromhex("8a8f25cce724dd63") == (0x63DD24E7CC258F8A).to_bytes(8, "little")
+
+
+def test_encoding_starts_with_magic_and_little_endian_fingerprint() -> None:
+    canonical = to_parsing_canonical_form(parse_schema(avro_schema_json("email_event")))
+    expected_fingerprint = crc64_avro(canonical.encode()).to_bytes(8, "little")
+
+    payload = CODEC.encode(sample_event())
+
+    assert payload[:2] == b"\xc3\x01"
+    assert CODEC.fingerprint == expected_fingerprint
+    assert payload[2:10] == expected_fingerprint
+    assert CODEC.decode(payload)["custom_args"] == {"plan": "pro"}
+
+
+def test_decode_rejects_another_fingerprint() -> None:
+    payload = CODEC.encode(sample_event())
+    foreign = payload[:2] + bytes.fromhex("8a8f25cce724dd63") + payload[10:]
+    with pytest.raises(SerializationError, match="8a8f25cce724dd63"):
+        CODEC.decode(foreign)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"\xc3", b"\x00\x01" + CODEC.fingerprint + b"\x08main", b'{"event":"open"}'],
+    ids=["empty", "half-magic", "wrong-magic", "json"],
+)
+def test_decode_rejects_records_that_are_not_single_object_email_events(payload: bytes) -> None:
+    with pytest.raises(SerializationError, match="not an EmailEvent"):
+        CODEC.decode(payload)
+
+
+def test_decode_rejects_every_truncation() -> None:
+    payload = CODEC.encode(sample_event(email=None, category=["a", "b"], raw='{"k":"v"}'))
+    for cut in range(len(payload)):
+        with pytest.raises(SerializationError):
+            CODEC.decode(payload[:cut])
+    assert CODEC.decode(payload)["category"] == ["a", "b"]
+
+
+def test_encode_wraps_out_of_range_values_in_serialization_error() -> None:
+    with pytest.raises(SerializationError, match="ev-1"):
+        CODEC.encode(sample_event(event_time_ms=2**64))
+
+
+# Found by this suite: fastavro's OverflowError escaped decode, which the sink would not
+# have dead-lettered.
+def test_decode_of_an_out_of_range_time_raises_serialization_error() -> None:
+    for event_time_ms in (253_402_300_800_000, 2**62, -(2**62)):
+        payload = CODEC.encode(sample_event(event_time_ms=event_time_ms))
+        with pytest.raises(SerializationError, match="cannot decode"):
+            CODEC.decode(payload)

@@ -1,0 +1,363 @@
+"""load_settings: YAML, then SGPIPE_* environment variables, then overrides; errors name the
+setting; the result is frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from sgpipe.settings import ConfigError, Settings, WebhookSettings, load_settings
+from tests.sendgrid_vector import PUBLIC_KEY
+
+YAML = f"""\
+kafka:
+  bootstrap_servers: "kafka-1:9092,kafka-2:9092"
+  topics:
+    raw: sendgrid.raw
+clickhouse:
+  url: "http://clickhouse:8123"
+  database: mail
+webhooks:
+  - name: main
+    public_keys:
+      - "{PUBLIC_KEY}"
+    timestamp_tolerance: 86400
+  - name: eu-west
+    public_keys: ["KEY-EU-1"]
+ingest:
+  port: 8081
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "sgpipe.yaml"
+    path.write_text(YAML, encoding="utf-8")
+    return path
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def webhook(settings: Settings, name: str) -> WebhookSettings:
+    found = settings.webhook(name)
+    assert found is not None, f"no webhook {name!r} in {settings.webhooks}"
+    return found
+
+
+def config_error(
+    config_file: Path | None, environ: dict[str, str], overrides: dict[str, Any] | None = None
+) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config_file, environ, overrides)
+    return str(caught.value)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def test_yaml_file_loads(config_file: Path) -> None:
+    settings = load_settings(config_file, {})
+
+    assert settings.kafka.bootstrap_servers == "kafka-1:9092,kafka-2:9092"
+    assert settings.kafka.topics.raw == "sendgrid.raw"
+    assert settings.kafka.topics.events == "sgpipe.events"
+    assert settings.clickhouse.url == "http://clickhouse:8123"
+    assert settings.clickhouse.database == "mail"
+    assert [w.name for w in settings.webhooks] == ["main", "eu-west"]
+    assert webhook(settings, "main").public_keys == (PUBLIC_KEY,)
+    assert webhook(settings, "main").timestamp_tolerance == 86400
+    assert webhook(settings, "main").allow_unsigned is False
+    assert webhook(settings, "eu-west").public_keys == ("KEY-EU-1",)
+    assert webhook(settings, "eu-west").timestamp_tolerance == 0
+    assert settings.ingest.port == 8081
+    assert settings.webhook("absent") is None
+
+
+def test_no_file_and_no_environment_gives_the_defaults() -> None:
+    settings = load_settings(None, {})
+    assert settings == Settings()
+    assert settings.kafka.bootstrap_servers is None
+    assert settings.webhooks == ()
+    assert settings.ingest.max_body_bytes == 4 * 1_048_576
+
+
+def test_empty_yaml_file_gives_the_defaults(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, "# nothing yet\n"), {}) == Settings()
+
+
+def test_variables_without_the_prefix_are_ignored(config_file: Path) -> None:
+    settings = load_settings(config_file, {"PATH": "/usr/bin", "KAFKA__BOOTSTRAP_SERVERS": "x"})
+    assert settings.kafka.bootstrap_servers == "kafka-1:9092,kafka-2:9092"
+
+
+# --- environment overlay ---------------------------------------------------------------------
+
+
+def test_env_sets_a_nested_scalar() -> None:
+    settings = load_settings(None, {"SGPIPE_KAFKA__BOOTSTRAP_SERVERS": "kafka:9092"})
+    assert settings.kafka.bootstrap_servers == "kafka:9092"
+
+
+def test_env_beats_yaml_and_leaves_siblings_alone(config_file: Path) -> None:
+    settings = load_settings(
+        config_file,
+        {
+            "SGPIPE_KAFKA__BOOTSTRAP_SERVERS": "other:9092",
+            "SGPIPE_KAFKA__TOPICS__EVENTS": "sendgrid.events",
+            "SGPIPE_CLICKHOUSE__DATABASE": "mail_eu",
+        },
+    )
+    assert settings.kafka.bootstrap_servers == "other:9092"
+    assert settings.kafka.topics.raw == "sendgrid.raw"
+    assert settings.kafka.topics.events == "sendgrid.events"
+    assert settings.clickhouse.database == "mail_eu"
+    assert settings.clickhouse.url == "http://clickhouse:8123"
+
+
+def test_env_addresses_a_webhook_by_name(config_file: Path) -> None:
+    settings = load_settings(config_file, {"SGPIPE_WEBHOOKS__MAIN__TIMESTAMP_TOLERANCE": "0"})
+    main = webhook(settings, "main")
+    assert main.timestamp_tolerance == 0
+    assert main.public_keys == (PUBLIC_KEY,)
+    assert webhook(settings, "eu-west").public_keys == ("KEY-EU-1",)
+    assert len(settings.webhooks) == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param("a,b", ("a", "b"), id="comma-separated"),
+        pytest.param(" a , b ,", ("a", "b"), id="comma-separated-with-spaces"),
+        pytest.param("a", ("a",), id="single"),
+        pytest.param('["a", "b"]', ("a", "b"), id="json-list"),
+        pytest.param(f"{PUBLIC_KEY},KEY2", (PUBLIC_KEY, "KEY2"), id="real-base64-key"),
+    ],
+)
+def test_env_sets_public_keys(config_file: Path, value: str, expected: tuple[str, ...]) -> None:
+    settings = load_settings(config_file, {"SGPIPE_WEBHOOKS__MAIN__PUBLIC_KEYS": value})
+    assert webhook(settings, "main").public_keys == expected
+
+
+def test_env_creates_a_webhook_absent_from_yaml(config_file: Path) -> None:
+    settings = load_settings(
+        config_file,
+        {
+            "SGPIPE_WEBHOOKS__MARKETING__PUBLIC_KEYS": "K1,K2",
+            "SGPIPE_WEBHOOKS__MARKETING__TIMESTAMP_TOLERANCE": "90000",
+        },
+    )
+    assert [w.name for w in settings.webhooks] == ["main", "eu-west", "marketing"]
+    assert webhook(settings, "marketing") == WebhookSettings(
+        name="marketing", public_keys=("K1", "K2"), timestamp_tolerance=90000
+    )
+
+
+def test_env_creates_a_webhook_without_any_yaml() -> None:
+    settings = load_settings(None, {"SGPIPE_WEBHOOKS__MAIN__ALLOW_UNSIGNED": "true"})
+    assert settings.webhooks == (WebhookSettings(name="main", allow_unsigned=True),)
+
+
+def test_env_underscores_find_a_hyphenated_webhook(config_file: Path) -> None:
+    settings = load_settings(
+        config_file,
+        {
+            "SGPIPE_WEBHOOKS__EU_WEST__TIMESTAMP_TOLERANCE": "3600",
+            "SGPIPE_WEBHOOKS__EU_WEST__PUBLIC_KEYS": "KEY-EU-2,KEY-EU-3",
+        },
+    )
+    assert [w.name for w in settings.webhooks] == ["main", "eu-west"]
+    eu_west = webhook(settings, "eu-west")
+    assert eu_west.timestamp_tolerance == 3600
+    assert eu_west.public_keys == ("KEY-EU-2", "KEY-EU-3")
+
+
+def test_env_sets_a_whole_section_as_json() -> None:
+    settings = load_settings(
+        None, {"SGPIPE_WEBHOOKS": '[{"name": "main", "public_keys": ["K"]}, {"name": "b2b"}]'}
+    )
+    assert [(w.name, w.public_keys) for w in settings.webhooks] == [("main", ("K",)), ("b2b", ())]
+
+
+def test_env_values_are_coerced_to_the_setting_type() -> None:
+    settings = load_settings(
+        None,
+        {
+            "SGPIPE_INGEST__PORT": "9000",
+            "SGPIPE_INGEST__PUBLISH_TIMEOUT_SECONDS": "2.5",
+            "SGPIPE_KAFKA__ENABLE_IDEMPOTENCE": "true",
+            "SGPIPE_CLICKHOUSE__PASSWORD": "s3cret",
+        },
+    )
+    assert settings.ingest.port == 9000
+    assert settings.ingest.publish_timeout_seconds == 2.5
+    assert settings.kafka.enable_idempotence is True
+    assert settings.clickhouse.password.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+
+
+def test_overrides_beat_env_and_yaml(config_file: Path) -> None:
+    settings = load_settings(
+        config_file,
+        {"SGPIPE_INGEST__PORT": "9000", "SGPIPE_WEBHOOKS__MAIN__TIMESTAMP_TOLERANCE": "0"},
+        {"ingest.port": 7000, "webhooks.main.timestamp_tolerance": 600},
+    )
+    assert settings.ingest.port == 7000
+    assert webhook(settings, "main").timestamp_tolerance == 600
+
+
+def test_override_without_env_beats_yaml(config_file: Path) -> None:
+    settings = load_settings(config_file, {}, {"kafka.bootstrap_servers": "cli:9092"})
+    assert settings.kafka.bootstrap_servers == "cli:9092"
+
+
+# --- errors name the setting -----------------------------------------------------------------
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "kafak:\n  bootstrap_servers: x\n"), {})
+    assert "kafak" in message
+    assert "Extra inputs are not permitted" in message
+
+
+def test_unknown_nested_key(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "kafka:\n  topics:\n    rwa: x\n"), {})
+    assert "kafka.topics.rwa" in message
+
+
+def test_unknown_webhook_key(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "webhooks:\n  - name: main\n    public_key: K\n"), {})
+    assert "webhooks[main].public_key" in message
+
+
+@pytest.mark.parametrize(
+    ("variable", "setting"),
+    [
+        pytest.param("SGPIPE_KAFKA__BOOTSTRAP_SERVER", "kafka.bootstrap_server", id="typo"),
+        pytest.param("SGPIPE_KAFKAA__BOOTSTRAP_SERVERS", "kafkaa", id="unknown-section"),
+        pytest.param("SGPIPE_WEBHOOKS__MAIN__TOLERANCE", "webhooks[main].tolerance", id="webhook"),
+    ],
+)
+def test_unknown_environment_variable(config_file: Path, variable: str, setting: str) -> None:
+    message = config_error(config_file, {variable: "1"})
+    assert setting in message
+
+
+def test_environment_variable_with_an_empty_path_segment() -> None:
+    message = config_error(None, {"SGPIPE_KAFKA____CLIENT_ID": "x"})
+    assert "SGPIPE_KAFKA____CLIENT_ID" in message
+
+
+def test_environment_variable_into_a_scalar_is_an_error(tmp_path: Path) -> None:
+    message = config_error(
+        write(tmp_path, "kafka:\n  topics: sgpipe\n"), {"SGPIPE_KAFKA__TOPICS__RAW": "raw"}
+    )
+    assert "SGPIPE_KAFKA__TOPICS__RAW" in message
+    assert "topics" in message
+
+
+def test_bad_type_from_the_environment() -> None:
+    message = config_error(None, {"SGPIPE_INGEST__PORT": "abc"})
+    assert "ingest.port" in message
+    assert "valid integer" in message
+
+
+def test_every_bad_setting_is_named() -> None:
+    message = config_error(
+        None, {"SGPIPE_INGEST__PORT": "abc", "SGPIPE_KAFKA__LINGER_MS": "-1", "SGPIPE_NOPE": "1"}
+    )
+    assert "ingest.port" in message
+    assert "kafka.linger_ms" in message
+    assert "nope" in message
+
+
+@pytest.mark.parametrize("name", ["Main", "has space", "-leading-hyphen", "x" * 64, ""])
+def test_bad_webhook_name(tmp_path: Path, name: str) -> None:
+    message = config_error(write(tmp_path, f'webhooks:\n  - name: "{name}"\n'), {})
+    assert ".name" in message
+    assert "webhooks[" in message
+
+
+def test_duplicate_webhook_names(tmp_path: Path) -> None:
+    text = "webhooks:\n  - name: main\n  - name: other\n  - name: main\n"
+    message = config_error(write(tmp_path, text), {})
+    assert "webhooks" in message
+    assert "unique" in message
+    assert "main" in message
+
+
+def test_negative_timestamp_tolerance_from_yaml(tmp_path: Path) -> None:
+    text = "webhooks:\n  - name: main\n    timestamp_tolerance: -1\n"
+    message = config_error(write(tmp_path, text), {})
+    assert "webhooks[main].timestamp_tolerance" in message
+    assert "greater than or equal to 0" in message
+
+
+def test_negative_timestamp_tolerance_from_env(config_file: Path) -> None:
+    message = config_error(config_file, {"SGPIPE_WEBHOOKS__MAIN__TIMESTAMP_TOLERANCE": "-5"})
+    assert "webhooks[main].timestamp_tolerance" in message
+
+
+def test_bad_value_in_second_webhook_names_that_webhook(config_file: Path) -> None:
+    message = config_error(config_file, {"SGPIPE_WEBHOOKS__EU_WEST__ALLOW_UNSIGNED": "perhaps"})
+    assert "webhooks[eu-west].allow_unsigned" in message
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    message = config_error(missing, {})
+    assert str(missing) in message
+    assert "cannot read" in message
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    message = config_error(tmp_path, {})
+    assert str(tmp_path) in message
+
+
+def test_invalid_yaml(tmp_path: Path) -> None:
+    path = write(tmp_path, "kafka: [unclosed\n")
+    message = config_error(path, {})
+    assert str(path) in message
+    assert "not valid YAML" in message
+
+
+@pytest.mark.parametrize("text", ["- kafka\n- clickhouse\n", "just a string\n", "42\n"])
+def test_yaml_that_is_not_a_mapping(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    message = config_error(path, {})
+    assert str(path) in message
+    assert "mapping" in message
+
+
+# --- frozen ----------------------------------------------------------------------------------
+
+
+def test_settings_are_frozen(config_file: Path) -> None:
+    settings = load_settings(config_file, {})
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.ingest = settings.ingest
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.kafka.bootstrap_servers = "elsewhere:9092"
+    main = webhook(settings, "main")
+    with pytest.raises(ValidationError, match="frozen"):
+        main.timestamp_tolerance = 5
+    assert isinstance(settings.webhooks, tuple)
+    assert isinstance(main.public_keys, tuple)
+    assert settings.kafka.bootstrap_servers == "kafka-1:9092,kafka-2:9092"
+
+
+def test_a_json_looking_password_stays_a_string() -> None:
+    settings = load_settings(None, {"SGPIPE_CLICKHOUSE__PASSWORD": "[1,2]"})
+    assert settings.clickhouse.password.get_secret_value() == "[1,2]"
+
+
+def test_a_whole_section_that_is_not_json_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="SGPIPE_WEBHOOKS: a whole section must be JSON"):
+        load_settings(None, {"SGPIPE_WEBHOOKS": "main"})
