@@ -174,7 +174,13 @@ async def receive_batch(request: web.Request) -> web.Response:
     verifier = request.app[WEBHOOKS].get(name)
     if verifier is None:
         return error_response(404, "unknown_webhook", f"no webhook named {name!r}")
-    body = await request.read()
+    try:
+        body = await request.read()
+    except web.HTTPException:
+        raise
+    except (web.RequestPayloadError, ValueError) as exc:
+        # A body that does not decode (a broken Content-Encoding) can never become valid.
+        return error_response(400, "invalid_body", f"the request body cannot be read: {exc}")
     if not body:
         return error_response(400, "empty_body", "the request has no body")
 

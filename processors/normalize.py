@@ -33,8 +33,9 @@ RESERVED_FIELDS = frozenset(
 
 # Seconds since the epoch stay below this until the year 5138; milliseconds pass it in 1973.
 _MILLISECONDS_THRESHOLD = 100_000_000_000
-# Up to 9999-12-31, the end of ClickHouse's DateTime64 range.
-_MAX_EVENT_TIME_MS = 253_402_300_799_000
+# 2299-12-31 23:59:59.999, the end of ClickHouse's DateTime64 range: later values would not
+# fail the insert, they would wrap around and be stored as a wrong date.
+_MAX_EVENT_TIME_MS = 10_413_791_999_999
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ from schemas.email_event import EmailEventCodec, SerializationError
 from schemas.raw_batch import InvalidRawBatch, decode_raw_batch
 
 STAGE = "processor"
+# Kafka's default message.max.bytes is 1 MB; what a record may hold, leaving room for headers.
+DEFAULT_MAX_RECORD_BYTES = 1_048_576 - 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +51,22 @@ def process_raw_record(
     headers: Sequence[tuple[str, bytes]],
     metadata: Metadata,
     codec: EmailEventCodec,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> ProcessedRecord:
+    """``max_record_bytes``: the largest value the events and dead-letter topics take; a
+    bigger event is dead-lettered instead of failing its whole poll forever."""
     result = ProcessedRecord()
 
     def dead_letter(
         reason: str, detail: str, payload: bytes, event_index: int | None = None
     ) -> None:
+        if len(payload) > max_record_bytes:
+            # Too big for the dead-letter topic too; the raw record still holds it.
+            detail = (
+                f"{detail} (payload of {len(payload)} bytes omitted: read it at "
+                f"{metadata.topic}/{metadata.partition}/{metadata.offset})"
+            )
+            payload = b""
         result.dead_letters.append(
             DeadLetter(
                 reason=reason,
@@ -92,6 +104,14 @@ def process_raw_record(
             continue
         except SerializationError as exc:
             dead_letter("serialization_error", str(exc), _event_bytes(item, batch.body), index)
+            continue
+        if len(encoded) > max_record_bytes:
+            dead_letter(
+                "event_too_large",
+                f"the encoded event is {len(encoded)} bytes, over {max_record_bytes}",
+                _event_bytes(item, batch.body),
+                index,
+            )
             continue
         result.events.append(EncodedEvent(event.sg_event_id, event.event, encoded))
     return result

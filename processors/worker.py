@@ -17,11 +17,11 @@ from processors.pipeline import Metadata, process_raw_record
 from schemas.dead_letter import dead_letter_headers
 from schemas.email_event import EmailEventCodec
 from sgpipe.kafka import (
-    CommitLoop,
     OutgoingRecord,
     Record,
-    create_consumer,
+    StageOptions,
     create_producer,
+    run_consumer_stage,
     send_all,
 )
 from sgpipe.settings import Settings
@@ -39,6 +39,8 @@ class RawBatchProcessor:
         self._topics = settings.kafka.topics
         self._codec = EmailEventCodec()
         self._recent = RecentEventIds(settings.processor.dedup_window)
+        # Headroom below the producer's request limit for headers and batch framing.
+        self._max_record_bytes = settings.kafka.max_request_size - 65_536
 
     def process(
         self, records: Sequence[Record]
@@ -49,7 +51,9 @@ class RawBatchProcessor:
         outcomes: Counter[str] = Counter()
         for record in records:
             metadata = Metadata(record.topic, record.partition, record.offset, record.timestamp)
-            processed = process_raw_record(record.value, record.headers, metadata, self._codec)
+            processed = process_raw_record(
+                record.value, record.headers, metadata, self._codec, self._max_record_bytes
+            )
             for event in processed.events:
                 if event.sg_event_id in self._recent or event.sg_event_id in published:
                     outcomes["duplicate"] += 1
@@ -80,12 +84,18 @@ class RawBatchProcessor:
         self._recent.remember(published)
 
 
-async def run_processor(settings: Settings, stop: asyncio.Event, *, drain: bool = False) -> None:
+async def run_processor(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    drain: bool = False,
+    ready: asyncio.Event | None = None,
+) -> None:
     """Consume raw batches until ``stop`` is set, then commit what was processed and return
-    (with ``drain``, only once the raw topic has nothing left; see CommitLoop.run)."""
+    (with ``drain``, only once the raw topic has nothing left; see CommitLoop.run).
+    ``ready`` is set once the processor consumes."""
     processor = RawBatchProcessor(settings)
     producer = create_producer(settings.kafka)
-    consumer = create_consumer(settings.kafka, group_id=settings.processor.group_id)
 
     async def flush(records: Sequence[Record]) -> None:
         outgoing, published, outcomes = processor.process(records)
@@ -93,20 +103,14 @@ async def run_processor(settings: Settings, stop: asyncio.Event, *, drain: bool 
         processor.acknowledged(published)
         log.info("processed raw batches", batches=len(records), **outcomes)
 
-    loop = CommitLoop(
-        consumer,
-        flush,
+    options = StageOptions(
         name="processor",
+        group_id=settings.processor.group_id,
+        topic=settings.kafka.topics.raw,
         max_records=settings.processor.max_records_per_poll,
         max_seconds=0.0,
+        retry_backoff_max_seconds=30.0,
+        stop_timeout_seconds=settings.processor.stop_timeout_seconds,
+        drain=drain,
     )
-    consumer.subscribe([settings.kafka.topics.raw], listener=loop.rebalance_listener())
-    await producer.start()
-    try:
-        await consumer.start()
-        try:
-            await loop.run(stop, drain=drain)
-        finally:
-            await consumer.stop()
-    finally:
-        await producer.stop()
+    await run_consumer_stage(settings.kafka, options, producer, flush, stop, ready)

@@ -20,7 +20,7 @@ def avro_schema_json(name: str) -> dict[str, Any]:
 def clickhouse_migrations() -> list[tuple[str, str]]:
     """``(name, sql)`` of each ``schemas/clickhouse/NNNN_*.sql``, in order.
 
-    SQL may use ``{database}`` and ``{table}`` placeholders, filled in by the migrator.
+    SQL may use a ``{database}`` placeholder, filled in by the migrator.
     """
     folder = resources.files(__package__).joinpath("clickhouse")
     names = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".sql"))

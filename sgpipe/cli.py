@@ -80,15 +80,27 @@ def _parser() -> argparse.ArgumentParser:
 def _run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     async def runner() -> None:
         stop = asyncio.Event()
+        main_task = asyncio.current_task()
+        assert main_task is not None
+
+        def on_signal() -> None:
+            # The first signal drains; a second one means "now", without draining.
+            if stop.is_set():
+                log.warning("second signal: stopping at once, without draining")
+                main_task.cancel()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal)
         await body(stop)
 
     try:
         asyncio.run(runner())
     except ConfigError:
         raise
+    except asyncio.CancelledError:
+        return EXIT_FAILURE
     except Exception as exc:
         log.error("sgpipe stopped on an error", error=repr(exc), exc_info=True)
         return EXIT_FAILURE
@@ -98,6 +110,15 @@ def _run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
 def _require_kafka(settings: Settings) -> None:
     if settings.kafka.bootstrap_servers is None:
         raise ConfigError("kafka.bootstrap_servers must be set (only `sgpipe up` embeds a broker)")
+
+
+async def _prepare_topics(settings: Settings) -> None:
+    from sgpipe.kafka import ensure_topics
+
+    if settings.kafka.create_topics:
+        created = await ensure_topics(settings.kafka)
+        if created:
+            log.info("created topics", topics=created)
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
@@ -113,6 +134,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
     _require_kafka(settings)
     app = create_app(settings)
+    asyncio.run(_prepare_topics(settings))
     web.run_app(app, host=settings.ingest.host, port=settings.ingest.port, access_log=None)
     return 0
 
@@ -121,7 +143,12 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
     from processors.worker import run_processor
 
     _require_kafka(settings)
-    return _run_until_signal(lambda stop: run_processor(settings, stop))
+
+    async def body(stop: asyncio.Event) -> None:
+        await _prepare_topics(settings)
+        await run_processor(settings, stop)
+
+    return _run_until_signal(body)
 
 
 def _sink(args: argparse.Namespace, settings: Settings) -> int:
@@ -130,7 +157,12 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
     _require_kafka(settings)
     if settings.clickhouse.url is None:
         raise ConfigError("clickhouse.url must be set (only `sgpipe up` embeds ClickHouse)")
-    return _run_until_signal(lambda stop: run_sink(settings, stop))
+
+    async def body(stop: asyncio.Event) -> None:
+        await _prepare_topics(settings)
+        await run_sink(settings, stop)
+
+    return _run_until_signal(body)
 
 
 def _query(args: argparse.Namespace, settings: Settings) -> int:

@@ -42,7 +42,7 @@ def _connection_options(settings: KafkaSettings) -> dict[str, Any]:
     if settings.bootstrap_servers is None:
         raise ValueError("kafka.bootstrap_servers is not set")
     options: dict[str, Any] = {
-        "bootstrap_servers": settings.bootstrap_servers.split(","),
+        "bootstrap_servers": [host.strip() for host in settings.bootstrap_servers.split(",")],
         "client_id": settings.client_id,
         "security_protocol": settings.security_protocol,
         "request_timeout_ms": settings.request_timeout_ms,
@@ -147,15 +147,24 @@ Flush = Callable[[Sequence[Record]], Awaitable[None]]
 _DRAIN_POLL_MS = 1000
 
 
+class DrainIncomplete(RuntimeError):
+    """A draining stage stopped with records it could not write: with an in-memory broker
+    they are lost, so the process must not report a clean stop."""
+
+
 class CommitLoop:
     """poll -> accumulate -> flush -> commit, the delivery contract of every consuming stage.
 
     Records accumulate until ``max_records`` or ``max_seconds`` since the first buffered one;
     then ``flush`` writes them downstream and only after it returns are their offsets
     committed. A failing flush is retried with capped exponential backoff, holding the
-    buffer, until it succeeds or the loop is stopped (then nothing is committed and the
-    records are redelivered: at-least-once, duplicates absorbed downstream). Before
-    partitions are revoked in a rebalance the buffer is flushed and committed.
+    buffer, for as long as the loop runs. Before partitions are revoked in a rebalance the
+    buffer is flushed and committed.
+
+    On stop, what is buffered is flushed (retrying until ``stop_timeout``). With ``drain``
+    the loop also keeps consuming until a poll comes back empty. Records never written are
+    never committed and the loop stops polling at once: Kafka redelivers them; with
+    ``drain`` (in-memory broker, nothing to redeliver from) that raises DrainIncomplete.
     """
 
     def __init__(
@@ -181,32 +190,47 @@ class CommitLoop:
     def rebalance_listener(self) -> ConsumerRebalanceListener:
         return _FlushOnRevoke(self)
 
-    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> None:
-        """Until ``stop`` is set; then flushes and commits what it holds and returns.
+    async def run(
+        self, stop: asyncio.Event, *, drain: bool = False, stop_timeout: float = 60.0
+    ) -> None:
+        """Until ``stop`` is set, then as the class says. Raises DrainIncomplete."""
+        while not stop.is_set():
+            await self._poll(self._poll_timeout_ms())
+            if self._buffer and self._due():
+                await self._flush_with_retries(stop=stop)
 
-        With ``drain``, a stop first keeps consuming until a poll comes back empty: for the
-        embedded in-memory broker, whatever is left unconsumed at shutdown would be lost.
-        """
-        while True:
-            stopping = stop.is_set()
-            if stopping and not drain:
+        deadline = time.monotonic() + stop_timeout
+        drained = not drain
+        while not self._buffer or await self._flush_with_retries(deadline=deadline):
+            if drained or time.monotonic() >= deadline:
                 break
-            polled = await self._consumer.getmany(
-                timeout_ms=_DRAIN_POLL_MS if stopping else self._poll_timeout_ms(),
-                max_records=max(1, self._max_records - len(self._buffer)),
+            drained = await self._poll(_DRAIN_POLL_MS) == 0
+
+        if self._buffer or not drained:
+            unwritten = len(self._buffer)
+            self._buffer = []
+            if drain:
+                raise DrainIncomplete(
+                    f"{self._name}: stopped after {stop_timeout:.0f} s with {unwritten} records "
+                    "not written and the topic not drained"
+                )
+            log.warning(
+                "stopping with records not written; Kafka will redeliver them",
+                stage=self._name,
+                records=unwritten,
             )
-            received = 0
-            for records in polled.values():
-                if records and not self._buffer:
-                    self._buffer_started = time.monotonic()
-                self._buffer.extend(records)
-                received += len(records)
-            if self._buffer and (stopping or self._due()):
-                await self._flush_with_retries(stop)
-            if stopping and received == 0:
-                break
-        if self._buffer:
-            await self._flush_with_retries(stop)
+
+    async def _poll(self, timeout_ms: int) -> int:
+        polled = await self._consumer.getmany(
+            timeout_ms=timeout_ms, max_records=max(1, self._max_records - len(self._buffer))
+        )
+        received = 0
+        for records in polled.values():
+            if records and not self._buffer:
+                self._buffer_started = time.monotonic()
+            self._buffer.extend(records)
+            received += len(records)
+        return received
 
     def _poll_timeout_ms(self) -> int:
         if not self._buffer:
@@ -220,31 +244,40 @@ class CommitLoop:
             or time.monotonic() - self._buffer_started >= self._max_seconds
         )
 
-    async def _flush_with_retries(self, stop: asyncio.Event) -> None:
+    async def _flush_with_retries(
+        self, *, stop: asyncio.Event | None = None, deadline: float | None = None
+    ) -> bool:
+        """True once flushed and committed; False when ``stop`` was set or ``deadline``
+        passed first (the buffer is kept, nothing is committed)."""
         delay = 0.2
         while True:
             try:
                 await self.flush_and_commit()
-                return
+                return True
             except Exception as exc:  # noqa: BLE001 - every flush failure is retried
-                if stop.is_set():
+                wait = delay
+                if deadline is not None:
+                    wait = min(delay, deadline - time.monotonic())
+                if (stop is not None and stop.is_set()) or wait <= 0:
                     log.warning(
-                        "flush failed while stopping; records will be redelivered",
+                        "flush failed; giving up for now",
                         stage=self._name,
                         records=len(self._buffer),
                         error=repr(exc),
                     )
-                    self._buffer.clear()
-                    return
+                    return False
                 log.warning(
                     "flush failed; retrying",
                     stage=self._name,
                     records=len(self._buffer),
-                    retry_in_seconds=delay,
+                    retry_in_seconds=round(wait, 2),
                     error=repr(exc),
                 )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
+                if stop is None:
+                    await asyncio.sleep(wait)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), timeout=wait)
                 delay = min(delay * 2, self._backoff_max)
 
     async def flush_and_commit(self) -> None:
@@ -274,6 +307,53 @@ class CommitLoop:
                 for record in self._buffer
                 if TopicPartition(record.topic, record.partition) not in revoked
             ]
+
+
+@dataclass(frozen=True, slots=True)
+class StageOptions:
+    """How a consuming stage batches, retries and stops."""
+
+    name: str
+    group_id: str
+    topic: str
+    max_records: int
+    max_seconds: float
+    retry_backoff_max_seconds: float
+    stop_timeout_seconds: float
+    drain: bool = False
+
+
+async def run_consumer_stage(
+    settings: KafkaSettings,
+    options: StageOptions,
+    producer: AIOKafkaProducer[bytes, bytes],
+    flush: Flush,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Start ``producer`` and a consumer of ``options.topic``, run a CommitLoop around
+    ``flush`` until ``stop`` (setting ``ready`` once consuming), then stop both."""
+    consumer = create_consumer(settings, group_id=options.group_id)
+    loop = CommitLoop(
+        consumer,
+        flush,
+        name=options.name,
+        max_records=options.max_records,
+        max_seconds=options.max_seconds,
+        retry_backoff_max_seconds=options.retry_backoff_max_seconds,
+    )
+    consumer.subscribe([options.topic], listener=loop.rebalance_listener())
+    await producer.start()
+    try:
+        await consumer.start()
+        try:
+            if ready is not None:
+                ready.set()
+            await loop.run(stop, drain=options.drain, stop_timeout=options.stop_timeout_seconds)
+        finally:
+            await consumer.stop()
+    finally:
+        await producer.stop()
 
 
 class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]

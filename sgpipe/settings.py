@@ -121,14 +121,16 @@ class ProcessorSettings(_Section):
     max_records_per_poll: Annotated[int, Field(ge=1)] = 500
     # Best-effort in-process dedup window (sg_event_ids remembered); ClickHouse makes it exact.
     dedup_window: Annotated[int, Field(ge=0)] = 100_000
+    # On stop: how long to keep retrying what is buffered (and, draining, to empty the topic).
+    stop_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
 class SinkSettings(_Section):
     group_id: str = "sgpipe-sink"
-    table: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] = "email_events"
     batch_max_rows: Annotated[int, Field(ge=1)] = 20_000
     batch_max_seconds: Annotated[float, Field(gt=0)] = 2.0
     retry_backoff_max_seconds: Annotated[float, Field(gt=0)] = 30.0
+    stop_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
 class EmbeddedSettings(_Section):

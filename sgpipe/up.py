@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -80,40 +81,64 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         stack.callback(_remove_state, data_dir)
 
         sink_stop, processor_stop = asyncio.Event(), asyncio.Event()
+        sink_ready, processor_ready = asyncio.Event(), asyncio.Event()
         sink = asyncio.create_task(
-            run_sink(settings, sink_stop, clickhouse_url, drain=embedded_broker), name="sink"
+            run_sink(settings, sink_stop, clickhouse_url, drain=embedded_broker, ready=sink_ready),
+            name="sink",
         )
         processor = asyncio.create_task(
-            run_processor(settings, processor_stop, drain=embedded_broker), name="processor"
+            run_processor(settings, processor_stop, drain=embedded_broker, ready=processor_ready),
+            name="processor",
         )
+        stages = [sink, processor]
         runner = web.AppRunner(create_app(settings), access_log=None)
         try:
-            await runner.setup()
-            site = web.TCPSite(runner, settings.ingest.host, settings.ingest.port)
-            await site.start()
-            _log_webhook_urls(settings, runner)
-            failed = await _wait_for_stop_or_failure(stop, [sink, processor])
+            try:
+                # The ingress answers 2xx for what it publishes, so it takes requests only
+                # once the stages that carry those batches on are up.
+                if await _wait_for_ready(stop, [sink_ready, processor_ready], stages):
+                    await runner.setup()
+                    site = web.TCPSite(runner, settings.ingest.host, settings.ingest.port)
+                    await site.start()
+                    _log_webhook_urls(settings, runner)
+                    await _wait_for_stop_or_failure(stop, stages)
+            finally:
+                log.info("stopping: ingress first, then draining processor and sink")
+                await runner.cleanup()
         finally:
-            log.info("stopping: ingress first, then draining processor and sink")
-            await runner.cleanup()
             await _stop_stage(processor, processor_stop)
             await _stop_stage(sink, sink_stop)
-        if failed is not None:
-            raise StageFailed(f"stage {failed.get_name()} stopped: {failed.exception()!r}")
+        failures = [
+            f"{task.get_name()}: {task.exception()!r}" for task in stages if task.exception()
+        ]
+        if failures:
+            raise StageFailed("; ".join(failures))
     log.info("stopped")
 
 
-async def _wait_for_stop_or_failure(
-    stop: asyncio.Event, stages: list[asyncio.Task[None]]
-) -> asyncio.Task[None] | None:
+async def _wait_for_ready(
+    stop: asyncio.Event, ready: list[asyncio.Event], stages: list[asyncio.Task[None]]
+) -> bool:
+    """True once every stage is ready; False if stopped or a stage ended first."""
+    waiters = [asyncio.create_task(event.wait()) for event in ready]
+    stopped = asyncio.create_task(stop.wait())
+    all_ready = asyncio.gather(*waiters)
+    watched: list[asyncio.Future[Any]] = [all_ready, stopped, *stages]
+    try:
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in (*waiters, stopped):
+            waiter.cancel()
+    return all(event.is_set() for event in ready) and not any(task.done() for task in stages)
+
+
+async def _wait_for_stop_or_failure(stop: asyncio.Event, stages: list[asyncio.Task[None]]) -> None:
     stopped = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([stopped, *stages], return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     for task in stages:
         if task in done:
             log.error("stage stopped unexpectedly", stage=task.get_name(), error=task.exception())
-            return task
-    return None
 
 
 async def _stop_stage(task: asyncio.Task[None], stop: asyncio.Event) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 import structlog
@@ -35,8 +35,10 @@ async def connect(
         host=parts.hostname,
         port=parts.port or (8443 if parts.scheme == "https" else 8123),
         secure=parts.scheme == "https",
-        username=parts.username or settings.username,
-        password=parts.password or settings.password.get_secret_value(),
+        username=unquote(parts.username) if parts.username else settings.username,
+        password=(
+            unquote(parts.password) if parts.password else settings.password.get_secret_value()
+        ),
         connect_timeout=settings.connect_timeout,
         send_receive_timeout=settings.send_receive_timeout,
         database=database,

@@ -9,19 +9,21 @@ rejects well-formed rows is a bad deploy to fix, not data to throw away.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
+from clickhouse_connect.driver.asyncclient import AsyncClient
 
 from schemas.dead_letter import DeadLetter, dead_letter_headers
 from schemas.email_event import EmailEventCodec, SerializationError
 from sgpipe.kafka import (
-    CommitLoop,
     OutgoingRecord,
     Record,
-    create_consumer,
+    StageOptions,
     create_producer,
+    run_consumer_stage,
     send_all,
 )
 from sgpipe.settings import Settings
@@ -63,18 +65,21 @@ async def run_sink(
     clickhouse_url: str | None = None,
     *,
     drain: bool = False,
+    ready: asyncio.Event | None = None,
 ) -> None:
     """Consume normalized events until ``stop`` is set; flushes and commits before returning.
 
     ``clickhouse_url`` overrides ``settings.clickhouse.url`` (the embedded store's address).
+    ``ready`` is set once ClickHouse is migrated and the sink consumes; until ClickHouse
+    answers, the sink retries with backoff instead of failing.
     """
-    codec = EmailEventCodec()
-    client = await connect(settings.clickhouse, clickhouse_url)
+    client = await _connect_and_migrate(settings, clickhouse_url, stop)
+    if client is None:
+        return
     try:
-        await apply_migrations(client, settings.clickhouse.database)
+        codec = EmailEventCodec()
         writer = ClickHouseWriter(client, settings.clickhouse.database)
         producer = create_producer(settings.kafka)
-        consumer = create_consumer(settings.kafka, group_id=settings.sink.group_id)
         dead_letter_topic = settings.kafka.topics.dead_letter
 
         async def flush(records: Sequence[Record]) -> None:
@@ -96,23 +101,37 @@ async def run_sink(
                 dead_letters=len(dead_letters),
             )
 
-        loop = CommitLoop(
-            consumer,
-            flush,
+        options = StageOptions(
             name="sink",
+            group_id=settings.sink.group_id,
+            topic=settings.kafka.topics.events,
             max_records=settings.sink.batch_max_rows,
             max_seconds=settings.sink.batch_max_seconds,
             retry_backoff_max_seconds=settings.sink.retry_backoff_max_seconds,
+            stop_timeout_seconds=settings.sink.stop_timeout_seconds,
+            drain=drain,
         )
-        consumer.subscribe([settings.kafka.topics.events], listener=loop.rebalance_listener())
-        await producer.start()
-        try:
-            await consumer.start()
-            try:
-                await loop.run(stop, drain=drain)
-            finally:
-                await consumer.stop()
-        finally:
-            await producer.stop()
+        await run_consumer_stage(settings.kafka, options, producer, flush, stop, ready)
     finally:
         await client.close()
+
+
+async def _connect_and_migrate(
+    settings: Settings, clickhouse_url: str | None, stop: asyncio.Event
+) -> AsyncClient | None:
+    """A migrated client, retrying with backoff until ClickHouse answers; None if stopped."""
+    delay = 0.5
+    while not stop.is_set():
+        client: AsyncClient | None = None
+        try:
+            client = await connect(settings.clickhouse, clickhouse_url)
+            await apply_migrations(client, settings.clickhouse.database)
+            return client
+        except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
+            if client is not None:
+                await client.close()
+            log.warning("clickhouse not ready; retrying", retry_in_seconds=delay, error=repr(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=delay)
+            delay = min(delay * 2, settings.sink.retry_backoff_max_seconds)
+    return None

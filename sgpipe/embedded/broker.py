@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from importlib import util
 from pathlib import Path
@@ -61,6 +63,9 @@ class EmbeddedBroker:
     async def start(self, timeout: float = 15.0) -> str:
         """Start tansu and wait until it accepts connections; returns bootstrap servers."""
         url = f"tcp://{self.host}:{self.port}"
+        if await _accepts_connections(self.host, self.port):
+            # Maybe a broker orphaned by an earlier crash; never mistake it for ours.
+            raise BrokerError(f"port {self.port} on {self.host} is already in use")
         output = self._log_file.open("ab") if self._log_file else subprocess.DEVNULL
         try:
             self._process = subprocess.Popen(
@@ -80,6 +85,7 @@ class EmbeddedBroker:
                 # Its own process group: a Ctrl-C in the terminal reaches `sgpipe up`, which
                 # drains the pipeline first and only then stops the broker.
                 start_new_session=True,
+                preexec_fn=_exit_with_parent,
             )
         finally:
             if self._log_file and not isinstance(output, int):
@@ -109,6 +115,16 @@ class EmbeddedBroker:
             process.kill()
             await asyncio.to_thread(process.wait)
         log.info("embedded broker stopped")
+
+
+def _exit_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when `sgpipe up` dies, even by
+    SIGKILL, so that no orphaned broker holds the port. No-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 async def _accepts_connections(host: str, port: int) -> bool:

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -77,24 +78,22 @@ def signed_headers() -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def pipeline(tmp_path: Path) -> Iterator[RunningPipeline]:
+def start_pipeline(tmp_path: Path, **overrides: Any) -> RunningPipeline:
+    """`sgpipe up` as a child process, on free ports, with ``overrides`` merged into the
+    config's top-level sections."""
+    document: dict[str, Any] = {
+        "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
+        "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
+        "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+        # Off, so that a retried batch reaches ClickHouse: exactness must come from there.
+        "processor": {"dedup_window": 0},
+        "sink": {"batch_max_seconds": 0.2},
+        "logging": {"format": "json"},
+    }
+    for section, values in overrides.items():
+        document[section] = {**document.get(section, {}), **values}
     config = tmp_path / "sgpipe.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "webhooks": [
-                    {"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}
-                ],
-                "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
-                "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
-                # Off, so that a retried batch reaches ClickHouse: exactness must come from there.
-                "processor": {"dedup_window": 0},
-                "sink": {"batch_max_seconds": 0.2},
-                "logging": {"format": "json"},
-            }
-        )
-    )
+    config.write_text(yaml.safe_dump(document))
     port = free_port()
     log = tmp_path / "sgpipe-up.log"
     data_dir = tmp_path / "data"
@@ -114,18 +113,27 @@ def pipeline(tmp_path: Path) -> Iterator[RunningPipeline]:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    running = RunningPipeline(process, f"http://127.0.0.1:{port}", data_dir, config, log)
+    return RunningPipeline(process, f"http://127.0.0.1:{port}", data_dir, config, log)
+
+
+def stop_pipeline(running: RunningPipeline) -> None:
+    if running.process.poll() is None:
+        running.process.send_signal(signal.SIGTERM)
+        try:
+            running.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            running.process.kill()
+            running.process.wait()
+
+
+@pytest.fixture
+def pipeline(tmp_path: Path) -> Iterator[RunningPipeline]:
+    running = start_pipeline(tmp_path)
     try:
         _wait_until_serving(running)
         yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_pipeline(running)
 
 
 def _wait_until_serving(running: RunningPipeline) -> None:
@@ -203,3 +211,23 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     with pytest.raises(OSError):
         socket.create_connection((broker_host, int(broker_port)), timeout=2).close()
     assert pipeline.query("SELECT count() FROM email_events FINAL") == "1\n"
+
+
+def test_ingress_takes_no_batch_while_the_sink_cannot_reach_clickhouse(tmp_path: Path) -> None:
+    # Found in review: the ingress used to answer 200 before the sink had started; when the
+    # sink then failed, the in-memory broker was stopped with the accepted batch in it.
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    running = start_pipeline(tmp_path, clickhouse={"url": unreachable})
+    try:
+        deadline = time.monotonic() + 30
+        while b"clickhouse not ready; retrying" not in running.log.read_bytes():
+            assert time.monotonic() < deadline, running.log.read_text()
+            assert running.process.poll() is None, running.log.read_text()
+            time.sleep(0.2)
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{running.base_url}/healthz", timeout=2)
+        with pytest.raises(OSError):  # refused: SendGrid keeps the batch and retries
+            post(f"{running.base_url}/webhooks/main", BODY, signed_headers())
+    finally:
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=60) == 0, running.log.read_text()

@@ -468,3 +468,16 @@ async def test_healthz(client: Client) -> None:
     assert response.status == 200
     assert await response.json() == {"status": "ok"}
     assert response.headers["X-Request-Id"]
+
+
+async def test_a_body_that_does_not_decompress_is_a_json_400(
+    client: Client, publisher: RecordingPublisher
+) -> None:
+    # Found in review: aiohttp's decoding error escaped as a text/plain 500.
+    response = await client.post(
+        "/webhooks/open",
+        data=b"this is not gzip",
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    await assert_error(response, 400, "invalid_body")
+    assert publisher.batches == []

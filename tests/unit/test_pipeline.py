@@ -588,3 +588,28 @@ def test_decode_of_an_out_of_range_time_raises_serialization_error() -> None:
         payload = CODEC.encode(sample_event(event_time_ms=event_time_ms))
         with pytest.raises(SerializationError, match="cannot decode"):
             CODEC.decode(payload)
+
+
+# --- size limits (found in review: an oversized event failed its poll forever) ---------------
+
+
+def test_an_event_too_large_for_the_topic_is_dead_lettered_with_its_json() -> None:
+    big = {"event": "open", "sg_event_id": "big", "timestamp": 1, "note": "x" * 3000}
+    body = sendgrid_body([EVENTS[0], big])
+    headers = raw_batch_headers(raw_batch(body))
+    result = process_raw_record(body, headers, METADATA, CODEC, max_record_bytes=5000)
+    assert [event.sg_event_id for event in result.events] == ["ev-1"]
+    (letter,) = result.dead_letters
+    assert (letter.reason, letter.event_index) == ("event_too_large", 1)
+    assert json.loads(letter.payload) == big
+
+
+def test_a_dead_letter_too_large_for_its_topic_points_at_the_raw_record() -> None:
+    big = {"event": "open", "sg_event_id": "big", "timestamp": 1, "note": "x" * 3000}
+    body = sendgrid_body([big])
+    headers = raw_batch_headers(raw_batch(body))
+    result = process_raw_record(body, headers, METADATA, CODEC, max_record_bytes=2000)
+    (letter,) = result.dead_letters
+    assert letter.reason == "event_too_large"
+    assert letter.payload == b""
+    assert "read it at sgpipe.raw/3/42" in letter.detail
