@@ -176,9 +176,7 @@ async def receive_batch(request: web.Request) -> web.Response:
         return error_response(404, "unknown_webhook", f"no webhook named {name!r}")
     try:
         body = await request.read()
-    except web.HTTPException:
-        raise
-    except (web.RequestPayloadError, ValueError) as exc:
+    except web.RequestPayloadError as exc:
         # A body that does not decode (a broken Content-Encoding) can never become valid.
         return error_response(400, "invalid_body", f"the request body cannot be read: {exc}")
     if not body:
