@@ -19,8 +19,10 @@ from schemas.email_event import EmailEventCodec, SerializationError
 from schemas.raw_batch import InvalidRawBatch, decode_raw_batch
 
 STAGE = "processor"
-# Kafka's default message.max.bytes is 1 MB; what a record may hold, leaving room for headers.
-DEFAULT_MAX_RECORD_BYTES = 1_048_576 - 65_536
+# Room left in a Kafka request for a record's headers and the batch framing.
+RECORD_HEADROOM_BYTES = 65_536
+# Kafka's default message.max.bytes is 1 MB.
+DEFAULT_MAX_RECORD_BYTES = 1_048_576 - RECORD_HEADROOM_BYTES
 
 
 @dataclass(frozen=True, slots=True)

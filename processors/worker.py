@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import structlog
 
 from processors.dedup import RecentEventIds
-from processors.pipeline import Metadata, process_raw_record
+from processors.pipeline import RECORD_HEADROOM_BYTES, Metadata, process_raw_record
 from schemas.dead_letter import dead_letter_headers
 from schemas.email_event import EmailEventCodec
 from sgpipe.kafka import (
@@ -39,8 +39,7 @@ class RawBatchProcessor:
         self._topics = settings.kafka.topics
         self._codec = EmailEventCodec()
         self._recent = RecentEventIds(settings.processor.dedup_window)
-        # Headroom below the producer's request limit for headers and batch framing.
-        self._max_record_bytes = settings.kafka.max_request_size - 65_536
+        self._max_record_bytes = settings.kafka.max_request_size - RECORD_HEADROOM_BYTES
 
     def process(
         self, records: Sequence[Record]
