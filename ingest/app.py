@@ -29,8 +29,8 @@ from ingest.signature import (
     verify_signature,
 )
 from schemas.raw_batch import RawBatch, raw_batch_headers
-from sgpipe.kafka import create_producer
-from sgpipe.settings import ConfigError, Settings, WebhookSettings
+from sgpipe.runtime.kafka import create_producer
+from sgpipe.runtime.settings import ConfigError, Settings, WebhookSettings
 
 log = structlog.get_logger(__name__)
 

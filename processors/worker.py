@@ -1,7 +1,7 @@
 """The processor's consume -> produce -> commit loop around ``process_raw_record``.
 
 Each poll's records are processed, their events and dead letters sent, and only when Kafka has
-acknowledged all of them are the raw offsets committed (``sgpipe.kafka.CommitLoop``).
+acknowledged all of them are the raw offsets committed (``sgpipe.runtime.kafka.CommitLoop``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from processors.dedup import RecentEventIds
 from processors.pipeline import RECORD_HEADROOM_BYTES, Metadata, process_raw_record
 from schemas.dead_letter import dead_letter_headers
 from schemas.email_event import EmailEventCodec
-from sgpipe.kafka import (
+from sgpipe.runtime.kafka import (
     OutgoingRecord,
     Record,
     StageOptions,
@@ -24,7 +24,7 @@ from sgpipe.kafka import (
     run_consumer_stage,
     send_all,
 )
-from sgpipe.settings import Settings
+from sgpipe.runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -106,7 +106,7 @@ async def run_processor(
         name="processor",
         group_id=settings.processor.group_id,
         topic=settings.kafka.topics.raw,
-        max_records=settings.processor.max_records_per_poll,
+        max_records=settings.processor.batch_max_records,
         max_seconds=0.0,
         retry_backoff_max_seconds=30.0,
         stop_timeout_seconds=settings.processor.stop_timeout_seconds,

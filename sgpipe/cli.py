@@ -23,8 +23,8 @@ from typing import Any
 
 import structlog
 
-from sgpipe.logs import configure_logging
-from sgpipe.settings import ConfigError, Settings, load_settings
+from sgpipe.runtime.logs import configure_logging
+from sgpipe.runtime.settings import ConfigError, Settings, load_settings
 
 log = structlog.get_logger(__name__)
 
@@ -113,7 +113,7 @@ def _require_kafka(settings: Settings) -> None:
 
 
 async def _prepare_topics(settings: Settings) -> None:
-    from sgpipe.kafka import ensure_topics
+    from sgpipe.runtime.kafka import ensure_topics
 
     if settings.kafka.create_topics:
         created = await ensure_topics(settings.kafka)
@@ -209,7 +209,7 @@ def _running_store_url(data_dir: Path) -> str | None:
 def _query_http(url: str, settings: Settings, sql: str) -> bytes:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    from sinks.clickhouse import connect
+    from sgpipe.runtime.clickhouse import connect
 
     async def run() -> bytes:
         client = await connect(settings.clickhouse, url, database=settings.clickhouse.database)

@@ -25,8 +25,8 @@ from aiohttp import web
 
 from ingest.app import build_verifiers, create_app
 from processors.worker import run_processor
-from sgpipe.kafka import ensure_topics
-from sgpipe.settings import Settings
+from sgpipe.runtime.kafka import ensure_topics
+from sgpipe.runtime.settings import Settings
 from sinks.worker import run_sink
 
 log = structlog.get_logger(__name__)

@@ -18,7 +18,8 @@ from clickhouse_connect.driver.asyncclient import AsyncClient
 
 from schemas.dead_letter import DeadLetter, dead_letter_headers
 from schemas.email_event import EmailEventCodec, SerializationError
-from sgpipe.kafka import (
+from sgpipe.runtime.clickhouse import apply_migrations, connect
+from sgpipe.runtime.kafka import (
     OutgoingRecord,
     Record,
     StageOptions,
@@ -26,8 +27,8 @@ from sgpipe.kafka import (
     run_consumer_stage,
     send_all,
 )
-from sgpipe.settings import Settings
-from sinks.clickhouse import ClickHouseWriter, apply_migrations, connect
+from sgpipe.runtime.settings import Settings
+from sinks.clickhouse import ClickHouseWriter
 from sinks.rows import to_columns
 
 log = structlog.get_logger(__name__)
@@ -105,7 +106,7 @@ async def run_sink(
             name="sink",
             group_id=settings.sink.group_id,
             topic=settings.kafka.topics.events,
-            max_records=settings.sink.batch_max_rows,
+            max_records=settings.sink.batch_max_records,
             max_seconds=settings.sink.batch_max_seconds,
             retry_backoff_max_seconds=settings.sink.retry_backoff_max_seconds,
             stop_timeout_seconds=settings.sink.stop_timeout_seconds,

@@ -8,8 +8,8 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 
-from sgpipe.kafka import Record
-from sgpipe.settings import Settings
+from sgpipe.runtime.kafka import Record
+from sgpipe.runtime.settings import Settings
 
 # Group joins on tansu take ~1 s with these instead of 5-18 s with Kafka's defaults.
 FAST_GROUP_SETTINGS = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200}

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
-from sgpipe.kafka import CommitLoop, DrainIncomplete, Record
+from sgpipe.runtime.kafka import CommitLoop, DrainIncomplete, Record
 
 TOPIC = "events"
 PARTITION = TopicPartition(TOPIC, 0)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ingest.app import PublishError, create_app
 from schemas.raw_batch import RawBatch
-from sgpipe.settings import ConfigError, Settings
+from sgpipe.runtime.settings import ConfigError, Settings
 from tests.sendgrid_vector import (
     BODY,
     PUBLIC_KEY,

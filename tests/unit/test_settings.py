@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sgpipe.settings import ConfigError, Settings, WebhookSettings, load_settings
+from sgpipe.runtime.settings import ConfigError, Settings, WebhookSettings, load_settings
 from tests.sendgrid_vector import PUBLIC_KEY
 
 YAML = f"""\

@@ -21,7 +21,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import CommitFailedError, KafkaError
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata, TopicPartition
 
-from sgpipe.settings import KafkaSettings
+from sgpipe.runtime.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
 

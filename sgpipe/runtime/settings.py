@@ -116,21 +116,59 @@ class IngestSettings(_Section):
     publish_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
-class ProcessorSettings(_Section):
-    group_id: str = "sgpipe-processor"
-    max_records_per_poll: Annotated[int, Field(ge=1)] = 500
-    # Best-effort in-process dedup window (sg_event_ids remembered); ClickHouse makes it exact.
-    dedup_window: Annotated[int, Field(ge=0)] = 100_000
+class DeadLetterLimit(_Section):
+    """A circuit breaker on dead letters (arroyo's DlqLimit): past it the stage stops with a
+    fatal error instead of dead-lettering everything after a bad deploy.
+
+    Counted over a sliding window of ``window_seconds``: the stage stops when the window holds
+    more than ``max_count`` dead letters, or when, with at least ``min_records`` outcomes in
+    it, more than ``max_ratio`` of them were dead letters. ``max_count: 0`` and
+    ``max_ratio: 1.0`` switch the respective check off.
+    """
+
+    max_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
+    min_records: Annotated[int, Field(ge=1)] = 100
+    max_count: Annotated[int, Field(ge=0)] = 10_000
+    window_seconds: Annotated[float, Field(gt=0)] = 60.0
+
+
+class _StageSettings(_Section):
+    """What every consuming stage shares: batching, retries, stopping, health, dead letters."""
+
+    group_id: str
+    # A write happens at whichever comes first.
+    batch_max_records: Annotated[int, Field(ge=1)]
+    batch_max_seconds: Annotated[float, Field(ge=0)]
+    # Retriable failures (Kafka or ClickHouse unavailable) are retried with capped exponential
+    # backoff, holding the batch, for as long as the stage runs.
+    retry_backoff_initial_seconds: Annotated[float, Field(gt=0)] = 0.2
+    retry_backoff_max_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # /readyz answers 503 once the stage has made no progress for this long while it had work
+    # (a write failing and retried, say): the alert that the pipeline is stalled.
+    stall_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
     # On stop: how long to keep retrying what is buffered (and, draining, to empty the topic).
     stop_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    # GET /healthz, /readyz and /metrics of `sgpipe process` / `sgpipe sink`.
+    health_host: str = "0.0.0.0"
+    health_port: Annotated[int, Field(ge=0, le=65535)]
+    dead_letters: DeadLetterLimit = DeadLetterLimit()
 
 
-class SinkSettings(_Section):
+class ProcessorSettings(_StageSettings):
+    group_id: str = "sgpipe-processor"
+    batch_max_records: Annotated[int, Field(ge=1)] = 500
+    # Raw batches are processed as soon as a poll returns them.
+    batch_max_seconds: Annotated[float, Field(ge=0)] = 0.0
+    health_port: Annotated[int, Field(ge=0, le=65535)] = 8081
+    # Best-effort in-process dedup window (sg_event_ids remembered); ClickHouse makes it exact.
+    dedup_window: Annotated[int, Field(ge=0)] = 100_000
+
+
+class SinkSettings(_StageSettings):
     group_id: str = "sgpipe-sink"
-    batch_max_rows: Annotated[int, Field(ge=1)] = 20_000
-    batch_max_seconds: Annotated[float, Field(gt=0)] = 2.0
-    retry_backoff_max_seconds: Annotated[float, Field(gt=0)] = 30.0
-    stop_timeout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    batch_max_records: Annotated[int, Field(ge=1)] = 20_000
+    batch_max_seconds: Annotated[float, Field(ge=0)] = 2.0
+    health_port: Annotated[int, Field(ge=0, le=65535)] = 8082
 
 
 class EmbeddedSettings(_Section):

@@ -1,0 +1,197 @@
+"""Every metric sgpipe exports, defined once (arroyo's ``metric_defs.py``).
+
+Names follow Prometheus conventions: the ``sgpipe_`` prefix, ``_total`` on counters, base units
+(``_seconds``, ``_bytes``). Every series carries a ``stage`` label (``ingest``, ``process``,
+``sink``) so that the stages of one ``sgpipe up`` can be told apart after their metrics are
+merged. Labels are low-cardinality by design: webhook names, event types, reason codes and
+error classes, never ids, addresses or topics chosen by data.
+
+One registry per process (``REGISTRY``), not prometheus-client's global one, so a process
+exports exactly what sgpipe defines. The README's "Metrics" section documents each metric and
+what an alert on it means; ``tests/unit/test_metrics.py`` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+REGISTRY: Final = CollectorRegistry(auto_describe=True)
+
+# Stage label values: the command that runs the stage.
+STAGE_INGEST: Final = "ingest"
+STAGE_PROCESS: Final = "process"
+STAGE_SINK: Final = "sink"
+
+# Seconds; from a fast in-memory ack to a slow ClickHouse insert.
+_LATENCY_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+_SIZE_BUCKETS: Final = (1, 10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000, 100_000)
+
+# --- ingress ------------------------------------------------------------------------------------
+
+INGEST_REQUESTS: Final = Counter(
+    "sgpipe_ingest_requests_total",
+    "Webhook POSTs by outcome: accepted (2xx after the Kafka ack), unauthorized, unknown_webhook, "
+    "too_large, bad_request, unavailable (503, SendGrid retries), overloaded.",
+    ["stage", "webhook", "outcome"],
+    registry=REGISTRY,
+)
+INGEST_VERIFICATION_FAILURES: Final = Counter(
+    "sgpipe_ingest_verification_failures_total",
+    "Requests that failed authentication, by reason code (invalid_signature, missing_signature, "
+    "stale_timestamp, invalid_token, ...).",
+    ["stage", "webhook", "reason"],
+    registry=REGISTRY,
+)
+INGEST_REQUEST_SECONDS: Final = Histogram(
+    "sgpipe_ingest_request_duration_seconds",
+    "Time from the request's arrival to the answer, per webhook.",
+    ["stage", "webhook"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INGEST_PUBLISH_SECONDS: Final = Histogram(
+    "sgpipe_ingest_publish_duration_seconds",
+    "Time for Kafka to acknowledge a raw batch (acks=all).",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INGEST_RECEIVED_BYTES: Final = Counter(
+    "sgpipe_ingest_received_bytes_total",
+    "Request body bytes received, per webhook (as sent, before any decompression).",
+    ["stage", "webhook"],
+    registry=REGISTRY,
+)
+INGEST_CONNECTIONS_REJECTED: Final = Counter(
+    "sgpipe_ingest_connections_rejected_total",
+    "Connections or requests refused by the ingress's own limits, by reason "
+    "(too_many_connections, header_timeout, body_timeout, idle_timeout, malformed).",
+    ["stage", "reason"],
+    registry=REGISTRY,
+)
+
+# --- consuming stages ------------------------------------------------------------------------
+
+RECORDS_CONSUMED: Final = Counter(
+    "sgpipe_records_consumed_total",
+    "Kafka records polled by the stage.",
+    ["stage"],
+    registry=REGISTRY,
+)
+RECORDS_PRODUCED: Final = Counter(
+    "sgpipe_records_produced_total",
+    "Records the stage wrote and had acknowledged (Kafka records, ClickHouse rows), by output.",
+    ["stage", "output"],
+    registry=REGISTRY,
+)
+DEAD_LETTERS: Final = Counter(
+    "sgpipe_dead_letters_total",
+    "Records sent to the dead-letter topic, by reason code.",
+    ["stage", "reason"],
+    registry=REGISTRY,
+)
+DUPLICATES_DROPPED: Final = Counter(
+    "sgpipe_duplicates_dropped_total",
+    "Events dropped by the processor's best-effort sg_event_id window (ClickHouse makes "
+    "deduplication exact; this only saves work).",
+    ["stage"],
+    registry=REGISTRY,
+)
+COERCION_ERRORS: Final = Counter(
+    "sgpipe_coercion_errors_total",
+    "Event fields that could not be coerced to their declared type (the event is kept, the "
+    "field left null and named in coercion_errors), by field.",
+    ["stage", "field"],
+    registry=REGISTRY,
+)
+CONSUMER_LAG: Final = Gauge(
+    "sgpipe_consumer_lag",
+    "Records between the stage's position and the end of each partition it owns.",
+    ["stage", "partition"],
+    registry=REGISTRY,
+)
+OFFSET_RESETS: Final = Counter(
+    "sgpipe_offset_resets_total",
+    "Committed offsets found out of range (the broker lost or deleted data) and reset to the "
+    "earliest offset.",
+    ["stage"],
+    registry=REGISTRY,
+)
+FLUSH_RECORDS: Final = Histogram(
+    "sgpipe_flush_records",
+    "Records per write (flush) of the stage.",
+    ["stage"],
+    buckets=_SIZE_BUCKETS,
+    registry=REGISTRY,
+)
+FLUSH_SECONDS: Final = Histogram(
+    "sgpipe_flush_duration_seconds",
+    "Time to run the steps on a batch and write it, retries included.",
+    ["stage"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+ERRORS: Final = Counter(
+    "sgpipe_errors_total",
+    "Failures by class: retriable (backed off and retried), poison (the record was "
+    "dead-lettered) and fatal (the stage stopped).",
+    ["stage", "error_class"],
+    registry=REGISTRY,
+)
+RETRIES: Final = Counter(
+    "sgpipe_retries_total",
+    "Retries of a failed write after a retriable error.",
+    ["stage"],
+    registry=REGISTRY,
+)
+LAST_COMMIT: Final = Gauge(
+    "sgpipe_last_commit_timestamp_seconds",
+    "Unix time of the stage's last successful offset commit.",
+    ["stage"],
+    registry=REGISTRY,
+)
+READY: Final = Gauge(
+    "sgpipe_ready",
+    "1 while the stage is ready (connected, assigned or serving, not stalled), else 0.",
+    ["stage"],
+    registry=REGISTRY,
+)
+
+# --- ClickHouse ------------------------------------------------------------------------------
+
+CLICKHOUSE_INSERTED_ROWS: Final = Counter(
+    "sgpipe_clickhouse_inserted_rows_total",
+    "Rows inserted into ClickHouse, by table.",
+    ["stage", "table"],
+    registry=REGISTRY,
+)
+CLICKHOUSE_INSERT_SECONDS: Final = Histogram(
+    "sgpipe_clickhouse_insert_duration_seconds",
+    "Time of one successful ClickHouse insert, by table.",
+    ["stage", "table"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+def render() -> tuple[bytes, str]:
+    """This process's metrics in the Prometheus text format, and its content type."""
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
