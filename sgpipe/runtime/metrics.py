@@ -192,6 +192,30 @@ CLICKHOUSE_INSERT_SECONDS: Final = Histogram(
 )
 
 
+# --- embedded broker (sgpipe up only) ----------------------------------------------------------
+# Not a stage's metrics: the embedded broker belongs to the `sgpipe up` process that supervises
+# it, so these carry a `service` label (storage, broker) instead of `stage`.
+
+EMBEDDED_RESTARTS: Final = Counter(
+    "sgpipe_embedded_restarts_total",
+    "Embedded broker processes (service: storage = SeaweedFS, broker = tansu) that died while "
+    "`sgpipe up` ran and were restarted. Any increase deserves a look at <data-dir>/broker/logs.",
+    ["service"],
+    registry=REGISTRY,
+)
+EMBEDDED_RETENTION_DELETED_BATCHES: Final = Counter(
+    "sgpipe_embedded_retention_deleted_batches_total",
+    "Record batches the embedded broker's retention deleted (expired and committed by every "
+    "sgpipe group of their topic).",
+    registry=REGISTRY,
+)
+EMBEDDED_RETENTION_DELETED_BYTES: Final = Counter(
+    "sgpipe_embedded_retention_deleted_bytes_total",
+    "Bytes of the record batches the embedded broker's retention deleted.",
+    registry=REGISTRY,
+)
+
+
 def render() -> tuple[bytes, str]:
     """This process's metrics in the Prometheus text format, and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
