@@ -1,6 +1,7 @@
 """The few S3 calls sgpipe makes to its embedded SeaweedFS, signed with AWS Signature V4.
 
-Only what retention and readiness need (head bucket, list objects v2, delete objects), over
+Only what retention and readiness need (head bucket, put, get, list objects v2, delete
+objects), over
 aiohttp, which sgpipe already depends on: boto3 would add ~80 MB and a thread pool for three
 requests. SeaweedFS refuses unsigned requests once credentials are set, so every call is signed.
 """
@@ -131,6 +132,17 @@ class S3Client:
         """True on 200; False on 404 or 403 (not ready yet, or not ours)."""
         status, _ = await self._request("HEAD", f"/{bucket}")
         return status == 200
+
+    async def put_object(self, bucket: str, key: str, body: bytes) -> None:
+        status, answer = await self._request("PUT", f"/{bucket}/{key}", body=body)
+        if status != 200:
+            raise S3Error(f"put {bucket}/{key}: {_describe_error(status, answer)}")
+
+    async def get_object(self, bucket: str, key: str) -> bytes:
+        status, answer = await self._request("GET", f"/{bucket}/{key}")
+        if status != 200:
+            raise S3Error(f"get {bucket}/{key}: {_describe_error(status, answer)}")
+        return answer
 
     async def list_objects(
         self,

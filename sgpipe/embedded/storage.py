@@ -25,6 +25,7 @@ process, not a power loss.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -37,11 +38,13 @@ import aiohttp
 import structlog
 
 from sgpipe.embedded.child import ChildProcess, port_is_free, require_free_ports
-from sgpipe.embedded.s3 import S3Client, S3Credentials
+from sgpipe.embedded.s3 import S3Client, S3Credentials, S3Error
 
 log = structlog.get_logger(__name__)
 
 BUCKET = "tansu"
+# Written and read back to tell that the storage is ready; outside tansu's ``clusters/``.
+READINESS_KEY = "sgpipe/readiness"
 GRPC_PORT_OFFSET = 10_000
 # Where free ports are looked for: below the usual ephemeral range's top, so that +10000 fits.
 PORT_RANGE = (20_000, 55_000)
@@ -218,6 +221,22 @@ def remove_stale_sockets(host: str, ports: StoragePorts) -> list[Path]:
     return removed
 
 
+async def _serves_reads_and_writes(client: S3Client) -> bool:
+    """Ready means data can be written and read back, old data included: after a kill, the
+    bucket answers HEAD within a second but reads fail with 500 InternalError for a few
+    seconds more, until the volume server has registered with the master (measured), and
+    tansu gives up on a request after ~3 s of retries."""
+    if not await client.bucket_exists(BUCKET):
+        return False
+    await client.put_object(BUCKET, READINESS_KEY, b"ok")
+    if await client.get_object(BUCKET, READINESS_KEY) != b"ok":
+        return False
+    oldest = await client.list_objects(BUCKET, "clusters/", max_keys=1)
+    for item in oldest.objects:
+        await client.get_object(BUCKET, item.key)
+    return True
+
+
 class SeaweedStorage:
     """`weed mini` as a child process; ``start`` returns once its S3 bucket answers signed
     requests."""
@@ -368,11 +387,9 @@ class SeaweedStorage:
                         f"weed exited with status {self._child.returncode} at start; see "
                         f"{self.layout.logs / 'weed.log'}"
                     )
-                try:
-                    if await client.bucket_exists(BUCKET):
+                with contextlib.suppress(TimeoutError, aiohttp.ClientError, S3Error):
+                    if await _serves_reads_and_writes(client):
                         return
-                except (TimeoutError, aiohttp.ClientError):
-                    pass
                 await asyncio.sleep(0.05)
         await self._child.terminate(10.0)
         raise StorageError(f"weed did not serve S3 on {self.endpoint} within {timeout} s")
