@@ -93,6 +93,8 @@ class EmbeddedBroker:
         self._storage_engine = storage_engine
         self._env = dict(env or {})
         self._child: ChildProcess | None = None
+        # Set once the child accepts connections, cleared when a new one is spawned.
+        self._serving = False
         self.started_seconds: float | None = None
 
     @property
@@ -104,7 +106,8 @@ class EmbeddedBroker:
         return self._child.pid if self._child else None
 
     def alive(self) -> bool:
-        return self._child is not None and self._child.running()
+        """Running and, since its last start, accepting connections."""
+        return self._serving and self._child is not None and self._child.running()
 
     @property
     def returncode(self) -> int | None:
@@ -135,6 +138,7 @@ class EmbeddedBroker:
             log_file=self._log_file,
         )
         began = time.monotonic()
+        self._serving = False
         self._child.spawn()
         deadline = began + timeout
         while time.monotonic() < deadline:
@@ -144,6 +148,7 @@ class EmbeddedBroker:
                     f"(see {self._log_file})"
                 )
             if await accepts_connections(self.host, self.port):
+                self._serving = True
                 self.started_seconds = time.monotonic() - began
                 log.info(
                     "embedded broker started",

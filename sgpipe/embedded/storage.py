@@ -254,6 +254,8 @@ class SeaweedStorage:
         self._pinned_s3_port = s3_port
         self._memory_limit_mib = memory_limit_mib
         self._child: ChildProcess | None = None
+        # Set once S3 serves reads and writes, cleared when a new weed is spawned.
+        self._serving = False
         self.ports: StoragePorts | None = None
         self.credentials: S3Credentials | None = None
         self.started_seconds: float | None = None
@@ -268,7 +270,8 @@ class SeaweedStorage:
         return self._child.pid if self._child else None
 
     def alive(self) -> bool:
-        return self._child is not None and self._child.running()
+        """Running and, since its last start, serving S3 reads and writes."""
+        return self._serving and self._child is not None and self._child.running()
 
     @property
     def returncode(self) -> int | None:
@@ -291,8 +294,10 @@ class SeaweedStorage:
             cwd=self.layout.seaweedfs,
         )
         began = time.monotonic()
+        self._serving = False
         self._child.spawn()
         await self._wait_ready(timeout)
+        self._serving = True
         self.started_seconds = time.monotonic() - began
         log.info(
             "embedded storage started",

@@ -58,8 +58,8 @@ async def create_topic(bootstrap_servers: str, topic: str = TOPIC) -> None:
 async def produce(bootstrap_servers: str, count: int, topic: str = TOPIC, start: int = 0) -> None:
     """``count`` messages, each acknowledged (acks=all) before the next: one batch each."""
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
-    await producer.start()
     try:
+        await producer.start()
         for number in range(start, start + count):
             await producer.send_and_wait(
                 topic, f"message-{number}".encode(), partition=number % PARTITIONS
