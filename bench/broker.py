@@ -122,19 +122,19 @@ async def measure(label: str, settings: EmbeddedSettings, small: int, large: int
     return figures
 
 
-async def main(small: int, large: int) -> None:
-    runs = [
-        ("memory", EmbeddedSettings(kafka_port=0, broker_storage="memory")),
-        ("durable", EmbeddedSettings(kafka_port=0)),
-        ("durable, no GOMEMLIMIT", EmbeddedSettings(kafka_port=0, storage_memory_limit_mib=0)),
-    ]
+async def main(small: int, large: int, memory_limits: list[int]) -> None:
+    runs = [("memory", EmbeddedSettings(kafka_port=0, broker_storage="memory"))]
+    for limit in memory_limits:
+        label = f"durable, GOMEMLIMIT {limit} MiB" if limit else "durable, no GOMEMLIMIT"
+        runs.append((label, EmbeddedSettings(kafka_port=0, storage_memory_limit_mib=limit)))
     results = [await measure(label, settings, small, large) for label, settings in runs]
     baseline = results[0]
     print(f"{small} messages of 1 KB, {large} of 768 KB, acks=all, one partition each")
+    print("ratios against memory:// measured in the same run")
     for figures in results:
         rss = ", ".join(f"{name} {value:.0f} MiB" for name, value in figures.rss_mib.items())
         print(
-            f"{figures.label:24} start {figures.start_seconds:5.2f} s | "
+            f"{figures.label:28} start {figures.start_seconds:5.2f} s | "
             f"1 KB produce {figures.small_produce_per_second:8.0f}/s "
             f"({figures.small_produce_per_second / baseline.small_produce_per_second:.2f}x) | "
             f"768 KB produce {figures.large_produce_per_second:6.1f}/s "
@@ -154,5 +154,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--small", type=int, default=50_000)
     parser.add_argument("--large", type=int, default=150)
+    parser.add_argument(
+        "--memory-limits",
+        default=f"{EmbeddedSettings().storage_memory_limit_mib},0",
+        help="comma-separated GOMEMLIMIT values (MiB) for SeaweedFS, 0 = none; default: "
+        "the configured default, then none",
+    )
     arguments = parser.parse_args()
-    asyncio.run(main(arguments.small, arguments.large))
+    limits = [int(value) for value in arguments.memory_limits.split(",")]
+    asyncio.run(main(arguments.small, arguments.large, limits))

@@ -187,9 +187,11 @@ class EmbeddedSettings(_Section):
     # SeaweedFS's S3 port (loopback, credentials required). 0: the port recorded in the data dir
     # by an earlier start, else a free one. Its internal ports are always chosen that way.
     storage_port: Annotated[int, Field(ge=0, le=65535)] = 0
-    # Go's soft memory limit for SeaweedFS, in MiB (GOMEMLIMIT); 0 leaves it unlimited.
-    # Measured: ~400 MB RSS unlimited, ~130 MB at 192 MiB for some 20-30% of throughput.
-    storage_memory_limit_mib: Annotated[int, Field(ge=0)] = 256
+    # Go's soft memory limit for SeaweedFS, in MiB (GOMEMLIMIT); 0 leaves it unlimited. A cap
+    # against runaway growth, not a diet: measured (bench/broker.py) weed at ~320-380 MiB RSS
+    # with 512 or none at the same throughput; 256 held it at ~125 MiB but cut produce
+    # throughput 2-4x (the collector runs constantly).
+    storage_memory_limit_mib: Annotated[int, Field(ge=0)] = 512
     # Record batches older than this are deleted once every sgpipe consumer group reading
     # their topic committed past them. Topics without an sgpipe group (dead letters) are kept.
     retention_hours: Annotated[float, Field(gt=0)] = 168.0
