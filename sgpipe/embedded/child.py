@@ -1,8 +1,8 @@
 """Child processes of `sgpipe up` (the embedded broker and its storage) and their ports.
 
 Every child runs in its own process group, so that a Ctrl-C in the terminal reaches `sgpipe up`
-alone (which then stops its children in order), and asks Linux to SIGTERM it when `sgpipe up`
-dies, even by SIGKILL, so that no orphan keeps a port or a data directory.
+alone (which then stops its children in order), and asks Linux to signal it when `sgpipe up`
+dies, even by SIGKILL (PR_SET_PDEATHSIG), so that no orphan keeps a port or a data directory.
 """
 
 from __future__ import annotations
@@ -81,12 +81,16 @@ class ChildProcess:
         env: Mapping[str, str],
         log_file: Path,
         cwd: Path | None = None,
+        death_signal: signal.Signals = signal.SIGTERM,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self._argv = list(argv)
         self._env = dict(env)
         self._log_file = log_file
         self._cwd = cwd
+        self._death_signal = death_signal
+        self._pass_fds = tuple(pass_fds)
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -101,7 +105,10 @@ class ChildProcess:
         return self._process.poll() if self._process else None
 
     def spawn(self) -> None:
+        """Start it. Call from the thread that lives as long as `sgpipe up` (the event loop's):
+        Linux sends the death signal when the *thread* that forked the child ends."""
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
+        death_signal = self._death_signal
         rotate_log(self._log_file)
         with self._log_file.open("ab") as output:
             self._process = subprocess.Popen(
@@ -112,7 +119,8 @@ class ChildProcess:
                 env=self._env,
                 cwd=self._cwd,
                 start_new_session=True,
-                preexec_fn=_exit_with_parent,
+                pass_fds=self._pass_fds,
+                preexec_fn=lambda: _exit_with_parent(death_signal),
             )
 
     async def terminate(self, timeout: float) -> None:
@@ -153,11 +161,11 @@ def _signal_group(pid: int, signum: signal.Signals) -> None:
         os.killpg(pid, signum)
 
 
-def _exit_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when `sgpipe up` dies, even by
-    SIGKILL. No-op elsewhere."""
+def _exit_with_parent(death_signal: signal.Signals) -> None:
+    """In the child, before exec: ask Linux to send ``death_signal`` when `sgpipe up` dies,
+    even by SIGKILL. No-op elsewhere."""
     if sys.platform != "linux":
         return
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    libc.prctl(pr_set_pdeathsig, death_signal, 0, 0, 0)

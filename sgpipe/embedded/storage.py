@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import secrets
+import signal
 import time
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -39,6 +41,7 @@ import structlog
 
 from sgpipe.embedded.child import ChildProcess, port_is_free, require_free_ports
 from sgpipe.embedded.s3 import S3Client, S3Credentials, S3Error
+from sgpipe.runtime.settings import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -49,12 +52,19 @@ GRPC_PORT_OFFSET = 10_000
 # Where free ports are looked for: below the usual ephemeral range's top, so that +10000 fits.
 PORT_RANGE = (20_000, 55_000)
 SOCKET_COMPONENTS = ("admin", "filer", "master", "s3", "volume")
+# How long a start waits for the data dir lock held by a weed that is going away.
+LOCK_WAIT_SECONDS = 15.0
 # Unix socket paths are limited to 107 bytes.
 MAX_SOCKET_PATH = 100
 
 
 class StorageError(RuntimeError):
     """SeaweedFS could not be found or started."""
+
+
+class DataDirInUse(ConfigError):
+    """Another SeaweedFS (another `sgpipe up`, or one orphaned by a crash) holds the data dir:
+    a start-up conflict (exit 2). Two on one directory would corrupt it."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +110,10 @@ class StorageLayout:
     @property
     def sockets(self) -> Path:
         return self.root / "run"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "storage.lock"
 
 
 def weed_binary() -> Path:
@@ -221,6 +235,29 @@ def remove_stale_sockets(host: str, ports: StoragePorts) -> list[Path]:
     return removed
 
 
+async def _lock_data_dir(path: Path, timeout: float) -> int:
+    """An exclusive flock on ``path``, waiting up to ``timeout`` seconds (an orphaned weed
+    is being reaped, say); DataDirInUse after that."""
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    deadline = time.monotonic() + timeout
+    waiting_logged = False
+    while True:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return descriptor
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(descriptor)
+                raise DataDirInUse(
+                    f"{path.parent} is in use by another SeaweedFS (another `sgpipe up` on "
+                    "this --data-dir, or a leftover `weed` process)"
+                ) from None
+            if not waiting_logged:
+                log.warning("embedded storage data dir locked, waiting", lock=str(path))
+                waiting_logged = True
+            await asyncio.sleep(0.2)
+
+
 async def _serves_reads_and_writes(client: S3Client) -> bool:
     """Ready means data can be written and read back, old data included: after a kill, the
     bucket answers HEAD within a second but reads fail with 500 InternalError for a few
@@ -254,6 +291,7 @@ class SeaweedStorage:
         self._pinned_s3_port = s3_port
         self._memory_limit_mib = memory_limit_mib
         self._child: ChildProcess | None = None
+        self._lock_fd: int | None = None
         # Set once S3 serves reads and writes, cleared when a new weed is spawned.
         self._serving = False
         self.ports: StoragePorts | None = None
@@ -281,6 +319,8 @@ class SeaweedStorage:
         """Start (or restart, on the same ports when free) and wait until S3 answers."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
         self.layout.seaweedfs.mkdir(exist_ok=True)
+        if self._lock_fd is None:
+            self._lock_fd = await _lock_data_dir(self.layout.lock, LOCK_WAIT_SECONDS)
         self.credentials = load_or_create_credentials(self.layout.credentials)
         if self.ports is None or not _all_free(self.host, self.ports):
             self.ports = choose_ports(self.host, self.layout, self._pinned_s3_port)
@@ -292,6 +332,11 @@ class SeaweedStorage:
             env=self._environment(self.credentials),
             log_file=self.layout.logs / "weed.log",
             cwd=self.layout.seaweedfs,
+            # Kill-safe by design (tested); a SIGTERM'd weed was seen to take over a minute
+            # to exit, keeping ports and the data dir from the next `sgpipe up`.
+            death_signal=signal.SIGKILL,
+            # weed holds the data dir lock too: an orphan keeps it until it is gone.
+            pass_fds=(self._lock_fd,),
         )
         began = time.monotonic()
         self._serving = False
@@ -312,6 +357,9 @@ class SeaweedStorage:
             if self.ports is not None:
                 remove_stale_sockets(self.host, self.ports)
             log.info("embedded storage stopped")
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def kill(self) -> None:
         """SIGKILL weed, as a crash would (fault injection)."""
@@ -362,6 +410,8 @@ class SeaweedStorage:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            # mini waits 1 s between its last heartbeat and stopping; nothing needs that here.
+            "-volume.preStopSeconds=0",
             "-disableHttp",
             f"-filer.localSocket={sockets / 'filer.sock'}",
             f"-s3.localSocket={sockets / 's3.sock'}",

@@ -19,8 +19,9 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
+from sgpipe.embedded import storage
 from sgpipe.embedded.broker import EmbeddedKafka, PortInUse
-from sgpipe.embedded.storage import BUCKET, stale_socket_paths
+from sgpipe.embedded.storage import BUCKET, DataDirInUse, stale_socket_paths
 from sgpipe.runtime.settings import EmbeddedSettings
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 
@@ -72,9 +73,9 @@ async def read_all(bootstrap_servers: str, expected: int, topic: str = TOPIC) ->
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap_servers, enable_auto_commit=False, group_id=None
     )
-    await consumer.start()
     values: list[bytes] = []
     try:
+        await consumer.start()
         partitions = [TopicPartition(topic, number) for number in range(PARTITIONS)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
@@ -96,8 +97,8 @@ async def commit(bootstrap_servers: str, offsets: dict[int, int], group: str = G
         enable_auto_commit=False,
         **FAST_GROUP_SETTINGS,
     )
-    await consumer.start()
     try:
+        await consumer.start()
         await consumer.getmany(timeout_ms=2000)  # joined and assigned
         await consumer.commit(
             {
@@ -305,3 +306,22 @@ async def _wait_until(condition: object, timeout: float = 60.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.1)
+
+
+async def test_a_second_instance_on_the_same_data_dir_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "LOCK_WAIT_SECONDS", 0.5)
+    data_dir = tmp_path / "data"
+    first = EmbeddedKafka(embedded(), data_dir)
+    await first.start()
+    try:
+        # Even on other ports: two SeaweedFS on one directory would corrupt it.
+        with pytest.raises(DataDirInUse):
+            await EmbeddedKafka(embedded(), data_dir).start()
+        assert first.alive()
+    finally:
+        await first.stop()
+    second = EmbeddedKafka(embedded(), data_dir)
+    await second.start()  # the lock went with the first one
+    await second.stop()
