@@ -98,7 +98,11 @@ def boolean(description: str) -> Schema:
 
 
 def string_map(description: str) -> Schema:
-    return {"type": "object", "description": description, "additionalProperties": {"type": "string"}}
+    return {
+        "type": "object",
+        "description": description,
+        "additionalProperties": {"type": "string"},
+    }
 
 
 def array(description: str, items: Schema) -> Schema:
@@ -479,9 +483,7 @@ def chart_values() -> Schema:
                 "NetworkPolicies for every sgpipe pod.",
                 {
                     "enabled": boolean("Create the NetworkPolicies (ingress rules)."),
-                    "ingestFrom": k8s_list(
-                        network_peers, "Who may POST webhooks; empty: anyone."
-                    ),
+                    "ingestFrom": k8s_list(network_peers, "Who may POST webhooks; empty: anyone."),
                     "metricsFrom": k8s_list(
                         network_peers, "Who may read /metrics and /healthz; empty: anyone."
                     ),
@@ -520,8 +522,8 @@ def egress_target(what: str) -> Schema:
     return obj(
         f"Egress to {what}.",
         {
-            "ports": array(f"TCP ports of {what}.", {"type": "integer", "minimum": 1, "maximum": 65535}),
-            "to": k8s_list("networking.v1.NetworkPolicyPeer", f"Where {what} are; empty: anywhere."),
+            "ports": array(f"TCP ports of {what}.", integer("A TCP port.", 1, 65535)),
+            "to": k8s_list("networking.v1.NetworkPolicyPeer", f"Where {what} is; empty: anywhere."),
         },
     )
 
@@ -553,7 +555,10 @@ def settings_definitions() -> dict[str, Schema]:
         webhook["properties"].pop(field, None)
     webhook.pop("required", None)
     result["sgpipe.WebhookSettings"] = webhook
-    return json.loads(json.dumps(result).replace("#/definitions/", "#/definitions/sgpipe."))
+    renamed: dict[str, Schema] = json.loads(
+        json.dumps(result).replace("#/definitions/", "#/definitions/sgpipe.")
+    )
+    return renamed
 
 
 def _is_secret(schema: Schema) -> bool:
@@ -657,7 +662,8 @@ def _without_extensions(schema: Any) -> Any:
             key: _without_extensions(value)
             for key, value in schema.items()
             # Kubernetes' own docs are a click away; the chart keeps the structure only.
-            if not key.startswith("x-kubernetes-") and not (key == "description" and isinstance(value, str))
+            if not key.startswith("x-kubernetes-")
+            and not (key == "description" and isinstance(value, str))
         }
     if isinstance(schema, list):
         return [_without_extensions(item) for item in schema]
@@ -694,7 +700,7 @@ def value_rows(schema: Schema, defaults: Mapping[str, Any]) -> list[tuple[str, s
             return definitions[name], name
         return node, None
 
-    def walk(path: str, node: Schema, default: Any, description: str) -> None:
+    def walk(path: str, node: Schema, default: Any) -> None:
         resolved, name = resolve(node)
         description = node.get("description") or resolved.get("description", "")
         if "default" in resolved and default is _MISSING:
@@ -706,19 +712,19 @@ def value_rows(schema: Schema, defaults: Mapping[str, Any]) -> list[tuple[str, s
             and name != "secretKeyRef"
         )
         if descend:
+            known = default if isinstance(default, dict) else {}
             for key, child in resolved["properties"].items():
-                child_default = default.get(key, _MISSING) if isinstance(default, dict) else _MISSING
-                walk(f"{path}.{key}" if path else key, child, child_default, "")
+                walk(f"{path}.{key}" if path else key, child, known.get(key, _MISSING))
             return
         if resolved.get("type") == "array" and path == "webhooks":
             rows.append((path, "list", _show(default), description))
             item, _ = resolve(resolved["items"])
             for key, child in item["properties"].items():
-                walk(f"{path}[].{key}", child, _MISSING, "")
+                walk(f"{path}[].{key}", child, _MISSING)
             return
         rows.append((path, _type_name(resolved, name), _show(default), _one_line(description)))
 
-    walk("", schema, defaults, "")
+    walk("", schema, defaults)
     return rows
 
 

@@ -16,6 +16,8 @@ metadata:
   namespace: {{ $root.Release.Namespace }}
   labels:
     {{- include "sgpipe.componentLabels" (dict "root" $root "component" $component) | nindent 4 }}
+  annotations:
+    {{- include "sgpipe.checkovSkips" $root | nindent 4 }}
 spec:
   {{- if not $scaledExternally }}
   replicas: {{ $values.replicas }}
@@ -47,9 +49,6 @@ spec:
         # Rolls the pods when the rendered sgpipe.yaml changes (Secrets are not watched: see
         # docs/kubernetes.md, "Rotating secrets").
         checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
-        {{- with include "sgpipe.checkovSkips" $root | trim }}
-        {{- . | nindent 8 }}
-        {{- end }}
         {{- with $values.podAnnotations }}
         {{- toYaml . | nindent 8 }}
         {{- end }}

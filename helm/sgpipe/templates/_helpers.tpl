@@ -255,7 +255,12 @@ message that names the value to change.
 {{- if not .Values.webhooks }}
 {{- fail "webhooks: declare at least one SendGrid webhook (name and publicKeysSecret); SendGrid posts to /webhooks/<name>" }}
 {{- end }}
+{{- $names := list }}
 {{- range .Values.webhooks }}
+{{- if has .name $names }}
+{{- fail (printf "webhooks: the name %s is used twice; each SendGrid webhook needs its own URL" .name) }}
+{{- end }}
+{{- $names = append $names .name }}
 {{- $settings := default dict .settings }}
 {{- if and (not (and .publicKeysSecret .publicKeysSecret.name)) (not $settings.allow_unsigned) }}
 {{- fail (printf "webhooks[%s]: set publicKeysSecret (the Secret holding SendGrid's verification key) or settings.allow_unsigned: true" .name) }}
@@ -304,4 +309,14 @@ Policy-scanner findings this chart accepts, each with its reason, as checkov ski
 scans every ci/ scenario and fails on any other finding.
 */}}
 {{- define "sgpipe.checkovSkips" -}}
+{{- $skips := list "CKV_K8S_35: secrets reach sgpipe as SGPIPE_* environment variables because its one settings object reads file and environment only; they are SecretStr in the process and never logged" }}
+{{- if not .Values.image.digest }}
+{{- $skips = append $skips "CKV_K8S_43: the default image is the chart appVersion tag which releases never move; set image.digest to pin by digest" }}
+{{- end }}
+{{- if ne .Values.image.pullPolicy "Always" }}
+{{- $skips = append $skips "CKV_K8S_15: IfNotPresent with an immutable release tag or a digest; Always would make the registry a dependency of every pod restart" }}
+{{- end }}
+{{- range $index, $skip := $skips }}
+checkov.io/skip{{ add1 $index }}: {{ regexReplaceAll ": " $skip "=" | quote }}
+{{- end }}
 {{- end }}
