@@ -18,7 +18,12 @@ wheel_dir=$2
 venv=$3
 python=${PYTHON:-python3}
 
-export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
+# The image keeps no pip cache in its layers. The tests set BUILD_VENV_PIP_CACHE=1 to reuse the
+# developer's cache: the same packages install either way, ~20 s sooner.
+if [ "${BUILD_VENV_PIP_CACHE:-0}" != 1 ]; then
+    export PIP_NO_CACHE_DIR=1
+fi
 
 # The wheel alone (--no-deps): its dependencies come from the index below, as wheels.
 "$python" -m pip wheel --no-deps --wheel-dir "$wheel_dir" "$src"
