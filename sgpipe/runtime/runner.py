@@ -41,6 +41,9 @@ T = TypeVar("T")
 
 # How often readiness re-checks the broker and the destination; also each check's timeout.
 PROBE_INTERVAL_SECONDS = 5.0
+# How long closing one client may take: with the broker gone, aiokafka's stop() can otherwise
+# wait out its request timeouts, and a stop must meet its deadline.
+CLOSE_TIMEOUT_SECONDS = 10.0
 
 
 class _Startable(Protocol):
@@ -88,14 +91,14 @@ async def run_consumer_stage(
         )
         if producer is None:
             return
-        stack.push_async_callback(producer.stop)
+        stack.push_async_callback(close_quietly, stage.name, "the Kafka producer", producer.stop)
 
         writer = stage.writer(producer)
         if not await retry_until_started(
             stage.name, f"connecting to {writer.destination}", writer.start, stop, backoff
         ):
             return
-        stack.push_async_callback(writer.stop)
+        stack.push_async_callback(close_quietly, stage.name, writer.destination, writer.stop)
 
         async def recreate_topics() -> None:
             created = await ensure_topics(kafka)
@@ -122,7 +125,7 @@ async def run_consumer_stage(
         consumer = await start_client(stage.name, "the Kafka consumer", new_consumer, stop, backoff)
         if consumer is None:
             return
-        stack.push_async_callback(consumer.stop)
+        stack.push_async_callback(close_quietly, stage.name, "the Kafka consumer", consumer.stop)
         stage_loop = loops[-1]
 
         probes = asyncio.create_task(
@@ -190,6 +193,27 @@ async def start_client(
     if not await retry_until_started(stage, f"starting {what}", attempt, stop, backoff):
         return None
     return started[-1]
+
+
+async def close_quietly(
+    stage: str,
+    what: str,
+    close: Callable[[], Awaitable[Any]],
+    timeout: float = CLOSE_TIMEOUT_SECONDS,
+) -> None:
+    """Close a client on the way out, within ``timeout``, never raising: a failure to close
+    must not hide why the stage stopped, nor keep it from stopping."""
+    try:
+        await asyncio.wait_for(close(), timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # aiokafka's consumer.stop() re-raises the cancellation of its own fetch tasks when
+        # the broker is gone; that is not a cancellation of ours.
+        log.debug("closing a client leaked a cancellation", stage=stage, client=what)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning(f"closing {what} failed", stage=stage, error=describe(exc))
 
 
 async def _probe_forever(
