@@ -25,6 +25,7 @@ revoked records are dropped from the buffer uncommitted, for their new owner to 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -162,6 +163,10 @@ class StageOptions:
             dead_letters=section.dead_letters,
             max_dead_letter_payload_bytes=max_dead_letter_payload_bytes,
         )
+
+
+class _Interrupted(Exception):
+    """A write attempt was abandoned because a stop was requested."""
 
 
 class DrainIncomplete(RuntimeError):
@@ -338,7 +343,14 @@ class StageLoop(Generic[T]):
         started = time.monotonic()
         while True:
             try:
-                records = await self.flush_and_commit()
+                records = await self._attempt(stop, deadline)
+            except _Interrupted:
+                log.warning(
+                    "stop requested during a write; giving up for now",
+                    stage=self._stage,
+                    records=len(self._buffer),
+                )
+                return False
             except Exception as exc:  # noqa: BLE001 - classified below
                 if classify(exc) is not ErrorClass.RETRIABLE:
                     self._fail(exc, "writing a batch failed")
@@ -376,6 +388,31 @@ class StageLoop(Generic[T]):
                 metrics.FLUSH_RECORDS.labels(self._stage).observe(records)
                 metrics.FLUSH_SECONDS.labels(self._stage).observe(time.monotonic() - started)
             return True
+
+    async def _attempt(self, stop: asyncio.Event | None, deadline: float | None) -> int:
+        """One ``flush_and_commit``, abandoned when ``stop`` is set (raising _Interrupted) or
+        when ``deadline`` passes (TimeoutError), so that a write hanging on a dead broker
+        cannot hold a stop past its deadline. An abandoned attempt committed nothing; what
+        it may have written is written again by the next attempt (duplicates are absorbed
+        downstream)."""
+        if deadline is not None:
+            return await asyncio.wait_for(
+                self.flush_and_commit(), max(deadline - time.monotonic(), 0.001)
+            )
+        if stop is None:
+            return await self.flush_and_commit()
+        attempt = asyncio.ensure_future(self.flush_and_commit())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({attempt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if attempt.done():
+            return attempt.result()
+        attempt.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await attempt
+        raise _Interrupted
 
     async def flush_and_commit(self) -> int:
         """One attempt at the buffered batch: steps (once per batch), write, dead letters,

@@ -611,3 +611,32 @@ async def test_counters_move_as_records_flow() -> None:
 def test_the_filter_protocol_is_satisfied_by_the_dedup_filter() -> None:
     step: Filter[EncodedEvent] = DuplicateEventFilter(capacity=1)
     assert step.select([]) == []
+
+
+@dataclass
+class HangingWriter(RecordingWriter):
+    """A write that never returns, like a produce to a broker that died mid-request."""
+
+    async def write(self, outputs: Sequence[Any], batch: BatchInfo) -> None:
+        self.calls += 1
+        await asyncio.Event().wait()
+
+
+async def test_a_stop_meets_its_deadline_even_when_a_write_hangs() -> None:
+    consumer = FakeConsumer(records(b"a"))
+    writer = HangingWriter()
+    loop = StageLoop(
+        options(stop_timeout_seconds=0.3), consumer, echo, writer, RecordingDeadLetters()
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    while writer.calls == 0:
+        await asyncio.sleep(0.01)
+    stop.set()
+
+    # The writer never returns: without the deadline this would never finish.
+    await asyncio.wait_for(task, timeout=10)
+
+    # Abandoned at the stop request, tried once more within the stop timeout, then given up.
+    assert writer.calls == 2
+    assert consumer.commits == []
