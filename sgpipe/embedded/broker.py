@@ -277,8 +277,8 @@ class EmbeddedKafka:
             report = await sweeper.sweep(older_than)
         self.retention_deleted_batches += report.batches
         self.retention_deleted_bytes += report.bytes
-        metrics.EMBEDDED_RETENTION_DELETED_BATCHES.inc(report.batches)
-        metrics.EMBEDDED_RETENTION_DELETED_BYTES.inc(report.bytes)
+        metrics.EMBEDDED_RETENTION_DELETED_BATCHES.labels(metrics.STAGE_UP).inc(report.batches)
+        metrics.EMBEDDED_RETENTION_DELETED_BYTES.labels(metrics.STAGE_UP).inc(report.bytes)
         if report.batches:
             log.info(
                 "retention deleted expired, consumed batches",
@@ -327,7 +327,7 @@ class EmbeddedKafka:
         self, name: str, process: SeaweedStorage | EmbeddedBroker, delay: float
     ) -> None:
         self._restarts[name] += 1
-        metrics.EMBEDDED_RESTARTS.labels(service=name).inc()
+        metrics.EMBEDDED_RESTARTS.labels(metrics.STAGE_UP, name).inc()
         log.warning(
             "embedded process died, restarting",
             service=name,

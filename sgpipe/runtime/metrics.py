@@ -24,6 +24,8 @@ REGISTRY: Final = CollectorRegistry(auto_describe=True)
 STAGE_INGEST: Final = "ingest"
 STAGE_PROCESS: Final = "process"
 STAGE_SINK: Final = "sink"
+# `sgpipe up` itself, for what it runs besides the stages (the embedded broker).
+STAGE_UP: Final = "up"
 
 # Seconds; from a fast in-memory ack to a slow ClickHouse insert.
 _LATENCY_BUCKETS: Final = (
@@ -193,25 +195,27 @@ CLICKHOUSE_INSERT_SECONDS: Final = Histogram(
 
 
 # --- embedded broker (sgpipe up only) ----------------------------------------------------------
-# Not a stage's metrics: the embedded broker belongs to the `sgpipe up` process that supervises
-# it, so these carry a `service` label (storage, broker) instead of `stage`.
+# The embedded broker is supervised by the `sgpipe up` process itself, so its series carry
+# stage="up" (the command that runs it), never one of the three pipeline stages.
 
 EMBEDDED_RESTARTS: Final = Counter(
     "sgpipe_embedded_restarts_total",
     "Embedded broker processes (service: storage = SeaweedFS, broker = tansu) that died while "
     "`sgpipe up` ran and were restarted. Any increase deserves a look at <data-dir>/broker/logs.",
-    ["service"],
+    ["stage", "service"],
     registry=REGISTRY,
 )
 EMBEDDED_RETENTION_DELETED_BATCHES: Final = Counter(
     "sgpipe_embedded_retention_deleted_batches_total",
     "Record batches the embedded broker's retention deleted (expired and committed by every "
     "sgpipe group of their topic).",
+    ["stage"],
     registry=REGISTRY,
 )
 EMBEDDED_RETENTION_DELETED_BYTES: Final = Counter(
     "sgpipe_embedded_retention_deleted_bytes_total",
     "Bytes of the record batches the embedded broker's retention deleted.",
+    ["stage"],
     registry=REGISTRY,
 )
 
