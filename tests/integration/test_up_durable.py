@@ -115,3 +115,16 @@ def test_kill_9_of_up_loses_no_acknowledged_batch_and_resumes_offsets(tmp_path: 
         third.wait_for("SELECT request_id FROM email_events FINAL", f"{acknowledged}\n")
     finally:
         stop_pipeline(third)
+
+
+def test_a_taken_storage_port_stops_up_with_exit_code_2(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        running = start_pipeline(tmp_path, embedded={"storage_port": port})
+        try:
+            assert running.process.wait(timeout=60) == 2
+        finally:
+            stop_pipeline(running)
+    assert f"embedded.storage_port {port}" in running.log.read_text()
