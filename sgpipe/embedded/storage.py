@@ -318,6 +318,8 @@ class SeaweedStorage:
     async def start(self, timeout: float = 60.0) -> None:
         """Start (or restart, on the same ports when free) and wait until S3 answers."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
+        # The broker's log holds personal data (email addresses): owner only.
+        self.layout.root.chmod(0o700)
         self.layout.seaweedfs.mkdir(exist_ok=True)
         if self._lock_fd is None:
             self._lock_fd = await _lock_data_dir(self.layout.lock, LOCK_WAIT_SECONDS)

@@ -325,3 +325,37 @@ async def test_a_second_instance_on_the_same_data_dir_is_refused(
     second = EmbeddedKafka(embedded(), data_dir)
     await second.start()  # the lock went with the first one
     await second.stop()
+
+
+async def test_storage_restarted_on_new_ports_gets_the_broker_along(
+    durable: EmbeddedKafka,
+) -> None:
+    servers = durable.bootstrap_servers
+    assert durable.storage is not None and durable.storage.ports is not None
+    await create_topic(servers)
+    await produce(servers, 10)
+    old_s3_port = durable.storage.ports.s3
+    durable.storage.kill()
+    await durable.storage.wait_exited()
+    with socket.socket() as squatter:  # someone takes the S3 port before the restart
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", old_s3_port))
+        squatter.listen()
+        await _wait_until(lambda: durable.restarts()["storage"] == 1 and durable.alive())
+        assert durable.storage.ports.s3 != old_s3_port
+        await produce(servers, 10, start=10)
+        assert sorted(await read_all(servers, 20)) == sorted(expected_values(20))
+
+
+async def test_the_supervisor_sweeps_retention_periodically(tmp_path: Path) -> None:
+    settings = embedded(retention_hours=0.0001, retention_check_seconds=0.2)  # 0.36 s
+    kafka = EmbeddedKafka(settings, tmp_path / "data", retention_groups={TOPIC: [GROUP]})
+    servers = await kafka.start()
+    try:
+        await create_topic(servers)
+        await produce(servers, 12)
+        await commit(servers, {0: 6, 1: 6})
+        await _wait_until(lambda: kafka.retention_deleted_batches == 12 - 2)
+        assert sorted(await read_all(servers, 2)) == [b"message-10", b"message-11"]
+    finally:
+        await kafka.stop()
