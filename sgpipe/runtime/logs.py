@@ -44,23 +44,27 @@ def configure_logging(
 ) -> None:
     """Route every logger of the process to ``stream`` (default stderr) at ``level``.
 
-    May be called again (the CLI configures logging before it has read the settings, then
-    again with them); each call replaces the previous configuration.
+    sgpipe's own events are rendered by structlog and written straight to the stream (the
+    cheap path: the ingress logs a line per request); the standard library's records are
+    rendered by the same processors through one handler on the root logger. May be called
+    again (the CLI configures logging before it has read the settings, then with them).
     """
     global _json_output, _stream
     _stream = stream if stream is not None else sys.stderr
     _json_output = renders_json(output, _stream)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
+        structlog.processors.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: list[Processor]
     if _json_output:
         renderer = [
-            structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False, max_frames=20)
+            _only_with_exc_info(
+                structlog.processors.ExceptionRenderer(
+                    structlog.tracebacks.ExceptionDictTransformer(show_locals=False, max_frames=20)
+                )
             ),
             cap_field_lengths,
             structlog.processors.JSONRenderer(),
@@ -90,13 +94,42 @@ def configure_logging(
     logging.captureWarnings(True)
 
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
+        processors=[*shared, *renderer],
+        logger_factory=_NamedWriteLoggerFactory(_stream),
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        # Rendering happens in the handler, replaced by every call; a cached logger keeps only
-        # its level, so nothing may log through a module's logger before the final call.
+        # Everything but the level filter is looked up at each call, so a logger cached before
+        # the final configuration only keeps an outdated level: nothing logs before it.
         cache_logger_on_first_use=True,
     )
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    """structlog's WriteLogger (one write per line) that knows the name it was asked for, so
+    that events carry ``logger`` like the standard library's records do."""
+
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class _NamedWriteLoggerFactory:
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _NamedWriteLogger:
+        return _NamedWriteLogger(self._file, str(args[0]) if args else "sgpipe")
+
+
+def _only_with_exc_info(render: Processor) -> Processor:
+    """Skip the exception renderer's bookkeeping on the (nearly all) lines without one."""
+
+    def processor(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+        if "exc_info" in event_dict:
+            rendered: EventDict = render(logger, method, event_dict)  # type: ignore[assignment]
+            return rendered
+        return event_dict
+
+    return processor
 
 
 def renders_json(output: Format, stream: TextIO | None = None) -> bool:
