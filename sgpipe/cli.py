@@ -23,13 +23,13 @@ from urllib.parse import unquote, urlencode, urlsplit
 
 import structlog
 
+from sgpipe.runtime.errors import FatalStageError, describe
 from sgpipe.runtime.logs import (
     LEVELS,
     Format,
     Level,
     configure_logging,
     report_fatal,
-    short_error,
 )
 from sgpipe.runtime.settings import (
     ConfigError,
@@ -44,6 +44,9 @@ DEFAULT_DATA_DIR = Path("sgpipe-data")
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+# A stage stopped itself (wrong credentials, schema mismatch, dead-letter limit): a person
+# must act; Kubernetes restarts it and the restarts surface the message.
+EXIT_FATAL = 3
 EXIT_INTERRUPTED = 130
 
 # Names ClickHouse output formats have (TabSeparated, JSONEachRow, CSVWithNames, ...); checked
@@ -92,9 +95,12 @@ def _report_escaped(exc: Exception, settings: Settings) -> int:
         return _report_start_failure(exc.problems)
     if isinstance(exc, PreflightFailed):
         return _report_start_failure([problem.message for problem in exc.problems])
-    # The top-level guard: one line an operator can act on, never an uncaught traceback.
     debug = settings.logging.level == "debug"
-    log.error("sgpipe stopped on an error", error=short_error(exc), exc_info=exc if debug else None)
+    if isinstance(exc, FatalStageError):
+        log.error("stage stopped on a fatal error", error=str(exc), exc_info=exc if debug else None)
+        return EXIT_FATAL
+    # The top-level guard: one line an operator can act on, never an uncaught traceback.
+    log.error("sgpipe stopped on an error", error=describe(exc), exc_info=exc if debug else None)
     return EXIT_FAILURE
 
 
@@ -306,25 +312,6 @@ def _require_kafka(settings: Settings) -> None:
         )
 
 
-async def _prepare_topics(settings: Settings, stop: asyncio.Event) -> bool:
-    """Create missing topics, retrying while Kafka is unreachable; False if stopped first."""
-    from sgpipe.runtime.kafka import ensure_topics
-    from sgpipe.runtime.startup import retry_kafka_at_start, start_deadline
-
-    if not settings.kafka.create_topics:
-        return True
-    created = await retry_kafka_at_start(
-        lambda: ensure_topics(settings.kafka),
-        settings.kafka,
-        action="create topics",
-        deadline=start_deadline(settings.kafka),
-        stop=stop,
-    )
-    if created:
-        log.info("created topics", topics=created)
-    return created is not None
-
-
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     from sgpipe.up import run_up
 
@@ -344,19 +331,18 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:
-    from processors.worker import run_processor
+    from processors.stage import run_processor
 
     _require_kafka(settings)
 
     async def body(stop: asyncio.Event) -> None:
-        if await _prepare_topics(settings, stop):
-            await run_processor(settings, stop)
+        await run_processor(settings, stop)
 
     return _run_until_signal(body)
 
 
 def _sink(args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.worker import run_sink
+    from sinks.stage import run_sink
 
     _require_kafka(settings)
     if settings.clickhouse.url is None:
@@ -366,8 +352,7 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
         )
 
     async def body(stop: asyncio.Event) -> None:
-        if await _prepare_topics(settings, stop):
-            await run_sink(settings, stop)
+        await run_sink(settings, stop)
 
     return _run_until_signal(body)
 

@@ -33,7 +33,7 @@ LEVELS: dict[str, int] = {
 # large batch, must not turn into a multi-KB log line.
 MAX_FIELD_CHARS = 1000
 # Chatty at info (every group join, every connection); their warnings and errors still show.
-_LIBRARY_LOGGERS = ("aiokafka", "aiohttp", "asyncio", "clickhouse_connect", "urllib3")
+_LIBRARY_LOGGERS = ("aiokafka", "aiohttp", "asyncio", "urllib3")
 
 _json_output = False
 _stream: TextIO = sys.stderr
@@ -91,6 +91,9 @@ def configure_logging(
     library_level = LEVELS[level] if level == "debug" else max(LEVELS[level], logging.WARNING)
     for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(library_level)
+    # clickhouse-connect logs a traceback for an insert it cannot serialize, then raises; the
+    # stage classifies and reports that error itself, in one line.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)
     logging.captureWarnings(True)
 
     structlog.configure(
@@ -144,17 +147,6 @@ def cap_field_lengths(_logger: WrappedLogger, _method: str, event_dict: EventDic
             cut = len(value) - MAX_FIELD_CHARS
             event_dict[key] = f"{value[:MAX_FIELD_CHARS]}... ({cut} more characters)"
     return event_dict
-
-
-def short_error(exc: BaseException) -> str:
-    """``Type: message`` on one line, for an ``error`` field: what an operator needs to know
-    about an expected failure, without a traceback."""
-    text = " ".join(str(exc).split())
-    name = type(exc).__name__
-    if not text or text == name:
-        return name
-    # Some libraries (aiokafka) already start their messages with the class name.
-    return text if text.startswith(f"{name}:") else f"{name}: {text}"
 
 
 def report_fatal(message: str, **fields: Any) -> None:

@@ -8,23 +8,27 @@ turns into one ``error=...`` line and exit 1. Under Kubernetes that exit is the 
 pod restarts with the kubelet's own backoff and shows as CrashLoopBackOff instead of sitting
 unready without a restart count.
 
-Only failures that may heal are retried (connection refused, timeouts, aiokafka errors marked
-retriable); anything else (bad credentials, a TLS error) propagates at once.
+Only failures ``sgpipe.runtime.errors`` classes as retriable are retried (connection refused,
+timeouts, transient broker answers); a fatal one (bad credentials, a rejected configuration)
+raises FatalStageError at once (exit 3), as the consuming stages do.
+
+The consuming stages (``sgpipe.runtime.runner``) retry without a deadline instead: they serve
+``/healthz`` and ``/readyz`` while they wait, so Kubernetes sees a live, unready pod. The
+ingress listens only once Kafka answered (it must not take a batch it cannot publish), so while
+it waits there is nothing to probe; a deadline and an exit is how its failure becomes visible.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import structlog
-from aiokafka.errors import KafkaError
 
-from sgpipe.runtime.logs import short_error
+from sgpipe.runtime.errors import ErrorClass, FatalStageError, classify, describe
 from sgpipe.runtime.settings import KafkaSettings
 
 log = structlog.get_logger(__name__)
@@ -37,14 +41,6 @@ _MAX_DELAY_SECONDS = 10.0
 
 class StartTimeout(RuntimeError):
     """A dependency stayed unreachable for the whole start deadline."""
-
-
-def is_retriable_at_start(exc: BaseException) -> bool:
-    if isinstance(exc, KafkaError):
-        return bool(exc.retriable)
-    if isinstance(exc, ssl.SSLError):  # an OSError, but a certificate does not heal by waiting
-        return False
-    return isinstance(exc, (OSError, TimeoutError))
 
 
 def start_deadline(settings: KafkaSettings) -> float:
@@ -63,7 +59,8 @@ async def retry_kafka_at_start(
     """``attempt()``'s result once it succeeds; None if ``stop`` was set first.
 
     ``attempt`` must clean up after itself when it fails (close the client it opened).
-    Raises StartTimeout after ``deadline``, or the first error that is not retriable.
+    Raises StartTimeout after ``deadline``; FatalStageError on an error that is not
+    retriable.
     """
     delay = _FIRST_DELAY_SECONDS
     attempts = 0
@@ -72,13 +69,13 @@ async def retry_kafka_at_start(
         try:
             return await attempt()
         except Exception as exc:
-            if not is_retriable_at_start(exc):
-                raise
+            if classify(exc) is not ErrorClass.RETRIABLE:
+                raise FatalStageError(f"{action} failed: {describe(exc)}") from exc
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise StartTimeout(
                     f"kafka at {settings.bootstrap_servers} not reachable after "
-                    f"{settings.start_timeout_seconds:g} s ({action}): {short_error(exc)}; check "
+                    f"{settings.start_timeout_seconds:g} s ({action}): {describe(exc)}; check "
                     "kafka.bootstrap_servers, or raise kafka.start_timeout_seconds"
                 ) from exc
             wait = min(delay, remaining)
@@ -89,7 +86,7 @@ async def retry_kafka_at_start(
                 attempt=attempts,
                 retry_in_seconds=round(wait, 1),
                 gives_up_in_seconds=round(remaining),
-                error=short_error(exc),
+                error=describe(exc),
             )
         if stop is None:
             await asyncio.sleep(wait)

@@ -290,9 +290,8 @@ def unreachable_kafka(**more: str) -> dict[str, str]:
     return environment(**{**variables, **more})
 
 
-@pytest.mark.parametrize("command", ["ingest", "process", "sink"])
-def test_unreachable_kafka_is_retried_then_one_error_line(command: str) -> None:
-    result = sgpipe(command, "--log-format", "json", env=unreachable_kafka())
+def test_ingest_with_kafka_unreachable_retries_then_exits_with_one_error_line() -> None:
+    result = sgpipe("ingest", "--log-format", "json", env=unreachable_kafka())
 
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
@@ -311,6 +310,32 @@ def test_unreachable_kafka_is_retried_then_one_error_line(command: str) -> None:
     assert "raise kafka.start_timeout_seconds" in last["error"]
     assert "exception" not in last  # no traceback below --log-level debug
     assert max(len(line) for line in result.stderr.splitlines()) < 2000
+
+
+@pytest.mark.parametrize("command", ["process", "sink"])
+def test_consuming_stages_with_kafka_unreachable_retry_until_stopped(command: str) -> None:
+    # The stage runner's choice: keep retrying, serving /readyz 503, until stopped.
+    process = subprocess.Popen(
+        [*SGPIPE, command, "--log-format", "json"],
+        env=unreachable_kafka(SGPIPE_PROCESSOR__HEALTH_PORT="0", SGPIPE_SINK__HEALTH_PORT="0"),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "failed; retrying" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=60)
+    assert process.returncode == 0
+    output = "".join(lines) + rest
+    assert "Traceback" not in output
+    events = [json.loads(line) for line in output.splitlines()]
+    assert events[0]["variables"] == sorted(KUBERNETES_SERVICE_LINKS)
+    retry = next(event for event in events if event["event"].endswith("failed; retrying"))
+    assert retry["error"].startswith("KafkaConnectionError: Unable to bootstrap")
 
 
 def test_the_traceback_is_there_at_debug_level() -> None:

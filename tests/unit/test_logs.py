@@ -16,7 +16,6 @@ from sgpipe.runtime.logs import (
     MAX_FIELD_CHARS,
     configure_logging,
     report_fatal,
-    short_error,
 )
 
 
@@ -141,15 +140,3 @@ def test_auto_is_json_when_the_stream_is_not_a_terminal(stream: io.StringIO) -> 
     configure_logging("info", "auto", stream=stream)
     structlog.get_logger("sgpipe.test").info("hello")
     assert json_lines(stream)[0]["event"] == "hello"
-
-
-@pytest.mark.parametrize(
-    ("error", "expected"),
-    [
-        (ValueError("bad\n  value"), "ValueError: bad value"),
-        (TimeoutError(), "TimeoutError"),
-        (RuntimeError("RuntimeError: said twice"), "RuntimeError: said twice"),
-    ],
-)
-def test_short_error(error: BaseException, expected: str) -> None:
-    assert short_error(error) == expected

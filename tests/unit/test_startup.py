@@ -1,38 +1,18 @@
-"""Reaching Kafka at start: what is retried, until when, and what a stop does."""
+"""Reaching Kafka at start: retried until a deadline, fatal errors at once, a stop ends it."""
 
 from __future__ import annotations
 
 import asyncio
-import ssl
 import time
 
 import pytest
-from aiokafka.errors import (
-    KafkaConnectionError,
-    SaslAuthenticationFailed,
-    UnknownTopicOrPartitionError,
-)
+from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
+from sgpipe.runtime.errors import FatalStageError
 from sgpipe.runtime.settings import KafkaSettings
-from sgpipe.runtime.startup import StartTimeout, is_retriable_at_start, retry_kafka_at_start
+from sgpipe.runtime.startup import StartTimeout, retry_kafka_at_start
 
 SETTINGS = KafkaSettings(bootstrap_servers="kafka:9092", start_timeout_seconds=30)
-
-
-@pytest.mark.parametrize(
-    ("error", "retried"),
-    [
-        (KafkaConnectionError("refused"), True),
-        (UnknownTopicOrPartitionError(), True),
-        (ConnectionRefusedError(111, "refused"), True),
-        (TimeoutError(), True),
-        (SaslAuthenticationFailed(), False),
-        (ssl.SSLCertVerificationError("certificate verify failed"), False),
-        (ValueError("a bug"), False),
-    ],
-)
-def test_what_is_retried(error: BaseException, retried: bool) -> None:
-    assert is_retriable_at_start(error) is retried
 
 
 async def test_retries_until_it_answers() -> None:
@@ -61,7 +41,7 @@ async def test_gives_up_at_the_deadline_naming_the_setting() -> None:
     assert message.endswith("check kafka.bootstrap_servers, or raise kafka.start_timeout_seconds")
 
 
-async def test_a_lasting_error_is_not_retried() -> None:
+async def test_a_fatal_error_is_not_retried() -> None:
     calls = 0
 
     async def attempt() -> None:
@@ -69,8 +49,10 @@ async def test_a_lasting_error_is_not_retried() -> None:
         calls += 1
         raise SaslAuthenticationFailed()
 
-    with pytest.raises(SaslAuthenticationFailed):
-        await retry_kafka_at_start(attempt, SETTINGS, action="test", deadline=time.monotonic() + 30)
+    with pytest.raises(FatalStageError, match="^start producer failed: SaslAuthentication"):
+        await retry_kafka_at_start(
+            attempt, SETTINGS, action="start producer", deadline=time.monotonic() + 30
+        )
     assert calls == 1
 
 
