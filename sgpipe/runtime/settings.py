@@ -89,9 +89,10 @@ class KafkaSettings(_Section):
     request_timeout_ms: Annotated[int, Field(ge=1000)] = 30_000
     session_timeout_ms: Annotated[int, Field(ge=100)] = 10_000
     heartbeat_interval_ms: Annotated[int, Field(ge=50)] = 3_000
-    # How long a stage keeps retrying to reach Kafka at start (topics, producer) before it exits
-    # 1. Long enough to ride out a broker restart; short enough that Kubernetes shows a pod
-    # that cannot reach Kafka as failing (CrashLoopBackOff) instead of hanging unready forever.
+    # How long `sgpipe ingest` keeps retrying to reach Kafka at start (topics, producer) before
+    # it exits 1. It listens only once Kafka answered, so nothing can probe it meanwhile: long
+    # enough to ride out a broker restart, short enough that Kubernetes shows the pod failing
+    # (CrashLoopBackOff). The consuming stages retry without a deadline, serving /readyz.
     start_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
     create_topics: bool = True
     topics: TopicSettings = TopicSettings()
