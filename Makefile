@@ -8,7 +8,7 @@ DATA_DIR ?= sgpipe-data
 # What `make up` runs; tests/integration/test_front_door.py runs exactly this (print-up-args).
 UP_ARGS = up --config $(CONFIG) --data-dir $(DATA_DIR)
 
-.PHONY: up print-up-args test lint typecheck unit clean
+.PHONY: up print-up-args test lint typecheck unit clean chart-schema
 
 $(BIN)/sgpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,12 +25,18 @@ print-up-args:
 lint: $(BIN)/sgpipe
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint Dockerfile
 
 typecheck: $(BIN)/sgpipe
 	$(BIN)/mypy
 
 test: lint typecheck
 	$(BIN)/pytest
+
+# Regenerates helm/sgpipe/values.schema.json and the chart README's values table (a test fails
+# when they are stale, e.g. after a setting was added to sgpipe/runtime/settings.py).
+chart-schema: $(BIN)/sgpipe
+	$(BIN)/python -m tools.chart_schema
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR) .mypy_cache .pytest_cache .ruff_cache
