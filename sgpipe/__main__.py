@@ -2,4 +2,6 @@
 
 from sgpipe.cli import main
 
-raise SystemExit(main())
+# Guarded: importing this module (tools that import every module) must not run the command.
+if __name__ == "__main__":
+    raise SystemExit(main())
