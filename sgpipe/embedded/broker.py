@@ -91,7 +91,8 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self._log_file = log_file or Path("/dev/null")
         self._storage_engine = storage_engine
-        self._env = dict(env or {})
+        # Read at every start: the supervisor updates it when the storage moved.
+        self.environment = dict(env or {})
         self._child: ChildProcess | None = None
         # Set once the child accepts connections, cleared when a new one is spawned.
         self._serving = False
@@ -134,7 +135,7 @@ class EmbeddedBroker:
                 "--storage-engine",
                 self._storage_engine,
             ],
-            env={"PATH": "/usr/bin:/bin", **self._env},
+            env={"PATH": "/usr/bin:/bin", **self.environment},
             log_file=self._log_file,
         )
         began = time.monotonic()
@@ -338,7 +339,19 @@ class EmbeddedKafka:
         )
         await asyncio.sleep(delay)
         try:
-            await process.start()
+            if isinstance(process, SeaweedStorage):
+                endpoint = process.endpoint
+                await process.start()
+                if process.endpoint != endpoint and self.broker is not None:
+                    # Its S3 port was taken meanwhile: tansu must be told the new one.
+                    log.warning(
+                        "embedded storage moved, restarting the broker", s3=process.endpoint
+                    )
+                    await self.broker.stop()
+                    self.broker.environment = self._broker_environment()
+                    await self.broker.start()
+            else:
+                await process.start()
         except (BrokerError, StorageError, PortInUse, OSError) as exc:
             # Tried again on the next round, with a longer delay.
             log.error("embedded process restart failed", service=name, error=str(exc))
