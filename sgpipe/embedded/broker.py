@@ -189,7 +189,7 @@ class EmbeddedKafka:
         retention_groups: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.settings = settings
-        self.data_dir = data_dir
+        self.data_dir = data_dir.resolve()
         self.durable = settings.broker_storage == "durable"
         self._retention_groups = dict(retention_groups or {})
         self.storage: SeaweedStorage | None = None

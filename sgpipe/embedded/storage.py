@@ -286,7 +286,8 @@ class SeaweedStorage:
         s3_port: int = 0,
         memory_limit_mib: int = 0,
     ) -> None:
-        self.layout = StorageLayout(data_dir / "broker")
+        # Absolute: weed runs in its own directory, and `make up` passes a relative --data-dir.
+        self.layout = StorageLayout(data_dir.resolve() / "broker")
         self.host = host
         self._pinned_s3_port = s3_port
         self._memory_limit_mib = memory_limit_mib

@@ -359,3 +359,19 @@ async def test_the_supervisor_sweeps_retention_periodically(tmp_path: Path) -> N
         assert sorted(await read_all(servers, 2)) == [b"message-10", b"message-11"]
     finally:
         await kafka.stop()
+
+
+async def test_a_relative_data_dir_works_and_the_broker_dir_is_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # `make up` passes --data-dir sgpipe-data
+    kafka = EmbeddedKafka(embedded(), Path("sgpipe-data"))
+    servers = await kafka.start()
+    try:
+        await create_topic(servers)
+        await produce(servers, 2)
+        broker_dir = tmp_path / "sgpipe-data" / "broker"
+        assert (broker_dir / "seaweedfs" / "mini.options").exists()
+        assert stat.S_IMODE(broker_dir.stat().st_mode) == 0o700  # personal data inside
+    finally:
+        await kafka.stop()
