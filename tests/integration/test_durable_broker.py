@@ -375,3 +375,22 @@ async def test_a_relative_data_dir_works_and_the_broker_dir_is_private(
         assert stat.S_IMODE(broker_dir.stat().st_mode) == 0o700  # personal data inside
     finally:
         await kafka.stop()
+
+
+async def test_a_data_dir_too_deep_for_unix_sockets_still_works_and_cleans_up(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / ("deep" * 20) / "data"  # past the 107-byte unix socket path limit
+    kafka = EmbeddedKafka(embedded(), data_dir)
+    servers = await kafka.start()
+    assert kafka.storage is not None and kafka.storage.ports is not None
+    ports = kafka.storage.ports
+    try:
+        await create_topic(servers)
+        await produce(servers, 2)
+        assert Path(f"/tmp/seaweedfs-filer-{ports.filer}.sock").is_socket()
+        kafka.storage.kill()  # leaves every /tmp socket behind
+        await kafka.storage.wait_exited()
+    finally:
+        await kafka.stop()
+    assert [path for path in stale_socket_paths(ports) if path.exists()] == []
