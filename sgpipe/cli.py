@@ -128,15 +128,27 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from aiohttp import web
-
     from ingest.app import create_app
+    from ingest.protocol import start_ingress
 
     _require_kafka(settings)
     app = create_app(settings)
-    asyncio.run(_prepare_topics(settings))
-    web.run_app(app, host=settings.ingest.host, port=settings.ingest.port, access_log=None)
-    return 0
+
+    async def body(stop: asyncio.Event) -> None:
+        await _prepare_topics(settings)
+        try:
+            runner = await start_ingress(app, settings.ingest.host, settings.ingest.port)
+        except OSError as exc:  # a busy port is a start-up conflict: exit 2
+            raise ConfigError(
+                f"ingest.port {settings.ingest.port}: cannot listen: {exc.strerror or exc}"
+            ) from exc
+        log.info("ingress listening", addresses=[str(a) for a in runner.addresses])
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+    return _run_until_signal(body)
 
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:

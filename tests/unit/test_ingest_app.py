@@ -53,7 +53,7 @@ class FailingPublisher:
 
     async def publish(self, batch: RawBatch) -> None:
         self.attempts += 1
-        raise PublishError("Kafka did not acknowledge the batch: timeout")
+        raise PublishError("timeout", "Kafka did not acknowledge the batch: timeout")
 
 
 def build_settings(*webhooks: dict[str, Any]) -> Settings:
@@ -466,7 +466,7 @@ async def test_app_without_webhooks_knows_none() -> None:
 async def test_healthz(client: Client) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
-    assert await response.json() == {"status": "ok"}
+    assert await response.json() == {"status": "ok", "stage": "ingest"}
     assert response.headers["X-Request-Id"]
 
 
