@@ -20,8 +20,8 @@ it does not have, and this module adds by subclassing its protocol (``RequestHan
 aiohttp creates its protocol inside ``Application._make_handler`` with no hook for the class,
 so ``IngressRunner`` rebuilds that Server as an ``IngressServer``. These overrides use private
 members of aiohttp 3.14 (``_request_count``, ``_messages``, ``_ErrInfo``,
-``_request_in_progress``, ``_process_keepalive``, ``Server._kwargs``); pyproject pins aiohttp
-below 3.15 and ``tests/unit/test_ingress_protocol.py`` exercises each of them.
+``_request_in_progress``, ``_keepalive_handle``, ``_process_keepalive``, ``Server._kwargs``);
+pyproject pins aiohttp below 3.15 and ``tests/unit/test_ingress_protocol.py`` exercises each.
 """
 
 from __future__ import annotations
@@ -194,7 +194,9 @@ class IngressProtocol(RequestHandler):
             return
         self._accepted = True
         super().connection_made(transport)
-        # A new connection must send a complete request head in time, like any later one.
+        # A new connection must send a complete request head in time, like any later one:
+        # the head timer, not aiohttp's idle timer, governs until the first head is complete.
+        self._stop_idle_timer()
         self._arm_head_timer()
 
     def _refuse(self, transport: asyncio.BaseTransport) -> None:
@@ -245,6 +247,8 @@ class IngressProtocol(RequestHandler):
             return  # a refused connection: discard until it closes
         in_head = self._reading_head()
         if in_head and self._head_timer is None:
+            # A new request begins: it is no longer idle, and its head must be complete in time.
+            self._stop_idle_timer()
             self._arm_head_timer()
         requests_before = self._request_count
         super().data_received(data)
@@ -325,6 +329,12 @@ class IngressProtocol(RequestHandler):
         self.force_close()
 
     # --- idle keep-alive connections ------------------------------------------------------
+
+    def _stop_idle_timer(self) -> None:
+        # aiohttp re-arms it after the next response.
+        if self._keepalive_handle is not None:
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
 
     def _process_keepalive(self) -> None:
         was_open = not self._force_close
