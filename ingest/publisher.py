@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -20,7 +21,7 @@ from aiokafka.errors import MessageSizeTooLargeError
 from aiokafka.protocol.metadata import MetadataRequest
 
 from schemas.raw_batch import RawBatch, raw_batch_headers
-from sgpipe.runtime.kafka import create_producer
+from sgpipe.runtime.kafka import create_producer, ensure_topics
 from sgpipe.runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -64,7 +65,7 @@ class AcknowledgeHealth:
 
     def producer_started(self) -> None:
         self._started = True
-        self._kafka = (True, "producer connected")
+        self._kafka = (False, "producer connected; topic not checked yet")
 
     def producer_stopped(self, detail: str) -> None:
         self._started = False
@@ -88,6 +89,13 @@ class KafkaRawBatchPublisher:
     ``readiness_probe_interval_seconds`` until stopped; ``create_app`` runs it with the app.
     ``start``/``stop`` connect once (raising if Kafka does not answer) and disconnect, for a
     caller that wants the producer up before it listens. ``publish`` sends with ``acks=all``.
+
+    Publishing waits for a probe to have seen the raw topic with a leader for every partition,
+    and after any failure (publish or probe) for the next such probe, which runs at once. The
+    reason: a broker that restarted empty may auto-create the topic on a produce and
+    acknowledge batches nobody can read (tansu's in-memory store does: the ingress answered
+    200 for events that never arrived). While the topic is missing the ingress answers 503; with
+    ``kafka.create_topics`` it re-creates the topics with their configured partitions.
     """
 
     def __init__(self, settings: Settings, health: AcknowledgeHealth | None = None) -> None:
@@ -97,6 +105,8 @@ class KafkaRawBatchPublisher:
         self._timeout = settings.ingest.publish_timeout_seconds
         self._probe_interval = settings.ingest.readiness_probe_interval_seconds
         self._producer: AIOKafkaProducer[bytes, bytes] | None = None
+        self._topic_verified = False
+        self._probe_now = asyncio.Event()
 
     async def start(self) -> None:
         """Connect once; raises the Kafka client's error if it cannot."""
@@ -105,6 +115,7 @@ class KafkaRawBatchPublisher:
 
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
+        self._topic_verified = False
         self.health.producer_stopped("stopped")
         if producer is not None:
             await producer.stop()
@@ -113,6 +124,11 @@ class KafkaRawBatchPublisher:
         producer = self._producer
         if producer is None:
             raise PublishError("not_connected", "the Kafka producer is not connected yet")
+        if not self._topic_verified:
+            self._probe_now.set()
+            raise PublishError(
+                "topic_unverified", f"waiting for the broker to confirm topic {self._topic}"
+            )
         try:
             async with asyncio.timeout(self._timeout):
                 try:
@@ -127,13 +143,20 @@ class KafkaRawBatchPublisher:
         except PublishRejected:
             raise
         except TimeoutError as exc:
+            self._distrust()
             raise PublishError(
                 "timeout", f"Kafka did not acknowledge within {self._timeout:g} s"
             ) from exc
         # Any other failure of the Kafka client is a batch not stored, never a 500: broker
         # restarts surface as many error classes, some not KafkaError at all.
         except Exception as exc:  # noqa: BLE001
+            self._distrust()
             raise PublishError(type(exc).__name__, repr(exc)) from exc
+
+    def _distrust(self) -> None:
+        # Until a probe sees the topic again, publishing is refused (see the class docstring).
+        self._topic_verified = False
+        self._probe_now.set()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect (unless started), then probe, until ``stop``; then stop the producer."""
@@ -147,9 +170,13 @@ class KafkaRawBatchPublisher:
                     await _wait(stop, backoff)
                     backoff = min(backoff * 2, _RECONNECT_BACKOFF_MAX_SECONDS)
                     continue
-                ok, detail = await self._probe(self._producer)
+                ok, detail = await self._check_topic(self._producer)
+                self._topic_verified = ok
                 self.health.record(ok, detail)
-                await _wait(stop, self._probe_interval)
+                # Faster while failing: recovery should not wait a whole interval.
+                interval = self._probe_interval if ok else min(self._probe_interval, 0.5)
+                await _wait_any(stop, self._probe_now, interval)
+                self._probe_now.clear()
         finally:
             await self.stop()
 
@@ -170,41 +197,75 @@ class KafkaRawBatchPublisher:
         log.info("kafka producer connected", topic=self._topic)
         return True
 
-    async def _probe(self, producer: AIOKafkaProducer[bytes, bytes]) -> tuple[bool, str]:
+    async def _check_topic(self, producer: AIOKafkaProducer[bytes, bytes]) -> tuple[bool, str]:
+        health = await self._probe(producer)
+        if health.missing and self._settings.kafka.create_topics:
+            try:
+                created = await ensure_topics(self._settings.kafka)
+            except Exception as exc:  # noqa: BLE001 - retried at the next probe
+                return False, f"topic {self._topic} missing; cannot create: {type(exc).__name__}"
+            log.warning("raw topic was missing from the broker; created topics", topics=created)
+            health = await self._probe(producer)
+        return health.ok, health.detail
+
+    async def _probe(self, producer: AIOKafkaProducer[bytes, bytes]) -> TopicHealth:
         """Ask one broker for the raw topic's metadata: reachable, topic present, every
         partition led. Cheap (one small request), and it never creates the topic."""
         started = time.monotonic()
         client: Any = producer.client
         node = client.get_random_node()
         if node is None:
-            return False, "no broker known"
+            return TopicHealth(False, "no broker known")
         request = MetadataRequest([self._topic], allow_auto_topic_creation=False)
         try:
             async with asyncio.timeout(min(self._probe_interval, self._timeout)):
                 response = await client.send(node, request)
         except Exception as exc:  # noqa: BLE001 - every failure means "cannot acknowledge"
-            return False, f"broker unreachable: {type(exc).__name__}"
+            return TopicHealth(False, f"broker unreachable: {type(exc).__name__}")
         return topic_health(response.topics, self._topic, time.monotonic() - started)
 
 
-def topic_health(topics: Any, topic: str, elapsed: float) -> tuple[bool, str]:
+_UNKNOWN_TOPIC_OR_PARTITION = 3
+
+
+@dataclass(frozen=True, slots=True)
+class TopicHealth:
+    ok: bool
+    detail: str
+    missing: bool = False
+
+
+def topic_health(topics: Any, topic: str, elapsed: float) -> TopicHealth:
     """Read a Metadata response's topic entries; every version puts the error code first, the
     name second and the partitions last, each partition as (error, id, leader, ...)."""
     for entry in topics:
         if entry[1] != topic:
             continue
+        if entry[0] == _UNKNOWN_TOPIC_OR_PARTITION:
+            return TopicHealth(False, f"topic {topic} does not exist", missing=True)
         if entry[0] != 0:
-            return False, f"topic {topic}: error code {entry[0]}"
+            return TopicHealth(False, f"topic {topic}: error code {entry[0]}")
         partitions = entry[-1]
-        leaderless = [partition[1] for partition in partitions if partition[2] < 0]
         if not partitions:
-            return False, f"topic {topic} has no partitions"
+            return TopicHealth(False, f"topic {topic} has no partitions", missing=True)
+        leaderless = [partition[1] for partition in partitions if partition[2] < 0]
         if leaderless:
-            return False, f"topic {topic}: partitions without a leader {sorted(leaderless)}"
-        return True, f"broker answered in {elapsed * 1000:.0f} ms"
-    return False, f"topic {topic} missing from the broker's answer"
+            return TopicHealth(
+                False, f"topic {topic}: partitions without a leader {sorted(leaderless)}"
+            )
+        return TopicHealth(True, f"topic {topic} led; broker answered in {elapsed * 1000:.0f} ms")
+    return TopicHealth(False, f"topic {topic} missing from the broker's answer", missing=True)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+    waiters = [asyncio.create_task(stop.wait()), asyncio.create_task(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
