@@ -33,7 +33,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -48,11 +48,12 @@ from sgpipe.runtime.metrics import STAGE_INGEST
 log = structlog.get_logger(__name__)
 
 _LOG_INTERVAL_SECONDS = 10.0
-# A refused connection is read (and discarded) this long after its 503, so that the client
-# reads the answer instead of a reset; beyond this many at once, refused connections close
-# at once.
-_REFUSED_LINGER_SECONDS = 1.0
-_MAX_LINGERING_REFUSED = 64
+# A closing connection is half-closed and its input read and discarded for at most this long
+# before it is closed: closing a socket with unread input makes the kernel send a reset, which
+# can destroy the answer (a 503, 408, 431 or 400) before the client reads it. Beyond this many
+# lingering connections at once, connections close at once.
+_LINGER_SECONDS = 1.0
+_MAX_LINGERING = 128
 # How long aiohttp keeps reading a body its handler did not read, so that the client sees
 # the answer rather than a reset (aiohttp's default is 10 s).
 LINGERING_SECONDS = 2.0
@@ -154,7 +155,7 @@ class ConnectionGuard:
     def __init__(self, limits: IngressLimits) -> None:
         self.limits = limits
         self.open = 0
-        self.lingering_refused = 0
+        self.lingering = 0
 
     def try_open(self) -> bool:
         if self.open >= self.limits.max_connections:
@@ -179,7 +180,8 @@ class IngressProtocol(RequestHandler):
         super().__init__(manager, **kwargs)
         self._guard = guard
         self._accepted = False
-        self._refused_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._real_transport: asyncio.Transport | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         # The body of the last request whose head was parsed: while it is still arriving, the
@@ -189,24 +191,27 @@ class IngressProtocol(RequestHandler):
     # --- the connection cap --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._real_transport = transport
         if not self._guard.try_open():
             self._refuse(transport)
             return
         self._accepted = True
-        super().connection_made(transport)
+        # aiohttp closes connections itself (after an error answer, at keep-alive's end): it
+        # gets a transport whose close() lingers first.
+        super().connection_made(cast(asyncio.Transport, _LingeringClose(transport, self)))
         # A new connection must send a complete request head in time, like any later one:
         # the head timer, not aiohttp's idle timer, governs until the first head is complete.
         self._stop_idle_timer()
         self._arm_head_timer()
 
-    def _refuse(self, transport: asyncio.BaseTransport) -> None:
+    def _refuse(self, transport: asyncio.Transport) -> None:
         _rejected("too_many_connections")
         abuse_log.warning(
             "connection refused: too many open connections",
             reason="too_many_connections",
             max_connections=self._guard.limits.max_connections,
         )
-        assert isinstance(transport, asyncio.WriteTransport)
         transport.write(
             raw_json_response(
                 503,
@@ -215,25 +220,31 @@ class IngressProtocol(RequestHandler):
                 retry_after=self._guard.limits.retry_after_seconds,
             )
         )
+        self.linger_then_close(transport)
+
+    def linger_then_close(self, transport: asyncio.Transport) -> None:
+        """Half-close (our answer, then FIN), discard what the client still sends until it
+        closes or ``_LINGER_SECONDS`` pass, then close."""
+        if self._linger_timer is not None or transport.is_closing():
+            return
         guard = self._guard
-        if guard.lingering_refused >= _MAX_LINGERING_REFUSED or not transport.can_write_eof():
+        if guard.lingering >= _MAX_LINGERING or not transport.can_write_eof():
             transport.close()
             return
-        # Half-close and keep discarding what the client sends for a moment: closing a socket
-        # with unread input makes the kernel send a reset, which may destroy the 503 before
-        # the client reads it.
+        guard.lingering += 1
         transport.write_eof()
-        guard.lingering_refused += 1
-        self._refused_timer = asyncio.get_running_loop().call_later(
-            _REFUSED_LINGER_SECONDS, transport.abort
-        )
+        self._linger_timer = self._loop.call_later(_LINGER_SECONDS, transport.close)
+
+    def eof_received(self) -> None:
+        # The client closed its side; a lingering connection is then closed by asyncio.
+        return None
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+            self._guard.lingering -= 1
         if not self._accepted:
-            if self._refused_timer is not None:
-                self._refused_timer.cancel()
-                self._refused_timer = None
-                self._guard.lingering_refused -= 1
             return
         self._accepted = False
         self._guard.closed()
@@ -243,8 +254,8 @@ class IngressProtocol(RequestHandler):
     # --- the request-head timeout and size cap ---------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if not self._accepted:
-            return  # a refused connection: discard until it closes
+        if not self._accepted or self._linger_timer is not None:
+            return  # refused or closing: discard until the client closes
         in_head = self._reading_head()
         if in_head and self._head_timer is None:
             # A new request begins: it is no longer idle, and its head must be complete in time.
@@ -402,6 +413,21 @@ def _describe_parse_error(exc: BaseException | None) -> tuple[int, str, str, str
     if isinstance(exc, BadHttpMethod):
         return 400, "invalid_method", "the request method is not valid HTTP", "malformed"
     return 400, "malformed_request", "the request is not valid HTTP/1.1", "malformed"
+
+
+class _LingeringClose:
+    """The transport aiohttp's protocol writes to: every call goes to the real transport,
+    except ``close``, which lingers first (``IngressProtocol.linger_then_close``)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: IngressProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.linger_then_close(self._transport)
 
 
 class IngressServer(web.Server):
