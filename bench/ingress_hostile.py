@@ -131,7 +131,7 @@ async def corpus_round(cases: Sequence[HostileCase], target: Target) -> collecti
     concurrent = [case for case in cases if case.id != "over-the-connection-cap"]
     alone = [case for case in cases if case.id == "over-the-connection-cap"]
     # Fewer at once than the corpus ingress's connection cap, so each case gets its own answer.
-    slots = asyncio.Semaphore(MAX_CONNECTIONS - 8)
+    slots = asyncio.Semaphore(MAX_CONNECTIONS // 2)
 
     async def limited(case: HostileCase) -> int | None:
         async with slots:

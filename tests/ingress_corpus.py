@@ -89,7 +89,9 @@ class HostileCase:
     run: Run
     status: int | None
     published: bytes | None = None
-    error: str | None = None  # the JSON error code of a 4xx/5xx answer
+    # The JSON error code of a 4xx/5xx answer; several when timing decides which part of the
+    # stack refuses first (the parser, if the packets coalesce; the handler, if not).
+    error: str | tuple[str, ...] | None = None
 
 
 def events(*extra: dict[str, Any]) -> bytes:
@@ -150,8 +152,14 @@ def raw(*chunks: bytes, pause: float = 0.0, disconnect: bool = False) -> Run:
     return run
 
 
-def signed(path: str, body: bytes, *, encode: Callable[[bytes], bytes] | None = None,
-           encoding: str | None = None, **sign_options: Any) -> Run:  # fmt: skip
+def signed(
+    path: str,
+    body: bytes,
+    *,
+    encode: Callable[[bytes], bytes] | None = None,
+    encoding: str | None = None,
+    **sign_options: Any,
+) -> Run:
     def headers() -> list[tuple[str, str]]:
         head = signed_headers(body, **sign_options)
         if encoding is not None:
@@ -506,11 +514,8 @@ def hostile_cases() -> list[HostileCase]:
         HostileCase(
             "http10-no-length",
             "http",
-            raw(
-                b"POST /webhooks/open HTTP/1.0\r\nX-Request-Id: {request_id}\r\n\r\n",
-                body,
-                pause=0.1,
-            ),  # fmt: skip
+            # The head alone: a body sent after it would race the answer (see the next case).
+            raw(b"POST /webhooks/open HTTP/1.0\r\nX-Request-Id: {request_id}\r\n\r\n"),
             411,
             error="length_required",
         ),
@@ -528,9 +533,9 @@ def hostile_cases() -> list[HostileCase]:
                 head + b"Transfer-Encoding: chunked\r\n\r\n",
                 b"zz\r\n" + body + b"\r\n0\r\n\r\n",
                 pause=0.1,
-            ),  # fmt: skip
+            ),
             400,
-            error="invalid_body",
+            error=("invalid_body", "malformed_request"),
         ),
         HostileCase(
             "valid-chunked-signed",

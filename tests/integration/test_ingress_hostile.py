@@ -198,7 +198,8 @@ async def test_hostile_input(case: HostileCase, hostile_ingress: HostileIngress)
     assert MARKER.encode() not in response.raw
     if case.error is not None:
         assert response.headers["content-type"].startswith("application/json")
-        assert json.loads(response.body)["error"] == case.error
+        accepted = (case.error,) if isinstance(case.error, str) else case.error
+        assert json.loads(response.body)["error"] in accepted
     if case.status == 503:
         assert response.headers["retry-after"].isdigit()
     if case.published is not None:

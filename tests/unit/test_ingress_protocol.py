@@ -20,7 +20,7 @@ from ingest.protocol import IngressRunner, abuse_log, start_ingress
 from schemas.raw_batch import RawBatch
 from sgpipe.runtime import metrics
 from sgpipe.runtime.settings import Settings
-from tests.raw_http import RawResponse, exchange, http_request
+from tests.raw_http import RawResponse, exchange, http_request, parse_responses
 
 MARKER = b"secret-person@example.com"
 BODY = b'[{"email":"secret-person@example.com","event":"open"}]\r\n'
@@ -352,22 +352,38 @@ async def test_broken_chunked_framing_is_400_at_once(
     logs: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     async with serve(body_timeout_seconds=30) as ingress:
-        head = b"POST /webhooks/open HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        # Sent apart, so the head is handled before the framing breaks; without the fix the
-        # handler would wait for the 30 s body timeout.
-        response = await ingress.send(head, b"zz\r\n" + MARKER + b"\r\n0\r\n\r\n", pause=0.05)
+        reader, writer = await asyncio.open_connection(ingress.host, ingress.port)
+        writer.write(
+            b"POST /webhooks/open HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        # The handler is reading the body before the framing breaks (sent together, the
+        # parser would refuse both at once); without the fix it would wait 30 s for the body.
+        await eventually_handling_a_request(ingress)
+        writer.write(b"zz\r\n" + MARKER + b"\r\n0\r\n\r\n")
+        response = parse_responses(await asyncio.wait_for(reader.read(), 10))[0]
+        writer.close()
 
         assert_json_error(response, 400, "invalid_body")
         assert ingress.publisher.batches == []
         assert_quiet(logs, caplog)
 
 
+async def eventually_handling_a_request(ingress: Ingress) -> None:
+    server = ingress.runner.server
+    assert server is not None
+    for _ in range(500):
+        if any(connection._request_in_progress for connection in server.connections):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the request was never handled")
+
+
 async def test_http10_without_length_is_411(
     logs: list[dict[str, Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
     async with serve() as ingress:
-        head = b"POST /webhooks/open HTTP/1.0\r\nHost: x\r\n\r\n"
-        response = await ingress.send(head, BODY, pause=0.05)
+        # Without a length an HTTP/1.0 body could only be read up to the connection's end.
+        response = await ingress.send(b"POST /webhooks/open HTTP/1.0\r\nHost: x\r\n\r\n")
         assert_json_error(response, 411, "length_required")
         assert ingress.publisher.batches == []
         assert_quiet(logs, caplog)
