@@ -353,15 +353,17 @@ async def test_broken_chunked_framing_is_400_at_once(
 ) -> None:
     async with serve(body_timeout_seconds=30) as ingress:
         reader, writer = await asyncio.open_connection(ingress.host, ingress.port)
-        writer.write(
-            b"POST /webhooks/open HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
-        # The handler is reading the body before the framing breaks (sent together, the
-        # parser would refuse both at once); without the fix it would wait 30 s for the body.
-        await eventually_handling_a_request(ingress)
-        writer.write(b"zz\r\n" + MARKER + b"\r\n0\r\n\r\n")
-        response = parse_responses(await asyncio.wait_for(reader.read(), 10))[0]
-        writer.close()
+        try:
+            writer.write(
+                b"POST /webhooks/open HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
+            # The handler is reading the body before the framing breaks (sent together, the
+            # parser would refuse both at once); without the fix it would wait 30 s for it.
+            await eventually_handling_a_request(ingress)
+            writer.write(b"zz\r\n" + MARKER + b"\r\n0\r\n\r\n")
+            response = parse_responses(await asyncio.wait_for(reader.read(), 10))[0]
+        finally:
+            writer.close()
 
         assert_json_error(response, 400, "invalid_body")
         assert ingress.publisher.batches == []
