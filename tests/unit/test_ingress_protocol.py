@@ -127,8 +127,7 @@ async def test_connections_past_the_cap_get_503_and_the_cap_frees_up(
     async with serve(max_connections=3, header_timeout_seconds=30) as ingress:
         before = rejected("too_many_connections")
         held = [await asyncio.open_connection(ingress.host, ingress.port) for _ in range(3)]
-        await asyncio.sleep(0.05)  # let the server accept them
-        assert ingress.runner.guard.open == 3
+        await eventually_open(ingress, 3)
 
         refused = await ingress.send(http_request("/healthz", method="GET"))
 
@@ -141,20 +140,26 @@ async def test_connections_past_the_cap_get_503_and_the_cap_frees_up(
         _, writer = held.pop()
         writer.close()
         await writer.wait_closed()
-        for _ in range(100):
-            if ingress.runner.guard.open < 3:
-                break
-            await asyncio.sleep(0.01)
+        await eventually_open(ingress, 2)
         served = await ingress.send(http_request("/healthz", method="GET"))
         assert served.status == 200
         for _, writer in held:
             writer.close()
 
 
+async def eventually_open(ingress: Ingress, count: int) -> None:
+    """Wait until the server has accepted (or let go of) connections down to ``count``."""
+    for _ in range(500):
+        if ingress.runner.guard.open == count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{ingress.runner.guard.open} connections open, not {count}")
+
+
 async def test_open_connections_are_exported() -> None:
     async with serve(header_timeout_seconds=30) as ingress:
         held = [await asyncio.open_connection(ingress.host, ingress.port) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await eventually_open(ingress, 2)
         gauge = metrics.REGISTRY.get_sample_value(
             "sgpipe_ingest_open_connections", {"stage": "ingest"}
         )
