@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +46,6 @@ class Ingress:
 
     async def send(self, *chunks: bytes, **options: Any) -> RawResponse:
         return (await exchange(self.host, self.port, chunks, **options))[0]
-
-
-ServeIngress = Callable[..., Any]
 
 
 @asynccontextmanager
@@ -455,9 +452,6 @@ async def test_floods_are_logged_once_per_interval_with_a_count(
         abuse_log.reset()  # as if the interval had passed
         abuse_log.warning("next", reason="malformed")
         assert logs[-1]["not_logged_since_last"] == 0
-
-
-Work = Callable[[], Awaitable[None]]
 
 
 def test_structlog_is_not_cached_so_capture_works() -> None:
