@@ -181,7 +181,7 @@ class IngressProtocol(RequestHandler):
         self._guard = guard
         self._accepted = False
         self._linger_timer: asyncio.TimerHandle | None = None
-        self._real_transport: asyncio.Transport | None = None
+        self._shutting_down = False
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         # The body of the last request whose head was parsed: while it is still arriving, the
@@ -192,7 +192,6 @@ class IngressProtocol(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self._real_transport = transport
         if not self._guard.try_open():
             self._refuse(transport)
             return
@@ -228,12 +227,21 @@ class IngressProtocol(RequestHandler):
         if self._linger_timer is not None or transport.is_closing():
             return
         guard = self._guard
-        if guard.lingering >= _MAX_LINGERING or not transport.can_write_eof():
+        if (
+            self._shutting_down
+            or guard.lingering >= _MAX_LINGERING
+            or not transport.can_write_eof()
+        ):
             transport.close()
             return
         guard.lingering += 1
         transport.write_eof()
         self._linger_timer = self._loop.call_later(_LINGER_SECONDS, transport.close)
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        # The server is stopping: close without lingering.
+        self._shutting_down = True
+        await super().shutdown(timeout)
 
     def eof_received(self) -> None:
         # The client closed its side; a lingering connection is then closed by asyncio.
