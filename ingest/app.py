@@ -16,7 +16,7 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,7 +157,7 @@ def create_app(
         # Connects unless already started, probes the broker for /readyz, and stops the
         # producer when the app stops.
         health = publisher.health
-        app.cleanup_ctx.append(_run_in_background(publisher.run))
+        app.cleanup_ctx.append(_kafka_lifecycle(publisher, ingest.publish_timeout_seconds))
     else:
         health = AcknowledgeHealth(started=True)
     app[PUBLISHER] = publisher
@@ -187,12 +187,14 @@ def _handler_args(ingest: IngestSettings) -> dict[str, Any]:
     }
 
 
-def _run_in_background(
-    body: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+def _kafka_lifecycle(
+    publisher: KafkaRawBatchPublisher, first_check_timeout: float
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         stop = asyncio.Event()
-        task = asyncio.create_task(body(stop), name="ingest-kafka-producer")
+        task = asyncio.create_task(publisher.run(stop), name="ingest-kafka-producer")
+        # Serve once Kafka was checked (or could not be in time: then 503s until it is).
+        await publisher.wait_until_checked(first_check_timeout)
         yield
         stop.set()
         await task

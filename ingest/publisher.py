@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import MessageSizeTooLargeError
+from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from aiokafka.protocol.metadata import MetadataRequest
 
 from schemas.raw_batch import RawBatch, raw_batch_headers
@@ -91,7 +91,8 @@ class KafkaRawBatchPublisher:
     caller that wants the producer up before it listens. ``publish`` sends with ``acks=all``.
 
     Publishing waits for a probe to have seen the raw topic with a leader for every partition,
-    and after any failure (publish or probe) for the next such probe, which runs at once. The
+    and after any failure (publish or probe) for the next such probe, which runs at once; a
+    failed publish also replaces the producer, failing the batches it still queues. The
     reason: a broker that restarted empty may auto-create the topic on a produce and
     acknowledge batches nobody can read (tansu's in-memory store does: the ingress answered
     200 for events that never arrived). While the topic is missing the ingress answers 503; with
@@ -107,6 +108,8 @@ class KafkaRawBatchPublisher:
         self._producer: AIOKafkaProducer[bytes, bytes] | None = None
         self._topic_verified = False
         self._probe_now = asyncio.Event()
+        self._checked = asyncio.Event()
+        self._abandon_producer = False
 
     async def start(self) -> None:
         """Connect once; raises the Kafka client's error if it cannot."""
@@ -154,15 +157,28 @@ class KafkaRawBatchPublisher:
             raise PublishError(type(exc).__name__, repr(exc)) from exc
 
     def _distrust(self) -> None:
-        # Until a probe sees the topic again, publishing is refused (see the class docstring).
+        # Until a probe sees the topic again, publishing is refused (see the class docstring),
+        # and the producer is replaced: its queue still holds the batches just answered 503,
+        # which aiokafka would deliver by itself once a broker answers — to a restarted empty
+        # broker, before the topic is re-created, so that the broker creates it on the fly.
         self._topic_verified = False
+        self._abandon_producer = True
         self._probe_now.set()
+
+    async def wait_until_checked(self, timeout: float) -> None:
+        """Until the first topic check finished (or ``timeout``): a process that starts
+        against a healthy broker is verified before it takes a request."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._checked.wait(), timeout)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Connect (unless started), then probe, until ``stop``; then stop the producer."""
         backoff = _RECONNECT_BACKOFF_INITIAL_SECONDS
         try:
             while not stop.is_set():
+                if self._abandon_producer:
+                    self._abandon_producer = False
+                    await self._abandon()
                 if self._producer is None:
                     if await self._connect(raise_errors=False):
                         backoff = _RECONNECT_BACKOFF_INITIAL_SECONDS
@@ -171,14 +187,33 @@ class KafkaRawBatchPublisher:
                     backoff = min(backoff * 2, _RECONNECT_BACKOFF_MAX_SECONDS)
                     continue
                 ok, detail = await self._check_topic(self._producer)
-                self._topic_verified = ok
+                self._topic_verified = ok and not self._abandon_producer
                 self.health.record(ok, detail)
+                self._checked.set()
                 # Faster while failing: recovery should not wait a whole interval.
                 interval = self._probe_interval if ok else min(self._probe_interval, 0.5)
                 await _wait_any(stop, self._probe_now, interval)
                 self._probe_now.clear()
         finally:
             await self.stop()
+
+    async def _abandon(self) -> None:
+        """Fail every batch the producer still holds (each was answered 503, or is about to
+        be), then close it; ``run`` connects a fresh one."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        self.health.producer_stopped("reconnecting after a failed publish")
+        # aiokafka has no public way to drop queued batches; its accumulator's fail_all does.
+        accumulator = getattr(producer, "_message_accumulator", None)
+        if accumulator is not None:
+            accumulator.fail_all(KafkaConnectionError("abandoned after a failed publish"))
+        try:
+            async with asyncio.timeout(self._timeout):
+                await producer.stop()
+        except Exception as exc:  # noqa: BLE001 - a dead broker may make stop fail or hang
+            log.warning("kafka producer did not stop cleanly", error=repr(exc))
+        log.info("kafka producer replaced after a failed publish", topic=self._topic)
 
     async def _connect(self, *, raise_errors: bool) -> bool:
         producer = create_producer(self._settings.kafka)
