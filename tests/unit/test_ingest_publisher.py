@@ -176,3 +176,36 @@ def test_topic_health_reads_every_metadata_layout(
     health = topic_health(topics, "raw", 0.002)
     assert (health.ok, health.missing) == (ok, missing)
     assert "raw" in health.detail
+
+
+class StandInAccumulator:
+    def __init__(self) -> None:
+        self.failed_with: list[BaseException] = []
+
+    def fail_all(self, exception: BaseException) -> None:
+        self.failed_with.append(exception)
+
+
+async def test_a_failed_publish_replaces_the_producer_and_fails_what_it_queues() -> None:
+    producer = StandInProducer(on_ack=KafkaConnectionError("gone"))
+    accumulator = StandInAccumulator()
+    stopped: list[bool] = []
+
+    async def stop() -> None:
+        stopped.append(True)
+
+    producer._message_accumulator = accumulator  # type: ignore[attr-defined]
+    producer.stop = stop  # type: ignore[attr-defined]
+    publisher = publisher_with(producer)
+    with pytest.raises(PublishError):
+        await publisher.publish(BATCH)
+
+    # What run() does next: batches answered 503 must not reach a broker that comes back.
+    assert publisher._abandon_producer
+    await publisher._abandon()
+    assert [type(error) for error in accumulator.failed_with] == [KafkaConnectionError]
+    assert stopped == [True]
+    assert publisher.health.producer_check() == (False, "not started")
+    with pytest.raises(PublishError) as refused:
+        await publisher.publish(BATCH)
+    assert refused.value.reason == "not_connected"
