@@ -5,6 +5,8 @@ sgpipe ingest  [--config F] [--port P]                  the ingress only
 sgpipe process [--config F]                             raw batches -> normalized events
 sgpipe sink    [--config F]                             normalized events -> ClickHouse
 sgpipe query   [--config F] [--data-dir D] "SQL"        print a query's result as TSV
+sgpipe keys generate --out FILE [--force]              a signing key pair for a webhook
+sgpipe simulate --url URL [...]                         post SendGrid-like signed batches
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import structlog
 
 from sgpipe.runtime.logs import configure_logging
 from sgpipe.runtime.settings import ConfigError, Settings, load_settings
+from sgpipe.simulator.command import add_commands as add_simulator_commands
 
 log = structlog.get_logger(__name__)
 
@@ -74,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     query = command("query", _query, "run SQL against the store and print TSV")
     query.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     query.add_argument("sql")
+    add_simulator_commands(commands)  # keys generate, simulate
     return parser
 
 
