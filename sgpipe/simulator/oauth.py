@@ -12,11 +12,12 @@ so Basic is the default here and the other is an option.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import quote
+from urllib.parse import quote_plus
 
 import aiohttp
 
@@ -91,11 +92,9 @@ class TokenSource:
         headers = {"Accept": "application/json"}
         if settings.auth_method == "client_secret_basic":
             # RFC 6749 section 2.3.1: both parts form-urlencoded before Basic encoding.
-            auth = aiohttp.BasicAuth(
-                quote(settings.client_id, safe=""), quote(settings.client_secret, safe="")
-            )
+            credentials = f"{quote_plus(settings.client_id)}:{quote_plus(settings.client_secret)}"
+            headers["Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
         else:
-            auth = None
             form["client_id"] = settings.client_id
             form["client_secret"] = settings.client_secret
         self.requests += 1
@@ -104,7 +103,6 @@ class TokenSource:
                 settings.token_url,
                 data=form,
                 headers=headers,
-                auth=auth,
                 allow_redirects=False,
                 timeout=self._timeout,
             ) as response:

@@ -45,8 +45,9 @@ SENDGRID_HEADERS = {
 # Seeded runs must not depend on the clock: without --start-time their events start here
 # (2025-01-01T00:00:00Z).
 SEEDED_START_TIME = 1_735_689_600
-# Simulated messages per second when no --rate ties simulated time to the wall clock.
-_DEFAULT_MESSAGES_PER_SECOND = 100.0
+# Simulated messages per second when no --rate ties simulated time to the wall clock: slow
+# enough that even a short run covers whole lifecycles (opens come minutes after delivery).
+_DEFAULT_MESSAGES_PER_SECOND = 1.0
 # Events per message, on average, in EventStream's mix: turns an event rate into a message
 # rate, so that event timestamps advance about as fast as the wall clock.
 _EVENTS_PER_MESSAGE = 2.4
@@ -264,18 +265,17 @@ class _Run:
         on_post: Callable[[PlannedPost], None] | None,
     ) -> None:
         queue: asyncio.Queue[PlannedPost | None] = asyncio.Queue(self._options.concurrency)
-        workers = [
-            asyncio.create_task(self._work(queue, sender)) for _ in range(self._options.concurrency)
-        ]
+        # A task group, so that a worker that fails cancels the producer instead of leaving it
+        # blocked on a full queue forever.
         try:
-            await self._produce(planner, queue, on_post)
-            for _ in workers:
-                await queue.put(None)
-            await asyncio.gather(*workers)
-        finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            async with asyncio.TaskGroup() as group:
+                for _ in range(self._options.concurrency):
+                    group.create_task(self._work(queue, sender))
+                await self._produce(planner, queue, on_post)
+                for _ in range(self._options.concurrency):
+                    await queue.put(None)
+        except BaseExceptionGroup as failure:
+            raise failure.exceptions[0] from failure
 
     async def _produce(
         self,
