@@ -326,6 +326,7 @@ async def test_oauth_refused_credentials_give_up_without_posting() -> None:
 
     assert not summary.ok and summary.events_not_accepted == 10
     assert server.webhook_requests == []
+    assert summary.responses == {"token error": 1}  # refused credentials are not retried
     assert summary.last_error is not None and "token endpoint answered 401" in summary.last_error
 
 
