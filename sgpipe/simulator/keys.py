@@ -55,8 +55,6 @@ def write_private_key(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    if not overwrite and path.exists():
-        raise KeyFileError(f"{path} exists; pass --force to overwrite it")
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
