@@ -155,6 +155,7 @@ class SimulationSummary:
 
 
 ProgressCallback = Callable[[SimulationProgress], None]
+PostCallback = Callable[[PlannedPost], None]
 
 
 async def simulate(
@@ -163,7 +164,8 @@ async def simulate(
     stop: asyncio.Event | None = None,
     on_progress: ProgressCallback | None = None,
     progress_interval_seconds: float = 0.5,
-    on_post: Callable[[PlannedPost], None] | None = None,
+    on_post: PostCallback | None = None,
+    on_acknowledged: PostCallback | None = None,
 ) -> SimulationSummary:
     """Post a simulated SendGrid event stream to ``options.url`` and report how it went.
 
@@ -171,7 +173,8 @@ async def simulate(
     passed, or ``stop`` is set; then waits for the posts already planned (with their retries,
     bounded by ``retry_for_seconds``). Cancelling the task abandons posts in flight.
     ``on_progress`` is called every ``progress_interval_seconds`` and once at the end;
-    ``on_post`` with every post as planned (before it is sent).
+    ``on_post`` with every post as planned (before it is sent); ``on_acknowledged`` with
+    each post the moment its 2xx arrived (end-to-end latency starts there).
     """
     seed = options.seed if options.seed is not None else secrets.randbits(63)
     start_time = options.start_time
@@ -194,7 +197,7 @@ async def simulate(
         event_limit=options.events,
     )
     progress = SimulationProgress()
-    run = _Run(options, progress, stop or asyncio.Event())
+    run = _Run(options, progress, stop or asyncio.Event(), on_acknowledged)
     connector = aiohttp.TCPConnector(limit=options.concurrency + 1)
     async with aiohttp.ClientSession(
         connector=connector, cookie_jar=aiohttp.DummyCookieJar()
@@ -249,11 +252,16 @@ class _Run:
     """The producer (plan, pace) and the workers (send) of one simulation."""
 
     def __init__(
-        self, options: SimulationOptions, progress: SimulationProgress, stop: asyncio.Event
+        self,
+        options: SimulationOptions,
+        progress: SimulationProgress,
+        stop: asyncio.Event,
+        on_acknowledged: PostCallback | None,
     ) -> None:
         self._options = options
         self._progress = progress
         self._stop = stop
+        self._on_acknowledged = on_acknowledged
         self.accepted = bytearray()  # per unique event (by serial): 1 once acknowledged
         self.events = 0  # unique events in planned posts
         self.generation_seconds = 0.0
@@ -262,7 +270,7 @@ class _Run:
         self,
         planner: PostPlanner,
         sender: _Sender,
-        on_post: Callable[[PlannedPost], None] | None,
+        on_post: PostCallback | None,
     ) -> None:
         queue: asyncio.Queue[PlannedPost | None] = asyncio.Queue(self._options.concurrency)
         # A task group, so that a worker that fails cancels the producer instead of leaving it
@@ -281,7 +289,7 @@ class _Run:
         self,
         planner: PostPlanner,
         queue: asyncio.Queue[PlannedPost | None],
-        on_post: Callable[[PlannedPost], None] | None,
+        on_post: PostCallback | None,
     ) -> None:
         options = self._options
         started = time.monotonic()
@@ -325,6 +333,8 @@ class _Run:
             progress.duplicate_events += post.duplicate_events
             progress.resent_batches += post.resend_of is not None
             if await sender.deliver(post):
+                if self._on_acknowledged is not None:
+                    self._on_acknowledged(post)
                 progress.posts_acknowledged += 1
                 progress.events_acknowledged += post.events
                 accepted = self.accepted

@@ -25,6 +25,7 @@ from sgpipe.simulator import (
     public_key_base64,
     simulate,
 )
+from sgpipe.simulator.batches import PlannedPost
 from sgpipe.simulator.command import _ProgressLine
 from sgpipe.simulator.oauth import ClientAuthMethod
 from tests.webhook_receiver import ReceivedRequest, record, serve
@@ -122,6 +123,27 @@ async def test_a_503_is_retried_with_the_same_body_until_it_is_accepted() -> Non
     assert summary.retries == 2
     assert summary.responses == {"503": 2, "200": 1}
     assert len(received) == 3 and len({r.body for r in received}) == 1
+
+
+async def test_hooks_see_each_post_planned_and_each_post_acknowledged() -> None:
+    # What `bench/e2e.py` builds on: the bodies sent, and the moment each was acknowledged.
+    received: list[ReceivedRequest] = []
+    planned: list[PlannedPost] = []
+    acknowledged: list[PlannedPost] = []
+    with serve(answering([503, 400], received)) as base_url:
+        summary = await simulate(
+            SimulationOptions(
+                url=base_url + WEBHOOK, events=1000, max_batch_bytes=65536, concurrency=1, **QUICK
+            ),
+            on_post=planned.append,
+            on_acknowledged=acknowledged.append,
+        )
+
+    assert [post.body for post in planned] == [r.body for r in received[1:]]
+    assert acknowledged == planned[1:]  # the first post was retried, then refused with a 400
+    assert summary.events_not_accepted == len(
+        set(planned[0].serials) - {serial for post in acknowledged for serial in post.serials}
+    )
 
 
 def test_a_401_is_given_up_at_once_with_a_clear_summary_and_exit_code_1(
