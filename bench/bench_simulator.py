@@ -56,9 +56,7 @@ def main() -> None:
 
     posts = list(PostPlanner(EventStream(1, 1_735_689_600, 1.0), seed=1, event_limit=EVENTS))
     planned_seconds = cpu_seconds(
-        lambda: list(
-            PostPlanner(EventStream(1, 1_735_689_600, 1.0), seed=1, event_limit=EVENTS)
-        )
+        lambda: list(PostPlanner(EventStream(1, 1_735_689_600, 1.0), seed=1, event_limit=EVENTS))
     )
     key = generate_private_key()
     sign_seconds = cpu_seconds(lambda: [sign(key, "1735689600", post.body) for post in posts])
