@@ -15,7 +15,6 @@ import pytest
 from aiohttp import web
 
 from ingest.signature import SignatureRejected, load_public_key, verify_signature
-from sgpipe.cli import main
 from sgpipe.embedded.broker import free_port
 from sgpipe.simulator import (
     OAuthClientSettings,
@@ -28,7 +27,7 @@ from sgpipe.simulator import (
 from sgpipe.simulator.batches import PlannedPost
 from sgpipe.simulator.command import _ProgressLine
 from sgpipe.simulator.oauth import ClientAuthMethod
-from tests.webhook_receiver import ReceivedRequest, record, serve
+from tests.simulator_support import ReceivedRequest, record, run_sgpipe, serve
 
 WEBHOOK = "/webhooks/main"
 # Fast retries for tests; the schedule itself is tested as a pure function.
@@ -59,7 +58,7 @@ def answering(statuses: list[int], received: list[ReceivedRequest]) -> web.Appli
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
-    code = main(["simulate", *args, "--json"])
+    code = run_sgpipe(["simulate", *args, "--json"])
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -67,7 +66,7 @@ def test_signed_batches_verify_at_the_receiver_and_carry_sendgrids_headers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     key_file = tmp_path / "webhook.pem"
-    assert main(["keys", "generate", "--out", str(key_file)]) == 0
+    assert run_sgpipe(["keys", "generate", "--out", str(key_file)]) == 0
     public_key = load_public_key(capsys.readouterr().out.strip())
     received: list[ReceivedRequest] = []
 
@@ -152,7 +151,7 @@ def test_a_401_is_given_up_at_once_with_a_clear_summary_and_exit_code_1(
     received: list[ReceivedRequest] = []
     with serve(answering([401] * 100, received)) as base_url:
         code, summary = run_cli(["--url", base_url + WEBHOOK, "--events", "500"], capsys)
-        assert main(["simulate", "--url", base_url + WEBHOOK, "--events", "10"]) == 1
+        assert run_sgpipe(["simulate", "--url", base_url + WEBHOOK, "--events", "10"]) == 1
         text = capsys.readouterr().out
 
     assert code == 1
@@ -460,7 +459,7 @@ def test_unusable_options_exit_2_with_one_line(
     args: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["simulate", "--url", "http://127.0.0.1:1/x", *args]
-    assert main(argv) == 2
+    assert run_sgpipe(argv) == 2
     error = capsys.readouterr().err
     assert error.startswith("sgpipe: ") and message in error and error.count("\n") == 1
 
@@ -468,7 +467,7 @@ def test_unusable_options_exit_2_with_one_line(
 def test_out_of_range_numbers_are_usage_errors() -> None:
     for bad in (["--duplicates", "1.5"], ["--events", "0"], ["--rate", "-1"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(["simulate", "--url", "http://127.0.0.1:1/x", *bad])
+            run_sgpipe(["simulate", "--url", "http://127.0.0.1:1/x", *bad])
         assert exit_info.value.code == 2
 
 

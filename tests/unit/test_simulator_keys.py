@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ingest.signature import SignatureRejected, load_public_key, verify_signature
-from sgpipe.cli import main
 from sgpipe.simulator.batches import PostPlanner
 from sgpipe.simulator.events import EventStream
 from sgpipe.simulator.keys import (
@@ -24,6 +23,7 @@ from sgpipe.simulator.keys import (
     sign,
 )
 from tests import sendgrid_vector
+from tests.simulator_support import run_sgpipe
 
 
 def test_keys_generate_writes_a_private_key_only_its_owner_can_read(
@@ -31,7 +31,7 @@ def test_keys_generate_writes_a_private_key_only_its_owner_can_read(
 ) -> None:
     out = tmp_path / "webhook.pem"
 
-    assert main(["keys", "generate", "--out", str(out)]) == 0
+    assert run_sgpipe(["keys", "generate", "--out", str(out)]) == 0
 
     printed = capsys.readouterr().out.strip()
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
@@ -48,18 +48,18 @@ def test_keys_generate_refuses_to_overwrite_without_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "webhook.pem"
-    assert main(["keys", "generate", "--out", str(out)]) == 0
+    assert run_sgpipe(["keys", "generate", "--out", str(out)]) == 0
     first = out.read_bytes()
     capsys.readouterr()
 
-    assert main(["keys", "generate", "--out", str(out)]) == 2
+    assert run_sgpipe(["keys", "generate", "--out", str(out)]) == 2
 
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == f"sgpipe: {out} exists; pass --force to overwrite it\n"
     assert out.read_bytes() == first
 
-    assert main(["keys", "generate", "--out", str(out), "--force"]) == 0
+    assert run_sgpipe(["keys", "generate", "--out", str(out), "--force"]) == 0
     assert out.read_bytes() != first
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert capsys.readouterr().out.strip() == public_key_base64(load_private_key(out))
@@ -68,7 +68,7 @@ def test_keys_generate_refuses_to_overwrite_without_force(
 def test_keys_generate_fails_cleanly_in_a_missing_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["keys", "generate", "--out", str(tmp_path / "nowhere" / "k.pem")]) == 2
+    assert run_sgpipe(["keys", "generate", "--out", str(tmp_path / "nowhere" / "k.pem")]) == 2
     assert capsys.readouterr().err.startswith("sgpipe: cannot write")
 
 

@@ -1,15 +1,20 @@
-"""A real HTTP server for the simulator's tests: an aiohttp app on a free port, served from a
-background thread so that tests can run the CLI (which runs its own event loop) against it."""
+"""Support for the simulator's tests: a real HTTP server (an aiohttp app on a free port, served
+from a background thread so that tests can run the CLI, which runs its own event loop, against
+it), and the CLI run in-process."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import structlog
 from aiohttp import web
+
+from sgpipe.cli import main
 
 
 @dataclass(frozen=True)
@@ -55,3 +60,18 @@ async def record(request: web.Request, into: list[ReceivedRequest]) -> ReceivedR
     received = ReceivedRequest(request.path, dict(request.headers), await request.read())
     into.append(received)
     return received
+
+
+def run_sgpipe(argv: list[str]) -> int:
+    """``sgpipe ARGV`` in this process. The CLI configures logging for the process, onto the
+    stderr of the moment (pytest's capture here); the previous configuration is restored so
+    that later tests and session teardown do not log into a closed capture file."""
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return main(argv)
+    finally:
+        structlog.configure(**structlog_config)
+        root.handlers[:] = handlers
+        root.setLevel(level)
