@@ -1,20 +1,18 @@
 """Support for the simulator's tests: a real HTTP server (an aiohttp app on a free port, served
 from a background thread so that tests can run the CLI, which runs its own event loop, against
-it), and the CLI run in-process."""
+it), and the CLI run as a child process."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import structlog
 from aiohttp import web
-
-from sgpipe.cli import main
 
 
 @dataclass(frozen=True)
@@ -62,16 +60,13 @@ async def record(request: web.Request, into: list[ReceivedRequest]) -> ReceivedR
     return received
 
 
-def run_sgpipe(argv: list[str]) -> int:
-    """``sgpipe ARGV`` in this process. The CLI configures logging for the process, onto the
-    stderr of the moment (pytest's capture here); the previous configuration is restored so
-    that later tests and session teardown do not log into a closed capture file."""
-    structlog_config = structlog.get_config()
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    try:
-        return main(argv)
-    finally:
-        structlog.configure(**structlog_config)
-        root.handlers[:] = handlers
-        root.setLevel(level)
+def run_sgpipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """``sgpipe ARGV`` as a user runs it: a child process (the CLI configures the process's
+    logging, which must not leak into the test process)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sgpipe", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

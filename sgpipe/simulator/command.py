@@ -16,6 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+import structlog
+
+from sgpipe.runtime.logs import report_fatal
+
 if TYPE_CHECKING:
     from sgpipe.simulator.simulation import SimulationOptions, SimulationProgress, SimulationSummary
 
@@ -23,21 +27,32 @@ EXIT_NOT_ACCEPTED = 1
 EXIT_USAGE = 2
 
 
-def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    keys = commands.add_parser("keys", help="manage signing keys for simulated webhooks")
-    keys_actions = keys.add_subparsers(required=True, metavar="ACTION")
+def add_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+) -> None:
+    """Register ``keys generate`` and ``simulate``; ``common`` holds the options every command
+    takes (--config, --log-level, --log-format)."""
+    keys = commands.add_parser(
+        "keys",
+        help="make signing keys for webhooks",
+        description="Signing keys for SendGrid webhooks (see docs/simulator.md).",
+    )
+    keys_actions = keys.add_subparsers(title="actions", required=True, metavar="ACTION")
     generate = keys_actions.add_parser(
         "generate",
+        parents=[common],
         help="make a P-256 key pair: private key to FILE, public key (SendGrid's format) out",
         description="Write a new ECDSA P-256 private key (PEM, mode 0600) to FILE and print "
         "its public key as SendGrid shows it (base64 DER), for webhooks[].public_keys.",
     )
     generate.add_argument("--out", type=Path, required=True, metavar="FILE")
     generate.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
-    generate.set_defaults(command=keys_generate, config=None)
+    generate.set_defaults(command=keys_generate, serves_webhooks=False)
 
     simulate = commands.add_parser(
         "simulate",
+        parents=[common],
         help="post realistic, signed SendGrid event batches to a webhook URL",
         description="Behave like SendGrid's Event Webhook: realistic event streams, batched, "
         "signed, retried. Exits 1 if any event was not accepted. See docs/simulator.md.",
@@ -73,7 +88,7 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--retry-for", type=float, default=300.0, metavar="SECONDS", help="then give up"
     )
     simulate.add_argument("--json", action="store_true", help="print the summary as JSON")
-    simulate.set_defaults(command=simulate_command, config=None)
+    simulate.set_defaults(command=simulate_command, serves_webhooks=False)
 
 
 def keys_generate(args: argparse.Namespace, settings: object) -> int:
@@ -88,13 +103,14 @@ def keys_generate(args: argparse.Namespace, settings: object) -> int:
     try:
         write_private_key(private_key, args.out, overwrite=args.force)
     except KeyFileError as exc:
-        print(f"sgpipe: {exc}", file=sys.stderr)
+        report_fatal(str(exc), exit_code=EXIT_USAGE)
         return EXIT_USAGE
-    print(public_key_base64(private_key))
-    print(
-        f"sgpipe: private key written to {args.out} (mode 0600); "
-        "put the public key above in webhooks[].public_keys",
-        file=sys.stderr,
+    print(public_key_base64(private_key), flush=True)
+    # Looked up now, not cached at import: the CLI configured logging just before.
+    structlog.get_logger("sgpipe").info(
+        "private key written; the public key printed on stdout goes in webhooks[].public_keys",
+        path=str(args.out),
+        mode="0600",
     )
     return 0
 
@@ -103,14 +119,14 @@ def simulate_command(args: argparse.Namespace, settings: object) -> int:
     try:
         options = _options(args)
     except ValueError as exc:
-        print(f"sgpipe: {exc}", file=sys.stderr)
+        report_fatal(str(exc), exit_code=EXIT_USAGE)
         return EXIT_USAGE
     progress_line = _ProgressLine(sys.stderr) if sys.stderr.isatty() else None
     summary = _run(options, progress_line)
     if progress_line is not None:
         progress_line.finish()
     if summary is None:
-        print("sgpipe: simulation stopped without a summary", file=sys.stderr)
+        report_fatal("simulation abandoned without a summary", exit_code=EXIT_NOT_ACCEPTED)
         return EXIT_NOT_ACCEPTED
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))

@@ -57,17 +57,16 @@ def answering(statuses: list[int], received: list[ReceivedRequest]) -> web.Appli
     return app
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict[str, Any]]:
-    code = run_sgpipe(["simulate", *args, "--json"])
-    return code, json.loads(capsys.readouterr().out)
+def run_cli(args: list[str]) -> tuple[int, dict[str, Any]]:
+    result = run_sgpipe(["simulate", *args, "--json"])
+    return result.returncode, json.loads(result.stdout)
 
 
 def test_signed_batches_verify_at_the_receiver_and_carry_sendgrids_headers(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
 ) -> None:
     key_file = tmp_path / "webhook.pem"
-    assert run_sgpipe(["keys", "generate", "--out", str(key_file)]) == 0
-    public_key = load_public_key(capsys.readouterr().out.strip())
+    public_key = load_public_key(run_sgpipe(["keys", "generate", "--out", str(key_file)]).stdout)
     received: list[ReceivedRequest] = []
 
     async def webhook(request: web.Request) -> web.Response:
@@ -99,7 +98,6 @@ def test_signed_batches_verify_at_the_receiver_and_carry_sendgrids_headers(
                 "--max-batch-bytes",
                 "65536",
             ],
-            capsys,
         )
 
     assert code == 0, summary
@@ -145,14 +143,13 @@ async def test_hooks_see_each_post_planned_and_each_post_acknowledged() -> None:
     )
 
 
-def test_a_401_is_given_up_at_once_with_a_clear_summary_and_exit_code_1(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_a_401_is_given_up_at_once_with_a_clear_summary_and_exit_code_1() -> None:
     received: list[ReceivedRequest] = []
     with serve(answering([401] * 100, received)) as base_url:
-        code, summary = run_cli(["--url", base_url + WEBHOOK, "--events", "500"], capsys)
-        assert run_sgpipe(["simulate", "--url", base_url + WEBHOOK, "--events", "10"]) == 1
-        text = capsys.readouterr().out
+        code, summary = run_cli(["--url", base_url + WEBHOOK, "--events", "500"])
+        as_text = run_sgpipe(["simulate", "--url", base_url + WEBHOOK, "--events", "10"])
+        assert as_text.returncode == 1
+        text = as_text.stdout
 
     assert code == 1
     assert not summary["ok"]
@@ -351,13 +348,13 @@ async def test_oauth_refused_credentials_give_up_without_posting() -> None:
     assert summary.last_error is not None and "token endpoint answered 401" in summary.last_error
 
 
-def test_the_same_seed_gives_byte_identical_bodies(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_same_seed_gives_byte_identical_bodies() -> None:
     def bodies(seed: str) -> list[bytes]:
         received: list[ReceivedRequest] = []
         with serve(answering([], received)) as base_url:
             args = ["--url", base_url + WEBHOOK, "--events", "2000", "--seed", seed]
             args += ["--duplicates", "0.3", "--max-batch-bytes", "32768", "--concurrency", "1"]
-            code, summary = run_cli(args, capsys)
+            code, summary = run_cli(args)
         assert code == 0 and summary["seed"] == int(seed)
         assert summary["duplicate_events"] > 0 and summary["resent_batches"] > 0
         return [request.body for request in received]
@@ -455,20 +452,18 @@ def test_the_progress_line_overwrites_itself() -> None:
         (["--url", "ftp://x"], "the URL must be http(s)://"),
     ],
 )
-def test_unusable_options_exit_2_with_one_line(
-    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
-) -> None:
-    argv = ["simulate", "--url", "http://127.0.0.1:1/x", *args]
-    assert run_sgpipe(argv) == 2
-    error = capsys.readouterr().err
+def test_unusable_options_exit_2_with_one_line(args: list[str], message: str) -> None:
+    argv = ["simulate", "--log-format", "console", "--url", "http://127.0.0.1:1/x", *args]
+    result = run_sgpipe(argv)
+    assert result.returncode == 2
+    error = result.stderr
     assert error.startswith("sgpipe: ") and message in error and error.count("\n") == 1
 
 
 def test_out_of_range_numbers_are_usage_errors() -> None:
     for bad in (["--duplicates", "1.5"], ["--events", "0"], ["--rate", "-1"]):
-        with pytest.raises(SystemExit) as exit_info:
-            run_sgpipe(["simulate", "--url", "http://127.0.0.1:1/x", *bad])
-        assert exit_info.value.code == 2
+        result = run_sgpipe(["simulate", "--url", "http://127.0.0.1:1/x", *bad])
+        assert result.returncode == 2 and "usage: sgpipe simulate" in result.stderr
 
 
 def test_public_key_of_a_generated_key_is_what_sendgrid_shows() -> None:

@@ -4,6 +4,7 @@ against SendGrid's official test vector."""
 from __future__ import annotations
 
 import base64
+import json
 import stat
 from itertools import islice
 from pathlib import Path
@@ -26,14 +27,13 @@ from tests import sendgrid_vector
 from tests.simulator_support import run_sgpipe
 
 
-def test_keys_generate_writes_a_private_key_only_its_owner_can_read(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_keys_generate_writes_a_private_key_only_its_owner_can_read(tmp_path: Path) -> None:
     out = tmp_path / "webhook.pem"
 
-    assert run_sgpipe(["keys", "generate", "--out", str(out)]) == 0
+    result = run_sgpipe(["keys", "generate", "--out", str(out)])
 
-    printed = capsys.readouterr().out.strip()
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.strip()
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
     private_key = load_private_key(out)
@@ -44,32 +44,37 @@ def test_keys_generate_writes_a_private_key_only_its_owner_can_read(
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 
 
-def test_keys_generate_refuses_to_overwrite_without_force(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_keys_generate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
     out = tmp_path / "webhook.pem"
-    assert run_sgpipe(["keys", "generate", "--out", str(out)]) == 0
+    assert run_sgpipe(["keys", "generate", "--out", str(out)]).returncode == 0
     first = out.read_bytes()
-    capsys.readouterr()
 
-    assert run_sgpipe(["keys", "generate", "--out", str(out)]) == 2
+    refused = run_sgpipe(["keys", "generate", "--log-format", "console", "--out", str(out)])
 
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err == f"sgpipe: {out} exists; pass --force to overwrite it\n"
+    assert refused.returncode == 2
+    assert refused.stdout == ""
+    assert refused.stderr == f"sgpipe: {out} exists; pass --force to overwrite it\n"
+    assert out.read_bytes() == first
+    # In JSON mode the same one line is a JSON event.
+    refused = run_sgpipe(["keys", "generate", "--log-format", "json", "--out", str(out)])
+    assert refused.returncode == 2
+    line = json.loads(refused.stderr)
+    assert line["event"] == f"{out} exists; pass --force to overwrite it"
+    assert line["exit_code"] == 2
     assert out.read_bytes() == first
 
-    assert run_sgpipe(["keys", "generate", "--out", str(out), "--force"]) == 0
+    forced = run_sgpipe(["keys", "generate", "--out", str(out), "--force"])
+    assert forced.returncode == 0
     assert out.read_bytes() != first
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
-    assert capsys.readouterr().out.strip() == public_key_base64(load_private_key(out))
+    assert forced.stdout.strip() == public_key_base64(load_private_key(out))
 
 
-def test_keys_generate_fails_cleanly_in_a_missing_directory(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert run_sgpipe(["keys", "generate", "--out", str(tmp_path / "nowhere" / "k.pem")]) == 2
-    assert capsys.readouterr().err.startswith("sgpipe: cannot write")
+def test_keys_generate_fails_cleanly_in_a_missing_directory(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nowhere" / "k.pem")
+    result = run_sgpipe(["keys", "generate", "--log-format", "console", "--out", missing])
+    assert result.returncode == 2
+    assert result.stderr.startswith("sgpipe: cannot write") and result.stderr.count("\n") == 1
 
 
 def test_a_key_that_is_not_p256_is_refused(tmp_path: Path) -> None:
