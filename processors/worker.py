@@ -16,6 +16,7 @@ from processors.dedup import RecentEventIds
 from processors.pipeline import RECORD_HEADROOM_BYTES, Metadata, process_raw_record
 from schemas.dead_letter import dead_letter_headers
 from schemas.email_event import EmailEventCodec
+from sgpipe.runtime import metrics
 from sgpipe.runtime.kafka import (
     OutgoingRecord,
     Record,
@@ -24,6 +25,7 @@ from sgpipe.runtime.kafka import (
     run_consumer_stage,
     send_all,
 )
+from sgpipe.runtime.schema_registry import open_event_codec
 from sgpipe.runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -35,9 +37,9 @@ EVENT_SCHEMA_HEADER = ("sgpipe-schema", b"io.sgpipe.v1.EmailEvent")
 class RawBatchProcessor:
     """Turns polled raw records into outgoing records; owns the best-effort dedup window."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, codec: EmailEventCodec | None = None) -> None:
         self._topics = settings.kafka.topics
-        self._codec = EmailEventCodec()
+        self._codec = codec or EmailEventCodec()
         self._recent = RecentEventIds(settings.processor.dedup_window)
         self._max_record_bytes = settings.kafka.max_request_size - RECORD_HEADROOM_BYTES
 
@@ -53,6 +55,8 @@ class RawBatchProcessor:
             processed = process_raw_record(
                 record.value, record.headers, metadata, self._codec, self._max_record_bytes
             )
+            for field, count in processed.coercion_errors.items():
+                metrics.COERCION_ERRORS.labels(metrics.STAGE_PROCESS, field).inc(count)
             for event in processed.events:
                 if event.sg_event_id in self._recent or event.sg_event_id in published:
                     outcomes["duplicate"] += 1
@@ -63,7 +67,7 @@ class RawBatchProcessor:
                     OutgoingRecord(
                         self._topics.events,
                         event.value,
-                        key=event.sg_event_id.encode(),
+                        key=event.key,
                         headers=[EVENT_SCHEMA_HEADER],
                     )
                 )
@@ -93,7 +97,7 @@ async def run_processor(
     """Consume raw batches until ``stop`` is set, then commit what was processed and return
     (with ``drain``, only once the raw topic has nothing left; see CommitLoop.run).
     ``ready`` is set once the processor consumes."""
-    processor = RawBatchProcessor(settings)
+    processor = RawBatchProcessor(settings, await open_event_codec(settings))
     producer = create_producer(settings.kafka)
 
     async def flush(records: Sequence[Record]) -> None:

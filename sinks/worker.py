@@ -27,6 +27,7 @@ from sgpipe.runtime.kafka import (
     run_consumer_stage,
     send_all,
 )
+from sgpipe.runtime.schema_registry import open_event_codec
 from sgpipe.runtime.settings import Settings
 from sinks.clickhouse import ClickHouseWriter
 from sinks.rows import to_columns
@@ -78,7 +79,8 @@ async def run_sink(
     if client is None:
         return
     try:
-        codec = EmailEventCodec()
+        # Registering is idempotent: the sink learns the id its processors write with.
+        codec = await open_event_codec(settings)
         writer = ClickHouseWriter(client, settings.clickhouse.database)
         producer = create_producer(settings.kafka)
         dead_letter_topic = settings.kafka.topics.dead_letter

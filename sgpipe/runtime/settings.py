@@ -22,7 +22,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "SGPIPE_"
 ENV_PATH_SEPARATOR = "__"
@@ -69,6 +77,21 @@ class KafkaSettings(_Section):
     heartbeat_interval_ms: Annotated[int, Field(ge=50)] = 3_000
     create_topics: bool = True
     topics: TopicSettings = TopicSettings()
+    # How events-topic records are framed (docs/consuming.md): Avro single-object encoding
+    # needs no registry; "confluent" (magic byte 0 + 4-byte schema id) registers the schema
+    # under "<events topic>-value" in `schema_registry.url` at start, for Confluent
+    # deserializers and ClickHouse's AvroConfluent format. Readers accept both.
+    events_format: Literal["single_object", "confluent"] = "single_object"
+
+
+class SchemaRegistrySettings(_Section):
+    """A Confluent-compatible Schema Registry, used when `kafka.events_format: confluent`."""
+
+    url: str | None = None
+    # HTTP Basic credentials (Confluent Cloud: the API key and secret).
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
 class ClickHouseSettings(_Section):
@@ -194,6 +217,13 @@ class Settings(_Section):
     sink: SinkSettings = SinkSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
     logging: LoggingSettings = LoggingSettings()
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
+
+    @model_validator(mode="after")
+    def _registry_for_confluent_format(self) -> Settings:
+        if self.kafka.events_format == "confluent" and self.schema_registry.url is None:
+            raise ValueError("kafka.events_format confluent needs schema_registry.url")
+        return self
 
     @field_validator("webhooks")
     @classmethod
