@@ -13,10 +13,10 @@ from aiokafka.structs import TopicPartition
 from processors.worker import run_processor
 from schemas.dead_letter import REASON_HEADER
 from schemas.email_event import EmailEventCodec
-from sgpipe.runtime.metrics import REGISTRY
 from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.embedded.broker import BrokerError, EmbeddedBroker
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
+from sgpipe.runtime.metrics import REGISTRY
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
 
 pytestmark = pytest.mark.kafka

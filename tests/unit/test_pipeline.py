@@ -4,6 +4,7 @@ contract, the dedup window and the EmailEvent single-object codec."""
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -354,7 +355,7 @@ def test_every_element_ends_as_exactly_one_record_or_one_dead_letter(items: list
         assert result.dead_letters[indices.index(index)].payload == elements[index]
         # Only what is not a usable JSON object is dead-lettered.
         item = items[index]
-        assert isinstance(item, bytes) or not isinstance(item, dict) or _has_surrogate(item)
+        assert isinstance(item, bytes) or not isinstance(item, dict) or _not_json(item)
     kept = sorted(e for i, e in enumerate(elements) if i not in indices)
     assert sorted(CODEC.decode(e.value)["raw"].encode() for e in result.events) == kept
     for encoded in result.events:
@@ -363,15 +364,17 @@ def test_every_element_ends_as_exactly_one_record_or_one_dead_letter(items: list
         assert record["webhook"] == "main"
 
 
-def _has_surrogate(value: Any) -> bool:
-    """A lone surrogate anywhere in a key or string: json.dumps writes it as a \\udXXX
-    escape, which is not valid text, so the element is invalid on its own."""
+def _not_json(value: Any) -> bool:
+    """What json.dumps writes but is no valid JSON text: a lone surrogate anywhere (as a
+    \\udXXX escape), or a non-finite float (as NaN or Infinity)."""
     if isinstance(value, str):
         return any(0xD800 <= ord(char) <= 0xDFFF for char in value)
+    if isinstance(value, float):
+        return not math.isfinite(value)
     if isinstance(value, list):
-        return any(_has_surrogate(item) for item in value)
+        return any(_not_json(item) for item in value)
     if isinstance(value, dict):
-        return any(_has_surrogate(key) or _has_surrogate(item) for key, item in value.items())
+        return any(_not_json(key) or _not_json(item) for key, item in value.items())
     return False
 
 
