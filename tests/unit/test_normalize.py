@@ -9,8 +9,6 @@ import base64
 import hashlib
 import json
 import re
-from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,14 +25,22 @@ from processors.pipeline import Metadata, process_raw_record
 from schemas.email_event import EmailEventCodec
 from schemas.event_fields import EVENT_FIELDS, FIELD_NAMES, RecordType
 from schemas.raw_batch import RawBatch, raw_batch_headers
+from tests.golden import (
+    EVENT_FIXTURES,
+    RECEIVED_AT_MS,
+    REQUEST_ID,
+    ROOT,
+    TYPED_FIXTURES,
+    WEBHOOK,
+    expected_record,
+    fixture_names,
+    json_form,
+    payload,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-EVENT_FIXTURES = ROOT / "tests" / "fixtures" / "events"
-TYPED_FIXTURES = ROOT / "tests" / "fixtures" / "typed"
 CONTRACT_DOC = ROOT / "docs" / "event-contract.md"
 CODEC = EmailEventCodec()
-CONTEXT = BatchContext(webhook="main", received_at_ms=1_700_000_100_000, request_id="req-1")
-DEFAULTS = {f.name: f.default for f in EVENT_FIELDS}
+CONTEXT = BatchContext(webhook=WEBHOOK, received_at_ms=RECEIVED_AT_MS, request_id=REQUEST_ID)
 
 DOCUMENTED_EVENT_TYPES = {
     "processed", "dropped", "delivered", "deferred", "bounce", "open", "click", "spamreport",
@@ -52,19 +58,10 @@ DOCUMENTED_SENDGRID_KEYS = {
 }  # fmt: skip
 
 
-def iso(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-
-
-def json_form(record: dict[str, Any]) -> dict[str, Any]:
-    """A decoded record with its datetimes as ISO text, as the typed fixtures write them."""
-    return {k: iso(v) if isinstance(v, datetime) else v for k, v in record.items()}
-
-
 def typed_through_the_pipeline(element: bytes) -> dict[str, Any]:
     """``element`` posted alone, processed, encoded to Avro and decoded again."""
     body = b"[" + element + b"]\r\n"
-    batch = RawBatch("main", body, CONTEXT.received_at_ms, "req-1", None, "signature")
+    batch = RawBatch(WEBHOOK, body, RECEIVED_AT_MS, REQUEST_ID, None, "signature")
     result = process_raw_record(body, raw_batch_headers(batch), Metadata("raw", 0, 0, 0), CODEC)
     assert result.dead_letters == []
     (encoded,) = result.events
@@ -75,10 +72,6 @@ def typed_through_the_pipeline(element: bytes) -> dict[str, Any]:
 
 
 # --- golden fixtures: every event type and every known quirk ---------------------------------
-
-
-def fixture_names() -> list[str]:
-    return sorted(path.stem for path in EVENT_FIXTURES.glob("*.json"))
 
 
 def test_every_payload_fixture_has_its_typed_record() -> None:
@@ -97,21 +90,10 @@ def test_every_documented_sendgrid_field_has_a_typed_column() -> None:
 
 @pytest.mark.parametrize("name", fixture_names())
 def test_payload_becomes_its_golden_typed_record(name: str) -> None:
-    element = (EVENT_FIXTURES / f"{name}.json").read_bytes().strip()
-    expected_fields = json.loads((TYPED_FIXTURES / f"{name}.json").read_text("utf-8"))
+    record = json_form(typed_through_the_pipeline(payload(name)))
 
-    record = json_form(typed_through_the_pipeline(element))
-
-    expected = {
-        **DEFAULTS,
-        "event_time": "1970-01-01T00:00:00.000Z",
-        "webhook": "main",
-        "received_at": "2023-11-14T22:15:00.000Z",
-        "request_id": "req-1",
-        "raw": element.decode("utf-8"),
-        **expected_fields,
-    }
-    assert record == expected
+    assert record == expected_record(name)
+    assert record["received_at"] == "2023-11-14T22:15:00.000Z"
     assert list(record) == list(FIELD_NAMES)
 
 
