@@ -114,7 +114,8 @@ async def test_golden_payloads_read_back_from_clickhouse_as_their_typed_records(
         config.write_text(yaml.safe_dump({"clickhouse": {"url": url, "database": DATABASE}}))
         sql = (
             'SELECT event, attempt, tls, url_offset.index, "from", coercion_errors '
-            "FROM email_events FINAL WHERE event IN ('deferred', 'click') ORDER BY event, sg_event_id"
+            "FROM email_events FINAL WHERE event IN ('deferred', 'click') "
+            "ORDER BY event, sg_event_id"
         )
         result = await asyncio.to_thread(
             subprocess.run,
