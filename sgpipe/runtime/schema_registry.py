@@ -47,14 +47,12 @@ class SchemaRegistryClient:
         if settings.url is None:
             raise ValueError("schema_registry.url is not set")
         self._base = settings.url.rstrip("/")
-        auth = None
+        headers = {"Accept": CONTENT_TYPE}
         if settings.username is not None:
             password = settings.password.get_secret_value() if settings.password else ""
-            auth = aiohttp.BasicAuth(settings.username, password)
+            headers["Authorization"] = aiohttp.encode_basic_auth(settings.username, password)
         self._session = aiohttp.ClientSession(
-            auth=auth,
-            timeout=aiohttp.ClientTimeout(total=settings.timeout_seconds),
-            headers={"Accept": CONTENT_TYPE},
+            timeout=aiohttp.ClientTimeout(total=settings.timeout_seconds), headers=headers
         )
 
     async def __aenter__(self) -> SchemaRegistryClient:
