@@ -28,10 +28,11 @@ from fastavro import schemaless_writer
 
 from ingest.signature import load_public_key, verify_signature
 from processors.normalize import BatchContext, normalize_event
-from processors.pipeline import Metadata, process_raw_record
+from processors.pipeline import process_raw_record
 from processors.split import parse_element, split_elements
 from schemas.email_event import EmailEventCodec
 from schemas.raw_batch import RawBatch, raw_batch_headers
+from sgpipe.runtime.messages import Message
 
 SENDGRID_MAX_BATCH_BYTES = 768 * 1024
 EVENT_TYPES = ["processed", "delivered", "open", "click", "bounce", "deferred", "dropped"]
@@ -104,9 +105,9 @@ def main() -> None:
     codec = EmailEventCodec()
     batch = RawBatch("bench", body, 1_700_000_000_000, "bench", 1_700_000_000, "signature")
     headers = raw_batch_headers(batch)
-    metadata = Metadata("raw", 0, 0, 0)
-    result = process_raw_record(body, headers, metadata, codec)
-    assert len(result.events) == event_count and not result.dead_letters
+    message = Message("raw", 0, 0, 0, None, body, headers)
+    result = process_raw_record(message, codec)
+    assert len(result.events) == event_count and not result.rejections
 
     def parse_only() -> object:
         return json.loads(body)
@@ -124,7 +125,7 @@ def main() -> None:
     steps = [
         (
             "processor: split+parse+normalize+encode",
-            lambda: process_raw_record(body, headers, metadata, codec),
+            lambda: process_raw_record(message, codec),
         ),
         ("  split (msgspec Raw spans)", lambda: split_elements(body)),
         ("  parse each element", lambda: [parse_element(e) for e in elements]),

@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from processors.pipeline import Metadata, process_raw_record
+from processors.pipeline import process_raw_record
 from schemas.email_event import EmailEventCodec
 from schemas.event_fields import EVENT_FIELDS
 from schemas.raw_batch import RawBatch, raw_batch_headers
+from sgpipe.runtime.messages import Message
 
 ROOT = Path(__file__).resolve().parent.parent
 EVENT_FIXTURES = ROOT / "tests" / "fixtures" / "events"
@@ -71,6 +72,7 @@ def encoded_events(
     """``elements`` posted as one SendGrid batch and processed: the events topic's values."""
     body = b"[" + b",\r\n".join(elements) + b"]\r\n"
     batch = RawBatch(webhook, body, received_at_ms, request_id, None, "signature")
-    result = process_raw_record(body, raw_batch_headers(batch), Metadata("raw", 0, 0, 0), codec)
-    assert result.dead_letters == []
+    message = Message("raw", 0, 0, 0, None, body, raw_batch_headers(batch))
+    result = process_raw_record(message, codec)
+    assert result.rejections == []
     return [event.value for event in result.events]

@@ -40,3 +40,6 @@ def configure_logging(
     )
     # Libraries (aiokafka, aiohttp) log through the standard library: keep their warnings.
     logging.basicConfig(stream=sys.stderr, level=max(_LEVELS[level], logging.WARNING))
+    # clickhouse-connect logs a traceback for an insert it cannot serialize, then raises; the
+    # stage classifies and reports that error itself, in one line.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)

@@ -1,8 +1,9 @@
 """The Confluent Schema Registry, over its small REST API, and the events codec built on it.
 
 Only what the Confluent wire format needs: register the current EmailEvent schema under the
-events topic's subject (``TopicNameStrategy``: ``<topic>-value``) at start, and fetch the
-writer schema of a registry id a consumer has not seen. Plain HTTP through aiohttp.
+events topic's subject (``TopicNameStrategy``: ``<topic>-value``) at start, look up the ids of
+the older released versions there (records an older sgpipe wrote), and fetch the writer schema
+of a registry id a consumer has not seen. Plain HTTP through aiohttp.
 
 Errors: ``SchemaRegistryError`` carries the registry's HTTP status and error code; 401/403
 (credentials) and 409/422 (the schema is incompatible with the subject's) are fatal for a
@@ -17,7 +18,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from schemas.email_event import EmailEventCodec, current_schema
+from schemas.email_event import EmailEventCodec, current_schema, schema_versions
 from sgpipe.runtime.settings import SchemaRegistrySettings, Settings
 
 CONTENT_TYPE: Final = "application/vnd.schemaregistry.v1+json"
@@ -74,6 +75,18 @@ class SchemaRegistryClient:
         )
         return int(document["id"])
 
+    async def lookup(self, subject: str, schema_text: str) -> int | None:
+        """The id of ``schema_text`` if it is registered under ``subject``, else None."""
+        try:
+            document = await self._request(
+                "POST", f"/subjects/{quote(subject, safe='')}", {"schema": schema_text}
+            )
+        except SchemaRegistryError as exc:
+            if exc.status == 404:  # 40401 no such subject, 40403 not registered there
+                return None
+            raise
+        return int(document["id"])
+
     async def schema(self, schema_id: int) -> str:
         """The schema text registered under ``schema_id``."""
         document = await self._request("GET", f"/schemas/ids/{int(schema_id)}", None)
@@ -113,21 +126,24 @@ def _registry_error(method: str, path: str, status: int, text: str) -> SchemaReg
     )
 
 
-async def open_event_codec(
-    settings: Settings, registry: SchemaRegistryClient | None = None
-) -> EmailEventCodec:
-    """The events codec a producing stage writes with: single-object encoding, or, with
+async def open_event_codec(settings: Settings) -> EmailEventCodec:
+    """The events codec of a stage: single-object encoding, or, with
     ``kafka.events_format: confluent``, the Confluent format under the id the registry gave
-    the current schema (registered now under ``<events topic>-value``)."""
+    the current schema (registered now under ``<events topic>-value``; registering is
+    idempotent), knowing the ids of the older released versions registered there too, so a
+    sink reads whatever an older sgpipe wrote without another request."""
     if settings.kafka.events_format != "confluent":
         return EmailEventCodec()
     subject = value_subject(settings.kafka.topics.events)
-    if registry is not None:
-        schema_id = await registry.register(subject, current_schema().text)
-    else:
-        async with SchemaRegistryClient(settings.schema_registry) as own:
-            schema_id = await own.register(subject, current_schema().text)
-    return EmailEventCodec(confluent_schema_id=schema_id)
+    async with SchemaRegistryClient(settings.schema_registry) as registry:
+        codec = EmailEventCodec(
+            confluent_schema_id=await registry.register(subject, current_schema().text)
+        )
+        for older in schema_versions()[:-1]:
+            schema_id = await registry.lookup(subject, older.text)
+            if schema_id is not None:
+                codec.add_registry_schema(schema_id, older.text)
+    return codec
 
 
 async def fetch_unknown_schemas(

@@ -21,8 +21,9 @@ from schemas import clickhouse_migrations
 from schemas.email_event import EmailEventCodec
 from schemas.event_fields import FIELD_NAMES, clickhouse_columns
 from sgpipe.runtime.clickhouse import apply_migrations
+from sgpipe.runtime.metrics import STAGE_SINK
+from sgpipe.runtime.settings import ClickHouseSettings
 from sinks.clickhouse import ClickHouseWriter
-from sinks.rows import to_columns
 from tests.golden import encoded_events, expected_record, fixture_names, json_form, payload
 from tests.integration.clickhouse_tools import clickhouse_client, select_rows, served_clickhouse
 
@@ -93,12 +94,15 @@ async def test_golden_payloads_read_back_from_clickhouse_as_their_typed_records(
     names = fixture_names()
     values = encoded_events([payload(name) for name in names], codec)
     async with served_clickhouse(tmp_path / "ch") as url, clickhouse_client(url) as client:
-        await apply_migrations(client, DATABASE)
-        writer = ClickHouseWriter(client, DATABASE)
-        # The sink's own path: decode, build columns, insert.
-        assert await writer.insert(to_columns(codec.decode(value) for value in values)) == len(
-            names
+        # The sink's own writer: it migrates, checks the table, builds columns and inserts.
+        writer = ClickHouseWriter(
+            ClickHouseSettings(url=url, database=DATABASE), None, stage=STAGE_SINK
         )
+        await writer.start()
+        try:
+            await writer.write([codec.decode(value) for value in values], None)
+        finally:
+            await writer.stop()
 
         rows = await select_rows(
             client, f"SELECT * EXCEPT (inserted_at) FROM {DATABASE}.email_events FINAL"

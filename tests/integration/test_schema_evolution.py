@@ -19,7 +19,7 @@ from fastavro import schemaless_reader
 
 from schemas.email_event import EmailEventCodec, schema_versions
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
-from sinks.worker import run_sink
+from sinks.stage import run_sink
 from tests.golden import DEFAULTS, encoded_events, expected_record, iso, json_form, payload
 from tests.integration.clickhouse_tools import clickhouse_client, select_rows, served_clickhouse
 from tests.integration.kafka_tools import kafka_test_settings
@@ -90,7 +90,7 @@ async def test_sink_consumes_v1_and_v2_records_into_correct_rows(
 
     async with served_clickhouse(tmp_path / "ch") as url, clickhouse_client(url) as client:
         stop = asyncio.Event()
-        sink = asyncio.create_task(run_sink(settings, stop, clickhouse_url=url))
+        sink = asyncio.create_task(run_sink(settings, stop, clickhouse_url=url, health_port=None))
         try:
             # One row per distinct event (the redelivered bounce may already be collapsed).
             await wait_for_rows(

@@ -27,7 +27,7 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 from pydantic import SecretStr
 
-from processors.worker import run_processor
+from processors.stage import run_processor
 from schemas.email_event import EmailEventCodec, schema_versions
 from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.embedded.broker import free_port
@@ -41,7 +41,7 @@ from sgpipe.runtime.schema_registry import (
     open_event_codec,
 )
 from sgpipe.runtime.settings import SchemaRegistrySettings, Settings
-from sinks.worker import run_sink
+from sinks.stage import run_sink
 from tests.golden import expected_record, fixture_names, json_form, payload
 from tests.integration.clickhouse_tools import clickhouse_client, select_rows, served_clickhouse
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
@@ -93,7 +93,23 @@ async def registry_server() -> AsyncIterator[Registry]:
             return error(404, 40403, "Schema not found")
         return web.json_response({"schema": schema.schema_str}, content_type=CONTENT_TYPE)
 
+    async def lookup(request: web.Request) -> web.Response:
+        requests.append(f"POST {request.path}")
+        if not authorized(request):
+            return error(401, 40101, "Unauthorized")
+        document = await request.json()
+        try:
+            found = mock.lookup_schema(
+                request.match_info["subject"], Schema(document["schema"], "AVRO")
+            )
+        except Exception:  # noqa: BLE001 - the mock raises its own error type for 404
+            return error(404, 40403, "Schema not found")
+        return web.json_response(
+            {"id": found.schema_id, "version": found.version}, content_type=CONTENT_TYPE
+        )
+
     app = web.Application()
+    app.router.add_post("/subjects/{subject}", lookup)
     app.router.add_post("/subjects/{subject}/versions", register)
     app.router.add_get("/schemas/ids/{id}", schema_by_id)
     runner = web.AppRunner(app, access_log=None)
@@ -121,7 +137,15 @@ async def test_codec_registers_the_current_schema_under_the_topics_subject() -> 
         again = await open_event_codec(settings)
 
         subject = f"{settings.kafka.topics.events}-value"
-        assert registry.requests == [f"POST /subjects/{subject}/versions"] * 2
+        # Register the current version; look up v1 (not registered here).
+        assert (
+            registry.requests
+            == [
+                f"POST /subjects/{subject}/versions",
+                f"POST /subjects/{subject}",
+            ]
+            * 2
+        )
         registered = registry.mock.get_latest_version(subject)
         assert codec.confluent_schema_id == again.confluent_schema_id == registered.schema_id
         assert registered.schema.schema_str is not None
@@ -202,7 +226,7 @@ async def test_processor_writes_confluent_framing_that_confluent_and_the_sink_re
             await producer.stop()
 
         stop = asyncio.Event()
-        processor = asyncio.create_task(run_processor(settings, stop))
+        processor = asyncio.create_task(run_processor(settings, stop, health_port=None))
         try:
             events = await read_topic(kafka_bootstrap_servers, topics.events, expected=len(names))
         finally:
@@ -224,7 +248,9 @@ async def test_processor_writes_confluent_framing_that_confluent_and_the_sink_re
         database = settings.clickhouse.database
         async with served_clickhouse(tmp_path / "ch") as url, clickhouse_client(url) as client:
             stop = asyncio.Event()
-            sink = asyncio.create_task(run_sink(settings, stop, clickhouse_url=url))
+            sink = asyncio.create_task(
+                run_sink(settings, stop, clickhouse_url=url, health_port=None)
+            )
             try:
                 deadline = time.monotonic() + 60
                 rows: list[dict[str, Any]] = []

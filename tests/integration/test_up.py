@@ -220,7 +220,7 @@ def test_ingress_takes_no_batch_while_the_sink_cannot_reach_clickhouse(tmp_path:
     running = start_pipeline(tmp_path, clickhouse={"url": unreachable})
     try:
         deadline = time.monotonic() + 30
-        while b"clickhouse not ready; retrying" not in running.log.read_bytes():
+        while b"connecting to ClickHouse failed; retrying" not in running.log.read_bytes():
             assert time.monotonic() < deadline, running.log.read_text()
             assert running.process.poll() is None, running.log.read_text()
             time.sleep(0.2)

@@ -21,10 +21,11 @@ from processors.normalize import (
     generated_event_id,
     normalize_event,
 )
-from processors.pipeline import Metadata, process_raw_record
+from processors.pipeline import process_raw_record
 from schemas.email_event import EmailEventCodec
 from schemas.event_fields import EVENT_FIELDS, FIELD_NAMES, RecordType
 from schemas.raw_batch import RawBatch, raw_batch_headers
+from sgpipe.runtime.messages import Message
 from tests.golden import (
     EVENT_FIXTURES,
     RECEIVED_AT_MS,
@@ -62,8 +63,9 @@ def typed_through_the_pipeline(element: bytes) -> dict[str, Any]:
     """``element`` posted alone, processed, encoded to Avro and decoded again."""
     body = b"[" + element + b"]\r\n"
     batch = RawBatch(WEBHOOK, body, RECEIVED_AT_MS, REQUEST_ID, None, "signature")
-    result = process_raw_record(body, raw_batch_headers(batch), Metadata("raw", 0, 0, 0), CODEC)
-    assert result.dead_letters == []
+    message = Message("raw", 0, 0, 0, None, body, raw_batch_headers(batch))
+    result = process_raw_record(message, CODEC)
+    assert result.rejections == []
     (encoded,) = result.events
     record = CODEC.decode(encoded.value)
     assert (encoded.sg_event_id, encoded.event) == (record["sg_event_id"], record["event"])
