@@ -133,10 +133,10 @@ def confluent_settings(bootstrap: str, suffix: str, url: str, **sections: Any) -
 async def test_codec_registers_the_current_schema_under_the_topics_subject() -> None:
     async with registry_server() as registry:
         settings = confluent_settings("127.0.0.1:1", "reg", registry.url)
+        subject = f"{settings.kafka.topics.events}-value"
         codec = await open_event_codec(settings)
         again = await open_event_codec(settings)
 
-        subject = f"{settings.kafka.topics.events}-value"
         # Register the current version; look up v1 (not registered here).
         assert (
             registry.requests
@@ -150,6 +150,29 @@ async def test_codec_registers_the_current_schema_under_the_topics_subject() -> 
         assert codec.confluent_schema_id == again.confluent_schema_id == registered.schema_id
         assert registered.schema.schema_str is not None
         assert json.loads(registered.schema.schema_str) == json.loads(schema_versions()[-1].text)
+
+
+async def test_codec_knows_the_ids_older_sgpipes_registered() -> None:
+    async with registry_server() as registry:
+        settings = confluent_settings("127.0.0.1:1", "old", registry.url)
+        subject = f"{settings.kafka.topics.events}-value"
+        # An older sgpipe (schema v1) registered its schema and wrote with its id.
+        v1_id = registry.mock.register_schema(subject, Schema(schema_versions()[0].text, "AVRO"))
+        foundation = base64.b64decode(foundation_record())
+        framed = b"\x00" + v1_id.to_bytes(4, "big") + foundation[10:]
+
+        codec = await open_event_codec(settings)
+
+        assert codec.confluent_schema_id != v1_id
+        assert codec.unknown_schema_ids([framed]) == set()
+        assert codec.decode(framed) == EmailEventCodec().decode(foundation)
+        assert not [request for request in registry.requests if request.startswith("GET")]
+
+
+def foundation_record() -> str:
+    path = Path(__file__).resolve().parents[1] / "fixtures/avro/v1_records_from_foundation.json"
+    value: str = json.loads(path.read_text())["records"][0]["value"]
+    return value
 
 
 async def test_registry_errors_say_whether_to_retry() -> None:
