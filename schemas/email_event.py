@@ -29,7 +29,7 @@ from fastavro import parse_schema, schemaless_reader
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas.avro_writer import compile_writer
+from schemas.avro_compiled import compile_reader, compile_writer
 
 SINGLE_OBJECT_MAGIC = b"\xc3\x01"
 CONFLUENT_MAGIC = b"\x00"
@@ -130,6 +130,9 @@ class EmailEventCodec:
         # Compiled once from the committed schema: fastavro's generic writer was most of the
         # processor's time per event (bench/bench_hot_paths.py).
         self._write = compile_writer(json.loads(self.current.text))
+        # And the reader of records written with the current schema (nearly all of them);
+        # an older writer's records go through fastavro's schema resolution.
+        self._read_current = compile_reader(json.loads(self.current.text))
         self._by_fingerprint = {version.fingerprint: version.schema for version in versions}
         self._by_schema_id: dict[int, dict[str, Any]] = {}
         self.confluent_schema_id = confluent_schema_id
@@ -153,10 +156,12 @@ class EmailEventCodec:
         datetimes). SerializationError for bytes that are not an EmailEvent record;
         UnknownWriterSchema for a record whose writer schema is not known here."""
         writer, body = self._writer_schema(payload)
+        record: Any
         try:
-            record = schemaless_reader(
-                io.BytesIO(body), writer, None if writer is self._reader else self._reader
-            )
+            if writer is self._reader:
+                record = self._read_current(body)
+            else:
+                record = schemaless_reader(io.BytesIO(body), writer, self._reader)
         except _DECODE_ERRORS as exc:
             raise SerializationError(f"cannot decode EmailEvent: {exc}") from exc
         if not isinstance(record, dict):

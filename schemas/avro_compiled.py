@@ -1,16 +1,21 @@
-"""A compiled Avro binary writer for one record schema: the processor's hot path.
+"""Compiled Avro binary writer and reader for one record schema: the stages' hot paths.
 
-fastavro's generic writer walks the schema for every record and costs about 0.4-2 µs per
-field (unions and defaults most); with ~50 fields that was most of the processor's time. This
-turns the schema, once, into straight-line Python (``compile_writer``): per field a dict
-lookup, a type check and one or two appends. The bytes are the Avro specification's binary
-encoding, the same fastavro writes; ``tests/unit/test_avro_writer.py`` compares the two on
-generated records. Only the types the EmailEvent schema uses are supported (null, boolean, int,
-long, string, timestamp-millis, arrays and maps of those, records, unions); any other schema
-raises ``UnsupportedSchema`` and the caller keeps fastavro.
+fastavro's generic writer and reader walk the schema for every record and cost about
+0.4-2 µs per field (unions and defaults most); with ~50 fields that was most of the
+processor's time per event and doubled the sink's decoding. This turns the schema, once, into
+straight-line Python: ``compile_writer`` (per field a dict lookup, a type check, one or two
+appends; runs of absent fields written from precomputed bytes) and ``compile_reader`` (per
+field a varint or a slice). The bytes and values are the Avro specification's binary encoding
+and fastavro's, which ``tests/unit/test_avro_compiled.py`` checks on generated records. Only
+the types the EmailEvent schema uses are supported (null, boolean, int, long, string,
+timestamp-millis, arrays and maps of those, records, unions with null); any other schema
+raises ``UnsupportedSchema`` and the caller keeps fastavro. Schema resolution (reading an
+older writer's record) stays fastavro's.
 
-Errors: a value of the wrong type raises TypeError, an integer out of range OverflowError, a
-string that is not valid Unicode UnicodeEncodeError (callers wrap them).
+Writer errors: a value of the wrong type raises TypeError, an integer out of range
+OverflowError, a string that is not valid Unicode UnicodeEncodeError. Reader errors on
+truncated or malformed bytes: EOFError or IndexError, ValueError (UnicodeDecodeError),
+OverflowError. Callers wrap them.
 """
 
 from __future__ import annotations
@@ -240,3 +245,178 @@ def compile_writer(schema: dict[str, Any]) -> Callable[[dict[str, Any]], bytes]:
     exec(compile(source, f"<avro writer for {schema.get('name')}>", "exec"), namespace)
     writer: Callable[[dict[str, Any]], bytes] = namespace["write"]
     return writer
+
+
+# --- reader ------------------------------------------------------------------------------------
+
+
+def read_long(data: bytes, position: int) -> tuple[int, int]:
+    """The zig-zag varint at ``position`` and the position after it."""
+    shift = 0
+    number = 0
+    while True:
+        try:
+            byte = data[position]
+        except IndexError:
+            raise EOFError("truncated Avro long") from None
+        position += 1
+        number |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return (number >> 1) ^ -(number & 1), position
+        shift += 7
+        if shift > 63:
+            raise ValueError("Avro long longer than 10 bytes")
+
+
+def _read_text(data: bytes, position: int) -> tuple[str, int]:
+    length, position = read_long(data, position)
+    end = position + length
+    if length < 0 or end > len(data):
+        raise EOFError("truncated Avro string")
+    return data[position:end].decode("utf-8"), end
+
+
+def _read_boolean(data: bytes, position: int) -> tuple[bool, int]:
+    try:
+        byte = data[position]
+    except IndexError:
+        raise EOFError("truncated Avro boolean") from None
+    if byte > 1:
+        raise ValueError(f"invalid Avro boolean byte {byte}")
+    return byte == 1, position + 1
+
+
+def _read_timestamp_millis(data: bytes, position: int) -> tuple[datetime.datetime, int]:
+    milliseconds, position = read_long(data, position)
+    # As fastavro: epoch + timedelta (fromtimestamp is wrong for some values, bpo-36439).
+    return _EPOCH + datetime.timedelta(microseconds=milliseconds * 1000), position
+
+
+def _block_count(data: bytes, position: int) -> tuple[int, int]:
+    count, position = read_long(data, position)
+    if count < 0:  # a negative count is followed by the block's size in bytes
+        _, position = read_long(data, position)
+        count = -count
+    return count, position
+
+
+class _ReaderCompiler:
+    """Emits ``read(data) -> record``: each value read into a local, the record a dict."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._counter = 0
+
+    def name(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter}"
+
+    def emit(self, indent: int, line: str) -> None:
+        self.lines.append("    " * indent + line)
+
+    def value(self, schema: Any, target: str, indent: int) -> None:
+        """Read one value of ``schema`` at ``p`` into the local ``target``, advancing ``p``."""
+        if isinstance(schema, list):
+            self.union(schema, target, indent)
+            return
+        kind = schema if isinstance(schema, str) else schema.get("type")
+        logical = schema.get("logicalType") if isinstance(schema, dict) else None
+        if kind == "long" and logical == "timestamp-millis":
+            self.emit(indent, f"{target}, p = _read_timestamp_millis(d, p)")
+        elif logical is not None and not isinstance(kind, dict):
+            raise UnsupportedSchema(f"logical type {logical!r}")
+        elif kind == "string":
+            # Inline for lengths below 64 (one varint byte), the common case.
+            length = self.name("n")
+            self.emit(indent, f"{length} = d[p]")
+            self.emit(indent, f"if {length} < 0x80: {length} >>= 1; p += 1")
+            self.emit(indent, f"else: {length}, p = _read_long(d, p)")
+            self.emit(indent, f"{target} = d[p:p + {length}].decode()")
+            self.emit(indent, f"p += {length}")
+            self.emit(indent, "if p > e: raise EOFError('truncated Avro string')")
+        elif kind in ("long", "int"):
+            self.long(target, indent)
+        elif kind == "boolean":
+            self.emit(indent, f"{target}, p = _read_boolean(d, p)")
+        elif kind == "null":
+            self.emit(indent, f"{target} = None")
+        elif kind == "array":
+            count, item = self.name("n"), self.name("i")
+            self.emit(indent, f"{target} = []")
+            self.emit(indent, f"{count}, p = _block_count(d, p)")
+            self.emit(indent, f"while {count}:")
+            self.emit(indent + 1, f"for _ in range({count}):")
+            self.value(schema["items"], item, indent + 2)
+            self.emit(indent + 2, f"{target}.append({item})")
+            self.emit(indent + 1, f"{count}, p = _block_count(d, p)")
+        elif kind == "map":
+            count, key, item = self.name("n"), self.name("k"), self.name("i")
+            self.emit(indent, f"{target} = {{}}")
+            self.emit(indent, f"{count}, p = _block_count(d, p)")
+            self.emit(indent, f"while {count}:")
+            self.emit(indent + 1, f"for _ in range({count}):")
+            self.emit(indent + 2, f"{key}, p = _read_text(d, p)")
+            self.value(schema["values"], item, indent + 2)
+            self.emit(indent + 2, f"{target}[{key}] = {item}")
+            self.emit(indent + 1, f"{count}, p = _block_count(d, p)")
+        elif kind == "record":
+            self.record(schema, target, indent)
+        elif isinstance(kind, dict | list):
+            self.value(kind, target, indent)
+        else:
+            raise UnsupportedSchema(f"Avro type {kind!r}")
+
+    def long(self, target: str, indent: int) -> None:
+        # Inline for values in [-64, 63] (one varint byte), the common case.
+        self.emit(indent, f"{target} = d[p]")
+        self.emit(
+            indent, f"if {target} < 0x80: {target} = ({target} >> 1) ^ -({target} & 1); p += 1"
+        )
+        self.emit(indent, f"else: {target}, p = _read_long(d, p)")
+
+    def union(self, branches: list[Any], target: str, indent: int) -> None:
+        names = [b if isinstance(b, str) else b.get("type") for b in branches]
+        if len(branches) != 2 or "null" not in names:
+            raise UnsupportedSchema(f"union {names!r}")
+        null_index = names.index("null")
+        branch = self.name("u")
+        self.long(branch, indent)
+        self.emit(indent, f"if {branch} == {null_index}: {target} = None")
+        self.emit(indent, f"elif {branch} == {1 - null_index}:")
+        self.value(branches[1 - null_index], target, indent + 1)
+        self.emit(indent, f"else: raise ValueError('invalid union branch ' + str({branch}))")
+
+    def record(self, schema: dict[str, Any], target: str, indent: int) -> None:
+        locals_ = []
+        for field in schema["fields"]:
+            local = self.name("f")
+            self.value(field["type"], local, indent)
+            locals_.append((field["name"], local))
+        items = ", ".join(f"{name!r}: {local}" for name, local in locals_)
+        self.emit(indent, f"{target} = {{{items}}}")
+
+
+def compile_reader(schema: dict[str, Any]) -> Callable[[bytes], dict[str, Any]]:
+    """``read(data) -> record``: the record Avro-encoded at the start of ``data`` under
+    ``schema`` (writer and reader schema alike), as fastavro's ``schemaless_reader`` returns
+    it (timestamps as aware UTC datetimes). Bytes after the record are ignored, as fastavro
+    does. UnsupportedSchema when the schema uses a type not compiled here."""
+    if schema.get("type") != "record":
+        raise UnsupportedSchema("the schema must be a record")
+    compiler = _ReaderCompiler()
+    compiler.emit(1, "p = 0")
+    compiler.emit(1, "e = len(d)")
+    compiler.record(schema, "record", 1)
+    compiler.emit(1, "return record")
+    source = "def read(d):\n" + "\n".join(compiler.lines) + "\n"
+    namespace: dict[str, Any] = {
+        "_read_long": read_long,
+        "_read_text": _read_text,
+        "_read_boolean": _read_boolean,
+        "_read_timestamp_millis": _read_timestamp_millis,
+        "_block_count": _block_count,
+    }
+    # As for the writer: the code comes from a schema sgpipe ships, never from input data.
+    exec(compile(source, f"<avro reader for {schema.get('name')}>", "exec"), namespace)
+    reader: Callable[[bytes], dict[str, Any]] = namespace["read"]
+    return reader
