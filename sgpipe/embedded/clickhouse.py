@@ -880,8 +880,19 @@ class EmbeddedClickHouse:
 
 
 def query_tsv(data_path: pathlib.Path, sql: str, *, database: str | None = None) -> bytes:
-    """Open chdb directly on data_path (nobody else holds it), run sql, return TabSeparated
-    output (or the query's own FORMAT if it has one). `database`, if given, is the default
+    """`query_store` with TabSeparated output."""
+    return query_store(data_path, sql, database=database)
+
+
+def query_store(
+    data_path: pathlib.Path,
+    sql: str,
+    *,
+    database: str | None = None,
+    fmt: str = _DEFAULT_FORMAT,
+) -> bytes:
+    """Open chdb directly on data_path (nobody else holds it), run sql, return its output in
+    `fmt` (or in the query's own FORMAT if it has one). `database`, if given, is the default
     database for unqualified table names.
 
     Raises EmbeddedQueryError with ClickHouse's text when the query fails, or when the store
@@ -901,7 +912,7 @@ def query_tsv(data_path: pathlib.Path, sql: str, *, database: str | None = None)
     try:
         if database:
             conn.query(f"USE {_quote_identifier(database)}", _DEFAULT_FORMAT)
-        result: _Result = conn.query(sql, _DEFAULT_FORMAT)
+        result: _Result = conn.query(sql, fmt)
         return result.bytes()
     except RuntimeError as exc:
         raise _engine_error(exc) from exc

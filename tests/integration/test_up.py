@@ -25,7 +25,7 @@ from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
-SGPIPE = [sys.executable, "-m", "sgpipe.cli"]
+SGPIPE = [sys.executable, "-m", "sgpipe"]
 START_TIMEOUT = 90.0
 
 
@@ -202,6 +202,32 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     status, _, _ = post(f"{pipeline.base_url}/webhooks/other", BODY, signed_headers())
     assert status == 404
 
+    # A second `sgpipe up` on the same data dir is refused in one line before it starts
+    # anything (its ports are all free: only the data dir is in the way).
+    second = subprocess.run(
+        [
+            *SGPIPE,
+            "up",
+            "--config",
+            str(pipeline.config),
+            "--data-dir",
+            str(pipeline.data_dir),
+            "--port",
+            str(free_port()),
+            "--log-format",
+            "console",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 2
+    assert second.stderr == (
+        f"sgpipe: data dir {pipeline.data_dir} is in use by another sgpipe up "
+        f"(pid {pipeline.process.pid})\n"
+    )
+
     # SIGTERM drains and stops everything, the broker child included; the store stays readable.
     state = json.loads((pipeline.data_dir / "sgpipe-up.json").read_text())
     broker_host, broker_port = state["kafka_bootstrap_servers"].split(":")
@@ -211,6 +237,11 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     with pytest.raises(OSError):
         socket.create_connection((broker_host, int(broker_port)), timeout=2).close()
     assert pipeline.query("SELECT count() FROM email_events FINAL") == "1\n"
+    # One log stream: every line it wrote (JSON mode) parses, library lines included.
+    events = [json.loads(line) for line in pipeline.log.read_text().splitlines()]
+    assert {"embedded broker started", "send SendGrid events to", "stopped"} <= {
+        event["event"] for event in events
+    }
 
 
 def test_ingress_takes_no_batch_while_the_sink_cannot_reach_clickhouse(tmp_path: Path) -> None:
