@@ -1,9 +1,10 @@
 """The Confluent Schema Registry, over its small REST API, and the events codec built on it.
 
-Only what the Confluent wire format needs: register the current EmailEvent schema under the
-events topic's subject (``TopicNameStrategy``: ``<topic>-value``) at start, look up the ids of
-the older released versions there (records an older sgpipe wrote), and fetch the writer schema
-of a registry id a consumer has not seen. Plain HTTP through aiohttp.
+Only what the Confluent wire format needs: at start, find (or register, when missing) the
+current EmailEvent schema under the events topic's subject (``TopicNameStrategy``:
+``<topic>-value``) and look up the ids of the older released versions there (records an older
+sgpipe wrote); later, fetch the writer schema of a registry id a consumer has not seen. Plain
+HTTP through aiohttp.
 
 Errors: ``SchemaRegistryError`` carries the registry's HTTP status and error code; 401/403
 (credentials) and 409/422 (the schema is incompatible with the subject's) are fatal for a
@@ -128,21 +129,24 @@ def _registry_error(method: str, path: str, status: int, text: str) -> SchemaReg
 
 async def open_event_codec(settings: Settings) -> EmailEventCodec:
     """The events codec of a stage: single-object encoding, or, with
-    ``kafka.events_format: confluent``, the Confluent format under the id the registry gave
-    the current schema (registered now under ``<events topic>-value``; registering is
-    idempotent), knowing the ids of the older released versions registered there too, so a
-    sink reads whatever an older sgpipe wrote without another request."""
+    ``kafka.events_format: confluent``, the Confluent format under the registry id of the
+    current schema in ``<events topic>-value`` (looked up, and registered only when missing,
+    so a stage with read-only registry credentials works once the schema is there), knowing
+    the ids of the older released versions registered there too, so a sink reads whatever an
+    older sgpipe wrote without another request."""
     if settings.kafka.events_format != "confluent":
         return EmailEventCodec()
     subject = value_subject(settings.kafka.topics.events)
+    current = current_schema().text
     async with SchemaRegistryClient(settings.schema_registry) as registry:
-        codec = EmailEventCodec(
-            confluent_schema_id=await registry.register(subject, current_schema().text)
-        )
+        schema_id = await registry.lookup(subject, current)
+        if schema_id is None:
+            schema_id = await registry.register(subject, current)
+        codec = EmailEventCodec(confluent_schema_id=schema_id)
         for older in schema_versions()[:-1]:
-            schema_id = await registry.lookup(subject, older.text)
-            if schema_id is not None:
-                codec.add_registry_schema(schema_id, older.text)
+            older_id = await registry.lookup(subject, older.text)
+            if older_id is not None:
+                codec.add_registry_schema(older_id, older.text)
     return codec
 
 
