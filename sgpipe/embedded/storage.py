@@ -333,6 +333,10 @@ class SeaweedStorage:
         if self._lock_fd is None:
             self._lock_fd = await _lock_data_dir(self.layout.lock, LOCK_WAIT_SECONDS)
         self.credentials = load_or_create_credentials(self.layout.credentials)
+        previous = self.ports or _read_ports(self.layout.ports)
+        if previous is not None:
+            # Left by a killed weed; gone for good if it must move to other ports now.
+            remove_stale_sockets(self.host, previous)
         if self.ports is None or not _all_free(self.host, self.ports):
             self.ports = choose_ports(self.host, self.layout, self._pinned_s3_port)
         remove_stale_sockets(self.host, self.ports)

@@ -334,7 +334,8 @@ async def test_storage_restarted_on_new_ports_gets_the_broker_along(
     assert durable.storage is not None and durable.storage.ports is not None
     await create_topic(servers)
     await produce(servers, 10)
-    old_s3_port = durable.storage.ports.s3
+    old_ports = durable.storage.ports
+    old_s3_port = old_ports.s3
     durable.storage.kill()
     await durable.storage.wait_exited()
     with socket.socket() as squatter:  # someone takes the S3 port before the restart
@@ -345,6 +346,8 @@ async def test_storage_restarted_on_new_ports_gets_the_broker_along(
         assert durable.storage.ports.s3 != old_s3_port
         await produce(servers, 10, start=10)
         assert sorted(await read_all(servers, 20)) == sorted(expected_values(20))
+    # The killed weed's /tmp sockets went, though its ports are not used any more.
+    assert [path for path in stale_socket_paths(old_ports) if path.exists()] == []
 
 
 async def test_the_supervisor_sweeps_retention_periodically(tmp_path: Path) -> None:
