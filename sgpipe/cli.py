@@ -24,7 +24,7 @@ from typing import Any
 import structlog
 
 from sgpipe.runtime.logs import configure_logging
-from sgpipe.runtime.settings import ConfigError, Settings, load_settings
+from sgpipe.runtime.settings import ClickHouseSettings, ConfigError, Settings, load_settings
 
 log = structlog.get_logger(__name__)
 
@@ -167,12 +167,28 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
 
 def _query(args: argparse.Namespace, settings: Settings) -> int:
     """Through ClickHouse's HTTP interface when a server is configured or `sgpipe up` serves
-    the data dir; otherwise straight from the embedded data path (nobody holds it)."""
-    url = settings.clickhouse.url or _running_store_url(args.data_dir)
-    database = settings.clickhouse.database
+    the data dir (as the data dir's writer user); otherwise straight from the embedded data
+    path (nobody holds it)."""
+    from sgpipe.embedded.credentials import CredentialsError, load_credentials
+    from sgpipe.runtime.clickhouse import with_credentials
+
+    clickhouse = settings.clickhouse
+    url = clickhouse.url
+    if url is None:
+        url = _running_store_url(args.data_dir)
+        if url is not None:
+            try:
+                writer = load_credentials(args.data_dir).writer
+            except (FileNotFoundError, CredentialsError) as exc:
+                print(
+                    f"sgpipe: cannot read the embedded store's credentials: {exc}", file=sys.stderr
+                )
+                return EXIT_FAILURE
+            clickhouse = with_credentials(clickhouse, writer.name, writer.password)
+    database = clickhouse.database
     if url is not None:
         try:
-            output = _query_http(url, settings, args.sql)
+            output = _query_http(url, clickhouse, args.sql)
         except QueryFailed as exc:
             print(f"sgpipe: {exc}", file=sys.stderr)
             return EXIT_FAILURE
@@ -195,10 +211,13 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _running_store_url(data_dir: Path) -> str | None:
+    """The embedded store's URL if `sgpipe up` serves this data dir and answers."""
     from sgpipe.up import state_file
 
     try:
         state = json.loads(state_file(data_dir).read_text(encoding="utf-8"))
+        if not state.get("clickhouse_embedded", True):
+            return None  # `up` ran against a configured ClickHouse: pass the same config
         url = str(state["clickhouse_url"])
         with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
             return url if response.status == 200 else None
@@ -206,13 +225,13 @@ def _running_store_url(data_dir: Path) -> str | None:
         return None
 
 
-def _query_http(url: str, settings: Settings, sql: str) -> bytes:
+def _query_http(url: str, clickhouse: ClickHouseSettings, sql: str) -> bytes:
     from clickhouse_connect.driver.exceptions import ClickHouseError
 
     from sgpipe.runtime.clickhouse import connect
 
     async def run() -> bytes:
-        client = await connect(settings.clickhouse, url, database=settings.clickhouse.database)
+        client = await connect(clickhouse, url, database=clickhouse.database)
         try:
             result: bytes = await client.raw_query(sql, fmt="TabSeparated")
             return result

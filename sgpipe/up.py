@@ -25,7 +25,9 @@ from aiohttp import web
 
 from ingest.app import build_verifiers, create_app
 from processors.worker import run_processor
+from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.kafka import ensure_topics
+from sgpipe.runtime.redact import redact_url
 from sgpipe.runtime.settings import Settings
 from sinks.worker import run_sink
 
@@ -69,13 +71,32 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         clickhouse_url = settings.clickhouse.url
         if clickhouse_url is None:
             from sgpipe.embedded.clickhouse import EmbeddedClickHouse
+            from sgpipe.embedded.credentials import credentials_file, load_or_create_credentials
 
-            store = EmbeddedClickHouse(data_dir / CLICKHOUSE_DIR)
+            credentials = load_or_create_credentials(data_dir)
+            store = EmbeddedClickHouse(
+                data_dir / CLICKHOUSE_DIR,
+                credentials,
+                allowed_origins=settings.embedded.clickhouse_allowed_origins,
+            )
             clickhouse_url = await store.start(
                 settings.embedded.host, settings.embedded.clickhouse_http_port
             )
             stack.push_async_callback(store.stop)
-            log.info("embedded clickhouse serving", url=clickhouse_url)
+            # The sink (and its migrations) write as the writer user.
+            settings = settings.model_copy(
+                update={
+                    "clickhouse": with_credentials(
+                        settings.clickhouse, credentials.writer.name, credentials.writer.password
+                    )
+                }
+            )
+            log.info(
+                "embedded clickhouse serving",
+                url=clickhouse_url,
+                users=[user.name for user in credentials.users],
+                credentials=str(credentials_file(data_dir)),
+            )
 
         _write_state(data_dir, settings, clickhouse_url)
         stack.callback(_remove_state, data_dir)
@@ -162,15 +183,21 @@ def _log_webhook_urls(settings: Settings, runner: web.AppRunner) -> None:
 
 
 def _write_state(data_dir: Path, settings: Settings, clickhouse_url: str) -> None:
+    """Where the services listen, for `sgpipe query` and operators: no secret in it (URLs
+    are redacted; the embedded store's credentials have their own file), mode 0600."""
     state = {
         "pid": os.getpid(),
-        "clickhouse_url": clickhouse_url,
+        "clickhouse_url": redact_url(clickhouse_url),
+        "clickhouse_embedded": settings.clickhouse.url is None,
         "kafka_bootstrap_servers": settings.kafka.bootstrap_servers,
         "database": settings.clickhouse.database,
     }
     path = state_file(data_dir)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=2)
     temporary.replace(path)
 
 

@@ -3,6 +3,9 @@
 JSON lines (with structured tracebacks) when stderr is not a terminal, coloured console output
 when it is. Context such as ``request_id`` or ``topic``/``partition`` is bound with
 ``structlog.contextvars`` by the component that knows it.
+
+Every event and every standard-library record passes ``sgpipe.runtime.redact`` last, after
+exceptions are rendered, so a URL with a password never reaches the output.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import sys
 from typing import Literal
 
 import structlog
+
+from sgpipe.runtime.redact import RedactingFilter, redact_log_event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 _LEVELS["error"] = logging.ERROR
@@ -27,10 +32,19 @@ def configure_logging(
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # Exceptions are rendered to data before the redaction, so their text is redacted too.
     renderer: list[structlog.typing.Processor] = (
-        [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        [
+            structlog.processors.dict_tracebacks,
+            redact_log_event,
+            structlog.processors.JSONRenderer(),
+        ]
         if as_json
-        else [structlog.dev.ConsoleRenderer()]
+        else [
+            structlog.processors.format_exc_info,
+            redact_log_event,
+            structlog.dev.ConsoleRenderer(),
+        ]
     )
     structlog.configure(
         processors=[*shared, *renderer],
@@ -40,3 +54,6 @@ def configure_logging(
     )
     # Libraries (aiokafka, aiohttp) log through the standard library: keep their warnings.
     logging.basicConfig(stream=sys.stderr, level=max(_LEVELS[level], logging.WARNING))
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
+            handler.addFilter(RedactingFilter())

@@ -178,6 +178,17 @@ class EmbeddedSettings(_Section):
     clickhouse_http_port: Annotated[int, Field(ge=0, le=65535)] = 8123
     # Embedded services listen here only; never expose them beyond the machine by default.
     host: str = "127.0.0.1"
+    # Web origins (e.g. "https://grafana.example.com") whose browser requests the embedded
+    # ClickHouse endpoint accepts. None by default: any request with an Origin header is
+    # refused, so a web page cannot use a browser to reach it (docs/security.md).
+    clickhouse_allowed_origins: tuple[str, ...] = ()
+
+    @field_validator("clickhouse_allowed_origins", mode="before")
+    @classmethod
+    def _split_origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
 
 class LoggingSettings(_Section):

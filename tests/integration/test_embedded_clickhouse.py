@@ -31,10 +31,17 @@ from sgpipe.embedded.clickhouse import (  # noqa: E402
     EmbeddedQueryError,
     query_tsv,
 )
+from sgpipe.embedded.credentials import (  # noqa: E402
+    EmbeddedCredentials,
+    load_or_create_credentials,
+)
 
 pytestmark = pytest.mark.clickhouse
 
 TIMEOUT = 30.0
+# chdb's `default` database also exposes the file system, so the lockdown makes it unusable
+# for tables: the tests work in a database of their own, as sgpipe does.
+DATABASE = "test"
 EVENTS_DDL = """
 CREATE TABLE events (
     event_id String,
@@ -57,13 +64,32 @@ class Served:
     loop: asyncio.AbstractEventLoop
     data_path: pathlib.Path
     url: str
+    credentials: EmbeddedCredentials
 
     @property
     def port(self) -> int:
         return int(self.url.rsplit(":", 1)[1])
 
+    @property
+    def auth(self) -> dict[str, str]:
+        """The writer's HTTP Basic header."""
+        writer = self.credentials.writer
+        return {"Authorization": aiohttp.encode_basic_auth(writer.name, writer.password)}
+
+    @property
+    def query_url(self) -> str:
+        return f"{self.url}/?database={DATABASE}"
+
     def client(self, **kwargs: Any) -> Any:
-        return clickhouse_connect.get_client(host="127.0.0.1", port=self.port, **kwargs)
+        """A clickhouse-connect client of the writer user, in the test database."""
+        kwargs.setdefault("database", DATABASE)
+        return clickhouse_connect.get_client(
+            host="127.0.0.1",
+            port=self.port,
+            username=self.credentials.writer.name,
+            password=self.credentials.writer.password,
+            **kwargs,
+        )
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self.store.stop(), self.loop).result(TIMEOUT)
@@ -74,10 +100,14 @@ def served(tmp_path: pathlib.Path) -> Iterator[Served]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    store = EmbeddedClickHouse(tmp_path / "store")
+    credentials = load_or_create_credentials(tmp_path)
+    store = EmbeddedClickHouse(tmp_path / "store", credentials)
     try:
         url = asyncio.run_coroutine_threadsafe(store.start(port=0), loop).result(TIMEOUT)
-        yield Served(store, loop, tmp_path / "store", url)
+        served = Served(store, loop, tmp_path / "store", url, credentials)
+        with closing(served.client(database=None)) as client:
+            client.command(f"CREATE DATABASE {DATABASE}")
+        yield served
     finally:
         asyncio.run_coroutine_threadsafe(store.stop(), loop).result(TIMEOUT)
         loop.call_soon_threadsafe(loop.stop)
@@ -198,7 +228,13 @@ def test_errors_surface_as_database_errors(served: Served) -> None:
 
 
 async def test_async_client_queries_and_inserts(served: Served) -> None:
-    client = await clickhouse_connect.get_async_client(host="127.0.0.1", port=served.port)
+    client = await clickhouse_connect.get_async_client(
+        host="127.0.0.1",
+        port=served.port,
+        username=served.credentials.writer.name,
+        password=served.credentials.writer.password,
+        database=DATABASE,
+    )
     try:
         await client.command("CREATE TABLE t (id UInt64, s String) ENGINE = MergeTree ORDER BY id")
         summary = await client.insert("t", [[1, "one"], [2, "two"]], column_names=["id", "s"])
@@ -220,13 +256,16 @@ def test_query_tsv_reads_what_was_served(served: Served) -> None:
         client.insert("t", [["elsewhere"]], column_names=["x"], database="other")
     served.stop()
 
-    assert query_tsv(served.data_path, "SELECT id, s FROM t ORDER BY id") == b"1\tone\n2\ttwo\n"
-    assert query_tsv(served.data_path, "SELECT count() AS c FROM t FORMAT JSONEachRow") == (
-        b'{"c":2}\n'
+    assert (
+        query_tsv(served.data_path, "SELECT id, s FROM t ORDER BY id", database=DATABASE)
+        == b"1\tone\n2\ttwo\n"
     )
+    assert query_tsv(
+        served.data_path, "SELECT count() AS c FROM t FORMAT JSONEachRow", database=DATABASE
+    ) == (b'{"c":2}\n')
     assert query_tsv(served.data_path, "SELECT x FROM t", database="other") == b"elsewhere\n"
     with pytest.raises(EmbeddedQueryError, match="UNKNOWN_TABLE"):
-        query_tsv(served.data_path, "SELECT * FROM missing")
+        query_tsv(served.data_path, "SELECT * FROM missing", database=DATABASE)
 
 
 def test_concurrent_inserts_and_selects(served: Served) -> None:
@@ -256,34 +295,38 @@ def test_concurrent_inserts_and_selects(served: Served) -> None:
 
 async def test_http_surface(served: Served) -> None:
     """What clickhouse-connect relies on, checked at the HTTP level."""
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=served.auth) as http:
         for path in ("/ping", "/"):
             async with http.get(served.url + path) as response:
                 assert (response.status, await response.text()) == (200, "Ok.\n")
 
-        await _post(http, served.url, "CREATE TABLE h (a UInt64) ENGINE = Memory")
+        await _post(http, served.query_url, "CREATE TABLE h (a UInt64) ENGINE = Memory")
         # The query in the URL and lz4 data in the body, as one frame per block.
         frames = lz4.frame.compress(b"1\n2\n") + lz4.frame.compress(b"3\n")
         async with http.post(
             served.url,
-            params={"query": "INSERT INTO h FORMAT TabSeparated"},
+            params={"query": "INSERT INTO h FORMAT TabSeparated", "database": DATABASE},
             data=frames,
             headers={"Content-Encoding": "lz4"},
         ) as response:
             assert response.status == 200, await response.text()
             assert json.loads(response.headers["X-ClickHouse-Summary"])["written_rows"] == "3"
 
-        async with http.get(served.url, params={"query": "SELECT sum(a) FROM h"}) as response:
+        async with http.get(
+            served.url, params={"query": "SELECT sum(a) FROM h", "database": DATABASE}
+        ) as response:
             assert await response.read() == b"6\n"
             assert response.headers["X-ClickHouse-Format"] == "TabSeparated"
             assert response.headers["X-ClickHouse-Timezone"]
             assert response.headers["X-ClickHouse-Query-Id"]
         # A GET must not write, as in ClickHouse.
-        async with http.get(served.url, params={"query": "DROP TABLE h"}) as response:
+        async with http.get(
+            served.url, params={"query": "DROP TABLE h", "database": DATABASE}
+        ) as response:
             assert response.status == 500
             assert response.headers["X-ClickHouse-Exception-Code"] == "164"
 
-        async with http.post(served.url, data="SELECT * FROM nowhere") as response:
+        async with http.post(served.query_url, data="SELECT * FROM nowhere") as response:
             assert response.status == 404
             assert response.headers["X-ClickHouse-Exception-Code"] == "60"
             assert (await response.text()).startswith("Code: 60. DB::Exception: ")
@@ -292,12 +335,15 @@ async def test_http_surface(served: Served) -> None:
 async def test_client_disconnecting_mid_insert_releases_the_engine(
     served: Served, tmp_path: pathlib.Path
 ) -> None:
-    async with aiohttp.ClientSession() as http:
-        await _post(http, served.url, "CREATE TABLE d (a UInt64) ENGINE = MergeTree ORDER BY a")
+    async with aiohttp.ClientSession(headers=served.auth) as http:
+        await _post(
+            http, served.query_url, "CREATE TABLE d (a UInt64) ENGINE = MergeTree ORDER BY a"
+        )
     reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
     writer.write(
-        b"POST /?query=INSERT%20INTO%20d%20FORMAT%20TabSeparated HTTP/1.1\r\n"
-        b"Host: test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n1\n2\n\r\n"
+        b"POST /?database=test&query=INSERT%20INTO%20d%20FORMAT%20TabSeparated HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\nAuthorization: " + served.auth["Authorization"].encode() + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n4\r\n1\n2\n\r\n"
     )
     await writer.drain()
     await asyncio.sleep(0.2)
@@ -306,12 +352,12 @@ async def test_client_disconnecting_mid_insert_releases_the_engine(
     await asyncio.to_thread(served.stop)
 
     # chdb hosts one engine per process: a leaked handle would keep it bound to the old path.
-    other = EmbeddedClickHouse(tmp_path / "other")
+    other = EmbeddedClickHouse(tmp_path / "other", served.credentials)
     try:
         assert (await other.start(port=0)).startswith("http://127.0.0.1:")
     finally:
         await other.stop()
-    assert query_tsv(served.data_path, "SELECT count() FROM d") == b"0\n"
+    assert query_tsv(served.data_path, "SELECT count() FROM d", database=DATABASE) == b"0\n"
 
 
 async def _post(http: aiohttp.ClientSession, url: str, sql: str) -> bytes:
