@@ -27,6 +27,7 @@ from sgpipe.runtime.kafka import (
     run_consumer_stage,
     send_all,
 )
+from sgpipe.runtime.redact import redact_url
 from sgpipe.runtime.settings import Settings
 from sinks.clickhouse import ClickHouseWriter
 from sinks.rows import to_columns
@@ -131,7 +132,12 @@ async def _connect_and_migrate(
         except Exception as exc:  # noqa: BLE001 - unreachable or not ready yet: retry
             if client is not None:
                 await client.close()
-            log.warning("clickhouse not ready; retrying", retry_in_seconds=delay, error=repr(exc))
+            log.warning(
+                "clickhouse not ready; retrying",
+                url=redact_url(clickhouse_url or settings.clickhouse.url or ""),
+                retry_in_seconds=delay,
+                error=repr(exc),
+            )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             delay = min(delay * 2, settings.sink.retry_backoff_max_seconds)

@@ -253,6 +253,14 @@ def _connect(conn_str: str) -> _Connection:
 # --- errors --------------------------------------------------------------------------------
 
 
+# chdb's `default` database overlays the file system (`SELECT * FROM default.`/etc/hosts``),
+# so every table look-up in it needs READ ON FILE, which no user here has.
+_DEFAULT_DATABASE_HINT: Final = (
+    " Note: in the embedded store the `default` database also exposes the file system and "
+    "cannot be used for tables; use a database of your own (sgpipe uses clickhouse.database)"
+)
+
+
 def _engine_error(exc: BaseException) -> EmbeddedQueryError:
     """ClickHouse's text from a chdb exception (chdb may prefix it, e.g. "Streaming insert
     finish failed: Code: 27. ...")."""
@@ -260,6 +268,8 @@ def _engine_error(exc: BaseException) -> EmbeddedQueryError:
     start = text.find("Code: ")
     if start >= 0:
         text = text[start:]
+        if "grant READ ON FILE" in text:
+            text = _ERROR_NAME.sub(lambda name: _DEFAULT_DATABASE_HINT + " " + name[0], text)
         match = _ERROR_CODE.match(text)
         if match:
             return EmbeddedQueryError(text, int(match.group(1)))

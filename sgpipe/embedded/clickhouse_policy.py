@@ -98,7 +98,7 @@ LOCKED_SETTINGS: Final[dict[str, str | None]] = {
     "default_temporary_table_engine": None,
     "default_database_engine": None,
     "allow_experimental_ai_functions": None,
-    "allow_introspection_functions": None,
+    "allow_introspection_functions": "0",  # on in clickhouse-local; no grant uses it here
     "dynamic_disk_allow_from_env": None,
     "dynamic_disk_allow_from_zk": None,
     "dynamic_disk_allow_include": None,

@@ -40,9 +40,11 @@ _SECRET_PARAMETERS: Final = frozenset(
     }
 )
 
-# `scheme://user:password@` anywhere in a text. The password may hold anything but the
-# characters that end a URL's authority.
-_USERINFO_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s/@:?#]*:)([^\s/@?#]*)@")
+# `scheme://user:password@` anywhere in a text. Only ASCII blanks end it (a mistyped URL may
+# hold anything else), and the password runs to the last `@` before them: a password with an
+# unencoded `/` or `@` is still hidden whole, at the price of hiding a little more.
+_BLANK = r" \t\r\n\f\v"
+_USERINFO_PASSWORD = re.compile(rf"(?i)\b([a-z][a-z0-9+.\-]*://[^/@:{_BLANK}]*:)([^{_BLANK}]*)@")
 # `password=...` (and the other secret names) in a query string or form text.
 _SECRET_ASSIGNMENT = re.compile(
     r"(?i)(?<![a-z0-9_\-])("
@@ -75,9 +77,12 @@ def redact_url(url: str) -> str:
                     ],
                     safe="*",
                 )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        redacted = urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
     except ValueError:
-        return redact_text(url)
+        redacted = url
+    # Also as free text: a password with an unencoded `/` or `#` ends the parsed authority
+    # early, leaving its tail in the path.
+    return redact_text(redacted)
 
 
 def redact_text(text: str) -> str:

@@ -1,19 +1,14 @@
-"""The embedded ClickHouse HTTP endpoint against real clickhouse-connect clients.
-
-The server runs on its own event loop in a background thread, like it would in another
-process, so the sync clients can block without stalling it.
-"""
+"""The embedded ClickHouse HTTP endpoint against real clickhouse-connect clients (as the
+writer user; what the lockdown refuses is in test_clickhouse_lockdown.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import pathlib
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,19 +24,13 @@ from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
 from sgpipe.embedded.clickhouse import (  # noqa: E402
     EmbeddedClickHouse,
     EmbeddedQueryError,
+    _verify_lockdown,
     query_tsv,
 )
-from sgpipe.embedded.credentials import (  # noqa: E402
-    EmbeddedCredentials,
-    load_or_create_credentials,
-)
+from tests.integration.clickhouse_server import DATABASE, TIMEOUT, Served, serve  # noqa: E402
 
 pytestmark = pytest.mark.clickhouse
 
-TIMEOUT = 30.0
-# chdb's `default` database also exposes the file system, so the lockdown makes it unusable
-# for tables: the tests work in a database of their own, as sgpipe does.
-DATABASE = "test"
 EVENTS_DDL = """
 CREATE TABLE events (
     event_id String,
@@ -58,61 +47,10 @@ COLUMNS = ["event_id", "event", "reason", "ts", "categories", "args", "status", 
 TS = datetime(2024, 5, 1, 12, 30, 45, 123000, tzinfo=UTC)
 
 
-@dataclass
-class Served:
-    store: EmbeddedClickHouse
-    loop: asyncio.AbstractEventLoop
-    data_path: pathlib.Path
-    url: str
-    credentials: EmbeddedCredentials
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    @property
-    def auth(self) -> dict[str, str]:
-        """The writer's HTTP Basic header."""
-        writer = self.credentials.writer
-        return {"Authorization": aiohttp.encode_basic_auth(writer.name, writer.password)}
-
-    @property
-    def query_url(self) -> str:
-        return f"{self.url}/?database={DATABASE}"
-
-    def client(self, **kwargs: Any) -> Any:
-        """A clickhouse-connect client of the writer user, in the test database."""
-        kwargs.setdefault("database", DATABASE)
-        return clickhouse_connect.get_client(
-            host="127.0.0.1",
-            port=self.port,
-            username=self.credentials.writer.name,
-            password=self.credentials.writer.password,
-            **kwargs,
-        )
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.store.stop(), self.loop).result(TIMEOUT)
-
-
 @pytest.fixture
 def served(tmp_path: pathlib.Path) -> Iterator[Served]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    credentials = load_or_create_credentials(tmp_path)
-    store = EmbeddedClickHouse(tmp_path / "store", credentials)
-    try:
-        url = asyncio.run_coroutine_threadsafe(store.start(port=0), loop).result(TIMEOUT)
-        served = Served(store, loop, tmp_path / "store", url, credentials)
-        with closing(served.client(database=None)) as client:
-            client.command(f"CREATE DATABASE {DATABASE}")
-        yield served
-    finally:
-        asyncio.run_coroutine_threadsafe(store.stop(), loop).result(TIMEOUT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(TIMEOUT)
-        loop.close()
+    with serve(tmp_path) as running:
+        yield running
 
 
 def test_default_sync_client_round_trips_every_column_type(served: Served) -> None:
@@ -365,3 +303,16 @@ async def _post(http: aiohttp.ClientSession, url: str, sql: str) -> bytes:
         body = await response.read()
         assert response.status == 200, body
         return body
+
+
+def test_an_engine_without_the_users_file_is_refused(tmp_path: pathlib.Path) -> None:
+    # chdb silently falls back to an all-powerful user when it cannot load the users file:
+    # the start-up check must notice.
+    from chdb.state import connect as chdb_connect
+
+    conn: Any = chdb_connect(str(tmp_path / "plain"))
+    try:
+        with pytest.raises(RuntimeError, match="access control"):
+            _verify_lockdown(conn)
+    finally:
+        conn.close()

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
 from sgpipe.embedded.broker import free_port
+from sgpipe.embedded.credentials import credentials_file, load_credentials
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -78,9 +81,11 @@ def signed_headers() -> dict[str, str]:
     }
 
 
-def start_pipeline(tmp_path: Path, **overrides: Any) -> RunningPipeline:
+def start_pipeline(
+    tmp_path: Path, env: dict[str, str] | None = None, **overrides: Any
+) -> RunningPipeline:
     """`sgpipe up` as a child process, on free ports, with ``overrides`` merged into the
-    config's top-level sections."""
+    config's top-level sections and ``env`` added to its environment."""
     document: dict[str, Any] = {
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
@@ -111,7 +116,7 @@ def start_pipeline(tmp_path: Path, **overrides: Any) -> RunningPipeline:
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     return RunningPipeline(process, f"http://127.0.0.1:{port}", data_dir, config, log)
 
@@ -202,8 +207,26 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     status, _, _ = post(f"{pipeline.base_url}/webhooks/other", BODY, signed_headers())
     assert status == 404
 
+    # The embedded store needs credentials: the reader can read, not write.
+    state_path = pipeline.data_dir / "sgpipe-up.json"
+    state = json.loads(state_path.read_text())
+    credentials = load_credentials(pipeline.data_dir)
+    reader = credentials.reader
+    auth = {"Authorization": aiohttp.encode_basic_auth(reader.name, reader.password)}
+    query_url = f"{state['clickhouse_url']}/?database=sgpipe"
+    status, _, body = post(query_url, b"SELECT count() FROM email_events FINAL", auth)
+    assert (status, body) == (200, b"1\n")
+    status, _, body = post(query_url, b"DROP TABLE email_events", auth)
+    assert status == 403, body
+    status, _, _ = post(query_url, b"SELECT 1", {})
+    assert status == 401
+    # Its secrets stay in the credentials file, private like the state file.
+    for path in (state_path, credentials_file(pipeline.data_dir)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    passwords = [user.password for user in credentials.users]
+    assert not [secret for secret in passwords if secret in state_path.read_text()]
+
     # SIGTERM drains and stops everything, the broker child included; the store stays readable.
-    state = json.loads((pipeline.data_dir / "sgpipe-up.json").read_text())
     broker_host, broker_port = state["kafka_bootstrap_servers"].split(":")
     pipeline.process.send_signal(signal.SIGTERM)
     assert pipeline.process.wait(timeout=60) == 0, pipeline.log.read_text()
@@ -211,6 +234,8 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     with pytest.raises(OSError):
         socket.create_connection((broker_host, int(broker_port)), timeout=2).close()
     assert pipeline.query("SELECT count() FROM email_events FINAL") == "1\n"
+    log = pipeline.log.read_text()
+    assert not [secret for secret in passwords if secret in log]
 
 
 def test_ingress_takes_no_batch_while_the_sink_cannot_reach_clickhouse(tmp_path: Path) -> None:
@@ -231,3 +256,32 @@ def test_ingress_takes_no_batch_while_the_sink_cannot_reach_clickhouse(tmp_path:
     finally:
         running.process.send_signal(signal.SIGTERM)
         assert running.process.wait(timeout=60) == 0, running.log.read_text()
+
+
+def test_no_password_in_any_log_line_or_the_state_file(tmp_path: Path) -> None:
+    # A password in clickhouse.url (and one in the environment) while ClickHouse is down:
+    # every retry warning names the URL, none may show the password.
+    url_password, env_password = "Url-Pa55word-x9", "Env-Pa55word-y8"
+    port = free_port()
+    unreachable = f"http://sgpipe:{url_password}@127.0.0.1:{port}/?password={url_password}"
+    running = start_pipeline(
+        tmp_path, env={"SGPIPE_CLICKHOUSE__PASSWORD": env_password}, clickhouse={"url": unreachable}
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while running.log.read_bytes().count(b"clickhouse not ready; retrying") < 3:
+            assert time.monotonic() < deadline, running.log.read_text()
+            assert running.process.poll() is None, running.log.read_text()
+            time.sleep(0.2)
+        state_path = running.data_dir / "sgpipe-up.json"
+        assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
+        state = state_path.read_text()
+        assert f"http://sgpipe:***@127.0.0.1:{port}/?password=***" in state
+    finally:
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=60) == 0, running.log.read_text()
+    log = running.log.read_text()
+    assert f"http://sgpipe:***@127.0.0.1:{port}" in log  # the URL is there, redacted
+    for secret in (url_password, env_password):
+        assert secret not in log
+        assert secret not in state
