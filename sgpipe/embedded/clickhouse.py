@@ -550,8 +550,17 @@ async def _read_params(request: web.Request) -> _Params:
                 )
             fields[name] = value
         params.update(fields)
-    params.query_id = params.query_id or str(uuid.uuid4())
+    params.query_id = _query_id(params.query_id)
     return params
+
+
+_PRINTABLE_QUERY_ID = re.compile(r"[\x20-\x7e]{1,256}")
+
+
+def _query_id(requested: str) -> str:
+    """The client's query id if it can be echoed in a header (printable ASCII), else a new
+    one: a control character would make the response itself fail."""
+    return requested if _PRINTABLE_QUERY_ID.fullmatch(requested) else str(uuid.uuid4())
 
 
 def _quote_identifier(name: str) -> str:
@@ -989,10 +998,17 @@ def _browser_refusal(request: web.Request, allowed_origins: frozenset[str], loop
         return "form_post"  # a form submitted by a page, whatever its content type
     if loopback:
         host = request.headers.get("Host", "")
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
-        if name.lower() not in _LOOPBACK_HOSTS:
+        if host and _host_name(host) not in _LOOPBACK_HOSTS:
             return "host"
     return ""
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without the port: "[::1]:8123" -> "[::1]"."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1].lower() if end > 0 else host.lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
 
 
 _SERVER: Final = web.AppKey("embedded_clickhouse", _Server)
@@ -1032,7 +1048,7 @@ async def _handle(request: web.Request) -> web.Response:
     server = request.app[_SERVER]
     if request.method == "GET" and "query" not in request.query:
         return await _ping(request)
-    query_id = request.query.get("query_id") or str(uuid.uuid4())
+    query_id = _query_id(request.query.get("query_id", ""))
     try:
         user = request.app[_AUTHENTICATOR].authenticate(request)
     except _AuthenticationFailed as refused:

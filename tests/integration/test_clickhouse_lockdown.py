@@ -511,6 +511,17 @@ def test_an_allowed_origin_and_ordinary_clients_get_through(served: Served) -> N
     assert (curl.status, curl.body) == (200, "2\n")
 
 
+def test_a_query_id_cannot_inject_response_headers(served: Served) -> None:
+    for query_id in ("a\r\nX-Injected: 1", "a\nX-Injected: 1", "\x00"):
+        for user in (served.writer, None):  # before and after authentication
+            answer = served.post("SELECT 1", user, params={"query_id": query_id})
+            assert answer.status in (200, 401)
+            assert "X-Injected" not in answer.headers
+            assert answer.headers["X-ClickHouse-Query-Id"] != query_id
+    kept = served.post("SELECT 1", served.writer, params={"query_id": "my-query-1"})
+    assert kept.headers["X-ClickHouse-Query-Id"] == "my-query-1"
+
+
 # --- what sgpipe itself does still works ---------------------------------------------------
 
 

@@ -361,3 +361,15 @@ def test_a_json_looking_password_stays_a_string() -> None:
 def test_a_whole_section_that_is_not_json_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="SGPIPE_WEBHOOKS: a whole section must be JSON"):
         load_settings(None, {"SGPIPE_WEBHOOKS": "main"})
+
+
+def test_embedded_clickhouse_allows_no_browser_origin_unless_told() -> None:
+    assert load_settings(None, {}).embedded.clickhouse_allowed_origins == ()
+    environ = {
+        "SGPIPE_EMBEDDED__CLICKHOUSE_ALLOWED_ORIGINS": "https://grafana.example, https://bi.example"
+    }
+    settings = load_settings(None, environ)
+    assert settings.embedded.clickhouse_allowed_origins == (
+        "https://grafana.example",
+        "https://bi.example",
+    )
