@@ -421,6 +421,39 @@ def test_sql_after_inline_data_is_data_never_a_statement(served: Served, target:
     assert (hidden.status, hidden.body) == (200, "1\n")
 
 
+def test_streamed_insert_heads_are_checked_before_the_engine_sees_them(
+    served: Served, target: Target
+) -> None:
+    # Refused by the statement check itself (its message), not only by the engine's grants.
+    for head in (
+        "INSERT INTO FUNCTION file('{out}', 'TSV', 'a String') FORMAT TSV",
+        "INSERT INTO FUNCTION python(x) FORMAT TSV",
+        "INSERT INTO FUNCTION url('http://127.0.0.1:{port}/', 'TSV', 'a String') FORMAT TSV",
+    ):
+        answer = served.post(target.render(head) + "\nx\n", served.writer)
+        assert (answer.status, answer.code) == (403, "497"), answer.body
+        assert "reaches outside the store" in answer.body
+    assert not target.out.exists()
+
+
+def test_what_runs_is_the_checked_canonical_form(served: Served) -> None:
+    # The engine reports the text it is running: the canonical form, not the client's.
+    sql = "select   query FROM system.processes -- a comment\nWHERE query_id = queryID() /* x */"
+    answer = served.post(sql + " FORMAT TSVRaw", served.reader)
+    assert answer.body == (
+        "SELECT query FROM system.processes WHERE query_id = queryID() FORMAT TSVRaw\n"
+    )
+
+
+def test_values_rows_are_inserted_as_data(served: Served) -> None:
+    with closing(served.client()) as client:
+        client.command("CREATE TABLE vals (a String, n UInt8) ENGINE = MergeTree ORDER BY a")
+    answer = served.post("INSERT INTO vals (a, n) VALUES ('x', 1), ('y;z', 2);", served.writer)
+    assert answer.status == 200, answer.body
+    rows = served.post("SELECT a, n FROM vals ORDER BY a FORMAT TSVRaw", served.writer).body
+    assert rows == "x\t1\ny;z\t2\n"
+
+
 def test_engine_runs_with_sgpipe_access_control(served: Served) -> None:
     with closing(served.client()) as client:
         grants = client.command("SHOW GRANTS")
