@@ -20,9 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from ingest.signature import load_public_key, verify_signature
-from processors.pipeline import Metadata, process_raw_record
+from processors.pipeline import process_raw_record
 from schemas.email_event import EmailEventCodec
 from schemas.raw_batch import RawBatch, raw_batch_headers
+from sgpipe.runtime.messages import Message
 
 SENDGRID_MAX_BATCH_BYTES = 768 * 1024
 EVENT_TYPES = ["processed", "delivered", "open", "click", "bounce", "deferred", "dropped"]
@@ -84,11 +85,11 @@ def main() -> None:
     codec = EmailEventCodec()
     batch = RawBatch("bench", body, 1_700_000_000_000, "bench", 1_700_000_000, "signature")
     headers = raw_batch_headers(batch)
-    metadata = Metadata("raw", 0, 0, 0)
-    result = process_raw_record(body, headers, metadata, codec)
-    assert len(result.events) == event_count and not result.dead_letters
+    message = Message("raw", 0, 0, 0, None, body, headers)
+    result = process_raw_record(message, codec)
+    assert len(result.events) == event_count and not result.rejections
     parse_only = best_of(lambda: json.loads(body))
-    processing = best_of(lambda: process_raw_record(body, headers, metadata, codec), repeat=5)
+    processing = best_of(lambda: process_raw_record(message, codec), repeat=5)
 
     rows = [
         ("ingress: verify_signature, 768 KB", our_verify, bare_verify, "bare ECDSA verify"),

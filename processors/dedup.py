@@ -2,14 +2,17 @@
 
 Exactness comes from ClickHouse (ReplacingMergeTree); this only saves the duplicates of a
 SendGrid retry from travelling the whole pipeline. Ids are remembered only after the events
-were acknowledged downstream: remembering earlier would turn a failed, retried produce into a
-silently dropped event.
+were acknowledged downstream (the runtime calls ``written`` after the write's ack):
+remembering earlier would turn a failed, retried or redelivered produce into a silently
+dropped event.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+
+from processors.pipeline import EncodedEvent
 
 
 class RecentEventIds:
@@ -31,3 +34,24 @@ class RecentEventIds:
             self._ids.move_to_end(sg_event_id)
         while len(self._ids) > self._capacity:
             self._ids.popitem(last=False)
+
+
+class DuplicateEventFilter:
+    """The processor's filter step (a runtime ``Filter``): drops events already published,
+    or repeated within the batch, by ``sg_event_id``."""
+
+    def __init__(self, capacity: int) -> None:
+        self.recent = RecentEventIds(capacity)
+
+    def select(self, outputs: Sequence[EncodedEvent]) -> list[EncodedEvent]:
+        selected: list[EncodedEvent] = []
+        in_batch: set[str] = set()
+        for event in outputs:
+            if event.sg_event_id in self.recent or event.sg_event_id in in_batch:
+                continue
+            in_batch.add(event.sg_event_id)
+            selected.append(event)
+        return selected
+
+    def written(self, outputs: Sequence[EncodedEvent]) -> None:
+        self.recent.remember(event.sg_event_id for event in outputs)

@@ -1,18 +1,11 @@
-"""Deterministic, per-record failures: the record goes to the dead-letter topic with its reason.
-
-Infrastructure failures (Kafka, ClickHouse unreachable) are not these: they are retried.
-"""
+"""The processor's poison: deterministic, per-record failures that are dead-lettered with their
+reason. Infrastructure failures (Kafka unreachable) are not these: the runtime retries them."""
 
 from __future__ import annotations
 
+from sgpipe.runtime.errors import InvalidMessage
 
-class InvalidMessage(ValueError):
-    """``reason`` is a stable code (for metrics and replay filters); ``detail`` is for people."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+__all__ = ["InvalidBatch", "InvalidEvent", "InvalidMessage"]
 
 
 class InvalidBatch(InvalidMessage):

@@ -1,38 +1,26 @@
 """The processor as a pure function of one consumed raw-batch record.
 
-``process_raw_record(value, headers, metadata)`` splits the batch, normalizes and encodes each
-event, and turns every failure into a DeadLetter with its reason. No Kafka client here: the
-worker (``processors.worker``) feeds records in and sends what comes out.
+``process_raw_record(message)`` splits the batch, normalizes and encodes each event, and turns
+every failure into a Rejection with its reason (the runtime builds the dead letters). No Kafka
+client here: the stage declaration (``processors.stage``) hands it to the runtime.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from processors.errors import InvalidMessage
 from processors.normalize import BatchContext, normalize_event
 from processors.split import split_batch
-from schemas.dead_letter import DeadLetter
 from schemas.email_event import EmailEventCodec, SerializationError
 from schemas.raw_batch import InvalidRawBatch, decode_raw_batch
+from sgpipe.runtime.dead_letters import Rejection
+from sgpipe.runtime.kafka import RECORD_HEADROOM_BYTES
+from sgpipe.runtime.messages import Message
 
-STAGE = "processor"
-# Room left in a Kafka request for a record's headers and the batch framing.
-RECORD_HEADROOM_BYTES = 65_536
 # Kafka's default message.max.bytes is 1 MB.
 DEFAULT_MAX_RECORD_BYTES = 1_048_576 - RECORD_HEADROOM_BYTES
-
-
-@dataclass(frozen=True, slots=True)
-class Metadata:
-    """Where a consumed record came from."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp_ms: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,53 +33,26 @@ class EncodedEvent:
 @dataclass(slots=True)
 class ProcessedRecord:
     events: list[EncodedEvent] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
 
 
 def process_raw_record(
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes]],
-    metadata: Metadata,
+    message: Message,
     codec: EmailEventCodec,
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
 ) -> ProcessedRecord:
-    """``max_record_bytes``: the largest value the events and dead-letter topics take; a
-    bigger event is dead-lettered instead of failing its whole poll forever."""
+    """``max_record_bytes``: the largest value the events topic takes; a bigger event is
+    rejected instead of failing its whole batch forever."""
     result = ProcessedRecord()
-
-    def dead_letter(
-        reason: str, detail: str, payload: bytes, event_index: int | None = None
-    ) -> None:
-        if len(payload) > max_record_bytes:
-            # Too big for the dead-letter topic too; the raw record still holds it.
-            detail = (
-                f"{detail} (payload of {len(payload)} bytes omitted: read it at "
-                f"{metadata.topic}/{metadata.partition}/{metadata.offset})"
-            )
-            payload = b""
-        result.dead_letters.append(
-            DeadLetter(
-                reason=reason,
-                detail=detail,
-                stage=STAGE,
-                payload=payload,
-                original_topic=metadata.topic,
-                original_partition=metadata.partition,
-                original_offset=metadata.offset,
-                event_index=event_index,
-                context_headers=headers,
-            )
-        )
-
     try:
-        batch = decode_raw_batch(value, headers)
+        batch = decode_raw_batch(message.value, message.headers)
     except InvalidRawBatch as exc:
-        dead_letter("invalid_raw_batch", str(exc), value or b"")
+        result.rejections.append(Rejection("invalid_raw_batch", str(exc)))
         return result
     try:
         items = split_batch(batch.body)
     except InvalidMessage as exc:
-        dead_letter(exc.reason, exc.detail, batch.body)
+        result.rejections.append(Rejection(exc.reason, exc.detail))
         return result
 
     context = BatchContext(
@@ -102,17 +63,23 @@ def process_raw_record(
             event = normalize_event(item, context)
             encoded = codec.encode(event)
         except InvalidMessage as exc:
-            dead_letter(exc.reason, exc.detail, _event_bytes(item, batch.body), index)
+            result.rejections.append(
+                Rejection(exc.reason, exc.detail, _event_bytes(item, batch.body), index)
+            )
             continue
         except SerializationError as exc:
-            dead_letter("serialization_error", str(exc), _event_bytes(item, batch.body), index)
+            result.rejections.append(
+                Rejection("serialization_error", str(exc), _event_bytes(item, batch.body), index)
+            )
             continue
         if len(encoded) > max_record_bytes:
-            dead_letter(
-                "event_too_large",
-                f"the encoded event is {len(encoded)} bytes, over {max_record_bytes}",
-                _event_bytes(item, batch.body),
-                index,
+            result.rejections.append(
+                Rejection(
+                    "event_too_large",
+                    f"the encoded event is {len(encoded)} bytes, over {max_record_bytes}",
+                    _event_bytes(item, batch.body),
+                    index,
+                )
             )
             continue
         result.events.append(EncodedEvent(event.sg_event_id, event.event, encoded))

@@ -26,7 +26,7 @@ _MAX_DETAIL_BYTES = 1024
 class DeadLetter:
     reason: str
     detail: str
-    stage: str  # "processor" or "sink"
+    stage: str  # the stage label: "process" or "sink"
     payload: bytes
     original_topic: str
     original_partition: int

@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from sgpipe.runtime.errors import FatalStageError
 from sgpipe.runtime.logs import configure_logging
 from sgpipe.runtime.settings import ClickHouseSettings, ConfigError, Settings, load_settings
 
@@ -32,6 +33,9 @@ DEFAULT_DATA_DIR = Path("sgpipe-data")
 
 EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+# A stage stopped itself (wrong credentials, schema mismatch, dead-letter limit): a person
+# must act; Kubernetes restarts it and the restarts surface the message.
+EXIT_FATAL = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -101,6 +105,9 @@ def _run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
         raise
     except asyncio.CancelledError:
         return EXIT_FAILURE
+    except FatalStageError as exc:
+        log.error("stage stopped on a fatal error", error=str(exc))
+        return EXIT_FATAL
     except Exception as exc:
         log.error("sgpipe stopped on an error", error=repr(exc), exc_info=True)
         return EXIT_FAILURE
@@ -140,26 +147,24 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:
-    from processors.worker import run_processor
+    from processors.stage import run_processor
 
     _require_kafka(settings)
 
     async def body(stop: asyncio.Event) -> None:
-        await _prepare_topics(settings)
         await run_processor(settings, stop)
 
     return _run_until_signal(body)
 
 
 def _sink(args: argparse.Namespace, settings: Settings) -> int:
-    from sinks.worker import run_sink
+    from sinks.stage import run_sink
 
     _require_kafka(settings)
     if settings.clickhouse.url is None:
         raise ConfigError("clickhouse.url must be set (only `sgpipe up` embeds ClickHouse)")
 
     async def body(stop: asyncio.Event) -> None:
-        await _prepare_topics(settings)
         await run_sink(settings, stop)
 
     return _run_until_signal(body)

@@ -24,12 +24,12 @@ import structlog
 from aiohttp import web
 
 from ingest.app import build_verifiers, create_app
-from processors.worker import run_processor
+from processors.stage import run_processor
 from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.kafka import ensure_topics
 from sgpipe.runtime.redact import redact_url
 from sgpipe.runtime.settings import Settings
-from sinks.worker import run_sink
+from sinks.stage import run_sink
 
 log = structlog.get_logger(__name__)
 
@@ -97,6 +97,8 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
                 users=[user.name for user in credentials.users],
                 credentials=str(credentials_file(data_dir)),
             )
+        else:
+            log.info("sink writes to clickhouse", url=redact_url(clickhouse_url))
 
         _write_state(data_dir, settings, clickhouse_url)
         stack.callback(_remove_state, data_dir)
@@ -104,11 +106,24 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         sink_stop, processor_stop = asyncio.Event(), asyncio.Event()
         sink_ready, processor_ready = asyncio.Event(), asyncio.Event()
         sink = asyncio.create_task(
-            run_sink(settings, sink_stop, clickhouse_url, drain=embedded_broker, ready=sink_ready),
+            run_sink(
+                settings,
+                sink_stop,
+                clickhouse_url,
+                drain=embedded_broker,
+                ready=sink_ready,
+                health_port=None,
+            ),
             name="sink",
         )
         processor = asyncio.create_task(
-            run_processor(settings, processor_stop, drain=embedded_broker, ready=processor_ready),
+            run_processor(
+                settings,
+                processor_stop,
+                drain=embedded_broker,
+                ready=processor_ready,
+                health_port=None,
+            ),
             name="processor",
         )
         stages = [sink, processor]

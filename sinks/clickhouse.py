@@ -1,27 +1,88 @@
-"""The sink's ClickHouse writer: column-oriented batch inserts into ``email_events``."""
+"""The sink's ClickHouse writer: column-oriented batch inserts into ``email_events``.
+
+A runtime ``Writer``: ``start`` connects, applies migrations and checks that the table has
+every column the sink writes (a mismatch is fatal: a deploy to fix, not data to retry);
+``write`` returns once ClickHouse accepted the insert; ``probe`` pings the server.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
-from sinks.rows import EMAIL_EVENT_COLUMNS
+from sgpipe.runtime import metrics
+from sgpipe.runtime.clickhouse import apply_migrations, connect
+from sgpipe.runtime.errors import FatalStageError
+from sgpipe.runtime.settings import ClickHouseSettings
+from sinks.rows import EMAIL_EVENT_COLUMNS, to_columns
+
+log = structlog.get_logger(__name__)
 
 EMAIL_EVENTS_TABLE = "email_events"
 
 
 class ClickHouseWriter:
-    """Inserts column-oriented batches of email events into ``{database}.email_events``."""
+    """Inserts column-oriented batches of decoded email events into ``{database}.email_events``."""
 
-    def __init__(self, client: AsyncClient, database: str) -> None:
+    output = EMAIL_EVENTS_TABLE
+    destination = "ClickHouse"
+
+    def __init__(self, settings: ClickHouseSettings, url: str | None, *, stage: str) -> None:
+        self._settings = settings
+        self._url = url
+        self._stage = stage
+        self._database = settings.database
+        self._table = f"{settings.database}.{EMAIL_EVENTS_TABLE}"
+        self._client: AsyncClient | None = None
+
+    async def start(self) -> None:
+        client = await connect(self._settings, self._url)
+        try:
+            applied = await apply_migrations(client, self._database)
+            if applied:
+                log.info("applied migrations", stage=self._stage, migrations=applied)
+            await self._check_table(client)
+        except BaseException:
+            await client.close()
+            raise
         self._client = client
-        self._table = f"{database}.{EMAIL_EVENTS_TABLE}"
 
-    async def insert(self, columns: Sequence[Sequence[Any]]) -> int:
-        """Returns the rows written; raises clickhouse-connect's errors (the caller retries)."""
+    async def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()
+
+    async def probe(self) -> None:
+        if self._client is None or not await self._client.ping():
+            raise ConnectionError("ClickHouse does not answer ping")
+
+    async def write(self, outputs: Sequence[dict[str, Any]], batch: object) -> None:
+        if self._client is None:
+            raise RuntimeError("ClickHouseWriter.write before start")
+        started = time.monotonic()
         summary = await self._client.insert(
-            self._table, list(columns), column_names=list(EMAIL_EVENT_COLUMNS), column_oriented=True
+            self._table,
+            to_columns(outputs),
+            column_names=list(EMAIL_EVENT_COLUMNS),
+            column_oriented=True,
         )
-        return int(summary.written_rows)
+        metrics.CLICKHOUSE_INSERT_SECONDS.labels(self._stage, EMAIL_EVENTS_TABLE).observe(
+            time.monotonic() - started
+        )
+        metrics.CLICKHOUSE_INSERTED_ROWS.labels(self._stage, EMAIL_EVENTS_TABLE).inc(
+            int(summary.written_rows)
+        )
+
+    async def _check_table(self, client: AsyncClient) -> None:
+        result = await client.query(f"DESCRIBE TABLE {self._table}")
+        present = {row[0] for row in result.result_rows}
+        missing = [column for column in EMAIL_EVENT_COLUMNS if column not in present]
+        if missing:
+            raise FatalStageError(
+                f"{self._stage}: table {self._table} lacks the columns {', '.join(missing)} "
+                "that this version writes; apply the migrations (`sgpipe migrate`) or fix the table"
+            )

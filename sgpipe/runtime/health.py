@@ -196,16 +196,24 @@ def merge_exposition(texts: Sequence[str]) -> bytes:
     """Merge Prometheus text expositions of several processes into one.
 
     Plain concatenation is invalid (a family's HELP/TYPE may appear once), so families are
-    merged by name; the ``stage`` label keeps each process's series apart.
+    merged by name; the ``stage`` label keeps each process's series apart. A series present
+    twice (two processes sharing a stage label) is kept once, from the first text.
     """
     families: dict[str, Metric] = {}
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
     for text in texts:
         for family in text_string_to_metric_families(text):
-            merged = families.get(family.name)
-            if merged is None:
-                families[family.name] = family
+            merged = families.setdefault(family.name, family)
+            fresh = []
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in seen:
+                    seen.add(key)
+                    fresh.append(sample)
+            if merged is family:
+                family.samples[:] = fresh
             else:
-                merged.samples.extend(family.samples)
+                merged.samples.extend(fresh)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families.values()))
     return generate_latest(registry)

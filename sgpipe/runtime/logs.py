@@ -57,3 +57,6 @@ def configure_logging(
     for handler in logging.getLogger().handlers:
         if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
             handler.addFilter(RedactingFilter())
+    # clickhouse-connect logs a traceback for an insert it cannot serialize, then raises; the
+    # stage classifies and reports that error itself, in one line.
+    logging.getLogger("clickhouse_connect").setLevel(logging.CRITICAL)

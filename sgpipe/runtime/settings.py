@@ -132,7 +132,7 @@ class DeadLetterLimit(_Section):
     window_seconds: Annotated[float, Field(gt=0)] = 60.0
 
 
-class _StageSettings(_Section):
+class StageSettings(_Section):
     """What every consuming stage shares: batching, retries, stopping, health, dead letters."""
 
     group_id: str
@@ -154,7 +154,7 @@ class _StageSettings(_Section):
     dead_letters: DeadLetterLimit = DeadLetterLimit()
 
 
-class ProcessorSettings(_StageSettings):
+class ProcessorSettings(StageSettings):
     group_id: str = "sgpipe-processor"
     batch_max_records: Annotated[int, Field(ge=1)] = 500
     # Raw batches are processed as soon as a poll returns them.
@@ -164,7 +164,7 @@ class ProcessorSettings(_StageSettings):
     dedup_window: Annotated[int, Field(ge=0)] = 100_000
 
 
-class SinkSettings(_StageSettings):
+class SinkSettings(StageSettings):
     group_id: str = "sgpipe-sink"
     batch_max_records: Annotated[int, Field(ge=1)] = 20_000
     batch_max_seconds: Annotated[float, Field(ge=0)] = 2.0

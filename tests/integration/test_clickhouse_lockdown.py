@@ -30,7 +30,6 @@ from sgpipe.embedded.credentials import EmbeddedUser  # noqa: E402
 from sgpipe.runtime.clickhouse import apply_migrations, connect, with_credentials  # noqa: E402
 from sgpipe.runtime.settings import ClickHouseSettings  # noqa: E402
 from sinks.clickhouse import ClickHouseWriter  # noqa: E402
-from sinks.rows import EMAIL_EVENT_COLUMNS  # noqa: E402
 from tests.integration.clickhouse_server import (  # noqa: E402
     DATABASE,
     HttpAnswer,
@@ -583,8 +582,14 @@ async def test_writer_runs_migrations_and_the_sink_insert(served: Served) -> Non
             "request_id": "req-1",
             "raw": '{"event":"delivered"}',
         }
-        columns = [[row[name], row[name]] for name in EMAIL_EVENT_COLUMNS]  # delivered twice
-        assert await ClickHouseWriter(client, database).insert(columns) == 2
+        # The sink's own writer: connects, migrates, checks the table, inserts.
+        writer = ClickHouseWriter(settings, served.url, stage="sink")
+        await writer.start()
+        try:
+            await writer.probe()
+            await writer.write([row, dict(row)], batch=None)  # delivered twice
+        finally:
+            await writer.stop()
         final = await client.query(f"SELECT event, email FROM {database}.email_events FINAL")
         assert final.result_rows == [("delivered", "a@example.com")]
     finally:

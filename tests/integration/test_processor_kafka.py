@@ -10,7 +10,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 
-from processors.worker import run_processor
+from processors.stage import run_processor
 from schemas.dead_letter import REASON_HEADER
 from schemas.email_event import EmailEventCodec
 from schemas.raw_batch import RawBatch, raw_batch_headers
@@ -58,7 +58,7 @@ async def test_processor_publishes_events_dead_letters_and_commits(
         await producer.stop()
 
     stop = asyncio.Event()
-    worker = asyncio.create_task(run_processor(settings, stop))
+    worker = asyncio.create_task(run_processor(settings, stop, health_port=None))
     try:
         events = await read_topic(kafka_bootstrap_servers, topics.events, expected=2)
         dead = await read_topic(kafka_bootstrap_servers, topics.dead_letter, expected=3)

@@ -245,7 +245,7 @@ def test_ingress_takes_no_batch_while_the_sink_cannot_reach_clickhouse(tmp_path:
     running = start_pipeline(tmp_path, clickhouse={"url": unreachable})
     try:
         deadline = time.monotonic() + 30
-        while b"clickhouse not ready; retrying" not in running.log.read_bytes():
+        while b"connecting to ClickHouse failed; retrying" not in running.log.read_bytes():
             assert time.monotonic() < deadline, running.log.read_text()
             assert running.process.poll() is None, running.log.read_text()
             time.sleep(0.2)
@@ -269,7 +269,7 @@ def test_no_password_in_any_log_line_or_the_state_file(tmp_path: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 30
-        while running.log.read_bytes().count(b"clickhouse not ready; retrying") < 3:
+        while running.log.read_bytes().count(b"connecting to ClickHouse failed; retrying") < 3:
             assert time.monotonic() < deadline, running.log.read_text()
             assert running.process.poll() is None, running.log.read_text()
             time.sleep(0.2)

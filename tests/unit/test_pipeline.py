@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processors.dedup import RecentEventIds
-from processors.pipeline import EncodedEvent, Metadata, ProcessedRecord, process_raw_record
+from processors.pipeline import DEFAULT_MAX_RECORD_BYTES, EncodedEvent, process_raw_record
 from schemas import avro_schema_json
 from schemas.dead_letter import (
     DETAIL_HEADER,
@@ -31,10 +31,38 @@ from schemas.dead_letter import (
 )
 from schemas.email_event import EmailEvent, EmailEventCodec, SerializationError
 from schemas.raw_batch import FORMAT_HEADER, RawBatch, raw_batch_headers
+from sgpipe.runtime.dead_letters import build_dead_letter
+from sgpipe.runtime.messages import Message
 from tests.sendgrid_vector import BODY as VECTOR_BODY
 
 CODEC = EmailEventCodec()
-METADATA = Metadata(topic="sgpipe.raw", partition=3, offset=42, timestamp_ms=1_700_000_010_500)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What the processor stage makes of one raw record: events, and the dead letters the
+    runtime builds from its rejections."""
+
+    events: list[EncodedEvent]
+    dead_letters: list[DeadLetter]
+
+
+def run_pipeline(
+    value: bytes | None,
+    headers: list[tuple[str, bytes]],
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+) -> Outcome:
+    message = Message(
+        "sgpipe.raw", 3, 42, 1_700_000_010_500, key=None, value=value, headers=headers
+    )
+    processed = process_raw_record(message, CODEC, max_record_bytes)
+    letters = [
+        build_dead_letter(message, rejection, stage="process", max_payload_bytes=max_record_bytes)
+        for rejection in processed.rejections
+    ]
+    return Outcome(processed.events, letters)
+
+
 RECEIVED_AT_MS = 1_700_000_010_000
 
 
@@ -55,9 +83,9 @@ def sendgrid_body(items: list[Any]) -> bytes:
     return ("[" + ",\r\n".join(json.dumps(item) for item in items) + "]\r\n").encode()
 
 
-def process(body: bytes) -> tuple[ProcessedRecord, list[tuple[str, bytes]]]:
+def process(body: bytes) -> tuple[Outcome, list[tuple[str, bytes]]]:
     headers = raw_batch_headers(raw_batch(body))
-    return process_raw_record(body, headers, METADATA, CODEC), headers
+    return run_pipeline(body, headers), headers
 
 
 def at_ms(milliseconds: int) -> datetime:
@@ -128,7 +156,7 @@ def test_official_vector_body_is_processed() -> None:
 
 def test_empty_array_yields_nothing() -> None:
     result, _ = process(b"[]\r\n")
-    assert result == ProcessedRecord(events=[], dead_letters=[])
+    assert result == Outcome(events=[], dead_letters=[])
 
 
 def test_duplicate_events_in_one_batch_are_both_kept() -> None:
@@ -163,7 +191,7 @@ def test_mixed_batch_encodes_valid_events_and_dead_letters_each_invalid_one() ->
         (6, "not_an_object"),
     ]
     for letter in result.dead_letters:
-        assert letter.stage == "processor"
+        assert letter.stage == "process"
         assert (letter.original_topic, letter.original_partition, letter.original_offset) == (
             "sgpipe.raw",
             3,
@@ -318,7 +346,7 @@ def test_unusable_body_is_one_dead_letter_carrying_the_body(body: bytes, reason:
     assert letter.reason == reason
     assert letter.payload == body
     assert letter.event_index is None
-    assert letter.stage == "processor"
+    assert letter.stage == "process"
     assert (letter.original_topic, letter.original_partition, letter.original_offset) == (
         "sgpipe.raw",
         3,
@@ -360,7 +388,7 @@ VALID_HEADERS = raw_batch_headers(raw_batch(VECTOR_BODY))
 def test_unreadable_raw_batch_is_dead_lettered_as_invalid_raw_batch(
     headers: list[tuple[str, bytes]], detail: str
 ) -> None:
-    result = process_raw_record(VECTOR_BODY, headers, METADATA, CODEC)
+    result = run_pipeline(VECTOR_BODY, headers)
 
     assert result.events == []
     assert len(result.dead_letters) == 1
@@ -373,7 +401,7 @@ def test_unreadable_raw_batch_is_dead_lettered_as_invalid_raw_batch(
 
 
 def test_record_without_value_is_dead_lettered_with_an_empty_payload() -> None:
-    result = process_raw_record(None, VALID_HEADERS, METADATA, CODEC)
+    result = run_pipeline(None, VALID_HEADERS)
     assert result.events == []
     assert [(d.reason, d.payload) for d in result.dead_letters] == [("invalid_raw_batch", b"")]
     assert "no value" in result.dead_letters[0].detail
@@ -392,7 +420,7 @@ def test_dead_letter_headers_for_one_event() -> None:
     values = dict(headers)
     assert values[REASON_HEADER] == b"missing_sg_event_id"
     assert values[DETAIL_HEADER] == b"the event has no sg_event_id"
-    assert values[STAGE_HEADER] == b"processor"
+    assert values[STAGE_HEADER] == b"process"
     assert values[ORIGINAL_TOPIC_HEADER] == b"sgpipe.raw"
     assert values[ORIGINAL_PARTITION_HEADER] == b"3"
     assert values[ORIGINAL_OFFSET_HEADER] == b"42"
@@ -597,7 +625,7 @@ def test_an_event_too_large_for_the_topic_is_dead_lettered_with_its_json() -> No
     big = {"event": "open", "sg_event_id": "big", "timestamp": 1, "note": "x" * 3000}
     body = sendgrid_body([EVENTS[0], big])
     headers = raw_batch_headers(raw_batch(body))
-    result = process_raw_record(body, headers, METADATA, CODEC, max_record_bytes=5000)
+    result = run_pipeline(body, headers, max_record_bytes=5000)
     assert [event.sg_event_id for event in result.events] == ["ev-1"]
     (letter,) = result.dead_letters
     assert (letter.reason, letter.event_index) == ("event_too_large", 1)
@@ -608,7 +636,7 @@ def test_a_dead_letter_too_large_for_its_topic_points_at_the_raw_record() -> Non
     big = {"event": "open", "sg_event_id": "big", "timestamp": 1, "note": "x" * 3000}
     body = sendgrid_body([big])
     headers = raw_batch_headers(raw_batch(body))
-    result = process_raw_record(body, headers, METADATA, CODEC, max_record_bytes=2000)
+    result = run_pipeline(body, headers, max_record_bytes=2000)
     (letter,) = result.dead_letters
     assert letter.reason == "event_too_large"
     assert letter.payload == b""

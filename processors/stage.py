@@ -1,0 +1,77 @@
+"""The processor, declared: raw batches -> normalized Avro events, deduplicated.
+
+Steps: ``process_raw_record`` (1 -> N: split, normalize, encode; poison elements become
+rejections) and the ``DuplicateEventFilter``; writer: the events topic, keyed by
+``sg_event_id``. The runtime runs it (``sgpipe.runtime.runner``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from processors.dedup import DuplicateEventFilter
+from processors.pipeline import EncodedEvent, process_raw_record
+from schemas.email_event import EmailEventCodec
+from sgpipe.runtime.kafka import OutgoingRecord, TopicWriter, max_record_bytes
+from sgpipe.runtime.messages import Message
+from sgpipe.runtime.metrics import STAGE_PROCESS
+from sgpipe.runtime.runner import run_consumer_stage
+from sgpipe.runtime.settings import Settings
+from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
+
+# Lets consumers of the events topic route by schema without decoding the value.
+EVENT_SCHEMA_HEADER = ("sgpipe-schema", b"io.sgpipe.v1.EmailEvent")
+
+
+def processor_stage(settings: Settings) -> ConsumerStage[EncodedEvent]:
+    codec = EmailEventCodec()
+    record_limit = max_record_bytes(settings.kafka)
+    events_topic = settings.kafka.topics.events
+
+    def transform(message: Message) -> Transformed[EncodedEvent]:
+        processed = process_raw_record(message, codec, record_limit)
+        return Transformed(processed.events, processed.rejections)
+
+    def to_record(event: EncodedEvent) -> OutgoingRecord:
+        return OutgoingRecord(
+            events_topic, event.value, key=event.sg_event_id.encode(), headers=[EVENT_SCHEMA_HEADER]
+        )
+
+    def writer(producer: Any) -> TopicWriter[EncodedEvent]:
+        return TopicWriter(producer, events_topic, to_record, output="events")
+
+    return ConsumerStage(
+        name=STAGE_PROCESS,
+        topic=settings.kafka.topics.raw,
+        group_id=settings.processor.group_id,
+        options=StageOptions.from_settings(
+            STAGE_PROCESS, settings.processor, max_dead_letter_payload_bytes=record_limit
+        ),
+        transform=transform,
+        writer=writer,
+        filter_step=DuplicateEventFilter(settings.processor.dedup_window),
+    )
+
+
+async def run_processor(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    drain: bool = False,
+    ready: asyncio.Event | None = None,
+    health_port: int | None = -1,
+) -> None:
+    """Consume raw batches until ``stop`` is set (see run_consumer_stage).
+
+    ``health_port``: -1 uses ``processor.health_port``; None serves no health endpoint."""
+    section = settings.processor
+    await run_consumer_stage(
+        processor_stage(settings),
+        settings,
+        stop,
+        health_host=section.health_host,
+        health_port=section.health_port if health_port == -1 else health_port,
+        drain=drain,
+        ready=ready,
+    )

@@ -1,0 +1,256 @@
+"""Running a declared stage: clients, start-up, health, the loop, shutdown.
+
+``run_consumer_stage`` is all a consuming stage's entrypoint calls. It starts -- retrying
+while Kafka or the destination is unreachable, stopping at once on a fatal error -- the
+shared producer, the stage's writer and a consumer of the stage's topic; serves
+``/healthz``, ``/readyz`` and ``/metrics``; keeps readiness current from periodic probes of
+the broker and the destination; runs the StageLoop until ``stop``; then stops everything in
+reverse order.
+
+Unreachable at start: the stage logs one warning per attempt (with capped backoff) and keeps
+trying for as long as it runs, with ``/readyz`` answering 503. It does not exit: a restart
+would not make Kafka reachable, and Kubernetes shows the not-ready pod; a fatal error (wrong
+credentials, a schema mismatch) does exit, with code 3, because only a person can fix it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from aiohttp import web
+
+from sgpipe.runtime.errors import ErrorClass, FatalStageError, classify, describe
+from sgpipe.runtime.health import Readiness, serve_health
+from sgpipe.runtime.kafka import (
+    DeadLetterTopicWriter,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+)
+from sgpipe.runtime.retry import Backoff, sleep_unless_stopped
+from sgpipe.runtime.settings import Settings
+from sgpipe.runtime.stage import ConsumerStage, StageLoop, Writer
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# How often readiness re-checks the broker and the destination; also each check's timeout.
+PROBE_INTERVAL_SECONDS = 5.0
+# How long closing one client may take: with the broker gone, aiokafka's stop() can otherwise
+# wait out its request timeouts, and a stop must meet its deadline.
+CLOSE_TIMEOUT_SECONDS = 10.0
+
+
+class _Startable(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+_C = TypeVar("_C", bound=_Startable)
+
+
+async def run_consumer_stage(
+    stage: ConsumerStage[T],
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    health_host: str,
+    health_port: int | None,
+    drain: bool = False,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run ``stage`` until ``stop`` is set (see the module docstring).
+
+    ``health_port`` None serves no health endpoint (the caller reports health itself);
+    ``ready`` is set once consuming. Raises FatalStageError; with ``drain``, DrainIncomplete.
+    """
+    loop_readiness = Readiness(stage.name)
+    loop_readiness.set("kafka", False, "starting")
+    async with contextlib.AsyncExitStack() as stack:
+        if health_port is not None:
+            health = await serve_health(loop_readiness, health_host, health_port)
+            stack.push_async_callback(health.cleanup)
+            log.info("serving health endpoints", stage=stage.name, port=bound_port(health))
+        kafka = settings.kafka
+        backoff = Backoff(
+            stage.options.retry_backoff_initial_seconds, stage.options.retry_backoff_max_seconds
+        )
+        if kafka.create_topics and not await retry_until_started(
+            stage.name, "creating topics", lambda: ensure_topics(kafka), stop, backoff
+        ):
+            return
+
+        producer = await start_client(
+            stage.name, "the Kafka producer", lambda: create_producer(kafka), stop, backoff
+        )
+        if producer is None:
+            return
+        stack.push_async_callback(close_quietly, stage.name, "the Kafka producer", producer.stop)
+
+        writer = stage.writer(producer)
+        if not await retry_until_started(
+            stage.name, f"connecting to {writer.destination}", writer.start, stop, backoff
+        ):
+            return
+        stack.push_async_callback(close_quietly, stage.name, writer.destination, writer.stop)
+
+        async def recreate_topics() -> None:
+            created = await ensure_topics(kafka)
+            if created:
+                log.warning("re-created missing topics", stage=stage.name, topics=created)
+
+        def new_consumer() -> Any:
+            consumer = create_consumer(kafka, group_id=stage.group_id)
+            loop = StageLoop(
+                stage.options,
+                consumer,
+                stage.transform,
+                writer,
+                DeadLetterTopicWriter(producer, kafka.topics.dead_letter),
+                filter_step=stage.filter_step,
+                readiness=loop_readiness,
+                on_missing_topic=recreate_topics if kafka.create_topics else None,
+            )
+            consumer.subscribe([stage.topic], listener=loop.rebalance_listener())
+            loops.append(loop)
+            return consumer
+
+        loops: list[StageLoop[T]] = []
+        consumer = await start_client(stage.name, "the Kafka consumer", new_consumer, stop, backoff)
+        if consumer is None:
+            return
+        stack.push_async_callback(close_quietly, stage.name, "the Kafka consumer", consumer.stop)
+        stage_loop = loops[-1]
+
+        probes = asyncio.create_task(
+            _probe_forever(stage.name, consumer, writer, loop_readiness), name="readiness-probes"
+        )
+        stack.push_async_callback(_cancel, probes)
+        log.info("consuming", stage=stage.name, topic=stage.topic, group_id=stage.group_id)
+        if ready is not None:
+            ready.set()
+        await stage_loop.run(stop, drain=drain)
+    log.info("stopped", stage=stage.name)
+
+
+async def retry_until_started(
+    stage: str,
+    what: str,
+    attempt: Callable[[], Awaitable[Any]],
+    stop: asyncio.Event,
+    backoff: Backoff,
+) -> bool:
+    """Run ``attempt`` until it succeeds (True) or ``stop`` is set (False). Retriable
+    failures are logged once per attempt and retried with backoff; others raise
+    FatalStageError with one line saying what failed."""
+    while not stop.is_set():
+        try:
+            await attempt()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if classify(exc) is not ErrorClass.RETRIABLE:
+                raise FatalStageError(f"{stage}: {what} failed: {describe(exc)}") from exc
+            delay = backoff.next_delay()
+            log.warning(
+                f"{what} failed; retrying",
+                stage=stage,
+                retry_in_seconds=round(delay, 1),
+                error=describe(exc),
+            )
+            await sleep_unless_stopped(stop, delay)
+            continue
+        backoff.reset()
+        return True
+    return False
+
+
+async def start_client(
+    stage: str,
+    what: str,
+    create: Callable[[], _C],
+    stop: asyncio.Event,
+    backoff: Backoff,
+) -> _C | None:
+    """A started client from ``create``, retrying like ``retry_until_started``; each attempt
+    builds a fresh client (a client whose start failed is not reusable). None if stopped."""
+    started: list[_C] = []
+
+    async def attempt() -> None:
+        client = create()
+        try:
+            await client.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await client.stop()
+            raise
+        started.append(client)
+
+    if not await retry_until_started(stage, f"starting {what}", attempt, stop, backoff):
+        return None
+    return started[-1]
+
+
+async def close_quietly(
+    stage: str,
+    what: str,
+    close: Callable[[], Awaitable[Any]],
+    timeout: float = CLOSE_TIMEOUT_SECONDS,
+) -> None:
+    """Close a client on the way out, within ``timeout``, never raising: a failure to close
+    must not hide why the stage stopped, nor keep it from stopping."""
+    try:
+        await asyncio.wait_for(close(), timeout)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        # aiokafka's consumer.stop() re-raises the cancellation of its own fetch tasks when
+        # the broker is gone; that is not a cancellation of ours.
+        log.debug("closing a client leaked a cancellation", stage=stage, client=what)
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning(f"closing {what} failed", stage=stage, error=describe(exc))
+
+
+async def _probe_forever(
+    stage: str, consumer: Any, writer: Writer[Any], readiness: Readiness
+) -> None:
+    """Keep the readiness checks current: the broker answers metadata requests, partitions
+    are assigned, and the destination answers its probe."""
+    while True:
+        try:
+            await asyncio.wait_for(consumer.topics(), PROBE_INTERVAL_SECONDS)
+            readiness.set("kafka", True, "broker reachable")
+        except Exception as exc:  # noqa: BLE001 - any failure means not reachable now
+            readiness.set("kafka", False, f"broker unreachable: {describe(exc)}")
+        assigned = len(consumer.assignment())
+        readiness.set(
+            "assigned",
+            assigned > 0,
+            f"{assigned} partitions assigned" if assigned else "no partitions assigned",
+        )
+        try:
+            await asyncio.wait_for(writer.probe(), PROBE_INTERVAL_SECONDS)
+            readiness.set("destination", True, f"{writer.destination} reachable")
+        except Exception as exc:  # noqa: BLE001 - any failure means not reachable now
+            readiness.set("destination", False, f"{writer.destination}: {describe(exc)}")
+        readiness.evaluate()  # refreshes the sgpipe_ready gauge
+        await asyncio.sleep(PROBE_INTERVAL_SECONDS)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def bound_port(runner: web.AppRunner) -> int | None:
+    """The port a runner's first site listens on (port 0 picks a free one)."""
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            return int(address[1])
+    return None

@@ -1,0 +1,74 @@
+"""The sink, declared: normalized Avro events -> ClickHouse ``email_events``.
+
+Step: decode each record (an undecodable one is rejected, to the dead-letter topic); writer:
+a column-oriented insert per batch (``sink.batch_max_records`` / ``sink.batch_max_seconds``).
+The runtime commits a batch's offsets only after ClickHouse accepted its insert.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from schemas.email_event import EmailEventCodec, SerializationError
+from sgpipe.runtime.dead_letters import Rejection
+from sgpipe.runtime.kafka import max_record_bytes
+from sgpipe.runtime.messages import Message
+from sgpipe.runtime.metrics import STAGE_SINK
+from sgpipe.runtime.runner import run_consumer_stage
+from sgpipe.runtime.settings import Settings
+from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
+from sinks.clickhouse import ClickHouseWriter
+
+
+def sink_stage(
+    settings: Settings, clickhouse_url: str | None = None
+) -> ConsumerStage[dict[str, Any]]:
+    """``clickhouse_url`` overrides ``clickhouse.url`` (the embedded store's address)."""
+    codec = EmailEventCodec()
+
+    def transform(message: Message) -> Transformed[dict[str, Any]]:
+        try:
+            return Transformed([codec.decode(message.value or b"")])
+        except SerializationError as exc:
+            return Transformed(rejections=[Rejection("undecodable_event", str(exc))])
+
+    def writer(producer: Any) -> ClickHouseWriter:
+        return ClickHouseWriter(settings.clickhouse, clickhouse_url, stage=STAGE_SINK)
+
+    return ConsumerStage(
+        name=STAGE_SINK,
+        topic=settings.kafka.topics.events,
+        group_id=settings.sink.group_id,
+        options=StageOptions.from_settings(
+            STAGE_SINK,
+            settings.sink,
+            max_dead_letter_payload_bytes=max_record_bytes(settings.kafka),
+        ),
+        transform=transform,
+        writer=writer,
+    )
+
+
+async def run_sink(
+    settings: Settings,
+    stop: asyncio.Event,
+    clickhouse_url: str | None = None,
+    *,
+    drain: bool = False,
+    ready: asyncio.Event | None = None,
+    health_port: int | None = -1,
+) -> None:
+    """Consume normalized events until ``stop`` is set (see run_consumer_stage).
+
+    ``health_port``: -1 uses ``sink.health_port``; None serves no health endpoint."""
+    section = settings.sink
+    await run_consumer_stage(
+        sink_stage(settings, clickhouse_url),
+        settings,
+        stop,
+        health_host=section.health_host,
+        health_port=section.health_port if health_port == -1 else health_port,
+        drain=drain,
+        ready=ready,
+    )

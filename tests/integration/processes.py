@@ -1,0 +1,163 @@
+"""Running sgpipe commands as real processes in tests, and a ClickHouse server for them.
+
+The ClickHouse server is the embedded engine served over ClickHouse's HTTP interface from a
+background thread of the test process, so a stage process reaches it like any server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SGPIPE = [sys.executable, "-m", "sgpipe.cli"]
+TIMEOUT = 30.0
+
+
+@dataclass
+class ServedClickHouse:
+    base_url: str
+    loop: asyncio.AbstractEventLoop
+    user: str
+    password: str
+
+    @property
+    def url(self) -> str:
+        """The writer's URL, credentials included, as a `clickhouse.url` setting."""
+        return self.base_url.replace("://", f"://{self.user}:{self.password}@", 1)
+
+    def query(self, sql: str) -> str:
+        request = urllib.request.Request(
+            self.base_url,
+            data=sql.encode(),
+            method="POST",
+            headers={"X-ClickHouse-User": self.user, "X-ClickHouse-Key": self.password},
+        )
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            return str(response.read().decode())
+
+
+@contextmanager
+def served_clickhouse(data_path: Path) -> Iterator[ServedClickHouse]:
+    from sgpipe.embedded.clickhouse import EmbeddedClickHouse
+    from sgpipe.embedded.credentials import load_or_create_credentials
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    # The embedded endpoint needs credentials; stages get the writer's in their URL.
+    credentials = load_or_create_credentials(data_path.parent / f"{data_path.name}-credentials")
+    writer = credentials.writer
+    store = EmbeddedClickHouse(data_path, credentials)
+    try:
+        url = asyncio.run_coroutine_threadsafe(store.start(port=0), loop).result(TIMEOUT)
+        yield ServedClickHouse(url, loop, writer.name, writer.password)
+    finally:
+        asyncio.run_coroutine_threadsafe(store.stop(), loop).result(TIMEOUT)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(TIMEOUT)
+        loop.close()
+
+
+@dataclass
+class StageProcess:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise AssertionError(f"did not stop within {timeout} s:\n{self.output()}") from None
+        return int(self.process.returncode)
+
+
+def write_config(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def start_sgpipe(command: list[str], config: Path, log: Path) -> StageProcess:
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*SGPIPE, *command, "--config", str(config)],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    return StageProcess(process, log)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status), str(response.read().decode())
+    except urllib.error.HTTPError as error:
+        return int(error.code), str(error.read().decode())
+
+
+def wait_for_status(
+    url: str, status: int, stage: StageProcess, timeout: float = 60.0
+) -> dict[str, Any]:
+    """Poll ``url`` until it answers ``status``; returns the JSON body."""
+    deadline = time.monotonic() + timeout
+    last: tuple[int, str] | str = ""
+    while time.monotonic() < deadline:
+        if stage.process.poll() is not None:
+            raise AssertionError(f"the process exited early:\n{stage.output()}")
+        try:
+            last = http_get(url)
+            if last[0] == status:
+                body: dict[str, Any] = json.loads(last[1])
+                return body
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.2)
+    raise AssertionError(f"{url} never answered {status} (last: {last}):\n{stage.output()}")
+
+
+def wait_for_log_event(stage: StageProcess, event: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The first JSON log line of ``stage`` whose event is ``event``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in stage.output().splitlines():
+            if line.startswith("{"):
+                entry: dict[str, Any] = json.loads(line)
+                if entry.get("event") == event:
+                    return entry
+        if stage.process.poll() is not None:
+            raise AssertionError(f"the process exited early:\n{stage.output()}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {event!r} log line within {timeout} s:\n{stage.output()}")
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """A sample's value from a Prometheus text exposition (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0

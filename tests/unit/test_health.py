@@ -1,0 +1,141 @@
+"""/healthz, /readyz and /metrics of a stage, alone and fronting other stages (peers)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from sgpipe.runtime import metrics
+from sgpipe.runtime.health import Progress, Readiness, create_health_app, serve_health
+from sgpipe.runtime.runner import bound_port
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[tuple[str, Readiness]]:
+    """Another stage's health server on a real port."""
+    readiness = Readiness("sink")
+    readiness.set("kafka", True, "broker reachable")
+    runner = await serve_health(readiness, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{bound_port(runner)}", readiness
+    finally:
+        await runner.cleanup()
+
+
+async def client_for(app: web.Application) -> TestClient[web.Request, web.Application]:
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    return client
+
+
+async def test_healthz_names_the_stage() -> None:
+    client = await client_for(create_health_app(Readiness("process")))
+    try:
+        response = await client.get("/healthz")
+        assert response.status == 200
+        assert await response.json() == {"status": "ok", "stage": "process"}
+    finally:
+        await client.close()
+
+
+async def test_readyz_is_503_naming_the_failing_check_and_200_once_all_hold() -> None:
+    readiness = Readiness("process")
+    readiness.set("kafka", False, "broker unreachable: KafkaConnectionError")
+    readiness.add_check("assigned", lambda: (True, "2 partitions assigned"))
+    client = await client_for(create_health_app(readiness))
+    try:
+        response = await client.get("/readyz")
+        assert response.status == 503
+        body = await response.json()
+        assert body["status"] == "not_ready"
+        assert body["checks"]["process.kafka"] == {
+            "ok": False,
+            "detail": "broker unreachable: KafkaConnectionError",
+        }
+        assert metrics.REGISTRY.get_sample_value("sgpipe_ready", {"stage": "process"}) == 0
+
+        readiness.set("kafka", True, "broker reachable")
+        response = await client.get("/readyz")
+        assert response.status == 200
+        assert metrics.REGISTRY.get_sample_value("sgpipe_ready", {"stage": "process"}) == 1
+    finally:
+        await client.close()
+
+
+async def test_a_stage_with_no_checks_yet_is_not_ready() -> None:
+    client = await client_for(create_health_app(Readiness("process")))
+    try:
+        assert (await client.get("/readyz")).status == 503
+    finally:
+        await client.close()
+
+
+async def test_a_check_that_raises_counts_as_failing() -> None:
+    readiness = Readiness("process")
+
+    def broken() -> tuple[bool, str]:
+        raise RuntimeError("oops")
+
+    readiness.add_check("broken", broken)
+    assert readiness.evaluate()["broken"] == (False, "check failed: RuntimeError('oops')")
+
+
+async def test_readyz_covers_peers(peer: tuple[str, Readiness]) -> None:
+    url, peer_readiness = peer
+    readiness = Readiness("ingest")
+    readiness.set("kafka", True, "producer ready")
+    client = await client_for(create_health_app(readiness, peers=[url]))
+    try:
+        response = await client.get("/readyz")
+        assert response.status == 200
+        assert set((await response.json())["checks"]) == {"ingest.kafka", "sink.kafka"}
+
+        peer_readiness.set("kafka", False, "broker unreachable")
+        response = await client.get("/readyz")
+        assert response.status == 503
+        assert (await response.json())["checks"]["sink.kafka"]["ok"] is False
+    finally:
+        await client.close()
+
+
+async def test_an_unreachable_peer_makes_the_front_not_ready() -> None:
+    readiness = Readiness("ingest")
+    readiness.set("kafka", True, "producer ready")
+    client = await client_for(create_health_app(readiness, peers=["http://127.0.0.1:9"]))
+    try:
+        response = await client.get("/readyz")
+        assert response.status == 503
+        (check,) = [
+            c for name, c in (await response.json())["checks"].items() if "127.0.0.1:9" in name
+        ]
+        assert check["ok"] is False and check["detail"].startswith("unreachable")
+    finally:
+        await client.close()
+
+
+async def test_metrics_merge_the_peers_series(peer: tuple[str, Readiness]) -> None:
+    url, _ = peer
+    metrics.RECORDS_CONSUMED.labels("sink").inc(0)
+    metrics.RECORDS_CONSUMED.labels("ingest-merge-test").inc(1)
+    client = await client_for(create_health_app(Readiness("ingest"), peers=[url]))
+    try:
+        response = await client.get("/metrics")
+        assert response.status == 200
+        text = await response.text()
+        assert text.count("# TYPE sgpipe_records_consumed_total counter") == 1
+        assert 'sgpipe_records_consumed_total{stage="ingest-merge-test"} 1.0' in text
+        assert text.count('sgpipe_records_consumed_total{stage="sink"}') == 1
+    finally:
+        await client.close()
+
+
+def test_progress_stalls_only_past_its_threshold() -> None:
+    progress = Progress(threshold_seconds=30)
+    assert progress.check(None) == (True, "idle or progressing")
+    assert progress.check(time.monotonic() - 5)[0] is True
+    ok, detail = progress.check(time.monotonic() - 31)
+    assert ok is False and detail == "no progress for 31 s"
