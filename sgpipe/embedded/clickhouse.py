@@ -201,6 +201,10 @@ _FORMAT_NAME = re.compile(rb"\s+([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*(?:\r?\n)?")
 _TRAILING = re.compile(rb"\s*(?:;|(?i:SETTINGS)\b|\Z)")
 
 
+class LockdownError(RuntimeError):
+    """The engine did not start with sgpipe's access control; nothing is served."""
+
+
 class EmbeddedQueryError(Exception):
     """A query failed in the embedded engine; the message is ClickHouse's error text."""
 
@@ -1184,7 +1188,7 @@ def _verify_lockdown(conn: _Connection) -> None:
         probe_code = _engine_error(exc).code
     unlocked = conn.query(unlocked_settings_query(), "TabSeparated").bytes().decode().split()
     if probe_code != ACCESS_DENIED or unlocked:
-        raise RuntimeError(
+        raise LockdownError(
             "the embedded ClickHouse did not start with sgpipe's access control "
             f"(file() probe: {probe_code}, settings not locked: {unlocked}); refusing to serve"
         )
@@ -1194,9 +1198,9 @@ def _open_engine(data_path: pathlib.Path) -> _Engine:
     data_path.mkdir(parents=True, exist_ok=True)
     try:
         return _Engine(data_path)
+    except LockdownError:
+        raise
     except RuntimeError as exc:
-        if "access control" in str(exc):
-            raise
         # The engine prints the cause (usually "Cannot lock file .../status") to stderr and
         # raises a generic start-up error.
         raise RuntimeError(
@@ -1280,9 +1284,9 @@ def query_tsv(data_path: pathlib.Path, sql: str, *, database: str | None = None)
         raise FileNotFoundError(f"no ClickHouse data directory at {data_path}")
     try:
         engine = _Engine(data_path)
+    except LockdownError:
+        raise
     except RuntimeError as exc:
-        if "access control" in str(exc):
-            raise
         # The engine prints the cause (usually "Cannot lock file .../status") to stderr and
         # raises a generic start-up error.
         error = _engine_error(exc)

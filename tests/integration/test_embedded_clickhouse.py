@@ -24,6 +24,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
 from sgpipe.embedded.clickhouse import (  # noqa: E402
     EmbeddedClickHouse,
     EmbeddedQueryError,
+    LockdownError,
     _verify_lockdown,
     query_tsv,
 )
@@ -312,7 +313,7 @@ def test_an_engine_without_the_users_file_is_refused(tmp_path: pathlib.Path) -> 
 
     conn: Any = chdb_connect(str(tmp_path / "plain"))
     try:
-        with pytest.raises(RuntimeError, match="access control"):
+        with pytest.raises(LockdownError, match="access control"):
             _verify_lockdown(conn)
     finally:
         conn.close()

@@ -23,7 +23,11 @@ import pytest
 import yaml
 
 from sgpipe.embedded.broker import free_port
-from sgpipe.embedded.credentials import credentials_file, load_credentials
+from sgpipe.embedded.credentials import (
+    credentials_file,
+    load_credentials,
+    load_or_create_credentials,
+)
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -285,3 +289,20 @@ def test_no_password_in_any_log_line_or_the_state_file(tmp_path: Path) -> None:
     for secret in (url_password, env_password):
         assert secret not in log
         assert secret not in state
+
+
+def test_unsafe_credentials_file_stops_up_before_anything_starts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    load_or_create_credentials(data_dir)  # what the first `sgpipe up` does
+    credentials_file(data_dir).chmod(0o644)  # then, say, copied with the wrong umask
+    config = tmp_path / "sgpipe.yaml"
+    config.write_text(yaml.safe_dump({"embedded": {"kafka_port": 0, "clickhouse_http_port": 0}}))
+    result = subprocess.run(
+        [*SGPIPE, "up", "--config", str(config), "--data-dir", str(data_dir), "--port", "0"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr.decode()
+    assert "chmod 600" in result.stderr.decode()
+    assert b"embedded broker started" not in result.stderr
