@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -28,8 +28,11 @@ from processors.stage import run_processor
 from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.kafka import ensure_topics
 from sgpipe.runtime.redact import redact_url
-from sgpipe.runtime.settings import Settings
+from sgpipe.runtime.settings import ConfigError, Settings
 from sinks.stage import run_sink
+
+if TYPE_CHECKING:
+    from sgpipe.embedded.credentials import EmbeddedCredentials
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +52,7 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
     """Run until ``stop`` is set or a stage fails (then StageFailed, after a full shutdown)."""
     build_verifiers(settings)  # a bad key must stop us before anything starts
     data_dir.mkdir(parents=True, exist_ok=True)
+    credentials = _embedded_credentials(settings, data_dir)  # so must unsafe credentials
     async with contextlib.AsyncExitStack() as stack:
         embedded_broker = settings.kafka.bootstrap_servers is None
         if embedded_broker:
@@ -71,9 +75,9 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         clickhouse_url = settings.clickhouse.url
         if clickhouse_url is None:
             from sgpipe.embedded.clickhouse import EmbeddedClickHouse
-            from sgpipe.embedded.credentials import credentials_file, load_or_create_credentials
+            from sgpipe.embedded.credentials import credentials_file
 
-            credentials = load_or_create_credentials(data_dir)
+            assert credentials is not None  # loaded up front whenever no URL is configured
             store = EmbeddedClickHouse(
                 data_dir / CLICKHOUSE_DIR,
                 credentials,
@@ -150,6 +154,19 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         if failures:
             raise StageFailed("; ".join(failures))
     log.info("stopped")
+
+
+def _embedded_credentials(settings: Settings, data_dir: Path) -> EmbeddedCredentials | None:
+    """The embedded store's credentials (created on first start), None with a configured
+    ClickHouse. An unsafe credentials file is a configuration error."""
+    if settings.clickhouse.url is not None:
+        return None
+    from sgpipe.embedded.credentials import CredentialsError, load_or_create_credentials
+
+    try:
+        return load_or_create_credentials(data_dir)
+    except CredentialsError as exc:  # e.g. a file others can read: fix it, then start
+        raise ConfigError(str(exc)) from exc
 
 
 async def _wait_for_ready(
