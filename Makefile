@@ -5,8 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= $(firstword $(wildcard sgpipe.yaml) examples/sgpipe.yaml)
 DATA_DIR ?= sgpipe-data
+# What `make up` runs; tests/integration/test_front_door.py runs exactly this (print-up-args).
+UP_ARGS = up --config $(CONFIG) --data-dir $(DATA_DIR)
 
-.PHONY: up test lint typecheck unit clean chart-schema
+.PHONY: up print-up-args test lint typecheck unit clean chart-schema
 
 $(BIN)/sgpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +17,10 @@ $(BIN)/sgpipe: pyproject.toml
 	touch $@
 
 up: $(BIN)/sgpipe
-	$(BIN)/sgpipe up --config $(CONFIG) --data-dir $(DATA_DIR)
+	$(BIN)/sgpipe $(UP_ARGS)
+
+print-up-args:
+	@echo $(UP_ARGS)
 
 lint: $(BIN)/sgpipe
 	$(BIN)/ruff check .

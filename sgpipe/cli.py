@@ -1,84 +1,282 @@
 """The ``sgpipe`` command: the one place that reads the environment and builds Settings.
 
-sgpipe up      [--config F] [--data-dir D] [--port P]   the whole pipeline, one process
-sgpipe ingest  [--config F] [--port P]                  the ingress only
-sgpipe process [--config F]                             raw batches -> normalized events
-sgpipe sink    [--config F]                             normalized events -> ClickHouse
-sgpipe query   [--config F] [--data-dir D] "SQL"        print a query's result as TSV
+Every command reports a failure to start as one line and exits 2 (configuration, a busy port,
+a data dir in use); anything else that escapes a command is one ``error=...`` log line and
+exit 1 (its traceback only at ``--log-level debug``). Exit codes are listed in ``--help``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
+import re
 import signal
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlencode, urlsplit
 
 import structlog
 
-from sgpipe.runtime.errors import FatalStageError
-from sgpipe.runtime.logs import configure_logging
-from sgpipe.runtime.settings import ClickHouseSettings, ConfigError, Settings, load_settings
+from sgpipe.runtime.errors import FatalStageError, describe
+from sgpipe.runtime.logs import (
+    LEVELS,
+    Format,
+    Level,
+    configure_logging,
+    report_fatal,
+)
+from sgpipe.runtime.settings import (
+    ConfigError,
+    Settings,
+    read_settings,
+    settings_warnings,
+)
 
-log = structlog.get_logger(__name__)
+log = structlog.get_logger("sgpipe")
 
 DEFAULT_DATA_DIR = Path("sgpipe-data")
 
-EXIT_CONFIG = 2
 EXIT_FAILURE = 1
+EXIT_CONFIG = 2
 # A stage stopped itself (wrong credentials, schema mismatch, dead-letter limit): a person
 # must act; Kubernetes restarts it and the restarts surface the message.
 EXIT_FATAL = 3
+EXIT_INTERRUPTED = 130
+
+# Names ClickHouse output formats have (TabSeparated, JSONEachRow, CSVWithNames, ...); checked
+# because the name is put into the request, never the SQL.
+_FORMAT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
+
+Command = Callable[[argparse.Namespace, Settings], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    environ = os.environ
+    # Until the settings are read, log as the flags (or their variables) say: a configuration
+    # error is then reported in the format the operator asked for.
+    configure_logging(*_early_logging(args, environ))
+    try:
+        loaded = read_settings(args.config, environ, _overrides(args))
+    except ConfigError as exc:
+        return _report_start_failure(exc.problems)
+    settings = loaded.settings
+    configure_logging(settings.logging.level, settings.logging.format)
+    for warning in loaded.warnings:
+        log.warning(warning.event, **warning.fields)
+    if args.serves_webhooks:
+        for warning in settings_warnings(settings):
+            log.warning(warning.event, **warning.fields)
+    command: Command = args.command
+    try:
+        return command(args, settings)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        return _report_escaped(exc, settings)
+
+
+def _report_start_failure(problems: Sequence[str]) -> int:
+    for problem in problems:
+        report_fatal(problem, exit_code=EXIT_CONFIG)
+    return EXIT_CONFIG
+
+
+def _report_escaped(exc: Exception, settings: Settings) -> int:
+    from sgpipe.preflight import PreflightFailed
+
+    if isinstance(exc, ConfigError):
+        return _report_start_failure(exc.problems)
+    if isinstance(exc, PreflightFailed):
+        return _report_start_failure([problem.message for problem in exc.problems])
+    debug = settings.logging.level == "debug"
+    if isinstance(exc, FatalStageError):
+        log.error("stage stopped on a fatal error", error=str(exc), exc_info=exc if debug else None)
+        return EXIT_FATAL
+    # The top-level guard: one line an operator can act on, never an uncaught traceback.
+    log.error("sgpipe stopped on an error", error=describe(exc), exc_info=exc if debug else None)
+    return EXIT_FAILURE
+
+
+def _early_logging(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Level, Format]:
+    level = args.log_level or environ.get("SGPIPE_LOGGING__LEVEL", "").lower()
+    output = args.log_format or environ.get("SGPIPE_LOGGING__FORMAT", "").lower()
+    levels: dict[str, Level] = {"debug": "debug", "warning": "warning", "error": "error"}
+    formats: dict[str, Format] = {"json": "json", "console": "console"}
+    return levels.get(level, "info"), formats.get(output, "auto")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if getattr(args, "port", None) is not None:
         overrides["ingest.port"] = args.port
-    try:
-        settings = load_settings(args.config, os.environ, overrides)
-    except ConfigError as exc:
-        print(f"sgpipe: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    configure_logging(settings.logging.level, settings.logging.format)
-    command: Callable[[argparse.Namespace, Settings], int] = args.command
-    try:
-        return command(args, settings)
-    except ConfigError as exc:
-        print(f"sgpipe: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    if args.log_level is not None:
+        overrides["logging.level"] = args.log_level
+    if args.log_format is not None:
+        overrides["logging.format"] = args.log_format
+    return overrides
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sgpipe", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+# --- the parser ------------------------------------------------------------------------------
 
-    def command(name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.set_defaults(command=handler)
-        sub.add_argument("--config", type=Path, help="YAML settings file")
+_DESCRIPTION = """\
+Keep every Twilio SendGrid Event Webhook event: a verified ingress publishes each batch to
+Kafka, a processor turns it into Avro events, a sink writes them to ClickHouse.
+
+Settings come from a YAML file (--config, or $SGPIPE_CONFIG), overridden by SGPIPE_*
+environment variables (SGPIPE_KAFKA__BOOTSTRAP_SERVERS=...) and then by flags.
+See docs/configuration.md."""
+
+_EPILOG = """\
+exit codes:
+  0  stopped cleanly
+  1  runtime failure (logged as one line with error=...)
+  2  configuration or usage error, or a start-up conflict such as a busy port
+  3  a stage stopped itself on a fatal error (bad credentials, schema mismatch)
+
+examples:
+  sgpipe up                                   whole pipeline, embedded Kafka and ClickHouse
+  sgpipe ingest --config /etc/sgpipe.yaml     the ingress alone, against your Kafka
+  sgpipe query "SELECT event, count() FROM email_events FINAL GROUP BY event\""""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sgpipe",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+    )
+    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    options = common.add_argument_group("common options")
+    options.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="YAML settings file (default: $SGPIPE_CONFIG, else built-in defaults)",
+    )
+    options.add_argument(
+        "--log-level",
+        choices=list(LEVELS),
+        help="log this level and above (default: logging.level, info)",
+    )
+    options.add_argument(
+        "--log-format",
+        choices=["json", "console"],
+        help="json lines, or readable console lines "
+        "(default: logging.format; auto: console on a terminal, json otherwise)",
+    )
+
+    def command(
+        name: str, handler: Command, summary: str, description: str, *, serves_webhooks: bool
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=description,
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sub.set_defaults(command=handler, serves_webhooks=serves_webhooks)
         return sub
 
-    up = command("up", _up, "run ingress, processor and sink in one process")
-    up.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    up.add_argument("--port", type=int, help="ingress port (default: ingest.port)")
-    ingest = command("ingest", _ingest, "run the webhook ingress against external Kafka")
-    ingest.add_argument("--port", type=int, help="ingress port (default: ingest.port)")
-    command("process", _process, "run the processor against external Kafka")
-    command("sink", _sink, "run the ClickHouse sink against external Kafka and ClickHouse")
-    query = command("query", _query, "run SQL against the store and print TSV")
-    query.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    query.add_argument("sql")
+    up = command(
+        "up",
+        _up,
+        "run the whole pipeline in one process",
+        "Run ingress, processor and sink in one process. Without kafka.bootstrap_servers an\n"
+        "embedded Kafka-protocol broker is started, without clickhouse.url an embedded\n"
+        "ClickHouse under --data-dir. Ctrl-C stops the ingress, drains the pipeline, then stops;\n"
+        "a second Ctrl-C stops at once. Checks ports and the data dir before starting anything.",
+        serves_webhooks=True,
+    )
+    _add_data_dir(up)
+    up.add_argument(
+        "--port", type=int, metavar="PORT", help="ingress port (default: ingest.port, 8080)"
+    )
+
+    ingest = command(
+        "ingest",
+        _ingest,
+        "run the webhook ingress against your Kafka",
+        "Serve POST /webhooks/<name>: verify SendGrid's signature, publish the batch to the raw\n"
+        "topic, answer 200 once Kafka acknowledged it. Needs kafka.bootstrap_servers. Waits up\n"
+        "to kafka.start_timeout_seconds for Kafka at start, then exits 1.",
+        serves_webhooks=True,
+    )
+    ingest.add_argument(
+        "--port", type=int, metavar="PORT", help="listen on this port (default: ingest.port, 8080)"
+    )
+
+    command(
+        "process",
+        _process,
+        "run the processor: raw batches -> Avro events",
+        "Consume raw batches, split and normalize them into Avro events on the events topic;\n"
+        "what cannot be processed goes to the dead-letter topic. Needs kafka.bootstrap_servers.",
+        serves_webhooks=False,
+    )
+    command(
+        "sink",
+        _sink,
+        "run the sink: Avro events -> ClickHouse",
+        "Consume Avro events and insert them into ClickHouse's email_events table, committing\n"
+        "offsets only after the insert. Needs kafka.bootstrap_servers and clickhouse.url.",
+        serves_webhooks=False,
+    )
+
+    query = command(
+        "query",
+        _query,
+        "run SQL against the store and print the result",
+        "Run one SQL statement against clickhouse.url, or the embedded store of --data-dir (over\n"
+        "HTTP while `sgpipe up` serves it, directly otherwise). Like clickhouse-client: a table\n"
+        "(PrettyCompact) on a terminal, tab-separated values without a header in a pipe.",
+        serves_webhooks=False,
+    )
+    _add_data_dir(query)
+    query.add_argument(
+        "--format",
+        metavar="FMT",
+        help="any ClickHouse output format, e.g. TSVWithNames, JSONEachRow, CSVWithNames "
+        "(default: PrettyCompact on a terminal, TabSeparated otherwise; a FORMAT clause in the "
+        "SQL wins)",
+    )
+    query.add_argument(
+        "sql", metavar="SQL", help='the statement, e.g. "SELECT count() FROM email_events FINAL"'
+    )
     return parser
+
+
+def _add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help=f"embedded ClickHouse data and `sgpipe up`'s lock (default: {DEFAULT_DATA_DIR})",
+    )
+
+
+def _version() -> str:
+    try:
+        return metadata.version("sgpipe")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+# --- commands --------------------------------------------------------------------------------
 
 
 def _run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
@@ -101,31 +299,17 @@ def _run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
 
     try:
         asyncio.run(runner())
-    except ConfigError:
-        raise
     except asyncio.CancelledError:
-        return EXIT_FAILURE
-    except FatalStageError as exc:
-        log.error("stage stopped on a fatal error", error=str(exc))
-        return EXIT_FATAL
-    except Exception as exc:
-        log.error("sgpipe stopped on an error", error=repr(exc), exc_info=True)
         return EXIT_FAILURE
     return 0
 
 
 def _require_kafka(settings: Settings) -> None:
     if settings.kafka.bootstrap_servers is None:
-        raise ConfigError("kafka.bootstrap_servers must be set (only `sgpipe up` embeds a broker)")
-
-
-async def _prepare_topics(settings: Settings) -> None:
-    from sgpipe.runtime.kafka import ensure_topics
-
-    if settings.kafka.create_topics:
-        created = await ensure_topics(settings.kafka)
-        if created:
-            log.info("created topics", topics=created)
+        raise ConfigError(
+            "kafka.bootstrap_servers must be set (or SGPIPE_KAFKA__BOOTSTRAP_SERVERS); "
+            "only `sgpipe up` embeds a broker"
+        )
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
@@ -135,15 +319,15 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
-    from aiohttp import web
-
-    from ingest.app import create_app
+    from ingest.server import run_ingress
+    from sgpipe.preflight import PortClaim, PreflightFailed, check_ports
 
     _require_kafka(settings)
-    app = create_app(settings)
-    asyncio.run(_prepare_topics(settings))
-    web.run_app(app, host=settings.ingest.host, port=settings.ingest.port, access_log=None)
-    return 0
+    claim = PortClaim("ingest.port", settings.ingest.host, settings.ingest.port, "--port")
+    problems = check_ports([claim])
+    if problems:
+        raise PreflightFailed(problems)
+    return _run_until_signal(lambda stop: run_ingress(settings, stop))
 
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:
@@ -162,7 +346,10 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
 
     _require_kafka(settings)
     if settings.clickhouse.url is None:
-        raise ConfigError("clickhouse.url must be set (only `sgpipe up` embeds ClickHouse)")
+        raise ConfigError(
+            "clickhouse.url must be set (or SGPIPE_CLICKHOUSE__URL); "
+            "only `sgpipe up` embeds ClickHouse"
+        )
 
     async def body(stop: asyncio.Event) -> None:
         await run_sink(settings, stop)
@@ -173,50 +360,63 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
 def _query(args: argparse.Namespace, settings: Settings) -> int:
     """Through ClickHouse's HTTP interface when a server is configured or `sgpipe up` serves
     the data dir (as the data dir's writer user); otherwise straight from the embedded data
-    path (nobody holds it)."""
-    from sgpipe.embedded.credentials import CredentialsError, load_credentials
-    from sgpipe.runtime.clickhouse import with_credentials
-
-    clickhouse = settings.clickhouse
-    url = clickhouse.url
-    if url is None:
-        url = _running_store_url(args.data_dir)
+    path, holding its lock."""
+    fmt = args.format or ("PrettyCompact" if sys.stdout.isatty() else "TabSeparated")
+    if not _FORMAT_NAME.match(fmt):
+        raise ConfigError(f"--format {fmt!r} is not a format name (e.g. TSVWithNames)")
+    url = settings.clickhouse.url
+    try:
+        if url is None:
+            url = _running_store_url(args.data_dir)
+            if url is not None:
+                settings = _as_embedded_writer(settings, args.data_dir)
         if url is not None:
-            try:
-                writer = load_credentials(args.data_dir).writer
-            except (FileNotFoundError, CredentialsError) as exc:
-                print(
-                    f"sgpipe: cannot read the embedded store's credentials: {exc}", file=sys.stderr
-                )
-                return EXIT_FAILURE
-            clickhouse = with_credentials(clickhouse, writer.name, writer.password)
-    database = clickhouse.database
-    if url is not None:
-        try:
-            output = _query_http(url, clickhouse, args.sql)
-        except QueryFailed as exc:
-            print(f"sgpipe: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
-    else:
-        from sgpipe.embedded.clickhouse import EmbeddedQueryError, query_tsv
-        from sgpipe.up import CLICKHOUSE_DIR
-
-        data_path = args.data_dir / CLICKHOUSE_DIR
-        if not data_path.is_dir():
-            print(f"sgpipe: no ClickHouse store at {data_path}", file=sys.stderr)
-            return EXIT_FAILURE
-        try:
-            output = query_tsv(data_path, args.sql, database=database)
-        except EmbeddedQueryError as exc:
-            print(f"sgpipe: {exc}", file=sys.stderr)
-            return EXIT_FAILURE
+            output = _query_http(url, settings, args.sql, fmt)
+        else:
+            output = _query_directly(args.data_dir, settings, args.sql, fmt)
+    except QueryFailed as exc:
+        report_fatal(str(exc))
+        return EXIT_FAILURE
     sys.stdout.buffer.write(output)
     sys.stdout.flush()
     return 0
 
 
+def _as_embedded_writer(settings: Settings, data_dir: Path) -> Settings:
+    """``settings`` with the data dir's writer credentials: `sgpipe up`'s embedded store
+    requires them, and `sgpipe query` finds them itself."""
+    from sgpipe.embedded.credentials import CredentialsError, load_credentials
+    from sgpipe.runtime.clickhouse import with_credentials
+
+    try:
+        writer = load_credentials(data_dir).writer
+    except (FileNotFoundError, CredentialsError) as exc:
+        raise QueryFailed(f"cannot use the embedded store's credentials: {exc}") from exc
+    clickhouse = with_credentials(settings.clickhouse, writer.name, writer.password)
+    return settings.model_copy(update={"clickhouse": clickhouse})
+
+
+def _query_directly(data_dir: Path, settings: Settings, sql: str, fmt: str) -> bytes:
+    from sgpipe.embedded.clickhouse import EmbeddedQueryError, query_store
+    from sgpipe.preflight import lock_data_dir
+    from sgpipe.up import CLICKHOUSE_DIR
+
+    data_path = data_dir / CLICKHOUSE_DIR
+    if not data_path.is_dir():
+        raise QueryFailed(f"no ClickHouse store at {data_path} (has `sgpipe up` run here?)")
+    lock = lock_data_dir(data_dir, "query")  # PreflightFailed: `sgpipe up` is starting
+    try:
+        return query_store(data_path, sql, database=settings.clickhouse.database, fmt=fmt)
+    except EmbeddedQueryError as exc:
+        raise QueryFailed(" ".join(str(exc).split())) from exc
+    finally:
+        lock.release()
+
+
 def _running_store_url(data_dir: Path) -> str | None:
     """The embedded store's URL if `sgpipe up` serves this data dir and answers."""
+    import json
+
     from sgpipe.up import state_file
 
     try:
@@ -230,27 +430,43 @@ def _running_store_url(data_dir: Path) -> str | None:
         return None
 
 
-def _query_http(url: str, clickhouse: ClickHouseSettings, sql: str) -> bytes:
-    from clickhouse_connect.driver.exceptions import ClickHouseError
-
-    from sgpipe.runtime.clickhouse import connect
-
-    async def run() -> bytes:
-        client = await connect(clickhouse, url, database=clickhouse.database)
-        try:
-            result: bytes = await client.raw_query(sql, fmt="TabSeparated")
-            return result
-        finally:
-            await client.close()
-
+def _query_http(url: str, settings: Settings, sql: str, fmt: str) -> bytes:
+    """POST the SQL to ClickHouse's HTTP interface; ``default_format`` applies unless the SQL
+    has its own FORMAT, as with clickhouse-client. The output is passed through untouched."""
+    parts = urlsplit(url)
+    secure = parts.scheme == "https"
+    port = parts.port or (8443 if secure else 8123)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname
+    endpoint = f"{parts.scheme}://{host}:{port}{parts.path or '/'}"
+    username = unquote(parts.username) if parts.username else settings.clickhouse.username
+    password = (
+        unquote(parts.password)
+        if parts.password
+        else settings.clickhouse.password.get_secret_value()
+    )
+    params = urlencode({"database": settings.clickhouse.database, "default_format": fmt})
+    request = urllib.request.Request(
+        f"{endpoint}?{params}",
+        data=sql.encode(),
+        method="POST",
+        headers={"X-ClickHouse-User": username, "X-ClickHouse-Key": password},
+    )
     try:
-        return asyncio.run(run())
-    except ClickHouseError as exc:
-        raise QueryFailed(str(exc)) from exc
+        with urllib.request.urlopen(
+            request, timeout=settings.clickhouse.send_receive_timeout
+        ) as response:
+            body: bytes = response.read()
+            return body
+    except urllib.error.HTTPError as error:
+        text = error.read().decode("utf-8", "replace")
+        raise QueryFailed(" ".join(text.split()) or f"HTTP {error.code}") from error
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise QueryFailed(f"cannot reach ClickHouse at {endpoint}: {reason}") from error
 
 
 class QueryFailed(Exception):
-    """The store answered the query with an error."""
+    """The store answered the query with an error, or could not be reached."""
 
 
 if __name__ == "__main__":

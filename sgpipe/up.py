@@ -25,10 +25,12 @@ from aiohttp import web
 
 from ingest.app import build_verifiers, create_app
 from processors.stage import run_processor
+from sgpipe.preflight import PreflightFailed, check_up, lock_data_dir
 from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.kafka import ensure_topics
 from sgpipe.runtime.redact import redact_url
 from sgpipe.runtime.settings import ConfigError, Settings
+from sgpipe.runtime.startup import retry_kafka_at_start, start_deadline
 from sinks.stage import run_sink
 
 if TYPE_CHECKING:
@@ -49,11 +51,20 @@ def state_file(data_dir: Path) -> Path:
 
 
 async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> None:
-    """Run until ``stop`` is set or a stage fails (then StageFailed, after a full shutdown)."""
+    """Run until ``stop`` is set or a stage fails (then StageFailed, after a full shutdown).
+
+    Raises ConfigError or PreflightFailed (a busy port, the data dir in use) before anything
+    is started; holds the data dir's lock until it returns.
+    """
     build_verifiers(settings)  # a bad key must stop us before anything starts
-    data_dir.mkdir(parents=True, exist_ok=True)
-    credentials = _embedded_credentials(settings, data_dir)  # so must unsafe credentials
+    problems = check_up(settings, data_dir)
+    if problems:
+        raise PreflightFailed(problems)
+    lock = lock_data_dir(data_dir, "up")
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(lock.release)
+        # Before anything starts too: an unsafe credentials file is a configuration error.
+        credentials = _embedded_credentials(settings, data_dir)
         embedded_broker = settings.kafka.bootstrap_servers is None
         if embedded_broker:
             from sgpipe.embedded.broker import EmbeddedBroker
@@ -68,7 +79,14 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
             )
             settings = settings.model_copy(update={"kafka": kafka})
         if settings.kafka.create_topics:
-            created = await ensure_topics(settings.kafka)
+            kafka_settings = settings.kafka
+            created = await retry_kafka_at_start(
+                lambda: ensure_topics(kafka_settings),
+                kafka_settings,
+                action="create topics",
+                deadline=start_deadline(kafka_settings),
+                stop=stop,
+            )
             if created:
                 log.info("created topics", topics=created)
 

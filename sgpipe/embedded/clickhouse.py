@@ -75,6 +75,7 @@ from sgpipe.embedded.clickhouse_policy import (
     StatementPolicy,
     check_statement,
     escape_query_parameter,
+    statement_kind,
     unlocked_settings_query,
     write_engine_config,
 )
@@ -197,6 +198,8 @@ _TOKEN = re.compile(
 # After the FORMAT keyword: the format name, then ClickHouse's rule for where inline data
 # starts -- after the first newline if there is one, else after the blanks.
 _FORMAT_NAME = re.compile(rb"\s+([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*(?:\r?\n)?")
+# An INSERT's canonical form ending in a FORMAT clause: its data was left out.
+_TRAILING_FORMAT = re.compile(r" FORMAT [A-Za-z_][A-Za-z0-9_]*$")
 # What may follow a SELECT's FORMAT clause.
 _TRAILING = re.compile(rb"\s*(?:;|(?i:SETTINGS)\b|\Z)")
 
@@ -670,6 +673,14 @@ def _run_query(
 ) -> _Outcome:
     # What runs is the canonical form that was checked, never the client's text.
     canonical = _checked_statement(conn, sql, policy, readonly_user=readonly_user)
+    if statement_kind(canonical) == "INSERT" and _TRAILING_FORMAT.search(canonical):
+        # The canonical form has no inline data: rows after an INSERT's FORMAT clause that
+        # did not reach the streaming path would be dropped silently. Refuse instead.
+        raise _clickhouse_error(
+            _NOT_IMPLEMENTED,
+            "NOT_IMPLEMENTED",
+            "inline data is supported for INSERT ... FORMAT <format> and INSERT ... VALUES only",
+        )
     fmt = _result_format(canonical.encode(), params.default_format)
     result: _Result = conn.query(canonical, fmt or params.default_format, params=params.bind)
     body = result.bytes()
@@ -1271,8 +1282,19 @@ class EmbeddedClickHouse:
 
 
 def query_tsv(data_path: pathlib.Path, sql: str, *, database: str | None = None) -> bytes:
+    """`query_store` with TabSeparated output."""
+    return query_store(data_path, sql, database=database)
+
+
+def query_store(
+    data_path: pathlib.Path,
+    sql: str,
+    *,
+    database: str | None = None,
+    fmt: str = _DEFAULT_FORMAT,
+) -> bytes:
     """Open chdb directly on data_path (nobody else holds it), run sql as the writer would
-    over HTTP (same access control, same statement check), return TabSeparated output (or
+    over HTTP (same access control, same statement check), return its output in `fmt` (or in
     the query's own FORMAT if it has one). `database`, if given, is the default database for
     unqualified table names.
 
@@ -1294,7 +1316,19 @@ def query_tsv(data_path: pathlib.Path, sql: str, *, database: str | None = None)
         raise EmbeddedQueryError(hint, error.code) from exc
     try:
         info = _load_engine_info(engine.conn_str)
-        params = _Params(database=database or "")
+        params = _Params(database=database or "", default_format=fmt)
+        sql_bytes = sql.encode()
+        head = _scan_insert(sql_bytes, final=True)
+        if isinstance(head, _InsertHead):
+            # As over HTTP: the rows are data for the insert, never SQL.
+            insert = _StreamingInsert(engine.conn_str, params, {}, info.policy, readonly_user=False)
+            try:
+                insert.begin(_decode_sql(head.sql), head.fmt)
+                insert.append(sql_bytes[head.data_start :])
+                insert.finish()
+            finally:
+                insert.release()
+            return b""
         conn = _open_request_connection(engine.conn_str, params, {}, readonly_user=False)
         try:
             return _run_query(conn, sql, params, info.policy, readonly_user=False).body

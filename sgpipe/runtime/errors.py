@@ -203,4 +203,7 @@ def describe(exc: BaseException, limit: int = 300) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     if len(text) > limit:
         text = text[:limit] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    name = type(exc).__name__
+    if text.startswith(f"{name}: "):  # aiokafka's messages already start with the class name
+        return text
+    return f"{name}: {text}" if text else name

@@ -2,14 +2,13 @@
 
 ``redact_url`` is what every caller uses before a URL is logged, raised in an error message or
 written to the state file. ``redact_text`` finds URLs with credentials inside free text (an
-exception's message, a library's log line); the logging set-up runs it over every log event
-and every standard-library log record, as the net under the callers that should have used
-``redact_url`` in the first place.
+exception's message, a library's log line); the logging set-up runs it over every event of
+the one log stream (the standard library's records included), as the net under the callers
+that should have used ``redact_url`` in the first place.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Final
@@ -116,20 +115,3 @@ def redact_log_event(
     for key, value in event_dict.items():
         event_dict[key] = _redact_value(value)
     return event_dict
-
-
-class RedactingFilter(logging.Filter):
-    """For standard-library handlers (aiokafka, aiohttp, clickhouse-connect): the record's
-    final message, arguments applied, is redacted before any handler formats it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = redact_text(message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
-        if record.exc_info and record.exc_info[1] is not None:
-            # The traceback text is formatted later by the handler; format it now, redacted.
-            formatted = logging.Formatter().formatException(record.exc_info)
-            record.exc_text = redact_text(formatted)
-            record.exc_info = None
-        return True

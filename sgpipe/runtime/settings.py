@@ -1,28 +1,45 @@
 """The one settings object of an sgpipe process.
 
-Built once in the entrypoint from a YAML file overlaid with ``SGPIPE_*`` environment variables,
-validated, frozen, and passed down as plain values; nothing below the CLI reads ``os.environ``.
+Built once in the entrypoint from a YAML file overlaid with ``SGPIPE_*`` environment variables
+and command-line flags, validated, frozen, and passed down as plain values; nothing below the
+CLI reads ``os.environ``. ``Settings`` is a pydantic-settings class; its environment parsing
+(prefix, ``__`` between levels, JSON for whole sections) is pydantic-settings' own, fed only the
+variables that name a setting. How the environment is read, and why, is in
+``docs/configuration.md``:
 
-Environment variables address any scalar by its path, ``__`` between levels::
+    SGPIPE_CONFIG=/etc/sgpipe/sgpipe.yaml              # the config file (--config wins)
+    SGPIPE_KAFKA__BOOTSTRAP_SERVERS=kafka:9092         # any setting by its path
+    SGPIPE_KAFKA__TOPICS='{"raw": "sendgrid.raw"}'     # a whole section, as JSON
+    SGPIPE_WEBHOOKS__MAIN__PUBLIC_KEYS=KEY1,KEY2       # a field of a webhook the file declares
+    SGPIPE_WEBHOOKS='[{"name": "main", ...}]'          # declares the webhooks themselves
 
-    SGPIPE_KAFKA__BOOTSTRAP_SERVERS=kafka:9092
-    SGPIPE_CLICKHOUSE__URL=http://clickhouse:8123
-    SGPIPE_WEBHOOKS__MAIN__TIMESTAMP_TOLERANCE=0       # webhooks are addressed by name
-    SGPIPE_WEBHOOKS__MAIN__PUBLIC_KEYS=KEY1,KEY2       # lists: comma-separated or JSON
-
-Unknown keys, in YAML or in the environment, are errors: a typo must not silently fall back to
-a default.
+Unknown keys in the file are errors. ``SGPIPE_*`` variables that name no setting are ignored
+with a warning: Kubernetes injects ``SGPIPE_PORT=tcp://...`` and friends for a Service named
+``sgpipe``, and such variables must never stop the process. A variable that addresses a webhook
+the configuration does not declare is an error: it would otherwise create a webhook silently.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
-from collections.abc import Mapping
+import re
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 ENV_PREFIX = "SGPIPE_"
 ENV_PATH_SEPARATOR = "__"
@@ -32,7 +49,12 @@ WEBHOOK_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 
 class ConfigError(Exception):
-    """The configuration is invalid; the message names every bad setting."""
+    """The configuration is invalid. One line per problem, each naming the setting (by its
+    environment variable when it came from one, else by its dotted path)."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems: tuple[str, ...] = problems
 
 
 class _Section(BaseModel):
@@ -67,6 +89,11 @@ class KafkaSettings(_Section):
     request_timeout_ms: Annotated[int, Field(ge=1000)] = 30_000
     session_timeout_ms: Annotated[int, Field(ge=100)] = 10_000
     heartbeat_interval_ms: Annotated[int, Field(ge=50)] = 3_000
+    # How long `sgpipe ingest` keeps retrying to reach Kafka at start (topics, producer) before
+    # it exits 1. It listens only once Kafka answered, so nothing can probe it meanwhile: long
+    # enough to ride out a broker restart, short enough that Kubernetes shows the pod failing
+    # (CrashLoopBackOff). The consuming stages retry without a deadline, serving /readyz.
+    start_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
     create_topics: bool = True
     topics: TopicSettings = TopicSettings()
 
@@ -181,14 +208,8 @@ class EmbeddedSettings(_Section):
     # Web origins (e.g. "https://grafana.example.com") whose browser requests the embedded
     # ClickHouse endpoint accepts. None by default: any request with an Origin header is
     # refused, so a web page cannot use a browser to reach it (docs/security.md).
+    # In the environment, a JSON list: SGPIPE_EMBEDDED__CLICKHOUSE_ALLOWED_ORIGINS='["https://..."]'.
     clickhouse_allowed_origins: tuple[str, ...] = ()
-
-    @field_validator("clickhouse_allowed_origins", mode="before")
-    @classmethod
-    def _split_origin_list(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
 
 
 class LoggingSettings(_Section):
@@ -196,7 +217,15 @@ class LoggingSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
-class Settings(_Section):
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_PATH_SEPARATOR,
+        case_sensitive=False,
+    )
+
     kafka: KafkaSettings = KafkaSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     webhooks: tuple[WebhookSettings, ...] = ()
@@ -220,24 +249,107 @@ class Settings(_Section):
     def webhook(self, name: str) -> WebhookSettings | None:
         return next((webhook for webhook in self.webhooks if webhook.name == name), None)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Settings(...) built in code holds exactly what it was given: the environment is read
+        # once, by load_settings, from the mapping the entrypoint passes (never os.environ here).
+        return (init_settings,)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+CONFIG_FILE_VARIABLE = "SGPIPE_CONFIG"
+COMMAND_LINE = "command line"
+
+# Variables Kubernetes injects for a Service named `sgpipe` (or `sgpipe-...`): SGPIPE_PORT,
+# SGPIPE_SERVICE_HOST, SGPIPE_SERVICE_PORT_HTTP, SGPIPE_PORT_8080_TCP_ADDR, ...
+_SERVICE_LINK_NAME = re.compile(
+    r"_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)$"
+)
+_SERVICE_LINK_VALUE = re.compile(r"^(tcp|udp|sctp)://")
+# How close an unknown name must be to a setting's variable to be called a misspelling of it.
+_SUGGESTION_CUTOFF = 0.85
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsWarning:
+    """Something about the configuration the operator should see at start; not an error."""
+
+    event: str
+    fields: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedSettings:
+    settings: Settings
+    config_file: Path | None
+    warnings: tuple[SettingsWarning, ...]
+
 
 def load_settings(
     config_file: Path | None,
     environ: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """YAML file, then ``SGPIPE_*`` variables, then explicit overrides (CLI flags), validated.
+    """``read_settings(...).settings``: for callers that do not log the warnings."""
+    return read_settings(config_file, environ, overrides).settings
 
-    Raises ConfigError naming each bad setting by its dotted path.
+
+def read_settings(
+    config_file: Path | None,
+    environ: Mapping[str, str],
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedSettings:
+    """The YAML file (``config_file``, else ``SGPIPE_CONFIG``), then the ``SGPIPE_*`` variables
+    that name a setting, then ``overrides`` (dotted paths, from command-line flags), validated.
+
+    Returns the settings with warnings about variables that were ignored. Raises ConfigError
+    naming each bad setting: by its variable when a variable set it, else by its dotted path
+    (``webhooks[main].timestamp_tolerance``).
     """
+    if config_file is None and environ.get(CONFIG_FILE_VARIABLE):
+        config_file = Path(environ[CONFIG_FILE_VARIABLE])
     document = _read_yaml(config_file) if config_file is not None else {}
-    _apply_environment(document, environ)
+    environment = _classify_environment(environ, _declared_webhook_names(document))
+    origins: dict[tuple[str, ...], _Origin] = {}
+    problems: list[str] = []
+    for variable in environment.settings:
+        fragment = _parse_variable(variable, environ[variable.name], problems)
+        if fragment is not None:
+            _merge(document, fragment, (), _Origin(variable.name, variable.path), origins, problems)
+    for webhook_variable in environment.webhook_fields:
+        _set_webhook_field(document, webhook_variable, environ[webhook_variable.name], origins)
     for dotted, value in (overrides or {}).items():
-        _set_path(document, dotted.split("."), value, source=f"override {dotted}")
+        _set_override(document, dotted, value, origins)
+    problems.extend(environment.undeclared_webhook_problems(document))
+    if problems:
+        raise ConfigError(*problems)
     try:
-        return Settings.model_validate(document)
+        settings = Settings.model_validate(document)
     except ValidationError as exc:
-        raise ConfigError(_describe_validation_error(exc, document)) from exc
+        raise ConfigError(
+            *(_describe_error(error, document, origins) for error in exc.errors())
+        ) from exc
+    return LoadedSettings(settings, config_file, environment.warnings())
+
+
+def settings_warnings(settings: Settings) -> list[SettingsWarning]:
+    """Deliberate but risky choices, logged at every start of a process that serves them."""
+    return [
+        SettingsWarning(
+            "webhook accepts unsigned requests: anyone who can reach it can inject events",
+            {"webhook": webhook.name, "setting": f"webhooks[{webhook.name}].allow_unsigned"},
+        )
+        for webhook in settings.webhooks
+        if webhook.allow_unsigned
+    ]
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -248,7 +360,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        problem = " ".join(str(exc).split())
+        raise ConfigError(f"config file {path} is not valid YAML: {problem}") from exc
     if document is None:
         return {}
     if not isinstance(document, dict):
@@ -256,73 +369,321 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return document
 
 
-def _apply_environment(document: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for variable in sorted(environ):
-        if not variable.startswith(ENV_PREFIX):
+# --- which variables are settings ------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _SettingVariable:
+    """A variable naming a section or a field: SGPIPE_KAFKA__TOPICS, SGPIPE_INGEST__PORT."""
+
+    name: str
+    path: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _WebhookVariable:
+    """SGPIPE_WEBHOOKS__<NAME>__<FIELD>: a field of a declared webhook."""
+
+    name: str
+    webhook: str  # lower case, as written: "_" also finds a "-" (shells allow no "-")
+    field: str
+
+
+@dataclass
+class _Environment:
+    settings: list[_SettingVariable] = field(default_factory=list)
+    webhook_fields: list[_WebhookVariable] = field(default_factory=list)
+    # Not settings: the misspelled ones (with the variable they are closest to) are named one
+    # by one; the rest (service links, other tools' variables) together.
+    misspelled: list[tuple[str, str | None]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def undeclared_webhook_problems(self, document: Mapping[str, Any]) -> list[str]:
+        declared = _declared_webhook_names(document)
+        return [
+            f"{variable.name}: no webhook named {variable.webhook!r} is declared "
+            f"(declared: {', '.join(declared) or 'none'}); declare it under `webhooks:` in the "
+            f"config file, or declare all webhooks in SGPIPE_WEBHOOKS as JSON"
+            for variable in self.webhook_fields
+            if _find_webhook(document, variable.webhook) is None
+        ]
+
+    def warnings(self) -> tuple[SettingsWarning, ...]:
+        found = [
+            SettingsWarning(
+                "ignored environment variable: it names no setting",
+                {"variable": name, "did_you_mean": suggestion}
+                if suggestion
+                else {"variable": name},
+            )
+            for name, suggestion in self.misspelled
+        ]
+        if self.ignored:
+            found.append(
+                SettingsWarning(
+                    "ignored SGPIPE_* environment variables that name no setting "
+                    "(Kubernetes service links look like this)",
+                    {"variables": sorted(self.ignored)},
+                )
+            )
+        return tuple(found)
+
+
+def _classify_environment(environ: Mapping[str, str], declared_webhooks: list[str]) -> _Environment:
+    environment = _Environment()
+    candidates: list[str] | None = None
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_FILE_VARIABLE:
             continue
-        path = variable[len(ENV_PREFIX) :].lower().split(ENV_PATH_SEPARATOR)
-        if not all(path):
-            raise ConfigError(f"{variable}: empty path segment in environment variable name")
-        _set_path(document, path, _env_value(variable, path, environ[variable]), source=variable)
+        segments = tuple(upper[len(ENV_PREFIX) :].lower().split(ENV_PATH_SEPARATOR))
+        resolved = _resolve(name, segments)
+        if isinstance(resolved, _SettingVariable):
+            environment.settings.append(resolved)
+        elif isinstance(resolved, _WebhookVariable):
+            environment.webhook_fields.append(resolved)
+        elif _is_service_link(upper, environ[name]):
+            environment.ignored.append(name)
+        else:
+            if candidates is None:
+                candidates = list(_setting_variables(Settings, (), declared_webhooks))
+            close = difflib.get_close_matches(upper, candidates, 1, _SUGGESTION_CUTOFF)
+            known_section = len(segments) > 1 and segments[0] in Settings.model_fields
+            if close or known_section:
+                environment.misspelled.append((name, close[0] if close else None))
+            else:
+                environment.ignored.append(name)
+    # Whole sections first, so that a variable for one of their fields overrides their JSON.
+    environment.settings.sort(key=lambda variable: (len(variable.path), variable.name))
+    return environment
 
 
-def _env_value(variable: str, path: list[str], raw: str) -> Any:
-    # A top-level variable sets a whole section (SGPIPE_WEBHOOKS='[{...}]') and is JSON. Below
-    # that, values stay strings (a password may look like JSON): pydantic converts scalars and
-    # list-valued fields parse their own forms.
-    if len(path) > 1:
-        return raw
+def _resolve(name: str, segments: tuple[str, ...]) -> _SettingVariable | _WebhookVariable | None:
+    model: type[BaseModel] = Settings
+    for depth, segment in enumerate(segments):
+        info = model.model_fields.get(segment)
+        if info is None:
+            return None
+        last = depth == len(segments) - 1
+        section = _section_model(info.annotation)
+        item = _named_item_model(info.annotation)
+        if last:
+            return _SettingVariable(name, segments)
+        if section is not None:
+            model = section
+            continue
+        if item is not None and len(segments) == depth + 3:
+            webhook, item_field = segments[depth + 1], segments[depth + 2]
+            if webhook and item_field in item.model_fields and item_field != "name":
+                return _WebhookVariable(name, webhook, item_field)
+        return None
+    return None
+
+
+def _setting_variables(
+    model: type[BaseModel], path: tuple[str, ...], webhooks: list[str]
+) -> Iterator[str]:
+    """Every variable that names a setting (webhook fields for the declared webhooks)."""
+    for name, info in model.model_fields.items():
+        here = (*path, name)
+        yield ENV_PREFIX + ENV_PATH_SEPARATOR.join(here).upper()
+        section = _section_model(info.annotation)
+        item = _named_item_model(info.annotation)
+        if section is not None:
+            yield from _setting_variables(section, here, webhooks)
+        elif item is not None:
+            for webhook in webhooks:
+                for item_field in item.model_fields:
+                    if item_field != "name":
+                        parts = (*here, webhook.replace("-", "_"), item_field)
+                        yield ENV_PREFIX + ENV_PATH_SEPARATOR.join(parts).upper()
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    for candidate in _union_members(annotation):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _named_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The item model of a list of named entries (``webhooks``), addressed by name."""
+    for candidate in _union_members(annotation):
+        if typing.get_origin(candidate) in (tuple, list):
+            args = [arg for arg in typing.get_args(candidate) if arg is not Ellipsis]
+            item = _section_model(args[0]) if len(args) == 1 else None
+            if item is not None and "name" in item.model_fields:
+                return item
+    return None
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    if typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _is_service_link(name: str, value: str) -> bool:
+    if _SERVICE_LINK_NAME.search(name):
+        return True
+    return name.endswith("_PORT") and bool(_SERVICE_LINK_VALUE.match(value))
+
+
+def _declared_webhook_names(document: Mapping[str, Any]) -> list[str]:
+    webhooks = document.get("webhooks")
+    if not isinstance(webhooks, list):
+        return []
+    return [str(entry["name"]) for entry in webhooks if isinstance(entry, dict) and "name" in entry]
+
+
+# --- reading the values ----------------------------------------------------------------------
+
+
+class _GivenEnvironment(EnvSettingsSource):
+    """pydantic-settings' environment parsing over a given mapping instead of os.environ."""
+
+    def __init__(self, variables: Mapping[str, str]) -> None:
+        self._given = {name.lower(): value for name, value in variables.items()}
+        super().__init__(Settings)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return self._given
+
+
+def _parse_variable(
+    variable: _SettingVariable, value: str, problems: list[str]
+) -> dict[str, Any] | None:
+    # One variable at a time, so that a value that does not parse is blamed on its variable.
     try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{variable}: a whole section must be JSON: {exc}") from exc
+        return _GivenEnvironment({variable.name: value})()
+    except SettingsError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        problems.append(f"{variable.name}: a section is set as JSON; this is not JSON ({cause})")
+        return None
 
 
-def _set_path(document: dict[str, Any], path: list[str], value: Any, *, source: str) -> None:
-    node, rest = document, path
-    if path[0] == "webhooks" and len(path) >= 3:
-        # Webhooks are a list in YAML; the environment addresses an entry by its name.
-        node, rest = _webhook_entry(document, path[1], source), path[2:]
-    for key in rest[:-1]:
+@dataclass(frozen=True, slots=True)
+class _Origin:
+    """Where a value came from: a variable (and the path it names) or the command line."""
+
+    source: str
+    path: tuple[str, ...]
+
+
+def _merge(
+    base: dict[str, Any],
+    overlay: Mapping[str, Any],
+    path: tuple[str, ...],
+    origin: _Origin,
+    origins: dict[tuple[str, ...], _Origin],
+    problems: list[str],
+) -> None:
+    for key, value in overlay.items():
+        here = (*path, key)
+        if isinstance(value, Mapping):
+            existing = base.setdefault(key, {})
+            if not isinstance(existing, dict):
+                dotted = ".".join(here)
+                problems.append(f"{origin.source}: {dotted} in the config file is not a section")
+                continue
+            _merge(existing, value, here, origin, origins, problems)
+        else:
+            base[key] = value
+            origins[here] = origin
+
+
+def _find_webhook(document: Mapping[str, Any], written: str) -> dict[str, Any] | None:
+    webhooks = document.get("webhooks")
+    if not isinstance(webhooks, list):
+        return None
+    for entry in webhooks:
+        if isinstance(entry, dict) and entry.get("name") in (written, written.replace("_", "-")):
+            return entry
+    return None
+
+
+def _set_webhook_field(
+    document: dict[str, Any],
+    variable: _WebhookVariable,
+    value: str,
+    origins: dict[tuple[str, ...], _Origin],
+) -> None:
+    entry = _find_webhook(document, variable.webhook)
+    if entry is None:
+        return  # reported by undeclared_webhook_problems
+    # A string: pydantic converts scalars, and public_keys parses "K1,K2" or a JSON list.
+    entry[variable.field] = value
+    path = ("webhooks", str(entry["name"]), variable.field)
+    origins[path] = _Origin(variable.name, path)
+
+
+def _set_override(
+    document: dict[str, Any], dotted: str, value: Any, origins: dict[tuple[str, ...], _Origin]
+) -> None:
+    path = dotted.split(".")
+    if path[0] == "webhooks" and len(path) == 3:
+        entry = _find_webhook(document, path[1])
+        if entry is None:
+            raise ConfigError(f"{dotted} ({COMMAND_LINE}): no webhook named {path[1]!r}")
+        entry[path[2]] = value
+        named = ("webhooks", str(entry["name"]), path[2])
+        origins[named] = _Origin(COMMAND_LINE, named)
+        return
+    node = document
+    for key in path[:-1]:
         child = node.setdefault(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{source}: {key} is not a section")
+            raise ConfigError(f"{dotted} ({COMMAND_LINE}): {key} is not a section")
         node = child
-    node[rest[-1]] = value
+    node[path[-1]] = value
+    origins[tuple(path)] = _Origin(COMMAND_LINE, tuple(path))
 
 
-def _webhook_entry(document: dict[str, Any], name: str, source: str) -> dict[str, Any]:
-    webhooks = document.setdefault("webhooks", [])
-    if not isinstance(webhooks, list):
-        raise ConfigError(f"{source}: webhooks must be a list")
-    # Shells do not allow "-" in variable names: SGPIPE_WEBHOOKS__EU_WEST__... also finds
-    # a webhook named "eu-west".
-    for existing in webhooks:
-        if isinstance(existing, dict) and existing.get("name") in (name, name.replace("_", "-")):
-            return existing
-    created: dict[str, Any] = {"name": name}
-    webhooks.append(created)
-    return created
+# --- errors that name the setting ------------------------------------------------------------
 
 
-def _describe_validation_error(exc: ValidationError, document: Mapping[str, Any]) -> str:
-    lines = ["invalid configuration:"]
-    for error in exc.errors():
-        lines.append(f"  {_dotted(error['loc'], document)}: {error['msg']}")
-    return "\n".join(lines)
+def _describe_error(
+    error: Mapping[str, Any],
+    document: Mapping[str, Any],
+    origins: Mapping[tuple[str, ...], _Origin],
+) -> str:
+    named, display = _named_location(error["loc"], document)
+    message = str(error["msg"])
+    for length in range(len(named), 0, -1):
+        origin = origins.get(named[:length])
+        if origin is None:
+            continue
+        if origin.source == COMMAND_LINE:
+            return f"{display} ({COMMAND_LINE}): {message}"
+        if origin.path == named:
+            return f"{origin.source}: {message}"
+        return f"{origin.source} ({display}): {message}"
+    return f"{display}: {message}"
 
 
-def _dotted(location: tuple[int | str, ...], document: Mapping[str, Any]) -> str:
-    # Say `webhooks[main].public_keys`, not `webhooks.0.public_keys`: the user knows names.
+def _named_location(
+    location: tuple[int | str, ...], document: Mapping[str, Any]
+) -> tuple[tuple[str, ...], str]:
+    """(path with list entries named, display text): ``webhooks.0.public_keys`` becomes
+    (("webhooks", "main", "public_keys"), "webhooks[main].public_keys"): users know names."""
+    named: list[str] = []
     parts: list[str] = []
     node: Any = document
     for item in location:
         if isinstance(item, int) and isinstance(node, list) and item < len(node):
             entry = node[item]
             name = entry.get("name") if isinstance(entry, dict) else None
-            parts[-1] = f"{parts[-1]}[{name if name else item}]"
+            label = str(name) if name else str(item)
+            named.append(label)
+            if parts:
+                parts[-1] = f"{parts[-1]}[{label}]"
+            else:
+                parts.append(f"[{label}]")
             node = entry
             continue
+        named.append(str(item))
         parts.append(str(item))
         node = node.get(item) if isinstance(node, dict) else None
-    return ".".join(parts) or "(top level)"
+    return tuple(named), ".".join(parts) or "(top level)"

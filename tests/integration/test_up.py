@@ -32,7 +32,7 @@ from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
-SGPIPE = [sys.executable, "-m", "sgpipe.cli"]
+SGPIPE = [sys.executable, "-m", "sgpipe"]
 START_TIMEOUT = 90.0
 
 
@@ -230,6 +230,32 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     passwords = [user.password for user in credentials.users]
     assert not [secret for secret in passwords if secret in state_path.read_text()]
 
+    # A second `sgpipe up` on the same data dir is refused in one line before it starts
+    # anything (its ports are all free: only the data dir is in the way).
+    second = subprocess.run(
+        [
+            *SGPIPE,
+            "up",
+            "--config",
+            str(pipeline.config),
+            "--data-dir",
+            str(pipeline.data_dir),
+            "--port",
+            str(free_port()),
+            "--log-format",
+            "console",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert second.returncode == 2
+    assert second.stderr == (
+        f"sgpipe: data dir {pipeline.data_dir} is in use by another sgpipe up "
+        f"(pid {pipeline.process.pid})\n"
+    )
+
     # SIGTERM drains and stops everything, the broker child included; the store stays readable.
     broker_host, broker_port = state["kafka_bootstrap_servers"].split(":")
     pipeline.process.send_signal(signal.SIGTERM)
@@ -240,6 +266,11 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     assert pipeline.query("SELECT count() FROM email_events FINAL") == "1\n"
     log = pipeline.log.read_text()
     assert not [secret for secret in passwords if secret in log]
+    # One log stream: every line it wrote (JSON mode) parses, library lines included.
+    events = [json.loads(line) for line in pipeline.log.read_text().splitlines()]
+    assert {"embedded broker started", "send SendGrid events to", "stopped"} <= {
+        event["event"] for event in events
+    }
 
 
 def test_ingress_takes_no_batch_while_the_sink_cannot_reach_clickhouse(tmp_path: Path) -> None:

@@ -125,3 +125,7 @@ def test_describe_is_one_short_line() -> None:
     assert text.startswith("ValueError: first line")
     assert len(text) < 330
     assert describe(KeyError()) == "KeyError"
+    # aiokafka puts the class name into the message itself: not twice.
+    assert describe(kafka.KafkaConnectionError("Unable to bootstrap")) == (
+        "KafkaConnectionError: Unable to bootstrap"
+    )

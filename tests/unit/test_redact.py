@@ -70,15 +70,13 @@ def test_redact_text_finds_urls_and_assignments() -> None:
 
 
 @pytest.fixture
-def json_logs(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
-    """What `configure_logging` writes to stderr, JSON lines; the root logger starts without
-    handlers (as in `sgpipe`), so the standard library's output goes there too."""
-    stderr = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", stderr)
-    root = logging.getLogger()
-    monkeypatch.setattr(root, "handlers", [])
-    configure_logging("debug", "json")
-    yield stderr
+def json_logs() -> Iterator[io.StringIO]:
+    """What `configure_logging` writes, as JSON lines; the standard library's records go to
+    the same stream."""
+    stream = io.StringIO()
+    configure_logging("debug", "json", stream=stream)
+    yield stream
+    configure_logging("info", "json", stream=sys.stderr)
     structlog.reset_defaults()
 
 
@@ -94,10 +92,11 @@ def test_log_events_are_redacted_even_inside_exceptions(json_logs: io.StringIO) 
     event = json.loads(output.strip().splitlines()[-1])
     assert event["url"] == "http://sgpipe:***@127.0.0.1:8123"
     assert event["nested"] == {"urls": ["http://sgpipe:***@127.0.0.1:8123"]}
-    assert event["exception"][0]["exc_value"] == "cannot reach http://sgpipe:***@127.0.0.1:8123"
+    assert "cannot reach http://sgpipe:***@127.0.0.1:8123" in json.dumps(event["exception"])
 
 
 def test_standard_library_records_are_redacted(json_logs: io.StringIO) -> None:
+    # aiokafka, aiohttp, clickhouse-connect: their records join the same stream.
     library = logging.getLogger("some.library")
     library.warning("request to %s failed", "http://u:hunter2@h:1/?password=hunter3")
     try:
@@ -108,4 +107,4 @@ def test_standard_library_records_are_redacted(json_logs: io.StringIO) -> None:
     for secret in ("hunter2", "hunter3", "hunter4"):
         assert secret not in output
     assert "request to http://u:***@h:1/?password=*** failed" in output
-    assert "OSError: http://u:***@h:1" in output
+    assert "http://u:***@h:1" in output

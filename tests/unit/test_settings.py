@@ -1,5 +1,6 @@
-"""load_settings: YAML, then SGPIPE_* environment variables, then overrides; errors name the
-setting; the result is frozen."""
+"""load_settings: YAML, then the SGPIPE_* environment variables that name a setting, then
+overrides; other SGPIPE_* variables are ignored with a warning; errors name the setting (by its
+variable when a variable set it); the result is frozen."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from sgpipe.runtime.settings import ConfigError, Settings, WebhookSettings, load_settings
+from sgpipe.runtime.settings import (
+    ConfigError,
+    Settings,
+    SettingsWarning,
+    WebhookSettings,
+    load_settings,
+    read_settings,
+    settings_warnings,
+)
 from tests.sendgrid_vector import PUBLIC_KEY
 
 YAML = f"""\
@@ -145,23 +154,45 @@ def test_env_sets_public_keys(config_file: Path, value: str, expected: tuple[str
     assert webhook(settings, "main").public_keys == expected
 
 
-def test_env_creates_a_webhook_absent_from_yaml(config_file: Path) -> None:
-    settings = load_settings(
+def test_env_for_a_webhook_the_file_does_not_declare_is_an_error(config_file: Path) -> None:
+    # It would otherwise create a webhook (an open URL) that nobody declared.
+    message = config_error(
         config_file,
         {
             "SGPIPE_WEBHOOKS__MARKETING__PUBLIC_KEYS": "K1,K2",
-            "SGPIPE_WEBHOOKS__MARKETING__TIMESTAMP_TOLERANCE": "90000",
+            "SGPIPE_WEBHOOKS__MAIN__TIMESTAMP_TOLERANCE": "0",
         },
     )
-    assert [w.name for w in settings.webhooks] == ["main", "eu-west", "marketing"]
-    assert webhook(settings, "marketing") == WebhookSettings(
-        name="marketing", public_keys=("K1", "K2"), timestamp_tolerance=90000
+    assert message.startswith("SGPIPE_WEBHOOKS__MARKETING__PUBLIC_KEYS: ")
+    assert "'marketing'" in message
+    assert "declared: main, eu-west" in message
+    assert "SGPIPE_WEBHOOKS__MAIN" not in message
+
+
+def test_env_cannot_create_a_webhook_without_any_yaml() -> None:
+    message = config_error(None, {"SGPIPE_WEBHOOKS__MAIN__ALLOW_UNSIGNED": "true"})
+    assert message.startswith("SGPIPE_WEBHOOKS__MAIN__ALLOW_UNSIGNED: no webhook named 'main'")
+    assert "declared: none" in message
+
+
+def test_env_declares_webhooks_only_as_a_whole_section_and_sets_their_fields() -> None:
+    settings = load_settings(
+        None,
+        {
+            "SGPIPE_WEBHOOKS": '[{"name": "main"}, {"name": "eu-west", "public_keys": ["E"]}]',
+            "SGPIPE_WEBHOOKS__MAIN__PUBLIC_KEYS": "K1,K2",
+            "SGPIPE_WEBHOOKS__EU_WEST__TIMESTAMP_TOLERANCE": "90000",
+        },
+    )
+    assert settings.webhooks == (
+        WebhookSettings(name="main", public_keys=("K1", "K2")),
+        WebhookSettings(name="eu-west", public_keys=("E",), timestamp_tolerance=90000),
     )
 
 
-def test_env_creates_a_webhook_without_any_yaml() -> None:
-    settings = load_settings(None, {"SGPIPE_WEBHOOKS__MAIN__ALLOW_UNSIGNED": "true"})
-    assert settings.webhooks == (WebhookSettings(name="main", allow_unsigned=True),)
+def test_a_whole_webhooks_section_replaces_the_files(config_file: Path) -> None:
+    settings = load_settings(config_file, {"SGPIPE_WEBHOOKS": '[{"name": "only"}]'})
+    assert [w.name for w in settings.webhooks] == ["only"]
 
 
 def test_env_underscores_find_a_hyphenated_webhook(config_file: Path) -> None:
@@ -176,6 +207,24 @@ def test_env_underscores_find_a_hyphenated_webhook(config_file: Path) -> None:
     eu_west = webhook(settings, "eu-west")
     assert eu_west.timestamp_tolerance == 3600
     assert eu_west.public_keys == ("KEY-EU-2", "KEY-EU-3")
+
+
+def test_a_field_variable_overrides_its_sections_json(config_file: Path) -> None:
+    settings = load_settings(
+        config_file,
+        {
+            "SGPIPE_KAFKA__TOPICS": '{"events": "json.events", "dead_letter": "json.dlq"}',
+            "SGPIPE_KAFKA__TOPICS__EVENTS": "field.events",
+        },
+    )
+    assert settings.kafka.topics.raw == "sendgrid.raw"  # from the file: sections merge
+    assert settings.kafka.topics.events == "field.events"
+    assert settings.kafka.topics.dead_letter == "json.dlq"
+
+
+def test_variable_names_are_case_insensitive() -> None:
+    settings = load_settings(None, {"sgpipe_ingest__port": "9000"})
+    assert settings.ingest.port == 9000
 
 
 def test_env_sets_a_whole_section_as_json() -> None:
@@ -236,22 +285,147 @@ def test_unknown_webhook_key(tmp_path: Path) -> None:
     assert "webhooks[main].public_key" in message
 
 
+# --- SGPIPE_* variables that name no setting: ignored, with a warning --------------------------
+
+KUBERNETES_SERVICE_LINKS = {
+    # What Kubernetes injects into every pod of the namespace for a Service named `sgpipe`.
+    "SGPIPE_PORT": "tcp://10.96.0.12:8080",
+    "SGPIPE_SERVICE_HOST": "10.96.0.12",
+    "SGPIPE_SERVICE_PORT": "8080",
+    "SGPIPE_SERVICE_PORT_HTTP": "8080",
+    "SGPIPE_PORT_8080_TCP": "tcp://10.96.0.12:8080",
+    "SGPIPE_PORT_8080_TCP_ADDR": "10.96.0.12",
+    "SGPIPE_PORT_8080_TCP_PORT": "8080",
+    "SGPIPE_PORT_8080_TCP_PROTO": "tcp",
+    # ... and for a Service named `sgpipe-ingest`: `SGPIPE_INGEST_PORT` looks like a typo of
+    # SGPIPE_INGEST__PORT, but its value says what it is.
+    "SGPIPE_INGEST_PORT": "tcp://10.96.0.13:8080",
+    "SGPIPE_INGEST_SERVICE_HOST": "10.96.0.13",
+}
+
+
+def test_kubernetes_service_links_are_ignored_with_one_warning(config_file: Path) -> None:
+    loaded = read_settings(config_file, KUBERNETES_SERVICE_LINKS)
+
+    assert loaded.settings == load_settings(config_file, {})
+    assert loaded.warnings == (
+        SettingsWarning(
+            "ignored SGPIPE_* environment variables that name no setting "
+            "(Kubernetes service links look like this)",
+            {"variables": sorted(KUBERNETES_SERVICE_LINKS)},
+        ),
+    )
+
+
 @pytest.mark.parametrize(
-    ("variable", "setting"),
+    ("variable", "suggestion"),
     [
-        pytest.param("SGPIPE_KAFKA__BOOTSTRAP_SERVER", "kafka.bootstrap_server", id="typo"),
-        pytest.param("SGPIPE_KAFKAA__BOOTSTRAP_SERVERS", "kafkaa", id="unknown-section"),
-        pytest.param("SGPIPE_WEBHOOKS__MAIN__TOLERANCE", "webhooks[main].tolerance", id="webhook"),
+        pytest.param(
+            "SGPIPE_KAFKA__BOOTSTRAPSERVERS", "SGPIPE_KAFKA__BOOTSTRAP_SERVERS", id="missing-_"
+        ),
+        pytest.param(
+            "SGPIPE_KAFKA_BOOTSTRAP_SERVERS", "SGPIPE_KAFKA__BOOTSTRAP_SERVERS", id="single-_"
+        ),
+        pytest.param(
+            "SGPIPE_KAFKAA__BOOTSTRAP_SERVERS", "SGPIPE_KAFKA__BOOTSTRAP_SERVERS", id="section"
+        ),
+        pytest.param("SGPIPE_INGEST_PORT", "SGPIPE_INGEST__PORT", id="not-a-service-link"),
+        pytest.param(
+            "SGPIPE_WEBHOOKS__MAIN__PUBLICKEYS", "SGPIPE_WEBHOOKS__MAIN__PUBLIC_KEYS", id="webhook"
+        ),
+        pytest.param(
+            "SGPIPE_WEBHOOKS__EU_WEST__TOLERANCE",
+            "SGPIPE_WEBHOOKS__EU_WEST__TIMESTAMP_TOLERANCE",
+            id="webhook-field",
+        ),
     ],
 )
-def test_unknown_environment_variable(config_file: Path, variable: str, setting: str) -> None:
-    message = config_error(config_file, {variable: "1"})
-    assert setting in message
+def test_a_misspelled_variable_is_named_with_the_setting_it_resembles(
+    config_file: Path, variable: str, suggestion: str
+) -> None:
+    loaded = read_settings(config_file, {variable: "9000", "SGPIPE_PORT": "tcp://10.0.0.1:80"})
+
+    assert loaded.settings == load_settings(config_file, {})
+    assert loaded.warnings[0] == SettingsWarning(
+        "ignored environment variable: it names no setting",
+        {"variable": variable, "did_you_mean": suggestion},
+    )
+    # The misspelling is named on its own, not lost among the service links.
+    assert loaded.warnings[1].fields == {"variables": ["SGPIPE_PORT"]}
 
 
-def test_environment_variable_with_an_empty_path_segment() -> None:
-    message = config_error(None, {"SGPIPE_KAFKA____CLIENT_ID": "x"})
-    assert "SGPIPE_KAFKA____CLIENT_ID" in message
+@pytest.mark.parametrize(
+    ("variable", "expected"),
+    [
+        ("SGPIPE_KAFKA__NO_SUCH_THING", {}),
+        ("SGPIPE_KAFKA____CLIENT_ID", {"did_you_mean": "SGPIPE_KAFKA__CLIENT_ID"}),
+        ("SGPIPE_INGEST__", {"did_you_mean": "SGPIPE_INGEST"}),
+    ],
+)
+def test_an_unknown_variable_under_a_known_section_is_named(
+    variable: str, expected: dict[str, str]
+) -> None:
+    loaded = read_settings(None, {variable: "x"})
+    assert loaded.settings == Settings()
+    assert loaded.warnings == (
+        SettingsWarning(
+            "ignored environment variable: it names no setting", {"variable": variable, **expected}
+        ),
+    )
+
+
+def test_no_warning_when_every_variable_is_a_setting(config_file: Path) -> None:
+    environ = {"SGPIPE_INGEST__PORT": "1", "SGPIPE_WEBHOOKS__MAIN__PUBLIC_KEYS": "K", "HOME": "/"}
+    assert read_settings(config_file, environ).warnings == ()
+
+
+# --- the config file from SGPIPE_CONFIG ------------------------------------------------------
+
+
+def test_sgpipe_config_names_the_config_file(config_file: Path) -> None:
+    loaded = read_settings(None, {"SGPIPE_CONFIG": str(config_file)})
+    assert loaded.config_file == config_file
+    assert loaded.settings == load_settings(config_file, {})
+
+
+def test_the_config_argument_beats_sgpipe_config(config_file: Path, tmp_path: Path) -> None:
+    other = write(tmp_path, "ingest:\n  port: 1234\n")
+    loaded = read_settings(other, {"SGPIPE_CONFIG": str(config_file)})
+    assert loaded.config_file == other
+    assert loaded.settings.ingest.port == 1234
+
+
+def test_a_missing_sgpipe_config_file_is_named(tmp_path: Path) -> None:
+    message = config_error(None, {"SGPIPE_CONFIG": str(tmp_path / "nope.yaml")})
+    assert message == f"cannot read config file {tmp_path / 'nope.yaml'}: No such file or directory"
+
+
+# --- settings built in code ------------------------------------------------------------------
+
+
+def test_settings_built_in_code_never_read_the_process_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SGPIPE_INGEST__PORT", "1")
+    monkeypatch.setenv("SGPIPE_WEBHOOKS", "not json")
+    assert Settings().ingest.port == 8080
+    assert Settings(ingest={"port": 9}).ingest.port == 9  # type: ignore[arg-type]
+
+
+def test_an_unsigned_webhook_is_warned_about() -> None:
+    settings = Settings(
+        webhooks=(
+            WebhookSettings(name="signed", public_keys=("K",)),
+            WebhookSettings(name="open", allow_unsigned=True),
+        )
+    )
+    assert settings_warnings(settings) == [
+        SettingsWarning(
+            "webhook accepts unsigned requests: anyone who can reach it can inject events",
+            {"webhook": "open", "setting": "webhooks[open].allow_unsigned"},
+        )
+    ]
+    assert settings_warnings(Settings()) == []
 
 
 def test_environment_variable_into_a_scalar_is_an_error(tmp_path: Path) -> None:
@@ -262,19 +436,37 @@ def test_environment_variable_into_a_scalar_is_an_error(tmp_path: Path) -> None:
     assert "topics" in message
 
 
-def test_bad_type_from_the_environment() -> None:
+def test_bad_type_from_the_environment_names_the_variable() -> None:
     message = config_error(None, {"SGPIPE_INGEST__PORT": "abc"})
-    assert "ingest.port" in message
-    assert "valid integer" in message
+    assert message.startswith("SGPIPE_INGEST__PORT: Input should be a valid integer")
 
 
-def test_every_bad_setting_is_named() -> None:
+def test_bad_value_from_the_file_names_the_dotted_path(tmp_path: Path) -> None:
+    message = config_error(write(tmp_path, "ingest:\n  port: abc\n"), {})
+    assert message.startswith("ingest.port: Input should be a valid integer")
+
+
+def test_bad_value_inside_a_json_section_names_the_variable_and_the_field() -> None:
+    message = config_error(None, {"SGPIPE_KAFKA": '{"linger_ms": -1, "lingerms": 1}'})
+    assert message.splitlines() == [
+        "SGPIPE_KAFKA (kafka.linger_ms): Input should be greater than or equal to 0",
+        "SGPIPE_KAFKA (kafka.lingerms): Extra inputs are not permitted",
+    ]
+
+
+def test_bad_value_from_the_command_line_says_so() -> None:
+    message = config_error(None, {"SGPIPE_INGEST__PORT": "1"}, {"ingest.port": 70000})
+    assert message == "ingest.port (command line): Input should be less than or equal to 65535"
+
+
+def test_every_bad_setting_is_named_one_per_line() -> None:
     message = config_error(
         None, {"SGPIPE_INGEST__PORT": "abc", "SGPIPE_KAFKA__LINGER_MS": "-1", "SGPIPE_NOPE": "1"}
     )
-    assert "ingest.port" in message
-    assert "kafka.linger_ms" in message
-    assert "nope" in message
+    lines = message.splitlines()
+    assert len(lines) == 2
+    assert lines[0] == "SGPIPE_KAFKA__LINGER_MS: Input should be greater than or equal to 0"
+    assert lines[1].startswith("SGPIPE_INGEST__PORT: Input should be a valid integer")
 
 
 @pytest.mark.parametrize("name", ["Main", "has space", "-leading-hyphen", "x" * 64, ""])
@@ -301,12 +493,24 @@ def test_negative_timestamp_tolerance_from_yaml(tmp_path: Path) -> None:
 
 def test_negative_timestamp_tolerance_from_env(config_file: Path) -> None:
     message = config_error(config_file, {"SGPIPE_WEBHOOKS__MAIN__TIMESTAMP_TOLERANCE": "-5"})
-    assert "webhooks[main].timestamp_tolerance" in message
+    assert message == (
+        "SGPIPE_WEBHOOKS__MAIN__TIMESTAMP_TOLERANCE: Input should be greater than or equal to 0"
+    )
 
 
-def test_bad_value_in_second_webhook_names_that_webhook(config_file: Path) -> None:
+def test_bad_value_in_second_webhook_names_its_variable(config_file: Path) -> None:
     message = config_error(config_file, {"SGPIPE_WEBHOOKS__EU_WEST__ALLOW_UNSIGNED": "perhaps"})
-    assert "webhooks[eu-west].allow_unsigned" in message
+    assert message.startswith("SGPIPE_WEBHOOKS__EU_WEST__ALLOW_UNSIGNED: Input should be a valid")
+
+
+def test_bad_value_in_a_json_webhooks_section_names_the_webhook() -> None:
+    message = config_error(
+        None, {"SGPIPE_WEBHOOKS": '[{"name": "main", "timestamp_tolerance": -1}]'}
+    )
+    assert message == (
+        "SGPIPE_WEBHOOKS (webhooks[main].timestamp_tolerance): "
+        "Input should be greater than or equal to 0"
+    )
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
@@ -358,15 +562,16 @@ def test_a_json_looking_password_stays_a_string() -> None:
     assert settings.clickhouse.password.get_secret_value() == "[1,2]"
 
 
-def test_a_whole_section_that_is_not_json_names_the_variable() -> None:
-    with pytest.raises(ConfigError, match="SGPIPE_WEBHOOKS: a whole section must be JSON"):
-        load_settings(None, {"SGPIPE_WEBHOOKS": "main"})
+@pytest.mark.parametrize("variable", ["SGPIPE_WEBHOOKS", "SGPIPE_KAFKA", "SGPIPE_KAFKA__TOPICS"])
+def test_a_whole_section_that_is_not_json_names_the_variable(variable: str) -> None:
+    message = config_error(None, {variable: "main"})
+    assert message.startswith(f"{variable}: a section is set as JSON; this is not JSON (")
 
 
 def test_embedded_clickhouse_allows_no_browser_origin_unless_told() -> None:
     assert load_settings(None, {}).embedded.clickhouse_allowed_origins == ()
     environ = {
-        "SGPIPE_EMBEDDED__CLICKHOUSE_ALLOWED_ORIGINS": "https://grafana.example, https://bi.example"
+        "SGPIPE_EMBEDDED__CLICKHOUSE_ALLOWED_ORIGINS": '["https://grafana.example", "https://bi.example"]'
     }
     settings = load_settings(None, environ)
     assert settings.embedded.clickhouse_allowed_origins == (

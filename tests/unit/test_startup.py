@@ -1,0 +1,69 @@
+"""Reaching Kafka at start: retried until a deadline, fatal errors at once, a stop ends it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
+
+from sgpipe.runtime.errors import FatalStageError
+from sgpipe.runtime.settings import KafkaSettings
+from sgpipe.runtime.startup import StartTimeout, retry_kafka_at_start
+
+SETTINGS = KafkaSettings(bootstrap_servers="kafka:9092", start_timeout_seconds=30)
+
+
+async def test_retries_until_it_answers() -> None:
+    attempts: list[int] = []
+
+    async def attempt() -> str:
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise KafkaConnectionError("refused")
+        return "connected"
+
+    result = await retry_kafka_at_start(
+        attempt, SETTINGS, action="test", deadline=time.monotonic() + 30
+    )
+    assert (result, len(attempts)) == ("connected", 3)
+
+
+async def test_gives_up_at_the_deadline_naming_the_setting() -> None:
+    async def attempt() -> None:
+        raise KafkaConnectionError("Unable to bootstrap")
+
+    with pytest.raises(StartTimeout) as caught:
+        await retry_kafka_at_start(attempt, SETTINGS, action="start producer", deadline=0.0)
+    message = str(caught.value)
+    assert message.startswith("kafka at kafka:9092 not reachable after 30 s (start producer): ")
+    assert message.endswith("check kafka.bootstrap_servers, or raise kafka.start_timeout_seconds")
+
+
+async def test_a_fatal_error_is_not_retried() -> None:
+    calls = 0
+
+    async def attempt() -> None:
+        nonlocal calls
+        calls += 1
+        raise SaslAuthenticationFailed()
+
+    with pytest.raises(FatalStageError, match="^start producer failed: SaslAuthentication"):
+        await retry_kafka_at_start(
+            attempt, SETTINGS, action="start producer", deadline=time.monotonic() + 30
+        )
+    assert calls == 1
+
+
+async def test_a_stop_ends_the_wait() -> None:
+    stop = asyncio.Event()
+
+    async def attempt() -> str:
+        stop.set()
+        raise KafkaConnectionError("refused")
+
+    result = await retry_kafka_at_start(
+        attempt, SETTINGS, action="test", deadline=time.monotonic() + 30, stop=stop
+    )
+    assert result is None
