@@ -679,7 +679,8 @@ def _run_query(
         raise _clickhouse_error(
             _NOT_IMPLEMENTED,
             "NOT_IMPLEMENTED",
-            "inline data is supported for INSERT ... FORMAT <format> and INSERT ... VALUES only",
+            "INSERT ... SELECT takes no FORMAT clause here (rows after it would be dropped); "
+            "inline rows go after INSERT ... FORMAT <format> or INSERT ... VALUES",
         )
     fmt = _result_format(canonical.encode(), params.default_format)
     result: _Result = conn.query(canonical, fmt or params.default_format, params=params.bind)

@@ -435,6 +435,14 @@ def test_streamed_insert_heads_are_checked_before_the_engine_sees_them(
     assert not target.out.exists()
 
 
+def test_rows_the_canonical_form_would_drop_are_refused_not_lost(served: Served) -> None:
+    with closing(served.client()) as client:
+        client.command("CREATE TABLE dropped (n UInt8) ENGINE = MergeTree ORDER BY n")
+    answer = served.post("INSERT INTO dropped SELECT 1 FORMAT TSV\n5\n", served.writer)
+    assert (answer.status, answer.code) == (501, "48"), answer.body
+    assert served.post("SELECT count() FROM dropped", served.writer).body == "0\n"
+
+
 def test_what_runs_is_the_checked_canonical_form(served: Served) -> None:
     # The engine reports the text it is running: the canonical form, not the client's.
     sql = "select   query FROM system.processes -- a comment\nWHERE query_id = queryID() /* x */"
