@@ -25,6 +25,11 @@ from sgpipe.embedded.clickhouse import (  # noqa: E402
     EmbeddedClickHouse,
     EmbeddedQueryError,
     LockdownError,
+    _Engine,
+    _load_engine_info,
+    _open_request_connection,
+    _Params,
+    _run_query,
     _verify_lockdown,
     query_tsv,
 )
@@ -317,3 +322,26 @@ def test_an_engine_without_the_users_file_is_refused(tmp_path: pathlib.Path) -> 
             _verify_lockdown(conn)
     finally:
         conn.close()
+
+
+def test_an_insert_whose_rows_the_canonical_form_drops_is_refused(tmp_path: pathlib.Path) -> None:
+    # The canonical form of `INSERT ... VALUES <rows>` has no rows. Such inserts are streamed
+    # (their rows are data); should one ever reach the statement path, it must fail loudly
+    # rather than insert nothing.
+    engine = _Engine(tmp_path / "store")
+    try:
+        info = _load_engine_info(engine.conn_str)
+        params = _Params()
+        conn = _open_request_connection(engine.conn_str, params, {}, readonly_user=False)
+        try:
+            conn.query("CREATE DATABASE d", "TSV")
+            conn.query("CREATE TABLE d.t (n UInt8) ENGINE = MergeTree ORDER BY n", "TSV")
+            with pytest.raises(EmbeddedQueryError, match="NOT_IMPLEMENTED"):
+                _run_query(
+                    conn, "INSERT INTO d.t VALUES (1)", params, info.policy, readonly_user=False
+                )
+            assert conn.query("SELECT count() FROM d.t", "TSV").bytes() == b"0\n"
+        finally:
+            conn.close()
+    finally:
+        engine.close()
