@@ -3,6 +3,11 @@
 The body is never parsed here: it is verified as bytes and published as bytes. SendGrid retries
 any non-2xx for 24 hours, so the answer is 2xx only once Kafka acknowledged the batch and 503
 when it could not take it; 4xx is kept for requests that can never become valid.
+
+Serve it with ``ingest.protocol.IngressRunner`` (or ``start_ingress``): the app alone carries the
+body, decompression and keep-alive limits under any aiohttp runner, the runner adds the
+connection cap, the request-head timeout and JSON answers to malformed HTTP. Limits and
+answers are documented in docs/ingress.md.
 """
 
 from __future__ import annotations
@@ -11,64 +16,69 @@ import asyncio
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import structlog
 from aiohttp import web
-from aiokafka.errors import KafkaError
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ingest.body import (
+    BodyLimits,
+    BodyRejected,
+    ClientGone,
+    Turns,
+    decode_body,
+    hash_cooperatively,
+    parse_content_encoding,
+    read_raw_body,
+)
+from ingest.protocol import INGRESS_LIMITS, LINGERING_SECONDS, IngressLimits, abuse_log
+from ingest.publisher import (
+    AcknowledgeHealth,
+    KafkaRawBatchPublisher,
+    PublishError,
+    PublishRejected,
+    RawBatchPublisher,
+)
 from ingest.signature import (
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
     InvalidPublicKey,
+    SignatureHeaders,
     SignatureRejected,
     load_public_key,
-    verify_signature,
+    parse_signature_headers,
+    signed_message_hash,
+    verify_digest,
 )
-from schemas.raw_batch import RawBatch, raw_batch_headers
-from sgpipe.runtime.kafka import create_producer
-from sgpipe.runtime.settings import ConfigError, Settings, WebhookSettings
+from schemas.raw_batch import RawBatch
+from sgpipe.runtime import metrics
+from sgpipe.runtime.health import Readiness, add_health_routes
+from sgpipe.runtime.metrics import STAGE_INGEST
+from sgpipe.runtime.settings import ConfigError, IngestSettings, Settings, WebhookSettings
+
+__all__ = [
+    "KafkaRawBatchPublisher",
+    "PublishError",
+    "PublishRejected",
+    "RawBatchPublisher",
+    "WebhookVerifier",
+    "build_verifiers",
+    "create_app",
+    "error_response",
+]
 
 log = structlog.get_logger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class PublishError(Exception):
-    """The raw batch is not durable; the client must retry (503)."""
-
-
-class RawBatchPublisher(Protocol):
-    async def publish(self, batch: RawBatch) -> None:
-        """Return once the batch is durable in Kafka; raise PublishError otherwise."""
-
-
-class KafkaRawBatchPublisher:
-    def __init__(self, settings: Settings) -> None:
-        self._producer = create_producer(settings.kafka)
-        self._topic = settings.kafka.topics.raw
-        self._timeout = settings.ingest.publish_timeout_seconds
-
-    async def start(self) -> None:
-        await self._producer.start()
-
-    async def stop(self) -> None:
-        await self._producer.stop()
-
-    async def publish(self, batch: RawBatch) -> None:
-        try:
-            await asyncio.wait_for(
-                self._producer.send_and_wait(
-                    self._topic, batch.body, headers=raw_batch_headers(batch)
-                ),
-                timeout=self._timeout,
-            )
-        except (KafkaError, TimeoutError) as exc:
-            raise PublishError(f"Kafka did not acknowledge the batch: {exc!r}") from exc
+# The webhook label of requests to names no webhook has: URL paths are chosen by clients, and a
+# label per path would let anyone create unbounded metric series.
+UNKNOWN_WEBHOOK_LABEL = "unknown"
+# Seconds, on every 503. SendGrid keeps its own retry schedule; other clients may honour it.
+RETRY_AFTER_SECONDS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,34 +113,91 @@ def build_verifiers(settings: Settings) -> dict[str, WebhookVerifier]:
 REQUEST_ID = web.RequestKey("request_id", str)
 WEBHOOKS = web.AppKey("webhooks", dict[str, WebhookVerifier])
 PUBLISHER = web.AppKey("publisher", RawBatchPublisher)
+ACKNOWLEDGE_HEALTH = web.AppKey("acknowledge_health", AcknowledgeHealth)
+BODY_LIMITS = web.AppKey("body_limits", BodyLimits)
+CPU_GATE = web.AppKey("cpu_gate", asyncio.Semaphore)
 
 
-def create_app(settings: Settings, publisher: RawBatchPublisher | None = None) -> web.Application:
-    """The ingress application. Without ``publisher``, a Kafka producer is started and stopped
-    with the app (``cleanup_ctx``). Raises ConfigError for an unusable webhook setting."""
+def create_app(
+    settings: Settings,
+    publisher: RawBatchPublisher | None = None,
+    *,
+    peers: Sequence[str] = (),
+) -> web.Application:
+    """The ingress application, with ``/healthz``, ``/readyz`` and ``/metrics``.
+
+    Without ``publisher``, a Kafka producer is connected in the background while the app runs
+    (``cleanup_ctx``); until it is, and whenever the broker is unreachable, webhook POSTs are
+    answered 503 and ``/readyz`` 503. ``peers`` are base URLs of other stage processes whose
+    readiness and metrics this app's ``/readyz`` and ``/metrics`` include (``sgpipe up``).
+    Raises ConfigError for an unusable webhook setting.
+    """
+    ingest = settings.ingest
     app = web.Application(
-        client_max_size=settings.ingest.max_body_bytes,
-        middlewares=[_request_context, _json_errors],
+        middlewares=[_request_context, _json_errors, _head_size_limit],
+        handler_args=_handler_args(ingest),
     )
     app[WEBHOOKS] = build_verifiers(settings)
+    app[INGRESS_LIMITS] = IngressLimits(
+        max_connections=ingest.max_connections,
+        header_timeout_seconds=ingest.header_timeout_seconds,
+        idle_timeout_seconds=ingest.idle_timeout_seconds,
+        max_header_bytes=ingest.max_header_bytes,
+        retry_after_seconds=RETRY_AFTER_SECONDS,
+    )
+    app[BODY_LIMITS] = BodyLimits(
+        max_bytes=ingest.max_body_bytes,
+        max_ratio=ingest.max_decompression_ratio,
+        timeout_seconds=ingest.body_timeout_seconds,
+    )
+    app[CPU_GATE] = asyncio.Semaphore(1)
     if publisher is None:
-        app.cleanup_ctx.append(_kafka_publisher(settings))
+        publisher = KafkaRawBatchPublisher(settings)
+    if isinstance(publisher, KafkaRawBatchPublisher):
+        # Connects unless already started, probes the broker for /readyz, and stops the
+        # producer when the app stops.
+        health = publisher.health
+        app.cleanup_ctx.append(_kafka_lifecycle(publisher, ingest.publish_timeout_seconds))
     else:
-        app[PUBLISHER] = publisher
+        health = AcknowledgeHealth(started=True)
+    app[PUBLISHER] = publisher
+    app[ACKNOWLEDGE_HEALTH] = health
+    readiness = Readiness(STAGE_INGEST)
+    readiness.add_check("producer", health.producer_check)
+    readiness.add_check("kafka", health.kafka_check)
+    add_health_routes(app, readiness, peers)
     app.router.add_post("/webhooks/{name}", receive_batch)
-    app.router.add_get("/healthz", healthz)
     return app
 
 
-def _kafka_publisher(
-    settings: Settings,
+def _handler_args(ingest: IngestSettings) -> dict[str, Any]:
+    """aiohttp's per-connection options (RequestHandler keyword arguments), set on the app so
+    that they hold under any runner."""
+    line_limit = min(8190, ingest.max_header_bytes)
+    return {
+        # Bodies are decompressed by receive_batch, capped and in slices between loop turns.
+        "auto_decompress": False,
+        # An idle keep-alive connection is closed after this long.
+        "keepalive_timeout": ingest.idle_timeout_seconds,
+        "max_line_size": line_limit,
+        "max_field_size": line_limit,
+        "lingering_time": LINGERING_SECONDS,
+        # handler_cancellation stays off: a handler whose client left still finishes its
+        # publish, so the outcome it records (metrics, readiness) is the broker's answer.
+    }
+
+
+def _kafka_lifecycle(
+    publisher: KafkaRawBatchPublisher, first_check_timeout: float
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        publisher = KafkaRawBatchPublisher(settings)
-        await publisher.start()
-        app[PUBLISHER] = publisher
+        stop = asyncio.Event()
+        task = asyncio.create_task(publisher.run(stop), name="ingest-kafka-producer")
+        # Serve once Kafka was checked (or could not be in time: then 503s until it is).
+        await publisher.wait_until_checked(first_check_timeout)
         yield
-        await publisher.stop()
+        stop.set()
+        await task
 
     return lifecycle
 
@@ -151,7 +218,7 @@ async def _request_context(request: web.Request, handler: Handler) -> web.Stream
 
 @web.middleware
 async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    # aiohttp's own errors (404, 405, 413) become JSON bodies like ours.
+    # aiohttp's own errors (404, 405) become JSON bodies like ours.
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -164,38 +231,113 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return response
 
 
+@web.middleware
+async def _head_size_limit(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # IngressProtocol refuses a head that grows past the limit while it arrives; one that
+    # arrives whole in a single read is measured here.
+    limit = request.app[INGRESS_LIMITS].max_header_bytes
+    size = len(request.method) + len(request.raw_path) + 11  # "M P HTTP/1.1\r\n"
+    size += sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+    if size > limit:
+        metrics.INGEST_CONNECTIONS_REJECTED.labels(STAGE_INGEST, "headers_too_large").inc()
+        abuse_log.warning("request refused: head too large", reason="headers_too_large")
+        response = error_response(
+            431, "headers_too_large", f"the request head exceeds {limit} bytes"
+        )
+        return _closing(response)
+    return await handler(request)
+
+
 def error_response(status: int, error: str, description: str) -> web.Response:
     # RFC 6750-style body: SendGrid looks for these codes in a 4xx body to refresh its token.
     return web.json_response({"error": error, "error_description": description}, status=status)
 
 
+def _closing(response: web.Response) -> web.Response:
+    # The request stream is in an unknown state (body unread, late or broken): do not reuse it.
+    response.force_close()
+    return response
+
+
 async def receive_batch(request: web.Request) -> web.Response:
+    started = time.perf_counter()
     name = request.match_info["name"]
     verifier = request.app[WEBHOOKS].get(name)
-    if verifier is None:
-        return error_response(404, "unknown_webhook", f"no webhook named {name!r}")
+    label = name if verifier is not None else UNKNOWN_WEBHOOK_LABEL
+    outcome = "internal_error"
     try:
-        body = await request.read()
-    except web.RequestPayloadError as exc:
-        # A body that does not decode (a broken Content-Encoding) can never become valid.
-        return error_response(400, "invalid_body", f"the request body cannot be read: {exc}")
+        if verifier is None:
+            outcome = "unknown_webhook"
+            return error_response(404, "unknown_webhook", f"no webhook named {name[:64]!r}")
+        outcome, response = await _receive(request, verifier)
+        return response
+    finally:
+        metrics.INGEST_REQUESTS.labels(STAGE_INGEST, label, outcome).inc()
+        metrics.INGEST_REQUEST_SECONDS.labels(STAGE_INGEST, label).observe(
+            time.perf_counter() - started
+        )
+
+
+async def _receive(request: web.Request, verifier: WebhookVerifier) -> tuple[str, web.Response]:
+    """(outcome label, response) for a POST to a known webhook."""
+    name = verifier.name
+    # Everything that can be refused from the head alone is, before any body byte is read:
+    # an unsigned gzip bomb to a signed webhook costs nothing.
+    signature: SignatureHeaders | None = None
+    try:
+        encoding = parse_content_encoding(request.headers.get("Content-Encoding"))
+        if verifier.keys:
+            signature = parse_signature_headers(
+                request.headers.get(SIGNATURE_HEADER), request.headers.get(TIMESTAMP_HEADER)
+            )
+    except SignatureRejected as exc:
+        return _unauthorized(name, exc)
+    except BodyRejected as exc:
+        return _body_rejected(name, exc)
+
+    limits = request.app[BODY_LIMITS]
+    try:
+        raw = await read_raw_body(request, limits)
+    except BodyRejected as exc:
+        return _body_rejected(name, exc)
+    except ClientGone:
+        abuse_log.warning(
+            "client disconnected before its body was complete",
+            reason="client_disconnected",
+            webhook=name,
+        )
+        # Never delivered; answered for the sake of aiohttp's bookkeeping.
+        response = error_response(400, "client_disconnected", "the body was not complete")
+        return "client_disconnected", _closing(response)
+    metrics.INGEST_RECEIVED_BYTES.labels(STAGE_INGEST, name).inc(len(raw))
+
+    # One request at a time decodes and hashes, each in steps of about a millisecond: with
+    # twenty bombs at once, round-robin steps would delay every other request (and /healthz)
+    # by twenty steps per loop turn; one at a time, by one. The total work is the same.
+    digest: bytes | None = None
+    async with request.app[CPU_GATE]:
+        turns = Turns()
+        try:
+            body = await decode_body(raw, encoding, limits, turns)
+        except BodyRejected as exc:
+            return _body_rejected(name, exc)
+        if body and signature is not None:
+            digest = await hash_cooperatively(signed_message_hash(signature), body, turns)
     if not body:
-        return error_response(400, "empty_body", "the request has no body")
+        return "bad_request", error_response(400, "empty_body", "the request has no body")
 
     signature_timestamp: int | None = None
-    if verifier.keys:
+    if signature is not None and digest is not None:
         try:
-            verified = verify_signature(
+            verified = verify_digest(
                 verifier.keys,
-                request.headers.get(SIGNATURE_HEADER),
-                request.headers.get(TIMESTAMP_HEADER),
-                body,
+                signature,
+                digest,
                 now=time.time(),
                 tolerance_seconds=verifier.timestamp_tolerance,
             )
         except SignatureRejected as exc:
-            log.warning("rejected webhook request", webhook=name, reason=exc.code)
-            return error_response(401, exc.code, exc.message)
+            return _unauthorized(name, exc)
         signature_timestamp = verified.timestamp
 
     batch = RawBatch(
@@ -207,16 +349,57 @@ async def receive_batch(request: web.Request) -> web.Response:
         authenticated_by="signature" if verifier.keys else "none",
         content_type=request.headers.get("Content-Type"),
     )
+    return await _publish(request, batch)
+
+
+async def _publish(request: web.Request, batch: RawBatch) -> tuple[str, web.Response]:
+    health = request.app[ACKNOWLEDGE_HEALTH]
+    started = time.perf_counter()
     try:
         await request.app[PUBLISHER].publish(batch)
+    except PublishRejected as exc:
+        log.error(
+            "raw batch larger than kafka.max_request_size allows; raise it",
+            webhook=batch.webhook,
+            bytes=len(batch.body),
+            error=str(exc),
+        )
+        response = error_response(413, "body_too_large", "the batch is too large to store")
+        return "too_large", response
     except PublishError as exc:
-        log.error("could not publish raw batch", webhook=name, bytes=len(body), error=str(exc))
+        metrics.INGEST_PUBLISH_SECONDS.labels(STAGE_INGEST).observe(time.perf_counter() - started)
+        metrics.INGEST_PUBLISH_FAILURES.labels(STAGE_INGEST, exc.reason).inc()
+        health.record(False, f"last publish failed: {exc.reason}")
+        abuse_log.error(
+            "could not publish raw batch; answered 503",
+            reason=f"unavailable:{exc.reason}",
+            webhook=batch.webhook,
+            bytes=len(batch.body),
+            error=str(exc),
+        )
         response = error_response(503, "unavailable", "the batch could not be stored; retry")
-        response.headers["Retry-After"] = "5"
-        return response
-    log.info("accepted raw batch", webhook=name, bytes=len(body))
-    return web.json_response({"status": "accepted", "request_id": batch.request_id})
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return "unavailable", response
+    metrics.INGEST_PUBLISH_SECONDS.labels(STAGE_INGEST).observe(time.perf_counter() - started)
+    health.record(True, "last publish acknowledged")
+    log.info("accepted raw batch", webhook=batch.webhook, bytes=len(batch.body))
+    return "accepted", web.json_response({"status": "accepted", "request_id": batch.request_id})
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+def _unauthorized(name: str, exc: SignatureRejected) -> tuple[str, web.Response]:
+    metrics.INGEST_VERIFICATION_FAILURES.labels(STAGE_INGEST, name, exc.code).inc()
+    abuse_log.warning("rejected webhook request", reason=f"unauthorized:{exc.code}", webhook=name)
+    return "unauthorized", error_response(401, exc.code, exc.message)
+
+
+_BODY_OUTCOMES = {408: "timeout", 413: "too_large"}
+
+
+def _body_rejected(name: str, exc: BodyRejected) -> tuple[str, web.Response]:
+    if exc.status == 408:
+        metrics.INGEST_CONNECTIONS_REJECTED.labels(STAGE_INGEST, "body_timeout").inc()
+    abuse_log.warning(
+        "rejected webhook request", reason=f"body:{exc.code}", webhook=name, status=exc.status
+    )
+    outcome = _BODY_OUTCOMES.get(exc.status, "bad_request")
+    return outcome, _closing(error_response(exc.status, exc.code, exc.description))

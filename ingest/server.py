@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from ingest.app import KafkaRawBatchPublisher, build_verifiers, create_app
+from ingest.protocol import IngressRunner
 from sgpipe.runtime.kafka import ensure_topics
 from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.startup import retry_kafka_at_start, start_deadline
@@ -48,7 +49,9 @@ async def run_ingress(settings: Settings, stop: asyncio.Event) -> None:
     if publisher is None:
         return
     try:
-        runner = web.AppRunner(create_app(settings, publisher), access_log=None)
+        # IngressRunner: aiohttp's runner plus the connection cap, the request-head timeout
+        # and JSON answers to malformed HTTP (ingest/protocol.py).
+        runner = IngressRunner(create_app(settings, publisher))
         await runner.setup()
         try:
             await web.TCPSite(runner, settings.ingest.host, settings.ingest.port).start()

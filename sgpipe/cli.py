@@ -37,6 +37,7 @@ from sgpipe.runtime.settings import (
     read_settings,
     settings_warnings,
 )
+from sgpipe.simulator.command import add_commands as add_simulator_commands
 
 log = structlog.get_logger("sgpipe")
 
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument(
         "sql", metavar="SQL", help='the statement, e.g. "SELECT count() FROM email_events FINAL"'
     )
+    add_simulator_commands(commands, common)  # keys generate, simulate
     return parser
 
 

@@ -24,6 +24,7 @@ import structlog
 from aiohttp import web
 
 from ingest.app import build_verifiers, create_app
+from ingest.protocol import IngressRunner
 from processors.stage import run_processor
 from sgpipe.preflight import PreflightFailed, check_up, lock_data_dir
 from sgpipe.runtime.clickhouse import with_credentials
@@ -149,7 +150,7 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
             name="processor",
         )
         stages = [sink, processor]
-        runner = web.AppRunner(create_app(settings), access_log=None)
+        runner = IngressRunner(create_app(settings))
         try:
             try:
                 # The ingress answers 2xx for what it publishes, so it takes requests only

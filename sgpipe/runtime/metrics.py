@@ -48,8 +48,10 @@ _SIZE_BUCKETS: Final = (1, 10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000, 100_0
 
 INGEST_REQUESTS: Final = Counter(
     "sgpipe_ingest_requests_total",
-    "Webhook POSTs by outcome: accepted (2xx after the Kafka ack), unauthorized, unknown_webhook, "
-    "too_large, bad_request, unavailable (503, SendGrid retries), overloaded.",
+    "Webhook POSTs by outcome: accepted (2xx after the Kafka ack), unauthorized (401), "
+    "unknown_webhook (404; webhook label 'unknown'), too_large (413), bad_request (400, 411, 415), "
+    "timeout (408, body too slow), client_disconnected (gone before the body was complete), "
+    "unavailable (503 from Kafka, SendGrid retries).",
     ["stage", "webhook", "outcome"],
     registry=REGISTRY,
 )
@@ -62,14 +64,15 @@ INGEST_VERIFICATION_FAILURES: Final = Counter(
 )
 INGEST_REQUEST_SECONDS: Final = Histogram(
     "sgpipe_ingest_request_duration_seconds",
-    "Time from the request's arrival to the answer, per webhook.",
+    "Time from the start of the request's handling (head received) to the answer, per webhook "
+    "('unknown' for names no webhook has).",
     ["stage", "webhook"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 INGEST_PUBLISH_SECONDS: Final = Histogram(
     "sgpipe_ingest_publish_duration_seconds",
-    "Time for Kafka to acknowledge a raw batch (acks=all).",
+    "Time for Kafka to acknowledge a raw batch (acks=all), per attempt, failed ones included.",
     ["stage"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
@@ -82,8 +85,24 @@ INGEST_RECEIVED_BYTES: Final = Counter(
 )
 INGEST_CONNECTIONS_REJECTED: Final = Counter(
     "sgpipe_ingest_connections_rejected_total",
-    "Connections or requests refused by the ingress's own limits, by reason "
-    "(too_many_connections, header_timeout, body_timeout, idle_timeout, malformed).",
+    "Connections closed or requests refused by the ingress's own limits, by reason: "
+    "too_many_connections (503 at accept), header_timeout (request head not complete in time), "
+    "body_timeout (408), idle_timeout (keep-alive connection idle), headers_too_large (431), "
+    "malformed (the HTTP parser refused the request; 400).",
+    ["stage", "reason"],
+    registry=REGISTRY,
+)
+INGEST_OPEN_CONNECTIONS: Final = Gauge(
+    "sgpipe_ingest_open_connections",
+    "Connections the ingress holds open now (compare with ingest.max_connections).",
+    ["stage"],
+    registry=REGISTRY,
+)
+INGEST_PUBLISH_FAILURES: Final = Counter(
+    "sgpipe_ingest_publish_failures_total",
+    "Raw batches Kafka did not acknowledge (each answered 503), by reason: timeout, "
+    "not_connected, or the Kafka client's error class (KafkaConnectionError, "
+    "NotLeaderForPartitionError, ...).",
     ["stage", "reason"],
     registry=REGISTRY,
 )

@@ -82,7 +82,10 @@ class KafkaSettings(_Section):
     ssl_cafile: Path | None = None
     # Real Kafka should run with idempotence; tansu (the embedded broker) cannot.
     enable_idempotence: bool = False
-    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "gzip"
+    # The producer compresses on the event loop: gzip (level 9 in aiokafka) held the ingress's
+    # loop ~25-65 ms per 768 KB batch here, lz4 ~7 ms (zstd ~2-6 ms, but needs Kafka >= 2.1
+    # on every client of the events topic). lz4, zstd and snappy need cramjam (a dependency).
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
     linger_ms: Annotated[int, Field(ge=0)] = 5
     # Must exceed SendGrid's 768 KB batches plus headers; the broker's message.max.bytes too.
     max_request_size: Annotated[int, Field(ge=1_048_576)] = 4 * 1_048_576
@@ -135,12 +138,36 @@ class WebhookSettings(_Section):
 
 
 class IngestSettings(_Section):
+    """The ingress's limits. Every one bounds what a single client can cost; docs/ingress.md
+    says what each answer means for SendGrid's retries."""
+
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 8080
-    # SendGrid posts at most 768 KB; leave headroom, refuse anything absurd with 413.
+    # SendGrid posts at most 768 KB; leave headroom, refuse anything absurd with 413. Applies to
+    # the body as received and again to the body after Content-Encoding is undone.
     max_body_bytes: Annotated[int, Field(ge=1024)] = 4 * 1_048_576
+    # A compressed body may expand to at most this many times its size (and never past
+    # max_body_bytes): a 4 KB gzip bomb costs 400 KB of work, not 4 MB. JSON rarely exceeds 20x.
+    max_decompression_ratio: Annotated[float, Field(ge=1)] = 100.0
     # How long a request may wait for Kafka's acknowledgement before answering 503.
     publish_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # From a connection's first byte (or its opening) to the end of the request head; then 408
+    # and close. Slowloris clients hold a connection at most this long.
+    header_timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
+    # From the end of the head to the end of the body; then 408 and close. 768 KB at 1 Mbit/s
+    # takes 6 s.
+    body_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    # An idle keep-alive connection is closed after this long. Above the 60 s idle timeout of
+    # common load balancers, so that they, not we, close first (no race on a reused connection).
+    idle_timeout_seconds: Annotated[float, Field(gt=0)] = 75.0
+    # Open connections (probes and scrapes included); beyond it a connection is answered 503
+    # with Retry-After and closed at once. Keep it below the process's file-descriptor limit.
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    # The request line plus all header lines; beyond it 431. SendGrid's heads are < 1 KB; an
+    # OAuth bearer token adds a few KB.
+    max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 32_768
+    # How often /readyz's Kafka check asks the broker for the raw topic's metadata.
+    readiness_probe_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
 
 
 class DeadLetterLimit(_Section):

@@ -89,7 +89,8 @@ def start_pipeline(
     tmp_path: Path, env: dict[str, str] | None = None, **overrides: Any
 ) -> RunningPipeline:
     """`sgpipe up` as a child process, on free ports, with ``overrides`` merged into the
-    config's top-level sections and ``env`` added to its environment."""
+    config's top-level sections (a list, such as ``webhooks``, replaces the section) and
+    ``env`` added to its environment."""
     document: dict[str, Any] = {
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
@@ -100,7 +101,8 @@ def start_pipeline(
         "logging": {"format": "json"},
     }
     for section, values in overrides.items():
-        document[section] = {**document.get(section, {}), **values}
+        merged = values if isinstance(values, list) else {**document.get(section, {}), **values}
+        document[section] = merged
     config = tmp_path / "sgpipe.yaml"
     config.write_text(yaml.safe_dump(document))
     port = free_port()

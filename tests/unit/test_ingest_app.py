@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
 import json
 import re
 import time
@@ -16,8 +17,10 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ingest.app import PublishError, create_app
+from ingest.app import PublishError, PublishRejected, create_app
 from schemas.raw_batch import RawBatch
+from sgpipe.runtime import metrics
+from sgpipe.runtime.health import Readiness, serve_health
 from sgpipe.runtime.settings import ConfigError, Settings
 from tests.sendgrid_vector import (
     BODY,
@@ -53,7 +56,7 @@ class FailingPublisher:
 
     async def publish(self, batch: RawBatch) -> None:
         self.attempts += 1
-        raise PublishError("Kafka did not acknowledge the batch: timeout")
+        raise PublishError("timeout", "Kafka did not acknowledge the batch: timeout")
 
 
 def build_settings(*webhooks: dict[str, Any]) -> Settings:
@@ -466,7 +469,7 @@ async def test_app_without_webhooks_knows_none() -> None:
 async def test_healthz(client: Client) -> None:
     response = await client.get("/healthz")
     assert response.status == 200
-    assert await response.json() == {"status": "ok"}
+    assert await response.json() == {"status": "ok", "stage": "ingest"}
     assert response.headers["X-Request-Id"]
 
 
@@ -481,3 +484,236 @@ async def test_a_body_that_does_not_decompress_is_a_json_400(
     )
     await assert_error(response, 400, "invalid_body")
     assert publisher.batches == []
+
+
+# --- acknowledgement, readiness and metrics ---------------------------------------------------
+
+
+def metric(name: str, **labels: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(name, {"stage": "ingest", **labels})
+    return value or 0.0
+
+
+class GatedPublisher:
+    """Holds every publish until released; then succeeds or fails as told."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.fail = False
+        self.batches: list[RawBatch] = []
+
+    async def publish(self, batch: RawBatch) -> None:
+        self.entered.set()
+        await self.release.wait()
+        if self.fail:
+            raise PublishError("KafkaConnectionError", "broker gone")
+        self.batches.append(batch)
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["acknowledged", "not-acknowledged"])
+async def test_the_answer_waits_for_the_acknowledgement(fails: bool) -> None:
+    gated = GatedPublisher()
+    gated.fail = fails
+    async with TestClient(TestServer(create_app(build_settings(), gated))) as test_client:
+        answer = asyncio.create_task(
+            test_client.post("/webhooks/main", data=BODY, headers=sendgrid_headers())
+        )
+        await gated.entered.wait()
+        # The publish is pending: no answer may have been sent yet.
+        done, _ = await asyncio.wait({answer}, timeout=0.3)
+        assert not done
+        gated.release.set()
+        response = await answer
+
+        if fails:
+            await assert_error(response, 503, "unavailable")
+            assert response.headers["Retry-After"] == "5"
+            assert gated.batches == []
+        else:
+            assert response.status == 200
+            assert [batch.body for batch in gated.batches] == [BODY]
+
+
+async def test_a_failed_publish_makes_readyz_503_until_a_publish_succeeds() -> None:
+    gated = GatedPublisher()
+    gated.release.set()
+    async with TestClient(TestServer(create_app(build_settings(), gated))) as test_client:
+        assert (await test_client.get("/readyz")).status == 200
+
+        gated.fail = True
+        failed = await test_client.post("/webhooks/main", data=BODY, headers=sendgrid_headers())
+        assert failed.status == 503
+        readyz = await test_client.get("/readyz")
+        assert readyz.status == 503
+        checks = (await readyz.json())["checks"]
+        assert checks["ingest.kafka"] == {
+            "ok": False,
+            "detail": "last publish failed: KafkaConnectionError",
+        }
+
+        gated.fail = False
+        ok = await test_client.post("/webhooks/main", data=BODY, headers=sendgrid_headers())
+        assert ok.status == 200
+        assert (await test_client.get("/readyz")).status == 200
+
+
+async def test_readyz_includes_peers() -> None:
+    peer_readiness = Readiness("process")
+    peer_readiness.set("consumer", True, "assigned")
+    peer = await serve_health(peer_readiness, "127.0.0.1", 0)
+    peer_url = f"http://127.0.0.1:{peer.addresses[0][1]}"
+    try:
+        app = create_app(build_settings(), RecordingPublisher(), peers=[peer_url])
+        async with TestClient(TestServer(app)) as test_client:
+            response = await test_client.get("/readyz")
+            assert response.status == 200
+            assert set((await response.json())["checks"]) == {
+                "ingest.producer",
+                "ingest.kafka",
+                "process.consumer",
+            }
+            peer_readiness.set("consumer", False, "no partitions")
+            assert (await test_client.get("/readyz")).status == 503
+    finally:
+        await peer.cleanup()
+
+
+async def test_metrics_count_requests_by_webhook_and_outcome(client: Client) -> None:
+    accepted = metric("sgpipe_ingest_requests_total", webhook="main", outcome="accepted")
+    unauthorized = metric("sgpipe_ingest_requests_total", webhook="main", outcome="unauthorized")
+    bad_signature = metric(
+        "sgpipe_ingest_verification_failures_total", webhook="main", reason="invalid_signature"
+    )
+    durations = metric("sgpipe_ingest_request_duration_seconds_count", webhook="main")
+    received = metric("sgpipe_ingest_received_bytes_total", webhook="main")
+
+    await client.post("/webhooks/main", data=BODY, headers=sendgrid_headers())
+    await client.post("/webhooks/main", data=BODY + b" ", headers=sendgrid_headers())
+
+    assert metric("sgpipe_ingest_requests_total", webhook="main", outcome="accepted") == (
+        accepted + 1
+    )
+    assert metric("sgpipe_ingest_requests_total", webhook="main", outcome="unauthorized") == (
+        unauthorized + 1
+    )
+    assert metric(
+        "sgpipe_ingest_verification_failures_total", webhook="main", reason="invalid_signature"
+    ) == (bad_signature + 1)
+    assert metric("sgpipe_ingest_request_duration_seconds_count", webhook="main") == (durations + 2)
+    assert metric("sgpipe_ingest_received_bytes_total", webhook="main") == (
+        received + 2 * len(BODY) + 1
+    )
+    exposition = await (await client.get("/metrics")).text()
+    assert 'sgpipe_ingest_requests_total{outcome="accepted",stage="ingest",webhook="main"}' in (
+        exposition
+    )
+
+
+async def test_unknown_webhook_names_never_become_labels(client: Client) -> None:
+    before = metric("sgpipe_ingest_requests_total", webhook="unknown", outcome="unknown_webhook")
+    for name in ("attacker-1", "attacker-2", "x" * 60):
+        response = await client.post(f"/webhooks/{name}", data=BODY)
+        assert response.status == 404
+    after = metric("sgpipe_ingest_requests_total", webhook="unknown", outcome="unknown_webhook")
+    assert after == before + 3
+    exposition = await (await client.get("/metrics")).text()
+    assert "attacker" not in exposition
+
+
+async def test_publish_failures_are_counted_by_reason() -> None:
+    before = metric("sgpipe_ingest_publish_failures_total", reason="timeout")
+    failing = FailingPublisher()
+    async with TestClient(TestServer(create_app(build_settings(), failing))) as test_client:
+        response = await test_client.post("/webhooks/main", data=BODY, headers=sendgrid_headers())
+    assert response.status == 503
+    assert metric("sgpipe_ingest_publish_failures_total", reason="timeout") == before + 1
+
+
+async def test_a_batch_too_large_for_kafka_is_413() -> None:
+    class TooLarge:
+        async def publish(self, batch: RawBatch) -> None:
+            raise PublishRejected("The message is 5000000 bytes ... max_request_size")
+
+    async with TestClient(TestServer(create_app(build_settings(), TooLarge()))) as test_client:
+        response = await test_client.post("/webhooks/main", data=BODY, headers=sendgrid_headers())
+        await assert_error(response, 413, "body_too_large")
+
+
+# --- compressed bodies -------------------------------------------------------------------------
+
+
+async def test_a_signed_gzip_body_is_verified_and_published_decoded(
+    client: Client, publisher: RecordingPublisher
+) -> None:
+    timestamp = str(int(time.time()))
+    body = b'[{"event":"open","sg_event_id":"gz-1"}]\r\n'
+    headers = {
+        **sendgrid_headers(sign(FRESH_PRIVATE_KEY, timestamp, body), timestamp),
+        "Content-Encoding": "gzip",
+    }
+    response = await client.post(
+        "/webhooks/rotating", data=gzip.compress(body), headers=headers, compress=None
+    )
+    assert response.status == 200
+    assert [batch.body for batch in publisher.batches] == [body]
+
+
+async def test_a_signed_gzip_bomb_is_413_and_not_published(
+    client: Client, publisher: RecordingPublisher
+) -> None:
+    decoded = bytes(MAX_BODY_BYTES * 4)
+    timestamp = str(int(time.time()))
+    headers = {
+        **sendgrid_headers(sign(FRESH_PRIVATE_KEY, timestamp, decoded), timestamp),
+        "Content-Encoding": "gzip",
+    }
+    response = await client.post("/webhooks/rotating", data=gzip.compress(decoded), headers=headers)
+    await assert_error(response, 413, "body_too_large")
+    assert publisher.batches == []
+
+
+async def test_an_unsigned_bomb_to_a_signed_webhook_is_refused_before_its_body_is_read(
+    client: Client, publisher: RecordingPublisher
+) -> None:
+    received = metric("sgpipe_ingest_received_bytes_total", webhook="main")
+    response = await client.post(
+        "/webhooks/main",
+        data=gzip.compress(bytes(10 * 1_048_576)),
+        headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+    )
+    await assert_error(response, 401, "missing_signature")
+    assert metric("sgpipe_ingest_received_bytes_total", webhook="main") == received
+    assert publisher.batches == []
+
+
+async def test_an_unsupported_encoding_is_415(
+    client: Client, publisher: RecordingPublisher
+) -> None:
+    response = await client.post(
+        "/webhooks/open", data=b"\x00\x01", headers={"Content-Encoding": "br"}
+    )
+    await assert_error(response, 415, "unsupported_encoding")
+    assert publisher.batches == []
+
+
+async def test_a_content_length_over_the_limit_is_413_before_reading(client: Client) -> None:
+    received = metric("sgpipe_ingest_received_bytes_total", webhook="open")
+    status, response = await raw_post_declared_length(client, MAX_BODY_BYTES + 1, b"[]")
+    assert status == 413, response
+    assert metric("sgpipe_ingest_received_bytes_total", webhook="open") == received
+
+
+async def raw_post_declared_length(client: Client, declared: int, body: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            b"POST /webhooks/open HTTP/1.1\r\nHost: ingest\r\nConnection: close\r\n"
+            + f"Content-Length: {declared}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        response = await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+    return int(response.split(b" ", 2)[1]), response

@@ -1,0 +1,211 @@
+"""How the publisher classifies what the Kafka client does while a broker restarts: every
+failure is a PublishError (503), a batch over the client's size limit a PublishRejected (413),
+and after a failure nothing is sent until a probe has seen the raw topic again.
+
+A stand-in producer raises the Kafka client's own error classes here; what a real broker does
+when it dies is tested against tansu in tests/integration/test_ingest_broker_loss.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from aiokafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    MessageSizeTooLargeError,
+    NodeNotReadyError,
+    NotLeaderForPartitionError,
+    RequestTimedOutError,
+    UnknownError,
+    UnknownTopicOrPartitionError,
+)
+
+from ingest.publisher import (
+    AcknowledgeHealth,
+    KafkaRawBatchPublisher,
+    PublishError,
+    PublishRejected,
+    topic_health,
+)
+from schemas.raw_batch import RawBatch
+from sgpipe.runtime.settings import Settings
+
+BATCH = RawBatch(
+    webhook="main",
+    body=b"[]",
+    received_at_ms=1,
+    request_id="r-1",
+    signature_timestamp=None,
+    authenticated_by="none",
+)
+
+
+class StandInProducer:
+    """``send`` raises ``on_send`` or returns a future failing with ``on_ack`` (or never
+    resolving when both are None)."""
+
+    def __init__(
+        self, on_send: BaseException | None = None, on_ack: BaseException | None = None
+    ) -> None:
+        self.on_send = on_send
+        self.on_ack = on_ack
+        self.sent: list[bytes] = []
+
+    async def send(self, topic: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
+        if self.on_send is not None:
+            raise self.on_send
+        self.sent.append(value)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.on_ack is not None:
+            future.set_exception(self.on_ack)
+        return future
+
+
+def publisher_with(producer: StandInProducer, timeout: float = 5.0) -> KafkaRawBatchPublisher:
+    settings = Settings.model_validate(
+        {
+            "kafka": {"bootstrap_servers": "127.0.0.1:1"},
+            "ingest": {"publish_timeout_seconds": timeout},
+        }
+    )
+    publisher = KafkaRawBatchPublisher(settings, AcknowledgeHealth())
+    publisher._producer = producer
+    publisher._topic_verified = True
+    return publisher
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UnknownError(),
+        KafkaConnectionError("connection refused"),
+        NotLeaderForPartitionError(),
+        UnknownTopicOrPartitionError(),
+        RequestTimedOutError(),
+        KafkaTimeoutError(),
+        NodeNotReadyError("node 111"),
+        ConnectionResetError("reset by peer"),
+        RuntimeError("anything else the client may raise"),
+    ],
+    ids=lambda error: type(error).__name__,
+)
+async def test_every_failure_while_the_broker_restarts_is_a_publish_error(
+    error: Exception,
+) -> None:
+    publisher = publisher_with(StandInProducer(on_ack=error))
+    with pytest.raises(PublishError) as caught:
+        await publisher.publish(BATCH)
+    assert caught.value.reason == type(error).__name__
+
+    # Until a probe sees the topic again, nothing more is sent.
+    producer = StandInProducer()
+    publisher._producer = producer
+    with pytest.raises(PublishError) as refused:
+        await publisher.publish(BATCH)
+    assert refused.value.reason == "topic_unverified"
+    assert producer.sent == []
+
+
+async def test_an_acknowledgement_that_never_comes_is_a_timeout() -> None:
+    publisher = publisher_with(StandInProducer(), timeout=0.05)
+    with pytest.raises(PublishError) as caught:
+        await publisher.publish(BATCH)
+    assert caught.value.reason == "timeout"
+
+
+async def test_a_record_over_the_client_limit_is_rejected_not_retried() -> None:
+    too_large = MessageSizeTooLargeError("larger than the maximum request size")
+    publisher = publisher_with(StandInProducer(on_send=too_large))
+    with pytest.raises(PublishRejected):
+        await publisher.publish(BATCH)
+
+
+async def test_the_broker_refusing_the_size_is_retried_not_rejected() -> None:
+    # Broker-side (message.max.bytes): a configuration to fix while SendGrid keeps retrying.
+    publisher = publisher_with(StandInProducer(on_ack=MessageSizeTooLargeError()))
+    with pytest.raises(PublishError):
+        await publisher.publish(BATCH)
+
+
+async def test_an_acknowledged_batch_returns() -> None:
+    future_ok = StandInProducer()
+
+    async def send(topic: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        future_ok.sent.append(value)
+        return future
+
+    future_ok.send = send  # type: ignore[method-assign]
+    await publisher_with(future_ok).publish(BATCH)
+    assert future_ok.sent == [b"[]"]
+
+
+async def test_not_connected_is_a_publish_error() -> None:
+    settings = Settings.model_validate({"kafka": {"bootstrap_servers": "127.0.0.1:1"}})
+    publisher = KafkaRawBatchPublisher(settings)
+    with pytest.raises(PublishError) as caught:
+        await publisher.publish(BATCH)
+    assert caught.value.reason == "not_connected"
+    assert publisher.health.producer_check() == (False, "not started")
+
+
+LED: list[tuple[Any, ...]] = [(0, 0, 111, [111], [111], []), (0, 1, 111, [111], [111], [])]
+
+
+@pytest.mark.parametrize(
+    ("topics", "ok", "missing"),
+    [
+        pytest.param([(0, "raw", False, LED)], True, False, id="led"),
+        pytest.param([(0, "raw", LED)], True, False, id="metadata-v0-layout"),
+        pytest.param([(3, "raw", False, [])], False, True, id="unknown-topic"),
+        pytest.param([(0, "raw", False, [])], False, True, id="no-partitions"),
+        pytest.param([], False, True, id="absent"),
+        pytest.param([(0, "other", False, LED)], False, True, id="other-topic-only"),
+        pytest.param(
+            [(0, "raw", False, [(0, 0, -1, [], [], []), *LED[1:]])], False, False, id="leaderless"
+        ),
+        pytest.param([(29, "raw", False, [])], False, False, id="not-authorized"),
+    ],
+)
+def test_topic_health_reads_every_metadata_layout(
+    topics: list[tuple[Any, ...]], ok: bool, missing: bool
+) -> None:
+    health = topic_health(topics, "raw", 0.002)
+    assert (health.ok, health.missing) == (ok, missing)
+    assert "raw" in health.detail
+
+
+class StandInAccumulator:
+    def __init__(self) -> None:
+        self.failed_with: list[BaseException] = []
+
+    def fail_all(self, exception: BaseException) -> None:
+        self.failed_with.append(exception)
+
+
+async def test_a_failed_publish_replaces_the_producer_and_fails_what_it_queues() -> None:
+    producer = StandInProducer(on_ack=KafkaConnectionError("gone"))
+    accumulator = StandInAccumulator()
+    stopped: list[bool] = []
+
+    async def stop() -> None:
+        stopped.append(True)
+
+    producer._message_accumulator = accumulator  # type: ignore[attr-defined]
+    producer.stop = stop  # type: ignore[attr-defined]
+    publisher = publisher_with(producer)
+    with pytest.raises(PublishError):
+        await publisher.publish(BATCH)
+
+    # What run() does next: batches answered 503 must not reach a broker that comes back.
+    assert publisher._abandon_producer
+    await publisher._abandon()
+    assert [type(error) for error in accumulator.failed_with] == [KafkaConnectionError]
+    assert stopped == [True]
+    assert publisher.health.producer_check() == (False, "not started")
+    with pytest.raises(PublishError) as refused:
+        await publisher.publish(BATCH)
+    assert refused.value.reason == "not_connected"
