@@ -1,41 +1,57 @@
-"""Map: one parsed SendGrid event object -> EmailEvent, or InvalidEvent with the reason.
+"""Map: one parsed SendGrid event object -> the typed EmailEvent record. Never fails.
 
-Every field is optional and every type untrusted (see docs: ``timestamp`` as a string or in
-milliseconds, ``category`` as a string or an array, ``sg_message_id`` with a leading space).
-Only ``event``, ``sg_event_id`` and ``timestamp`` are required: without them an event cannot be
-typed, deduplicated or placed in time.
+Every field is optional and every type untrusted (``docs/event-contract.md`` lists the rules
+and the quirks they absorb: ``timestamp`` as a string or in milliseconds, ``attempt`` and
+``tls`` as strings, ``category`` as a string or an array, ...). The typing is derived from the
+field table (``schemas/event_fields.py``): each logical type has one coercion rule here.
+
+A value that cannot be coerced never costs the event: its field is left at the default, its
+name goes into ``coercion_errors`` and ``raw`` still holds it. An event without a usable
+``sg_event_id`` gets one derived from its content (``sg_event_id_generated``); one without
+``event`` or ``timestamp`` is kept with those fields empty/1970 and named in
+``coercion_errors``.
 """
 
 from __future__ import annotations
 
-import json
+import base64
+import hashlib
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-from processors.errors import InvalidEvent
-from schemas.email_event import EmailEvent
+import msgspec
 
-# Every key SendGrid documents (or is seen sending). Any other top-level key is a custom
-# argument set by the sender; on a name collision the reserved meaning wins.
-RESERVED_FIELDS = frozenset(
-    {
-        "email", "timestamp", "event", "sg_event_id", "sg_message_id", "smtp-id", "category",
-        "sg_template_id", "sg_template_name", "marketing_campaign_id", "marketing_campaign_name",
-        "marketing_campaign_version", "marketing_campaign_split_id", "asm_group_id", "pool",
-        "ip", "tls", "cert_err", "useragent", "url", "url_offset", "reason", "status",
-        "response", "attempt", "type", "bounce_classification", "sg_machine_open",
-        "singlesend_id", "singlesend_name", "send_at", "phase_id", "mc_stats", "post_type",
-        "sg_user_id", "sg_content_type", "domain", "from", "reseller_id", "newsletter",
-        "unique_args", "custom_args",
-    }
-)  # fmt: skip
+from schemas.email_event import EmailEventRecord
+from schemas.event_fields import (
+    EVENT_FIELDS,
+    FIELD_NAMES,
+    RESERVED_SOURCES,
+    EventField,
+    IntegerType,
+    RecordType,
+)
 
 # Seconds since the epoch stay below this until the year 5138; milliseconds pass it in 1973.
-_MILLISECONDS_THRESHOLD = 100_000_000_000
+_MILLISECONDS_THRESHOLD: Final = 100_000_000_000
 # 2299-12-31 23:59:59.999, the end of ClickHouse's DateTime64 range: later values would not
 # fail the insert, they would wrap around and be stored as a wrong date.
-_MAX_EVENT_TIME_MS = 10_413_791_999_999
+MAX_EVENT_TIME_MS: Final = 10_413_791_999_999
+GENERATED_ID_PREFIX: Final = "sgpipe-"
+
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,20}")
+_NUMBER_TEXT = re.compile(r"[+-]?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_TRUE_TEXT = frozenset({"true", "1"})
+_FALSE_TEXT = frozenset({"false", "0"})
+
+_encode_json = msgspec.json.encode
+_encode_canonical_json = msgspec.json.Encoder(order="sorted").encode
+
+
+class CoercionFailed(ValueError):
+    """The value cannot be given the field's type (the field stays at its default)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,101 +63,267 @@ class BatchContext:
     request_id: str
 
 
-def normalize_event(item: Any, context: BatchContext) -> EmailEvent:
-    if not isinstance(item, dict):
-        raise InvalidEvent("not_an_object", f"events are JSON objects; got {type(item).__name__}")
-    event = _required_text(item, "event")
-    sg_event_id = _required_text(item, "sg_event_id")
-    if "timestamp" not in item or item["timestamp"] is None:
-        raise InvalidEvent("missing_timestamp", "the event has no timestamp")
-    try:
-        arguments, raw = custom_arguments(item), _compact_json(item)
-    except RecursionError:
-        # json.loads accepted the nesting, but re-encoding costs a few frames more.
-        raise InvalidEvent("nesting_too_deep", "the event nests JSON too deeply") from None
-    return EmailEvent(
-        webhook=context.webhook,
-        event=event,
-        sg_event_id=sg_event_id,
-        event_time_ms=normalize_timestamp(item["timestamp"]),
-        email=_optional_text(item, "email"),
-        sg_message_id=_optional_text(item, "sg_message_id"),
-        smtp_id=_optional_text(item, "smtp-id"),
-        category=normalize_category(item.get("category")),
-        custom_args=arguments,
-        received_at_ms=context.received_at_ms,
-        request_id=context.request_id,
-        raw=raw,
-    )
+@dataclass(frozen=True, slots=True)
+class NormalizedEvent:
+    """The typed record (fields left out take their schema default), and what the pipeline
+    needs without decoding it again."""
+
+    record: EmailEventRecord
+    sg_event_id: str
+    event: str
+    # Kafka key of the events topic: the message id, so that one message's events stay in
+    # order on one partition; the event id when SendGrid sent no message id.
+    key: str
+    coercion_errors: tuple[str, ...]
 
 
-def normalize_timestamp(value: Any) -> int:
-    """SendGrid's ``timestamp`` in Unix milliseconds.
+# --- coercion rules, one per logical type (docs/event-contract.md, "Coercion rules") -------
 
-    Accepts integer seconds (documented), numeric strings and floats (seen), and milliseconds
-    (Single Send examples), told apart by magnitude.
-    """
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise InvalidEvent(
-            "invalid_timestamp", f"timestamp must be a number, got {type(value).__name__}"
-        )
-    try:
-        # float() of a JSON integer beyond float range raises OverflowError, not inf.
-        number = float(value.strip() if isinstance(value, str) else value)
-    except (ValueError, OverflowError):
-        raise InvalidEvent(
-            "invalid_timestamp", f"timestamp is not a usable number: {str(value)[:40]!r}"
-        ) from None
-    if not math.isfinite(number) or number < 0:
-        raise InvalidEvent("invalid_timestamp", f"timestamp out of range: {str(value)[:40]!r}")
+
+def coerce_text(value: Any) -> str | None:
+    """Strings trimmed (empty means absent); numbers as their JSON text."""
+    if type(value) is str:
+        return value.strip() or None
+    if value is None:
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return compact_json(value)
+    raise CoercionFailed(f"expected text, got {_json_type(value)}")
+
+
+def coerce_integer(value: Any, minimum: int, maximum: int) -> int | None:
+    """Integers, integral floats and decimal-digit strings, within the column's range."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise CoercionFailed("expected an integer, got a boolean")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise CoercionFailed("expected an integer, got a fraction")
+        number = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        if _INTEGER_TEXT.fullmatch(text) is None:
+            raise CoercionFailed("expected an integer, got non-numeric text")
+        number = int(text)
+    else:
+        raise CoercionFailed(f"expected an integer, got {_json_type(value)}")
+    if not minimum <= number <= maximum:
+        raise CoercionFailed(f"integer out of range [{minimum}, {maximum}]")
+    return number
+
+
+def coerce_boolean(value: Any) -> bool | None:
+    """true/false, 1/0, and those as (case-insensitive) text."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        if value == 1:
+            return True
+        if value == 0:
+            return False
+        raise CoercionFailed("expected a boolean, got a number other than 0 or 1")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if not text:
+            return None
+        if text in _TRUE_TEXT:
+            return True
+        if text in _FALSE_TEXT:
+            return False
+        raise CoercionFailed("expected a boolean, got other text")
+    raise CoercionFailed(f"expected a boolean, got {_json_type(value)}")
+
+
+def coerce_flag(value: Any) -> int | None:
+    """A boolean stored as 1/0 (``tls``, ``cert_err``)."""
+    flag = coerce_boolean(value)
+    return None if flag is None else int(flag)
+
+
+def coerce_timestamp(value: Any) -> int | None:
+    """Unix milliseconds from seconds (documented) or milliseconds (Single Sends), as a
+    number or numeric text; told apart by magnitude; 1970 to the end of 2299."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise CoercionFailed("expected a Unix time, got a boolean")
+    if isinstance(value, str):
+        text = value.strip()
+        if _NUMBER_TEXT.fullmatch(text) is None:
+            raise CoercionFailed("expected a Unix time, got non-numeric text")
+        number: float = int(text) if text.isdigit() and len(text) < 20 else float(text)
+    elif isinstance(value, int | float):
+        number = value
+    else:
+        raise CoercionFailed(f"expected a Unix time, got {_json_type(value)}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise CoercionFailed("Unix time out of range")
+    if number < 0 or number > MAX_EVENT_TIME_MS:
+        raise CoercionFailed("Unix time out of range")
     milliseconds = round(number) if number >= _MILLISECONDS_THRESHOLD else round(number * 1000)
-    if milliseconds > _MAX_EVENT_TIME_MS:
-        raise InvalidEvent("invalid_timestamp", f"timestamp out of range: {str(value)[:40]!r}")
+    if milliseconds > MAX_EVENT_TIME_MS:  # seconds past 2299
+        raise CoercionFailed("Unix time out of range")
     return milliseconds
 
 
-def normalize_category(value: Any) -> list[str]:
-    """``category`` arrives as a string or an array of strings; always a list here."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list):
-        return [item if isinstance(item, str) else _compact_json(item) for item in value]
-    return [_compact_json(value)]
-
-
-def custom_arguments(item: dict[str, Any]) -> dict[str, str]:
-    """Every non-reserved top-level key, as strings (non-strings as compact JSON)."""
-    return {
-        key: value if isinstance(value, str) else _compact_json(value)
-        for key, value in item.items()
-        if key not in RESERVED_FIELDS
-    }
-
-
-def _required_text(item: dict[str, Any], key: str) -> str:
-    value = item.get(key)
-    if value is None or value == "":
-        raise InvalidEvent(f"missing_{key}", f"the event has no {key}")
-    if not isinstance(value, str):
-        raise InvalidEvent(f"invalid_{key}", f"{key} must be a string, got {type(value).__name__}")
-    return value
-
-
-def _optional_text(item: dict[str, Any], key: str) -> str | None:
-    value = item.get(key)
+def coerce_text_list(value: Any) -> list[str] | None:
+    """A string or an array, always a list; non-string items as compact JSON."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        field = key.replace("-", "_")
-        raise InvalidEvent(
-            f"invalid_{field}", f"{key} must be a string, got {type(value).__name__}"
-        )
-    # A leading space on sg_message_id is a known SendGrid quirk; "" means absent.
-    text = str(value).strip()
-    return text or None
+    if type(value) is str:
+        return [value]
+    if isinstance(value, list):
+        return [item if type(item) is str else compact_json(item) for item in value]
+    return [compact_json(value)]
 
 
-def _compact_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+def _integer_rule(field_type: IntegerType) -> Callable[[Any], Any]:
+    if field_type.name == "flag":
+        return coerce_flag
+    minimum, maximum = field_type.minimum, field_type.maximum
+    return lambda value: coerce_integer(value, minimum, maximum)
+
+
+def _rule(event_field: EventField) -> Callable[[Any], Any]:
+    field_type = event_field.type
+    if isinstance(field_type, IntegerType):
+        return _integer_rule(field_type)
+    rules: dict[str, Callable[[Any], Any]] = {
+        "text": coerce_text,
+        "boolean": coerce_boolean,
+        "timestamp": coerce_timestamp,
+        "text_list": coerce_text_list,
+    }
+    return rules[field_type.name]
+
+
+def _record_rule(event_field: EventField) -> Callable[[Any, list[str]], dict[str, Any] | None]:
+    """Objects with known members: each member by its own rule; a member that fails is null
+    and named ``field.member``; anything but an object fails as a whole."""
+    assert isinstance(event_field.type, RecordType)
+    members = [
+        (member.name, member.source or member.name, _rule(member))
+        for member in event_field.type.members
+    ]
+
+    def coerce_record(value: Any, errors: list[str]) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise CoercionFailed(f"expected an object, got {_json_type(value)}")
+        record: dict[str, Any] = {}
+        for name, source, rule in members:
+            try:
+                record[name] = rule(value.get(source))
+            except CoercionFailed:
+                record[name] = None
+                errors.append(f"{event_field.name}.{name}")
+        return record
+
+    return coerce_record
+
+
+# SendGrid key -> (column, rule); built once from the field table.
+_PLAIN_RULES: Final[dict[str, tuple[str, Callable[[Any], Any]]]] = {
+    f.source: (f.name, _rule(f))
+    for f in EVENT_FIELDS
+    if f.source is not None and not isinstance(f.type, RecordType)
+}
+_RECORD_RULES: Final[dict[str, tuple[str, Callable[[Any, list[str]], dict[str, Any] | None]]]] = {
+    f.source: (f.name, _record_rule(f))
+    for f in EVENT_FIELDS
+    if f.source is not None and isinstance(f.type, RecordType)
+}
+_REQUIRED: Final = tuple(f.name for f in EVENT_FIELDS if f.required)
+_FIELD_ORDER: Final = {name: position for position, name in enumerate(FIELD_NAMES)}
+# Every typed field's SendGrid key; any other key is a custom argument.
+RESERVED_FIELDS: Final = RESERVED_SOURCES
+
+
+def normalize_event(item: dict[str, Any], raw: str, context: BatchContext) -> NormalizedEvent:
+    """The typed record of one event object; ``raw`` is its exact text. Never raises for a
+    JSON object (RecursionError aside, for nesting at the parser's limit)."""
+    record: EmailEventRecord = {
+        "webhook": context.webhook,
+        "received_at": context.received_at_ms,
+        "request_id": context.request_id,
+        "raw": raw,
+    }
+    errors: list[str] = []
+    custom_args: dict[str, str] = {}
+    for key, value in item.items():
+        plain = _PLAIN_RULES.get(key)
+        if plain is not None:
+            name, rule = plain
+            try:
+                coerced = rule(value)
+            except CoercionFailed:
+                errors.append(name)
+                continue
+            if coerced is not None:
+                record[name] = coerced
+            continue
+        nested = _RECORD_RULES.get(key)
+        if nested is not None:
+            name, record_rule = nested
+            try:
+                members = record_rule(value, errors)
+            except CoercionFailed:
+                errors.append(name)
+                continue
+            if members is not None:
+                record[name] = members
+            continue
+        custom_args[key] = value if type(value) is str else compact_json(value)
+
+    for name in _REQUIRED:
+        if name not in record and name not in errors:
+            errors.append(name)
+    sg_event_id = record.get("sg_event_id")
+    if sg_event_id is None:
+        sg_event_id = record["sg_event_id"] = generated_event_id(item)
+        record["sg_event_id_generated"] = True
+    if custom_args:
+        record["custom_args"] = custom_args
+    if errors:
+        errors.sort(key=lambda name: _FIELD_ORDER.get(name.split(".", 1)[0], 0))
+        record["coercion_errors"] = errors
+    event = record.get("event", "")
+    return NormalizedEvent(
+        record=record,
+        sg_event_id=sg_event_id,
+        event=event,
+        key=record.get("sg_message_id") or sg_event_id,
+        coercion_errors=tuple(errors),
+    )
+
+
+def generated_event_id(item: dict[str, Any]) -> str:
+    """``sgpipe-`` + base64url (unpadded) SHA-256 of the event's canonical JSON: keys sorted
+    at every level, no whitespace, UTF-8. Deterministic, so a retried copy of the event gets
+    the same id and deduplicates like any other."""
+    digest = hashlib.sha256(_encode_canonical_json(item)).digest()
+    return GENERATED_ID_PREFIX + base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+def compact_json(value: Any) -> str:
+    return _encode_json(value).decode("utf-8")
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, int | float):
+        return "a number"
+    return type(value).__name__

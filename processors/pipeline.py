@@ -1,18 +1,20 @@
 """The processor as a pure function of one consumed raw-batch record.
 
-``process_raw_record(message)`` splits the batch, normalizes and encodes each event, and turns
-every failure into a Rejection with its reason (the runtime builds the dead letters). No Kafka
-client here: the stage declaration (``processors.stage``) hands it to the runtime.
+``process_raw_record(message)`` splits the batch into its elements' exact bytes, parses,
+normalizes and encodes each element on its own, and turns every failure into a Rejection with
+its reason (the runtime builds the dead letters). Every element ends as exactly one event or
+one rejection; only a body that is not a JSON array is rejected whole. No Kafka client here:
+the stage declaration (``processors.stage``) hands it to the runtime.
 """
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from dataclasses import dataclass, field
 
 from processors.errors import InvalidMessage
 from processors.normalize import BatchContext, normalize_event
-from processors.split import split_batch
+from processors.split import parse_element, split_elements
 from schemas.email_event import EmailEventCodec, SerializationError
 from schemas.raw_batch import InvalidRawBatch, decode_raw_batch
 from sgpipe.runtime.dead_letters import Rejection
@@ -28,12 +30,17 @@ class EncodedEvent:
     sg_event_id: str
     event: str
     value: bytes
+    # The events topic's Kafka key (sg_message_id, else sg_event_id; see docs/consuming.md).
+    key: bytes
+    coercion_errors: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
 class ProcessedRecord:
     events: list[EncodedEvent] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
+    # Fields that could not be coerced, counted by field (the COERCION_ERRORS metric).
+    coercion_errors: Counter[str] = field(default_factory=Counter)
 
 
 def process_raw_record(
@@ -50,7 +57,7 @@ def process_raw_record(
         result.rejections.append(Rejection("invalid_raw_batch", str(exc)))
         return result
     try:
-        items = split_batch(batch.body)
+        elements = split_elements(batch.body)
     except InvalidMessage as exc:
         result.rejections.append(Rejection(exc.reason, exc.detail))
         return result
@@ -58,40 +65,42 @@ def process_raw_record(
     context = BatchContext(
         webhook=batch.webhook, received_at_ms=batch.received_at_ms, request_id=batch.request_id
     )
-    for index, item in enumerate(items):
+    for index, element in enumerate(elements):
+        # A rejected element's payload is its exact bytes, as SendGrid sent them.
         try:
-            event = normalize_event(item, context)
-            encoded = codec.encode(event)
+            item, raw = parse_element(element)
+            normalized = normalize_event(item, raw, context)
+            encoded = codec.encode(normalized.record)
         except InvalidMessage as exc:
+            result.rejections.append(Rejection(exc.reason, exc.detail, element, index))
+            continue
+        except RecursionError:
+            # Parsed at the edge of the parser's depth limit, then too deep to re-encode.
             result.rejections.append(
-                Rejection(exc.reason, exc.detail, _event_bytes(item, batch.body), index)
+                Rejection("invalid_element", "the element nests JSON too deeply", element, index)
             )
             continue
         except SerializationError as exc:
-            result.rejections.append(
-                Rejection("serialization_error", str(exc), _event_bytes(item, batch.body), index)
-            )
+            result.rejections.append(Rejection("serialization_error", str(exc), element, index))
             continue
         if len(encoded) > max_record_bytes:
             result.rejections.append(
                 Rejection(
                     "event_too_large",
                     f"the encoded event is {len(encoded)} bytes, over {max_record_bytes}",
-                    _event_bytes(item, batch.body),
+                    element,
                     index,
                 )
             )
             continue
-        result.events.append(EncodedEvent(event.sg_event_id, event.event, encoded))
+        result.events.append(
+            EncodedEvent(
+                normalized.sg_event_id,
+                normalized.event,
+                encoded,
+                normalized.key.encode("utf-8"),
+                normalized.coercion_errors,
+            )
+        )
+        result.coercion_errors.update(normalized.coercion_errors)
     return result
-
-
-def _event_bytes(item: object, body: bytes) -> bytes:
-    """The dead letter's payload for one event: the event as compact JSON, or, when it cannot
-    be re-encoded (nesting too deep), the whole body; the event index still says which."""
-    try:
-        # ASCII escapes: an event can hold a lone surrogate (a valid JSON escape, invalid
-        # Unicode) that UTF-8 cannot encode, and its dead letter must still be written.
-        return json.dumps(item, separators=(",", ":")).encode()
-    except RecursionError:
-        return body

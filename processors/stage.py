@@ -2,7 +2,8 @@
 
 Steps: ``process_raw_record`` (1 -> N: split, normalize, encode; poison elements become
 rejections) and the ``DuplicateEventFilter``; writer: the events topic, keyed by
-``sg_event_id``. The runtime runs it (``sgpipe.runtime.runner``).
+``sg_message_id`` (else ``sg_event_id``: docs/consuming.md). The runtime runs it
+(``sgpipe.runtime.runner``).
 """
 
 from __future__ import annotations
@@ -12,30 +13,36 @@ from typing import Any
 
 from processors.dedup import DuplicateEventFilter
 from processors.pipeline import EncodedEvent, process_raw_record
-from schemas.email_event import EmailEventCodec
+from schemas.email_event import SCHEMA_HEADER, SCHEMA_HEADER_VALUE, EmailEventCodec
 from sgpipe.runtime.kafka import OutgoingRecord, TopicWriter, max_record_bytes
 from sgpipe.runtime.messages import Message
-from sgpipe.runtime.metrics import STAGE_PROCESS
+from sgpipe.runtime.metrics import COERCION_ERRORS, STAGE_PROCESS
 from sgpipe.runtime.runner import run_consumer_stage
+from sgpipe.runtime.schema_registry import open_event_codec
 from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
 
 # Lets consumers of the events topic route by schema without decoding the value.
-EVENT_SCHEMA_HEADER = ("sgpipe-schema", b"io.sgpipe.v1.EmailEvent")
+EVENT_SCHEMA_HEADER = (SCHEMA_HEADER, SCHEMA_HEADER_VALUE)
 
 
-def processor_stage(settings: Settings) -> ConsumerStage[EncodedEvent]:
-    codec = EmailEventCodec()
+def processor_stage(
+    settings: Settings, codec: EmailEventCodec | None = None
+) -> ConsumerStage[EncodedEvent]:
+    """``codec``: how events are framed (``open_event_codec``); single-object by default."""
+    codec = codec or EmailEventCodec()
     record_limit = max_record_bytes(settings.kafka)
     events_topic = settings.kafka.topics.events
 
     def transform(message: Message) -> Transformed[EncodedEvent]:
         processed = process_raw_record(message, codec, record_limit)
+        for field_name, count in processed.coercion_errors.items():
+            COERCION_ERRORS.labels(STAGE_PROCESS, field_name).inc(count)
         return Transformed(processed.events, processed.rejections)
 
     def to_record(event: EncodedEvent) -> OutgoingRecord:
         return OutgoingRecord(
-            events_topic, event.value, key=event.sg_event_id.encode(), headers=[EVENT_SCHEMA_HEADER]
+            events_topic, event.value, key=event.key, headers=[EVENT_SCHEMA_HEADER]
         )
 
     def writer(producer: Any) -> TopicWriter[EncodedEvent]:
@@ -66,8 +73,10 @@ async def run_processor(
 
     ``health_port``: -1 uses ``processor.health_port``; None serves no health endpoint."""
     section = settings.processor
+    # With kafka.events_format: confluent, registers the schema before consuming anything.
+    codec = await open_event_codec(settings)
     await run_consumer_stage(
-        processor_stage(settings),
+        processor_stage(settings, codec),
         settings,
         stop,
         health_host=section.health_host,

@@ -1,25 +1,20 @@
-"""Map: decoded EmailEvent records -> the sink's column-oriented insert block (pure)."""
+"""Map: decoded EmailEvent records -> the sink's column-oriented insert block (pure).
+
+The columns are the field table's (``schemas/event_fields.py``), in its order; a decoded
+record already holds every one of them (the decoder fills what an older writer lacked with
+the current schema's defaults), in the form clickhouse-connect inserts as is: datetimes for
+``DateTime64``, dicts for the named ``Tuple`` of a record field.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
-# The columns the sink writes, in EmailEvent's Avro field order; the rest have defaults.
-EMAIL_EVENT_COLUMNS = (
-    "webhook",
-    "event",
-    "sg_event_id",
-    "event_time",
-    "email",
-    "sg_message_id",
-    "smtp_id",
-    "category",
-    "custom_args",
-    "received_at",
-    "request_id",
-    "raw",
-)
+from schemas.event_fields import FIELD_NAMES
+
+# The columns the sink writes; the table's others (inserted_at) have defaults.
+EMAIL_EVENT_COLUMNS: Final[tuple[str, ...]] = FIELD_NAMES
 
 
 def to_columns(records: Iterable[dict[str, Any]]) -> list[list[Any]]:

@@ -16,16 +16,22 @@ from sgpipe.runtime.kafka import max_record_bytes
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.metrics import STAGE_SINK
 from sgpipe.runtime.runner import run_consumer_stage
+from sgpipe.runtime.schema_registry import open_event_codec
 from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
 from sinks.clickhouse import ClickHouseWriter
 
 
 def sink_stage(
-    settings: Settings, clickhouse_url: str | None = None
+    settings: Settings, clickhouse_url: str | None = None, codec: EmailEventCodec | None = None
 ) -> ConsumerStage[dict[str, Any]]:
-    """``clickhouse_url`` overrides ``clickhouse.url`` (the embedded store's address)."""
-    codec = EmailEventCodec()
+    """``clickhouse_url`` overrides ``clickhouse.url`` (the embedded store's address);
+    ``codec`` knows the registry ids of the Confluent format (``open_event_codec``).
+
+    Records of any released schema version decode (to the current one). A record naming a
+    writer schema this version does not know raises UnknownWriterSchema out of the step: not
+    poison, a newer sgpipe wrote it; the runtime stops the stage until it is upgraded."""
+    codec = codec or EmailEventCodec()
 
     def transform(message: Message) -> Transformed[dict[str, Any]]:
         try:
@@ -63,8 +69,11 @@ async def run_sink(
 
     ``health_port``: -1 uses ``sink.health_port``; None serves no health endpoint."""
     section = settings.sink
+    # The Confluent format's ids of every released version, looked up (and the current one
+    # registered) before consuming anything.
+    codec = await open_event_codec(settings)
     await run_consumer_stage(
-        sink_stage(settings, clickhouse_url),
+        sink_stage(settings, clickhouse_url, codec),
         settings,
         stop,
         health_host=section.health_host,

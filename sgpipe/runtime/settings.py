@@ -32,7 +32,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -99,6 +107,21 @@ class KafkaSettings(_Section):
     start_timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
     create_topics: bool = True
     topics: TopicSettings = TopicSettings()
+    # How events-topic records are framed (docs/consuming.md): Avro single-object encoding
+    # needs no registry; "confluent" (magic byte 0 + 4-byte schema id) registers the schema
+    # under "<events topic>-value" in `schema_registry.url` at start, for Confluent
+    # deserializers and ClickHouse's AvroConfluent format. Readers accept both.
+    events_format: Literal["single_object", "confluent"] = "single_object"
+
+
+class SchemaRegistrySettings(_Section):
+    """A Confluent-compatible Schema Registry, used when `kafka.events_format: confluent`."""
+
+    url: str | None = None
+    # HTTP Basic credentials (Confluent Cloud: the API key and secret).
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout_seconds: Annotated[float, Field(gt=0)] = 10.0
 
 
 class ClickHouseSettings(_Section):
@@ -261,6 +284,13 @@ class Settings(BaseSettings):
     sink: SinkSettings = SinkSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
     logging: LoggingSettings = LoggingSettings()
+    schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
+
+    @model_validator(mode="after")
+    def _registry_for_confluent_format(self) -> Settings:
+        if self.kafka.events_format == "confluent" and self.schema_registry.url is None:
+            raise ValueError("kafka.events_format confluent needs schema_registry.url")
+        return self
 
     @field_validator("webhooks")
     @classmethod

@@ -107,7 +107,7 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
 def test_build_context_holds_only_what_the_wheel_needs() -> None:
     files = set(_build_context(REPO))
     assert Path("pyproject.toml") in files and Path(BUILD_SCRIPT) in files
-    assert Path("sgpipe/cli.py") in files and Path("schemas/avro/email_event.avsc") in files
+    assert Path("sgpipe/cli.py") in files and Path("schemas/avro/email_event.v1.avsc") in files
     top_level = {path.parts[0] for path in files}
     assert top_level <= {"pyproject.toml", "README.md", "docker", *_PACKAGES}, top_level
     assert not [path for path in files if "__pycache__" in path.parts]
@@ -118,7 +118,7 @@ def test_wheel_carries_the_packages_and_their_data(image_venv: tuple[Path, Path]
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {str(path) for path in _build_context(REPO) if path.parts[0] in _PACKAGES}
     assert sources - names == set(), "every module and data file of the packages is in the wheel"
-    assert "schemas/avro/email_event.avsc" in names
+    assert "schemas/avro/email_event.v2.avsc" in names
     assert any(name.startswith("schemas/clickhouse/") and name.endswith(".sql") for name in names)
     assert not [name for name in names if name.startswith(("tests/", "bench/", "tools/"))]
 

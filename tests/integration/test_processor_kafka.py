@@ -16,6 +16,7 @@ from schemas.email_event import EmailEventCodec
 from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.embedded.broker import BrokerError, EmbeddedBroker
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
+from sgpipe.runtime.metrics import REGISTRY
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
 
 pytestmark = pytest.mark.kafka
@@ -24,7 +25,9 @@ EVENTS = [
     {"email": "a@example.com", "event": "delivered", "sg_event_id": "ev-1", "timestamp": 17e8},
     {"email": "b@example.com", "event": "open", "sg_event_id": "ev-2", "timestamp": "1700000001",
      "category": "welcome", "plan": "pro"},
-    {"email": "c@example.com", "event": "click", "timestamp": 1700000002},  # no sg_event_id
+    # No sg_event_id: kept with an id derived from its content, the same in every copy.
+    {"email": "c@example.com", "event": "click", "timestamp": 1700000002, "attempt": "soon",
+     "sg_message_id": "msg-3.filterdrecv-1"},
 ]  # fmt: skip
 
 
@@ -57,11 +60,15 @@ async def test_processor_publishes_events_dead_letters_and_commits(
     finally:
         await producer.stop()
 
+    coercion_labels = {"stage": "process", "field": "attempt"}
+    coercion_errors_before = REGISTRY.get_sample_value(
+        "sgpipe_coercion_errors_total", coercion_labels
+    )
     stop = asyncio.Event()
     worker = asyncio.create_task(run_processor(settings, stop, health_port=None))
     try:
-        events = await read_topic(kafka_bootstrap_servers, topics.events, expected=2)
-        dead = await read_topic(kafka_bootstrap_servers, topics.dead_letter, expected=3)
+        events = await read_topic(kafka_bootstrap_servers, topics.events, expected=3)
+        dead = await read_topic(kafka_bootstrap_servers, topics.dead_letter, expected=1)
     finally:
         stop.set()
         await asyncio.wait_for(worker, timeout=30)
@@ -71,17 +78,30 @@ async def test_processor_publishes_events_dead_letters_and_commits(
         (codec.decode(record.value) for record in events), key=lambda e: e["sg_event_id"]
     )
     # The second copy of the batch (a SendGrid retry) is absorbed by the dedup window.
+    generated_id = decoded[2]["sg_event_id"]
+    assert generated_id.startswith("sgpipe-")
     assert [(e["sg_event_id"], e["event"], e["email"]) for e in decoded] == [
         ("ev-1", "delivered", "a@example.com"),
         ("ev-2", "open", "b@example.com"),
+        (generated_id, "click", "c@example.com"),
     ]
     assert decoded[1]["category"] == ["welcome"]
     assert decoded[1]["custom_args"] == {"plan": "pro"}
-    assert {record.key for record in events} == {b"ev-1", b"ev-2"}
+    assert (decoded[2]["sg_event_id_generated"], decoded[2]["coercion_errors"]) == (
+        True,
+        ["attempt"],
+    )
+    # Keyed by message id, else by event id.
+    assert {record.key for record in events} == {b"ev-1", b"ev-2", b"msg-3.filterdrecv-1"}
+    # Counted once per processed copy (the retry's copy is dropped later, by the dedup window).
+    coercion_errors_after = REGISTRY.get_sample_value(
+        "sgpipe_coercion_errors_total", coercion_labels
+    )
+    assert (coercion_errors_after or 0) - (coercion_errors_before or 0) == 2
 
     reasons = sorted(dict(record.headers)[REASON_HEADER] for record in dead)
-    # The event without sg_event_id once per copy of the batch, and the non-JSON batch.
-    assert reasons == [b"invalid_json", b"missing_sg_event_id", b"missing_sg_event_id"]
+    # Only the batch that is not JSON; every event object was kept.
+    assert reasons == [b"invalid_json"]
     invalid_json = next(r for r in dead if dict(r.headers)[REASON_HEADER] == b"invalid_json")
     assert invalid_json.value == b"not json"
     assert dict(invalid_json.headers)["sgpipe-request-id"] == b"req-3"

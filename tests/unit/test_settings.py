@@ -568,6 +568,28 @@ def test_a_whole_section_that_is_not_json_names_the_variable(variable: str) -> N
     assert message.startswith(f"{variable}: a section is set as JSON; this is not JSON (")
 
 
+def test_confluent_events_format_takes_the_registry_from_the_environment() -> None:
+    settings = load_settings(
+        None,
+        {
+            "SGPIPE_KAFKA__EVENTS_FORMAT": "confluent",
+            "SGPIPE_SCHEMA_REGISTRY__URL": "https://registry.example.com",
+            "SGPIPE_SCHEMA_REGISTRY__USERNAME": "key",
+            "SGPIPE_SCHEMA_REGISTRY__PASSWORD": "secret",
+        },
+    )
+    assert settings.kafka.events_format == "confluent"
+    assert settings.schema_registry.url == "https://registry.example.com"
+    assert settings.schema_registry.password is not None
+    assert settings.schema_registry.password.get_secret_value() == "secret"
+    assert load_settings(None, {}).kafka.events_format == "single_object"
+
+
+def test_confluent_events_format_without_a_registry_is_refused() -> None:
+    with pytest.raises(ConfigError, match="needs schema_registry.url"):
+        load_settings(None, {"SGPIPE_KAFKA__EVENTS_FORMAT": "confluent"})
+
+
 def test_embedded_clickhouse_allows_no_browser_origin_unless_told() -> None:
     assert load_settings(None, {}).embedded.clickhouse_allowed_origins == ()
     environ = {

@@ -225,7 +225,8 @@ async def test_a_batch_whose_write_never_succeeds_is_never_committed() -> None:
 
 
 def encoded(message: Message) -> Transformed[EncodedEvent]:
-    return Transformed([EncodedEvent((message.value or b"").decode(), "delivered", b"avro")])
+    sg_event_id = (message.value or b"").decode()
+    return Transformed([EncodedEvent(sg_event_id, "delivered", b"avro", sg_event_id.encode())])
 
 
 async def test_the_filter_learns_ids_only_after_the_write_was_acknowledged() -> None:
