@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import closing
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import pytest
 
@@ -25,11 +25,13 @@ pytest.importorskip("chdb")
 from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
 
 from schemas import clickhouse_migrations  # noqa: E402
+from schemas.email_event import EmailEventCodec  # noqa: E402
 from sgpipe.embedded.clickhouse_policy import LOCKED_SETTINGS  # noqa: E402
 from sgpipe.embedded.credentials import EmbeddedUser  # noqa: E402
 from sgpipe.runtime.clickhouse import apply_migrations, connect, with_credentials  # noqa: E402
 from sgpipe.runtime.settings import ClickHouseSettings  # noqa: E402
 from sinks.clickhouse import ClickHouseWriter  # noqa: E402
+from tests.golden import encoded_events  # noqa: E402
 from tests.integration.clickhouse_server import (  # noqa: E402
     DATABASE,
     HttpAnswer,
@@ -575,27 +577,20 @@ async def test_writer_runs_migrations_and_the_sink_insert(served: Served) -> Non
         applied = await apply_migrations(client, database)
         assert applied == [name for name, _ in clickhouse_migrations()]
         assert await apply_migrations(client, database) == []  # idempotent
-        received = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-        row = {
-            "webhook": "main",
-            "event": "delivered",
-            "sg_event_id": "ev-1",
-            "event_time": received,
-            "email": "a@example.com",
-            "sg_message_id": "msg-1",
-            "smtp_id": None,
-            "category": ["welcome"],
-            "custom_args": {"campaign": "spring"},
-            "received_at": received,
-            "request_id": "req-1",
-            "raw": '{"event":"delivered"}',
-        }
+        # A SendGrid event as the processor encodes it and the sink decodes it.
+        codec = EmailEventCodec()
+        element = (
+            b'{"email":"a@example.com","event":"delivered","sg_event_id":"ev-1",'
+            b'"sg_message_id":"msg-1","timestamp":1714564800,"category":"welcome"}'
+        )
+        (value,) = encoded_events([element], codec)
+        record = codec.decode(value)
         # The sink's own writer: connects, migrates, checks the table, inserts.
         writer = ClickHouseWriter(settings, served.url, stage="sink")
         await writer.start()
         try:
             await writer.probe()
-            await writer.write([row, dict(row)], batch=None)  # delivered twice
+            await writer.write([record, codec.decode(value)], batch=None)  # delivered twice
         finally:
             await writer.stop()
         final = await client.query(f"SELECT event, email FROM {database}.email_events FINAL")
