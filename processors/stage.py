@@ -18,7 +18,7 @@ from sgpipe.runtime.kafka import OutgoingRecord, TopicWriter, max_record_bytes
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.metrics import COERCION_ERRORS, STAGE_PROCESS
 from sgpipe.runtime.runner import run_consumer_stage
-from sgpipe.runtime.schema_registry import open_event_codec
+from sgpipe.runtime.schema_registry import open_event_codec_retrying
 from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
 
@@ -74,7 +74,9 @@ async def run_processor(
     ``health_port``: -1 uses ``processor.health_port``; None serves no health endpoint."""
     section = settings.processor
     # With kafka.events_format: confluent, registers the schema before consuming anything.
-    codec = await open_event_codec(settings)
+    codec = await open_event_codec_retrying(settings, STAGE_PROCESS, section, stop)
+    if codec is None:
+        return
     await run_consumer_stage(
         processor_stage(settings, codec),
         settings,

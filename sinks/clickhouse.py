@@ -1,12 +1,14 @@
 """The sink's ClickHouse writer: column-oriented batch inserts into ``email_events``.
 
 A runtime ``Writer``: ``start`` connects, applies migrations and checks that the table has
-every column the sink writes (a mismatch is fatal: a deploy to fix, not data to retry);
+every column the sink writes, with the contract's type (a mismatch is fatal: a deploy to fix,
+not data to retry);
 ``write`` returns once ClickHouse accepted the insert; ``probe`` pings the server.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +16,7 @@ from typing import Any
 import structlog
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
+from schemas.event_fields import clickhouse_columns
 from sgpipe.runtime import metrics
 from sgpipe.runtime.clickhouse import apply_migrations, connect
 from sgpipe.runtime.errors import FatalStageError
@@ -79,10 +82,39 @@ class ClickHouseWriter:
 
     async def _check_table(self, client: AsyncClient) -> None:
         result = await client.query(f"DESCRIBE TABLE {self._table}")
-        present = {row[0] for row in result.result_rows}
-        missing = [column for column in EMAIL_EVENT_COLUMNS if column not in present]
-        if missing:
+        problems = table_mismatches({row[0]: row[1] for row in result.result_rows})
+        if problems:
             raise FatalStageError(
-                f"{self._stage}: table {self._table} lacks the columns {', '.join(missing)} "
-                "that this version writes; apply the migrations (`sgpipe migrate`) or fix the table"
+                f"{self._stage}: table {self._table} does not match what this version writes: "
+                f"{'; '.join(problems)}; apply the migrations (`sgpipe migrate`) or fix the table"
             )
+
+
+def table_mismatches(present: dict[str, str]) -> list[str]:
+    """What keeps the sink from writing a table with these ``{column: type}``: each column
+    it writes must exist with the type the event contract declares (schemas/event_fields.py)."""
+    expected = dict(clickhouse_columns())
+    problems = []
+    for column in EMAIL_EVENT_COLUMNS:
+        if column not in present:
+            problems.append(f"column {column} is missing")
+        elif _value_type(present[column]) != _value_type(expected[column]):
+            shown = " ".join(present[column].split())
+            problems.append(f"column {column} is {shown}, expected {expected[column]}")
+    return problems
+
+
+def _value_type(clickhouse_type: str) -> str:
+    """The type without LowCardinality wrappers (a storage choice that inserts the same
+    values, which an operator may make differently) or layout (ClickHouse reports a Tuple
+    over several lines)."""
+    clickhouse_type = re.sub(r"\s+", " ", clickhouse_type).replace("( ", "(").strip()
+    while (start := clickhouse_type.find("LowCardinality(")) >= 0:
+        depth, index = 1, start + len("LowCardinality(")
+        inner_start = index
+        while depth:
+            depth += {"(": 1, ")": -1}.get(clickhouse_type[index], 0)
+            index += 1
+        inner = clickhouse_type[inner_start : index - 1]
+        clickhouse_type = clickhouse_type[:start] + inner + clickhouse_type[index:]
+    return clickhouse_type

@@ -16,7 +16,7 @@ from sgpipe.runtime.kafka import max_record_bytes
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.metrics import STAGE_SINK
 from sgpipe.runtime.runner import run_consumer_stage
-from sgpipe.runtime.schema_registry import open_event_codec
+from sgpipe.runtime.schema_registry import open_event_codec_retrying
 from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
 from sinks.clickhouse import ClickHouseWriter
@@ -71,7 +71,9 @@ async def run_sink(
     section = settings.sink
     # The Confluent format's ids of every released version, looked up (and the current one
     # registered) before consuming anything.
-    codec = await open_event_codec(settings)
+    codec = await open_event_codec_retrying(settings, STAGE_SINK, section, stop)
+    if codec is None:
+        return
     await run_consumer_stage(
         sink_stage(settings, clickhouse_url, codec),
         settings,

@@ -23,6 +23,9 @@ from typing import Final
 
 from aiokafka import errors as kafka_errors
 
+from schemas.email_event import UnknownWriterSchema
+from sgpipe.runtime.schema_registry_errors import SchemaRegistryError
+
 
 class ErrorClass(StrEnum):
     RETRIABLE = "retriable"
@@ -148,8 +151,12 @@ def classify(exc: BaseException) -> ErrorClass:
     """The class of ``exc``; see the module docstring. Never raises."""
     if isinstance(exc, InvalidMessage):
         return ErrorClass.POISON
-    if isinstance(exc, FatalStageError):
+    if isinstance(exc, FatalStageError | UnknownWriterSchema):
         return ErrorClass.FATAL
+    if isinstance(exc, SchemaRegistryError):
+        # Unreachable, 5xx or 429: transient. 401/403 (credentials), 409/422 (an
+        # incompatible schema under the subject): a person must act.
+        return ErrorClass.RETRIABLE if exc.retriable else ErrorClass.FATAL
     if isinstance(exc, kafka_errors.KafkaError):
         return _classify_kafka(exc)
     clickhouse = _classify_clickhouse(exc)
@@ -161,6 +168,17 @@ def classify(exc: BaseException) -> ErrorClass:
         # Socket-level failures (unreachable host, reset, refused) on any client.
         return ErrorClass.RETRIABLE
     return ErrorClass.FATAL
+
+
+def step_error_class(exc: BaseException) -> ErrorClass:
+    """The class of an exception raised by a pure step for one record.
+
+    A pure step is deterministic, so whatever it raises for a record it will always raise
+    for it: poison -- except for the errors that say the *stage* cannot go on (a record
+    written by a newer sgpipe, an explicit fatal error, memory exhaustion)."""
+    if isinstance(exc, FatalStageError | UnknownWriterSchema | MemoryError):
+        return ErrorClass.FATAL
+    return ErrorClass.POISON
 
 
 def _classify_kafka(exc: kafka_errors.KafkaError) -> ErrorClass:

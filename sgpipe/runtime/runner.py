@@ -153,6 +153,8 @@ async def retry_until_started(
         try:
             await attempt()
         except Exception as exc:  # noqa: BLE001 - classified below
+            if isinstance(exc, FatalStageError):
+                raise
             if classify(exc) is not ErrorClass.RETRIABLE:
                 raise FatalStageError(f"{stage}: {what} failed: {describe(exc)}") from exc
             delay = backoff.next_delay()

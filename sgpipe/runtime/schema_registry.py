@@ -13,6 +13,7 @@ stage, connection failures and 5xx retriable (``retriable``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Final
 from urllib.parse import quote
@@ -20,21 +21,14 @@ from urllib.parse import quote
 import aiohttp
 
 from schemas.email_event import EmailEventCodec, current_schema, schema_versions
-from sgpipe.runtime.settings import SchemaRegistrySettings, Settings
+from sgpipe.runtime.retry import Backoff
+from sgpipe.runtime.runner import retry_until_started
+from sgpipe.runtime.schema_registry_errors import SchemaRegistryError
+from sgpipe.runtime.settings import SchemaRegistrySettings, Settings, StageSettings
+
+__all__ = ["SchemaRegistryError"]
 
 CONTENT_TYPE: Final = "application/vnd.schemaregistry.v1+json"
-
-
-class SchemaRegistryError(Exception):
-    def __init__(self, message: str, *, status: int | None = None, code: int | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-    @property
-    def retriable(self) -> bool:
-        """Unreachable or a server error: try again. Anything else needs a person."""
-        return self.status is None or self.status >= 500 or self.status == 429
 
 
 def value_subject(topic: str) -> str:
@@ -148,6 +142,22 @@ async def open_event_codec(settings: Settings) -> EmailEventCodec:
             if older_id is not None:
                 codec.add_registry_schema(older_id, older.text)
     return codec
+
+
+async def open_event_codec_retrying(
+    settings: Settings, stage: str, section: StageSettings, stop: asyncio.Event
+) -> EmailEventCodec | None:
+    """``open_event_codec``, retried like any start-up dependency while the registry is
+    unreachable (a refusal of our credentials or schema is fatal); None if stopped first."""
+    opened: list[EmailEventCodec] = []
+
+    async def attempt() -> None:
+        opened.append(await open_event_codec(settings))
+
+    backoff = Backoff(section.retry_backoff_initial_seconds, section.retry_backoff_max_seconds)
+    if not await retry_until_started(stage, "reading the schema registry", attempt, stop, backoff):
+        return None
+    return opened[-1]
 
 
 async def fetch_unknown_schemas(

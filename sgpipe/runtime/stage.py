@@ -51,6 +51,7 @@ from sgpipe.runtime.errors import (
     InvalidMessage,
     classify,
     describe,
+    step_error_class,
 )
 from sgpipe.runtime.health import Progress, Readiness
 from sgpipe.runtime.messages import Message
@@ -452,9 +453,9 @@ class StageLoop(Generic[T]):
         for record in records:
             try:
                 transformed = self._transform(record)
-            except MemoryError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a pure step failing is deterministic
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if step_error_class(exc) is ErrorClass.FATAL:
+                    self._fail(exc, f"processing {record.topic}/{record.partition}/{record.offset}")
                 transformed = Transformed(rejections=[_rejection_for(exc)])
             outputs.extend(transformed.outputs)
             for rejection in transformed.rejections:

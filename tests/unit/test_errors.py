@@ -9,6 +9,7 @@ from aiokafka import errors as kafka
 from clickhouse_connect.driver import exceptions as ch
 
 from processors.errors import InvalidBatch, InvalidEvent
+from schemas.email_event import UnknownWriterSchema
 from sgpipe.runtime.errors import (
     CLICKHOUSE_FATAL_CODES,
     CLICKHOUSE_RETRIABLE_CODES,
@@ -19,7 +20,9 @@ from sgpipe.runtime.errors import (
     classify,
     clickhouse_error_code,
     describe,
+    step_error_class,
 )
+from sgpipe.runtime.schema_registry_errors import SchemaRegistryError
 
 RETRIABLE, POISON, FATAL = ErrorClass.RETRIABLE, ErrorClass.POISON, ErrorClass.FATAL
 
@@ -92,6 +95,13 @@ def server_error(code: int, name: str) -> ch.DatabaseError:
         pytest.param(FatalStageError("stop"), FATAL, id="fatal-stage"),
         pytest.param(DeadLetterLimitExceeded("too many"), FATAL, id="dead-letter-limit"),
         pytest.param(TypeError("a bug"), FATAL, id="bug"),
+        # The event contract and its registry.
+        pytest.param(UnknownWriterSchema("written by a newer sgpipe"), FATAL, id="newer-writer"),
+        pytest.param(SchemaRegistryError("down"), RETRIABLE, id="registry-unreachable"),
+        pytest.param(SchemaRegistryError("5xx", status=503), RETRIABLE, id="registry-5xx"),
+        pytest.param(SchemaRegistryError("busy", status=429), RETRIABLE, id="registry-429"),
+        pytest.param(SchemaRegistryError("creds", status=401), FATAL, id="registry-auth"),
+        pytest.param(SchemaRegistryError("incompatible", status=409), FATAL, id="registry-409"),
         pytest.param(KeyError("a bug"), FATAL, id="bug-key"),
     ],
 )
@@ -129,3 +139,50 @@ def test_describe_is_one_short_line() -> None:
     assert describe(kafka.KafkaConnectionError("Unable to bootstrap")) == (
         "KafkaConnectionError: Unable to bootstrap"
     )
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (ValueError("this record breaks the step"), POISON),
+        (KeyError("a bug this record triggers"), POISON),
+        (InvalidMessage("x", "y"), POISON),
+        (UnknownWriterSchema("written by a newer sgpipe"), FATAL),
+        (FatalStageError("stop"), FATAL),
+        (MemoryError(), FATAL),
+    ],
+)
+def test_what_a_pure_step_raises_is_poison_unless_the_stage_cannot_go_on(
+    error: BaseException, expected: ErrorClass
+) -> None:
+    assert step_error_class(error) is expected
+
+
+def test_the_sink_names_each_column_that_does_not_fit_the_contract() -> None:
+    from schemas.event_fields import clickhouse_columns
+    from sinks.clickhouse import table_mismatches
+
+    table = dict(clickhouse_columns())
+    assert table_mismatches(table) == []
+    # A storage choice that inserts the same values is fine.
+    table["event"] = "String"
+    table["pool"] = "Tuple(name Nullable(String), id Nullable(UInt64))"
+    assert table_mismatches(table) == []
+    table["sg_event_id"] = "UInt64"
+    table["email"] = "String"
+    del table["attempt"]
+    assert table_mismatches(table) == [
+        "column sg_event_id is UInt64, expected String",
+        "column email is String, expected Nullable(String)",
+        "column attempt is missing",
+    ]
+
+
+def test_a_tuple_column_as_clickhouse_describes_it_fits() -> None:
+    from schemas.event_fields import clickhouse_columns
+    from sinks.clickhouse import table_mismatches
+
+    table = dict(clickhouse_columns())
+    # DESCRIBE TABLE's own layout of the pool column.
+    table["pool"] = "Tuple(\n    name LowCardinality(Nullable(String)),\n    id Nullable(UInt64))"
+    assert table_mismatches(table) == []

@@ -22,6 +22,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from processors.dedup import DuplicateEventFilter
 from processors.pipeline import EncodedEvent
 from schemas.dead_letter import DeadLetter
+from schemas.email_event import UnknownWriterSchema
 from sgpipe.runtime import metrics
 from sgpipe.runtime.dead_letters import Rejection
 from sgpipe.runtime.errors import DeadLetterLimitExceeded, FatalStageError, InvalidMessage
@@ -641,3 +642,19 @@ async def test_a_stop_meets_its_deadline_even_when_a_write_hangs() -> None:
     # Abandoned at the stop request, tried once more within the stop timeout, then given up.
     assert writer.calls == 2
     assert consumer.commits == []
+
+
+async def test_a_record_from_a_newer_writer_stops_the_stage_instead_of_dead_lettering() -> None:
+    def decode(message: Message) -> Transformed[bytes]:
+        if message.value == b"v9":
+            raise UnknownWriterSchema("written by a newer sgpipe")
+        return Transformed([message.value or b""])
+
+    consumer = FakeConsumer(records(b"v2", b"v9"))
+    letters = RecordingDeadLetters()
+    writer = RecordingWriter()
+    with pytest.raises(FatalStageError, match="processing raw/0/1"):
+        await run_until(
+            StageLoop(options(), consumer, decode, writer, letters), lambda: False, limit=2
+        )
+    assert letters.written == [] and writer.written == [] and consumer.commits == []
