@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -27,10 +27,15 @@ from ingest.app import build_verifiers, create_app
 from ingest.protocol import IngressRunner
 from processors.stage import run_processor
 from sgpipe.preflight import PreflightFailed, check_up, lock_data_dir
+from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.kafka import ensure_topics
-from sgpipe.runtime.settings import Settings
+from sgpipe.runtime.redact import redact_url
+from sgpipe.runtime.settings import ConfigError, Settings
 from sgpipe.runtime.startup import retry_kafka_at_start, start_deadline
 from sinks.stage import run_sink
+
+if TYPE_CHECKING:
+    from sgpipe.embedded.credentials import EmbeddedCredentials
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +73,8 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
     lock = lock_data_dir(data_dir, "up")
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(lock.release)
+        # Before anything starts too: an unsafe credentials file is a configuration error.
+        credentials = _embedded_credentials(settings, data_dir)
         embedded_broker = settings.kafka.bootstrap_servers is None
         # Only an in-memory broker needs the stages to drain before it stops.
         drain = embedded_broker and settings.embedded.broker_storage == "memory"
@@ -98,13 +105,34 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         clickhouse_url = settings.clickhouse.url
         if clickhouse_url is None:
             from sgpipe.embedded.clickhouse import EmbeddedClickHouse
+            from sgpipe.embedded.credentials import credentials_file
 
-            store = EmbeddedClickHouse(data_dir / CLICKHOUSE_DIR)
+            assert credentials is not None  # loaded up front whenever no URL is configured
+            store = EmbeddedClickHouse(
+                data_dir / CLICKHOUSE_DIR,
+                credentials,
+                allowed_origins=settings.embedded.clickhouse_allowed_origins,
+            )
             clickhouse_url = await store.start(
                 settings.embedded.host, settings.embedded.clickhouse_http_port
             )
             stack.push_async_callback(store.stop)
-            log.info("embedded clickhouse serving", url=clickhouse_url)
+            # The sink (and its migrations) write as the writer user.
+            settings = settings.model_copy(
+                update={
+                    "clickhouse": with_credentials(
+                        settings.clickhouse, credentials.writer.name, credentials.writer.password
+                    )
+                }
+            )
+            log.info(
+                "embedded clickhouse serving",
+                url=clickhouse_url,
+                users=[user.name for user in credentials.users],
+                credentials=str(credentials_file(data_dir)),
+            )
+        else:
+            log.info("sink writes to clickhouse", url=redact_url(clickhouse_url))
 
         _write_state(data_dir, settings, clickhouse_url)
         stack.callback(_remove_state, data_dir)
@@ -158,6 +186,19 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
     log.info("stopped")
 
 
+def _embedded_credentials(settings: Settings, data_dir: Path) -> EmbeddedCredentials | None:
+    """The embedded store's credentials (created on first start), None with a configured
+    ClickHouse. An unsafe credentials file is a configuration error."""
+    if settings.clickhouse.url is not None:
+        return None
+    from sgpipe.embedded.credentials import CredentialsError, load_or_create_credentials
+
+    try:
+        return load_or_create_credentials(data_dir)
+    except CredentialsError as exc:  # e.g. a file others can read: fix it, then start
+        raise ConfigError(str(exc)) from exc
+
+
 async def _wait_for_ready(
     stop: asyncio.Event, ready: list[asyncio.Event], stages: list[asyncio.Task[None]]
 ) -> bool:
@@ -204,15 +245,21 @@ def _log_webhook_urls(settings: Settings, runner: web.AppRunner) -> None:
 
 
 def _write_state(data_dir: Path, settings: Settings, clickhouse_url: str) -> None:
+    """Where the services listen, for `sgpipe query` and operators: no secret in it (URLs
+    are redacted; the embedded store's credentials have their own file), mode 0600."""
     state = {
         "pid": os.getpid(),
-        "clickhouse_url": clickhouse_url,
+        "clickhouse_url": redact_url(clickhouse_url),
+        "clickhouse_embedded": settings.clickhouse.url is None,
         "kafka_bootstrap_servers": settings.kafka.bootstrap_servers,
         "database": settings.clickhouse.database,
     }
     path = state_file(data_dir)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=2)
     temporary.replace(path)
 
 

@@ -273,6 +273,11 @@ class EmbeddedSettings(_Section):
     # their topic committed past them. Topics without an sgpipe group (dead letters) are kept.
     retention_hours: Annotated[float, Field(gt=0)] = 168.0
     retention_check_seconds: Annotated[float, Field(gt=0)] = 300.0
+    # Web origins (e.g. "https://grafana.example.com") whose browser requests the embedded
+    # ClickHouse endpoint accepts. None by default: any request with an Origin header is
+    # refused, so a web page cannot use a browser to reach it (docs/security.md).
+    # In the environment, a JSON list: SGPIPE_EMBEDDED__CLICKHOUSE_ALLOWED_ORIGINS='["https://..."]'.
+    clickhouse_allowed_origins: tuple[str, ...] = ()
 
 
 class LoggingSettings(_Section):
