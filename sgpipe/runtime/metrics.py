@@ -239,6 +239,47 @@ EMBEDDED_RETENTION_DELETED_BYTES: Final = Counter(
 )
 
 
+# --- sgpipe up's supervisor ------------------------------------------------------------------
+
+UP_CHILD_RESTARTS: Final = Counter(
+    "sgpipe_up_child_restarts_total",
+    "Processes `sgpipe up` runs as its children (child: ingest, process, sink, clickhouse) that "
+    "died without being asked to and were restarted. Any increase deserves a look at "
+    "<data-dir>/logs/<child>.log.",
+    ["stage", "child"],
+    registry=REGISTRY,
+)
+
+
+def stop_counters(stage: str) -> dict[str, float]:
+    """This process's running totals of what a stage of ``stage`` committed and wrote, for a
+    report of what a stop did (the difference of two readings): ``committed`` records (their
+    offsets committed after the write), ``written:<output>`` records per output,
+    ``dead_letters`` and, for the ingress, ``acknowledged`` batches."""
+    totals: dict[str, float] = {
+        "committed": 0.0,
+        "dead_letters": 0.0,
+        "acknowledged": 0.0,
+    }
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.labels.get("stage") != stage:
+                continue
+            if sample.name == "sgpipe_flush_records_sum":
+                totals["committed"] += sample.value
+            elif sample.name == "sgpipe_records_produced_total":
+                key = f"written:{sample.labels['output']}"
+                totals[key] = totals.get(key, 0.0) + sample.value
+            elif sample.name == "sgpipe_dead_letters_total":
+                totals["dead_letters"] += sample.value
+            elif (
+                sample.name == "sgpipe_ingest_requests_total"
+                and sample.labels.get("outcome") == "accepted"
+            ):
+                totals["acknowledged"] += sample.value
+    return totals
+
+
 def render() -> tuple[bytes, str]:
     """This process's metrics in the Prometheus text format, and its content type."""
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
