@@ -367,7 +367,8 @@ def _log_stop_report(
     stage: str, before: Mapping[str, float], after: Mapping[str, float], since: float
 ) -> None:
     """What happened between the stop signal and the end: records committed, records written
-    per output, dead letters, batches acknowledged (the ingress's requests in flight)."""
+    per output, dead letters, batches acknowledged (the ingress's requests in flight); and the
+    process's totals, for a supervisor that counts from an earlier moment."""
     done = {key: int(after[key] - before.get(key, 0.0)) for key in after}
     written = {
         key.split(":", 1)[1]: count for key, count in done.items() if key.startswith("written:")
@@ -379,6 +380,7 @@ def _log_stop_report(
         written=written,
         dead_letters=done["dead_letters"],
         acknowledged=done["acknowledged"],
+        totals={key: int(value) for key, value in after.items()},
         seconds=round(time.monotonic() - since, 3),
     )
 

@@ -153,6 +153,8 @@ class ChildProcess:
             return
         if process.poll() is None:
             _signal_group(process.pid, signal.SIGTERM)
+            # A stopped (SIGSTOP) process acts on SIGTERM only once continued (as systemd does).
+            _signal_group(process.pid, signal.SIGCONT)
             try:
                 await asyncio.to_thread(process.wait, timeout)
             except subprocess.TimeoutExpired:

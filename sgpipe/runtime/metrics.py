@@ -13,9 +13,11 @@ what an alert on it means; ``tests/unit/test_metrics.py`` keeps the two in step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
@@ -251,17 +253,18 @@ UP_CHILD_RESTARTS: Final = Counter(
 )
 
 
-def stop_counters(stage: str) -> dict[str, float]:
-    """This process's running totals of what a stage of ``stage`` committed and wrote, for a
-    report of what a stop did (the difference of two readings): ``committed`` records (their
-    offsets committed after the write), ``written:<output>`` records per output,
-    ``dead_letters`` and, for the ingress, ``acknowledged`` batches."""
+def stop_counters(stage: str, families: Iterable[Metric] | None = None) -> dict[str, float]:
+    """Running totals of what the stage ``stage`` committed and wrote, for a report of what a
+    stop did (the difference of two readings): ``committed`` records (their offsets committed
+    after the write), ``written:<output>`` records per output, ``dead_letters`` and, for the
+    ingress, ``acknowledged`` batches. From this process's registry, or from ``families``
+    (another process's exposition, parsed)."""
     totals: dict[str, float] = {
         "committed": 0.0,
         "dead_letters": 0.0,
         "acknowledged": 0.0,
     }
-    for family in REGISTRY.collect():
+    for family in REGISTRY.collect() if families is None else families:
         for sample in family.samples:
             if sample.labels.get("stage") != stage:
                 continue

@@ -12,10 +12,12 @@ is, and tells when a partition has been read to its end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaConnectionError
 from aiokafka.structs import TopicPartition
 
 from processors.split import split_elements
@@ -24,6 +26,7 @@ from sgpipe.runtime.kafka import create_admin, create_reader
 from sgpipe.runtime.settings import Settings
 
 _POLL_MS = 200
+_CLOSE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,8 @@ async def count_backlog(settings: Settings, timeout: float) -> Backlog:
         return await asyncio.wait_for(_count(settings, deadline), timeout)
     except TimeoutError as exc:
         raise BacklogUnknown(f"the broker did not answer within {timeout:g} s") from exc
+    except KafkaConnectionError as exc:
+        raise BacklogUnknown("the broker is unreachable") from exc
     except Exception as exc:  # noqa: BLE001 - any failure means: not counted
         raise BacklogUnknown(describe(exc)) from exc
 
@@ -65,31 +70,31 @@ async def _count(settings: Settings, deadline: float) -> Backlog:
     }
     admin = create_admin(kafka)
     reader = create_reader(kafka)
-    await admin.start()
     try:
+        # Both closed whatever happens: a client whose start failed still holds connections.
+        await admin.start()
         await reader.start()
-        try:
-            await reader.topics()  # metadata: which partitions each topic has
-            starts: dict[TopicPartition, int | None] = {}
-            for topic, group in groups.items():
-                partitions = [
-                    TopicPartition(topic, number)
-                    for number in sorted(reader.partitions_for_topic(topic) or ())
-                ]
-                if not partitions:
-                    continue
-                # Partitions named: tansu cannot list a group's offsets otherwise.
-                committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
-                for partition in partitions:
-                    meta = committed.get(partition)
-                    starts[partition] = (
-                        meta.offset if meta is not None and meta.offset >= 0 else None
-                    )
-            return await _read_to_end(reader, starts, kafka.topics.raw, deadline)
-        finally:
-            await reader.stop()
+        await reader.topics()  # metadata: which partitions each topic has
+        starts: dict[TopicPartition, int | None] = {}
+        for topic, group in groups.items():
+            partitions = [
+                TopicPartition(topic, number)
+                for number in sorted(reader.partitions_for_topic(topic) or ())
+            ]
+            if not partitions:
+                continue
+            # Partitions named: tansu cannot list a group's offsets otherwise.
+            committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+            for partition in partitions:
+                meta = committed.get(partition)
+                starts[partition] = meta.offset if meta is not None and meta.offset >= 0 else None
+        return await _read_to_end(reader, starts, kafka.topics.raw, deadline)
     finally:
-        await admin.close()
+        # Bounded: this also runs when the count is cancelled for taking too long.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader.stop(), _CLOSE_SECONDS)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(admin.close(), _CLOSE_SECONDS)
 
 
 async def _read_to_end(

@@ -182,7 +182,8 @@ class SupervisedChild:
         self.stop_requested = True
         if not self.running:
             return self.exit_code
-        self.send(*signals)
+        # SIGCONT: a stopped (SIGSTOP) child acts on its signals only once continued.
+        self.send(*signals, signal.SIGCONT)
         try:
             await asyncio.wait_for(self._exited.wait(), grace)
         except TimeoutError:

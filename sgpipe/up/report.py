@@ -35,22 +35,38 @@ class Drained:
     sink_events: int = 0  # events written to ClickHouse (and committed)
 
     @classmethod
-    def from_reports(cls, reports: Mapping[str, Mapping[str, Any] | None]) -> Drained:
-        """From the ``stop report`` lines of the ingest, process and sink children."""
+    def from_reports(
+        cls,
+        reports: Mapping[str, Mapping[str, Any] | None],
+        before: Mapping[str, Mapping[str, float]] | None = None,
+    ) -> Drained:
+        """From the ``stop report`` lines of the ingest, process and sink children: what each
+        did since ``before[stage]`` (its totals when `sgpipe up` began to stop: the sink of an
+        in-memory broker is signalled only after the processor drained, and writes meanwhile),
+        else since its own stop signal."""
 
-        def number(stage: str, key: str, output: str | None = None) -> int:
+        def number(stage: str, key: str) -> int:
             report = reports.get(stage) or {}
-            value = report.get(key, 0)
-            if output is not None:
-                value = value.get(output, 0) if isinstance(value, Mapping) else 0
-            return int(value) if isinstance(value, int | float) else 0
+            totals = report.get("totals")
+            start = (before or {}).get(stage)
+            if isinstance(totals, Mapping) and start is not None:
+                return int(_number(totals.get(key)) - start.get(key, 0.0))
+            if key.startswith("written:"):
+                written = report.get("written")
+                output = key.split(":", 1)[1]
+                return int(_number(written.get(output) if isinstance(written, Mapping) else 0))
+            return int(_number(report.get(key)))
 
         return cls(
             ingest_batches=number("ingest", "acknowledged"),
             processor_batches=number("process", "committed"),
-            processor_events=number("process", "written", "events"),
+            processor_events=number("process", "written:events"),
             sink_events=number("sink", "committed"),
         )
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else 0.0
 
 
 def count(number: int, singular: str, plural: str | None = None) -> str:

@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+import aiohttp
 import structlog
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.app import build_verifiers
 from sgpipe.preflight import (
@@ -554,6 +556,7 @@ class _Supervisor:
 
     async def _stop_in_order(self) -> None:
         log.info("stopping: the ingress first, then the processor and the sink")
+        before = await self._stage_totals()
         await self._stop_demo()
         ingest = self.children.get("ingest")
         if ingest is not None:
@@ -584,7 +587,7 @@ class _Supervisor:
         if process is not None or sink is not None:
             left, unknown = await self._count_left()
             reports = {name: child.stop_report for name, child in self.children.items()}
-            drained = Drained.from_reports(reports)
+            drained = Drained.from_reports(reports, before)
             self._announce(
                 "stopped in order",
                 stop_report(drained, left, self._location(), unknown),
@@ -593,6 +596,30 @@ class _Supervisor:
             )
         await self._stop_stores(STORE_STOP_SECONDS)
         log.info("stopped")
+
+    async def _stage_totals(self) -> dict[str, dict[str, float]]:
+        """Each running stage's totals now (from its /metrics), the baseline of what the stop
+        writes. A stage that does not answer in time counts from its own stop signal."""
+
+        async def totals(session: aiohttp.ClientSession, name: str, url: str) -> None:
+            async with session.get(f"{url}/metrics") as response:
+                text = await response.text()
+            found[name] = metrics.stop_counters(name, text_string_to_metric_families(text))
+
+        found: dict[str, dict[str, float]] = {}
+        timeout = aiohttp.ClientTimeout(total=STAGE_PEER_TIMEOUT_SECONDS)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await asyncio.gather(
+                *(
+                    totals(session, name, child.url)
+                    for name in STAGES
+                    if (child := self.children.get(name)) is not None
+                    and child.running
+                    and child.url is not None
+                ),
+                return_exceptions=True,
+            )
+        return found
 
     async def _stop_at_once(self) -> None:
         self.demo_stop.set()

@@ -57,11 +57,20 @@ class RunningPipeline:
         return result.stdout.decode()
 
     def wait_for(self, sql: str, expected: str, timeout: float = 60.0) -> None:
+        """Until ``sql`` gives ``expected``; a query that fails (the sink has not created the
+        table yet: with a durable broker the ingress opens before it) counts as not yet."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
-            last = self.query(sql)
-            if last == expected:
+            result = subprocess.run(
+                [*SGPIPE, "query", "--config", str(self.config), "--data-dir", str(self.data_dir)]
+                + [sql],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            last = result.stdout.decode() if result.returncode == 0 else result.stderr.decode()
+            if result.returncode == 0 and last == expected:
                 return
             time.sleep(0.3)
         raise AssertionError(
