@@ -182,6 +182,7 @@ class SupervisedChild:
         self.stop_requested = True
         if not self.running:
             return self.exit_code
+        log.info("stopping child", child=self.name, signals=[s.name for s in signals], grace=grace)
         # SIGCONT: a stopped (SIGSTOP) child acts on its signals only once continued.
         self.send(*signals, signal.SIGCONT)
         try:

@@ -323,10 +323,15 @@ def test_with_the_durable_broker_the_ingress_acknowledges_while_clickhouse_is_do
         _wait_until_serving(running)
         status, _, _ = post(f"{running.base_url}/webhooks/main", BODY, signed_headers())
         assert status == 200
-        with pytest.raises(urllib.error.HTTPError) as not_ready:
-            urllib.request.urlopen(f"{running.base_url}/readyz", timeout=10)
-        assert not_ready.value.code == 503
-        checks = json.loads(not_ready.value.read())["checks"]
+        deadline = time.monotonic() + 30
+        while True:  # until the sink reports (its health endpoint comes up as it starts)
+            with pytest.raises(urllib.error.HTTPError) as not_ready:
+                urllib.request.urlopen(f"{running.base_url}/readyz", timeout=10)
+            assert not_ready.value.code == 503
+            checks = json.loads(not_ready.value.read())["checks"]
+            if "sink.kafka" in checks or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert checks["ingest.kafka"]["ok"]
         assert not checks["up.children"]["ok"]
         assert checks["up.children"]["detail"].endswith("sink")

@@ -155,6 +155,22 @@ def test_stages_run_as_separate_processes_and_the_ingress_port_answers_for_all(
     )
     assert count_rows(running) == 10
     assert not (running.data_dir / "run").exists()  # the children's configs held credentials
+    # In order: the ingress, then the processor drains, and only then the sink is told to stop
+    # (in-memory broker: the sink must see everything the processor writes while it drains).
+    order = [
+        (entry["event"], entry.get("child") or entry.get("stage"))
+        for entry in log_events(running.log)
+        if entry["event"] in ("stopping child", "stop report")
+    ]
+    assert order == [
+        ("stopping child", "ingest"),
+        ("stop report", "ingest"),
+        ("stopping child", "process"),
+        ("stop report", "process"),
+        ("stopping child", "sink"),
+        ("stop report", "sink"),
+        ("stopping child", "clickhouse"),
+    ]
 
 
 # --- a second signal -------------------------------------------------------------------------
