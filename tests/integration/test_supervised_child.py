@@ -3,6 +3,7 @@ reaped, and a stop holds its deadline even for a child that ignores SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import signal
 import sys
@@ -39,7 +40,8 @@ async def test_a_child_that_ignores_sigterm_is_killed_after_its_grace(tmp_path: 
     await child.ever_ready.wait()
     assert child.ready_now and child.running and child.pid is not None
 
-    code = await child.stop(grace=0.5)
+    # Completes (the child would sleep for two minutes).
+    code = await asyncio.wait_for(child.stop(grace=0.5), 30)
     stream.close()
 
     assert code == -signal.SIGKILL
