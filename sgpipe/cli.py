@@ -364,7 +364,8 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
 
 def _query(args: argparse.Namespace, settings: Settings) -> int:
     """Through ClickHouse's HTTP interface when a server is configured or `sgpipe up` serves
-    the data dir; otherwise straight from the embedded data path, holding its lock."""
+    the data dir (as the data dir's writer user); otherwise straight from the embedded data
+    path, holding its lock."""
     fmt = args.format or ("PrettyCompact" if sys.stdout.isatty() else "TabSeparated")
     if not _FORMAT_NAME.match(fmt):
         raise ConfigError(f"--format {fmt!r} is not a format name (e.g. TSVWithNames)")
@@ -382,9 +383,14 @@ def _store_runner(data_dir: Path, settings: Settings) -> Callable[[str, str], by
     """How `sgpipe query` (and `sgpipe dlq`) reach the store: ``(sql, format) -> output``
     over HTTP at clickhouse.url or a running `sgpipe up`'s, else straight from the embedded
     data path of ``data_dir``. Raises QueryFailed."""
-    url = settings.clickhouse.url or _running_store_url(data_dir)
+    url = settings.clickhouse.url
+    if url is None:
+        url = _running_store_url(data_dir)
+        if url is not None:
+            settings = _as_embedded_writer(settings, data_dir)
     if url is not None:
-        return lambda sql, fmt: _query_http(url, settings, sql, fmt)
+        served_url, served_settings = url, settings
+        return lambda sql, fmt: _query_http(served_url, served_settings, sql, fmt)
     return lambda sql, fmt: _query_directly(data_dir, settings, sql, fmt)
 
 
@@ -400,6 +406,20 @@ def _with_store(handler: DlqHandler) -> Command:
             return EXIT_FAILURE
 
     return command
+
+
+def _as_embedded_writer(settings: Settings, data_dir: Path) -> Settings:
+    """``settings`` with the data dir's writer credentials: `sgpipe up`'s embedded store
+    requires them, and `sgpipe query` finds them itself."""
+    from sgpipe.embedded.credentials import CredentialsError, load_credentials
+    from sgpipe.runtime.clickhouse import with_credentials
+
+    try:
+        writer = load_credentials(data_dir).writer
+    except (FileNotFoundError, CredentialsError) as exc:
+        raise QueryFailed(f"cannot use the embedded store's credentials: {exc}") from exc
+    clickhouse = with_credentials(settings.clickhouse, writer.name, writer.password)
+    return settings.model_copy(update={"clickhouse": clickhouse})
 
 
 def _query_directly(data_dir: Path, settings: Settings, sql: str, fmt: str) -> bytes:
@@ -420,12 +440,15 @@ def _query_directly(data_dir: Path, settings: Settings, sql: str, fmt: str) -> b
 
 
 def _running_store_url(data_dir: Path) -> str | None:
+    """The embedded store's URL if `sgpipe up` serves this data dir and answers."""
     import json
 
     from sgpipe.up import state_file
 
     try:
         state = json.loads(state_file(data_dir).read_text(encoding="utf-8"))
+        if not state.get("clickhouse_embedded", True):
+            return None  # `up` ran against a configured ClickHouse: pass the same config
         url = str(state["clickhouse_url"])
         with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
             return url if response.status == 200 else None

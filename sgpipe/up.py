@@ -3,8 +3,8 @@
 Start order: broker (when no Kafka is configured) -> topics -> ClickHouse (embedded chdb
 served over HTTP when no URL is configured) -> sink -> processor -> ingress. Stop order is the
 reverse of the data flow: the ingress stops taking requests, then the processor and the sink
-drain their topics, then the stores stop. With the in-memory embedded broker that drain is what
-makes a clean stop lose nothing.
+drain their topics (only with the in-memory embedded broker, where that drain is what makes a
+clean stop lose nothing; the durable one keeps what was not consumed), then the stores stop.
 
 While it runs, ``<data-dir>/sgpipe-up.json`` records where its services listen so that
 ``sgpipe query`` (and BI tools) read the embedded store through its HTTP interface instead of
@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from aiohttp import web
@@ -27,10 +27,15 @@ from ingest.app import build_verifiers, create_app
 from ingest.protocol import IngressRunner
 from processors.stage import run_processor
 from sgpipe.preflight import PreflightFailed, check_up, lock_data_dir
+from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.kafka import ensure_topics
-from sgpipe.runtime.settings import Settings
+from sgpipe.runtime.redact import redact_url
+from sgpipe.runtime.settings import ConfigError, Settings
 from sgpipe.runtime.startup import retry_kafka_at_start, start_deadline
 from sinks.stage import run_sink
+
+if TYPE_CHECKING:
+    from sgpipe.embedded.credentials import EmbeddedCredentials
 
 log = structlog.get_logger(__name__)
 
@@ -46,6 +51,15 @@ def state_file(data_dir: Path) -> Path:
     return data_dir / STATE_FILE
 
 
+def retention_groups(settings: Settings) -> dict[str, list[str]]:
+    """Which sgpipe consumer groups must have committed a topic's batches before the embedded
+    broker's retention may delete them. The dead-letter topic has none: it is kept."""
+    return {
+        settings.kafka.topics.raw: [settings.processor.group_id],
+        settings.kafka.topics.events: [settings.sink.group_id],
+    }
+
+
 async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set or a stage fails (then StageFailed, after a full shutdown).
 
@@ -59,12 +73,16 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
     lock = lock_data_dir(data_dir, "up")
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(lock.release)
+        # Before anything starts too: an unsafe credentials file is a configuration error.
+        credentials = _embedded_credentials(settings, data_dir)
         embedded_broker = settings.kafka.bootstrap_servers is None
+        # Only an in-memory broker needs the stages to drain before it stops.
+        drain = embedded_broker and settings.embedded.broker_storage == "memory"
         if embedded_broker:
-            from sgpipe.embedded.broker import EmbeddedBroker
+            from sgpipe.embedded.broker import EmbeddedKafka
 
-            broker = EmbeddedBroker(
-                settings.embedded.host, settings.embedded.kafka_port, data_dir / "tansu.log"
+            broker = EmbeddedKafka(
+                settings.embedded, data_dir, retention_groups=retention_groups(settings)
             )
             bootstrap_servers = await broker.start()
             stack.push_async_callback(broker.stop)
@@ -87,13 +105,34 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         clickhouse_url = settings.clickhouse.url
         if clickhouse_url is None:
             from sgpipe.embedded.clickhouse import EmbeddedClickHouse
+            from sgpipe.embedded.credentials import credentials_file
 
-            store = EmbeddedClickHouse(data_dir / CLICKHOUSE_DIR)
+            assert credentials is not None  # loaded up front whenever no URL is configured
+            store = EmbeddedClickHouse(
+                data_dir / CLICKHOUSE_DIR,
+                credentials,
+                allowed_origins=settings.embedded.clickhouse_allowed_origins,
+            )
             clickhouse_url = await store.start(
                 settings.embedded.host, settings.embedded.clickhouse_http_port
             )
             stack.push_async_callback(store.stop)
-            log.info("embedded clickhouse serving", url=clickhouse_url)
+            # The sink (and its migrations) write as the writer user.
+            settings = settings.model_copy(
+                update={
+                    "clickhouse": with_credentials(
+                        settings.clickhouse, credentials.writer.name, credentials.writer.password
+                    )
+                }
+            )
+            log.info(
+                "embedded clickhouse serving",
+                url=clickhouse_url,
+                users=[user.name for user in credentials.users],
+                credentials=str(credentials_file(data_dir)),
+            )
+        else:
+            log.info("sink writes to clickhouse", url=redact_url(clickhouse_url))
 
         _write_state(data_dir, settings, clickhouse_url)
         stack.callback(_remove_state, data_dir)
@@ -105,7 +144,7 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
                 settings,
                 sink_stop,
                 clickhouse_url,
-                drain=embedded_broker,
+                drain=drain,
                 ready=sink_ready,
                 health_port=None,
             ),
@@ -115,7 +154,7 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
             run_processor(
                 settings,
                 processor_stop,
-                drain=embedded_broker,
+                drain=drain,
                 ready=processor_ready,
                 health_port=None,
             ),
@@ -145,6 +184,19 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         if failures:
             raise StageFailed("; ".join(failures))
     log.info("stopped")
+
+
+def _embedded_credentials(settings: Settings, data_dir: Path) -> EmbeddedCredentials | None:
+    """The embedded store's credentials (created on first start), None with a configured
+    ClickHouse. An unsafe credentials file is a configuration error."""
+    if settings.clickhouse.url is not None:
+        return None
+    from sgpipe.embedded.credentials import CredentialsError, load_or_create_credentials
+
+    try:
+        return load_or_create_credentials(data_dir)
+    except CredentialsError as exc:  # e.g. a file others can read: fix it, then start
+        raise ConfigError(str(exc)) from exc
 
 
 async def _wait_for_ready(
@@ -193,15 +245,21 @@ def _log_webhook_urls(settings: Settings, runner: web.AppRunner) -> None:
 
 
 def _write_state(data_dir: Path, settings: Settings, clickhouse_url: str) -> None:
+    """Where the services listen, for `sgpipe query` and operators: no secret in it (URLs
+    are redacted; the embedded store's credentials have their own file), mode 0600."""
     state = {
         "pid": os.getpid(),
-        "clickhouse_url": clickhouse_url,
+        "clickhouse_url": redact_url(clickhouse_url),
+        "clickhouse_embedded": settings.clickhouse.url is None,
         "kafka_bootstrap_servers": settings.kafka.bootstrap_servers,
         "database": settings.clickhouse.database,
     }
     path = state_file(data_dir)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(state, handle, indent=2)
     temporary.replace(path)
 
 

@@ -8,9 +8,21 @@ a BI tool -- talks to that endpoint through ClickHouse's normal protocol, the sa
 uses against a real server. `query_tsv` is the one exception, for when nobody is serving the
 store and the caller can open it directly.
 
+Who may do what (docs/security.md has the threat model):
+
+* Every query needs credentials (`sgpipe.embedded.credentials`): HTTP Basic, the
+  `X-ClickHouse-User`/`X-ClickHouse-Key` headers or the `user`/`password` parameters, as
+  ClickHouse takes them, compared in constant time; otherwise 516 AUTHENTICATION_FAILED.
+  The reader user's requests run with `readonly = 2`, set before anything of the client's.
+* Browser requests are refused (403) before anything else: a foreign `Origin` (any not in
+  the allowed list, which is empty by default), a cross-site `Sec-Fetch-Site`, and, when
+  serving on loopback, a `Host` that is not a loopback name (DNS rebinding). No CORS headers.
+* The engine starts with sgpipe's access control (`clickhouse_policy`), and every statement
+  is rendered by the engine's parser in canonical form, checked, and run in that form.
+
 How a request runs:
 
-* The `chdb.session.Session` keeps the engine (and the lock on the data path) alive for the
+* An owner connection keeps the engine (and the lock on the data path) alive for the
   server's lifetime. Each request opens its own short-lived connection handle to that engine
   (about 0.2 ms). Handles are how chdb isolates `USE`/`SET` state, so every request gets a
   fresh context exactly like a real server request without `session_id`: URL settings, the
@@ -32,23 +44,42 @@ How a request runs:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
+import hashlib
+import hmac
 import json
 import pathlib
 import re
+import shutil
+import tempfile
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, TypeVar
+from typing import Any, Final, Literal, Protocol, TypeVar
 
 import lz4.frame
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
-if TYPE_CHECKING:
-    import chdb.session
+from sgpipe.embedded.clickhouse_policy import (
+    ACCESS_DENIED,
+    CANONICAL_QUERY,
+    LOCKDOWN_PROBE,
+    StatementDenied,
+    StatementPolicy,
+    check_statement,
+    escape_query_parameter,
+    statement_kind,
+    unlocked_settings_query,
+    write_engine_config,
+)
+from sgpipe.embedded.credentials import EmbeddedCredentials, EmbeddedUser
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +89,7 @@ _T = TypeVar("_T")
 _SYNTAX_ERROR: Final = 62
 _NOT_IMPLEMENTED: Final = 48
 _CANNOT_DECOMPRESS: Final = 271
+_AUTHENTICATION_FAILED: Final = 516
 _STD_EXCEPTION: Final = 1001
 
 _DEFAULT_FORMAT: Final = "TabSeparated"
@@ -133,7 +165,14 @@ _RESULT_STATEMENTS: Final = frozenset(
     {b"SELECT", b"WITH", b"SHOW", b"DESCRIBE", b"DESC", b"EXPLAIN", b"EXISTS", b"CHECK"}
 )
 # An INSERT whose data is not a FORMAT payload in the body: the engine parses it whole.
-_INSERT_WITHOUT_PAYLOAD: Final = frozenset({b"VALUES", b"SELECT", b"WITH", b"INFILE"})
+# (`VALUES` data is a payload too: in format Values, so that it is never parsed as SQL.)
+_INSERT_WITHOUT_PAYLOAD: Final = frozenset({b"SELECT", b"WITH", b"INFILE"})
+# The part of an error from the canonical-form call that only names that call.
+_CANONICAL_SCOPE = re.compile(
+    r": In scope SELECT formatQuerySingleLine\(.*\)"
+    r"(\.\s*\([A-Z0-9_]+\)(?:\s*\(version [^)]*\))?\s*)$",
+    re.DOTALL,
+)
 
 _ERROR_CODE = re.compile(r"^Code: (\d+)\.")
 # "... (UNKNOWN_TABLE)" or "... (UNKNOWN_TABLE) (version 26.9.2.1)" at the end of the text
@@ -159,8 +198,14 @@ _TOKEN = re.compile(
 # After the FORMAT keyword: the format name, then ClickHouse's rule for where inline data
 # starts -- after the first newline if there is one, else after the blanks.
 _FORMAT_NAME = re.compile(rb"\s+([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*(?:\r?\n)?")
+# An INSERT's canonical form ending in a FORMAT clause: its data was left out.
+_TRAILING_FORMAT = re.compile(r" FORMAT [A-Za-z_][A-Za-z0-9_]*$")
 # What may follow a SELECT's FORMAT clause.
 _TRAILING = re.compile(rb"\s*(?:;|(?i:SETTINGS)\b|\Z)")
+
+
+class LockdownError(RuntimeError):
+    """The engine did not start with sgpipe's access control; nothing is served."""
 
 
 class EmbeddedQueryError(Exception):
@@ -212,16 +257,15 @@ def _connect(conn_str: str) -> _Connection:
     return conn
 
 
-def _session_conn_str(session: chdb.session.Session) -> str:
-    # chdb hosts one engine per process and rejects handles to any other path, so request
-    # handles must use the session's own connection string; Session has no public accessor.
-    conn_str = getattr(session, "_conn_str", None)
-    if not isinstance(conn_str, str):
-        raise TypeError("unsupported chdb version: Session has no connection string")
-    return conn_str
-
-
 # --- errors --------------------------------------------------------------------------------
+
+
+# chdb's `default` database overlays the file system (`SELECT * FROM default.`/etc/hosts``),
+# so every table look-up in it needs READ ON FILE, which no user here has.
+_DEFAULT_DATABASE_HINT: Final = (
+    " Note: in the embedded store the `default` database also exposes the file system and "
+    "cannot be used for tables; use a database of your own (sgpipe uses clickhouse.database)"
+)
 
 
 def _engine_error(exc: BaseException) -> EmbeddedQueryError:
@@ -231,6 +275,8 @@ def _engine_error(exc: BaseException) -> EmbeddedQueryError:
     start = text.find("Code: ")
     if start >= 0:
         text = text[start:]
+        if "grant READ ON FILE" in text:
+            text = _ERROR_NAME.sub(lambda name: _DEFAULT_DATABASE_HINT + " " + name[0], text)
         match = _ERROR_CODE.match(text)
         if match:
             return EmbeddedQueryError(text, int(match.group(1)))
@@ -250,6 +296,8 @@ def _http_status(error: EmbeddedQueryError) -> int:
         return 404
     if name == "NOT_IMPLEMENTED":
         return 501
+    if name in ("ACCESS_DENIED", "AUTHENTICATION_FAILED"):
+        return 403
     return 500
 
 
@@ -298,6 +346,9 @@ def _scan_insert(buf: bytes, final: bool) -> _InsertHead | _Plain | None:
             first = False
             if depth == 0 and word in _INSERT_WITHOUT_PAYLOAD:
                 return "plain"
+            if depth == 0 and word == b"VALUES" and previous not in (b"INTO", b"TABLE", b"."):
+                # The rows follow the keyword, as data in format Values.
+                return _InsertHead(buf[: match.start()], "Values", match.end())
             # FORMAT right after INTO/TABLE or a dot is a table named "format".
             if depth == 0 and word == b"FORMAT" and previous not in (b"INTO", b"TABLE", b"."):
                 name = _FORMAT_NAME.match(buf, match.end())
@@ -506,8 +557,17 @@ async def _read_params(request: web.Request) -> _Params:
                 )
             fields[name] = value
         params.update(fields)
-    params.query_id = params.query_id or str(uuid.uuid4())
+    params.query_id = _query_id(params.query_id)
     return params
+
+
+_PRINTABLE_QUERY_ID = re.compile(r"[\x20-\x7e]{1,256}")
+
+
+def _query_id(requested: str) -> str:
+    """The client's query id if it can be echoed in a header (printable ASCII), else a new
+    one: a control character would make the response itself fail."""
+    return requested if _PRINTABLE_QUERY_ID.fullmatch(requested) else str(uuid.uuid4())
 
 
 def _quote_identifier(name: str) -> str:
@@ -535,6 +595,7 @@ class _EngineInfo:
     setting_names: frozenset[str]
     timezone: str
     display_name: str
+    policy: StatementPolicy
 
 
 def _load_engine_info(conn_str: str) -> _EngineInfo:
@@ -542,22 +603,32 @@ def _load_engine_info(conn_str: str) -> _EngineInfo:
     try:
         names = conn.query("SELECT name FROM system.settings", "TabSeparated").bytes()
         row = conn.query("SELECT timezone(), hostName()", "TabSeparated").bytes()
+        table_functions = conn.query("SELECT name FROM system.table_functions", "TSV").bytes()
+        functions = conn.query("SELECT name FROM system.functions", "TSV").bytes()
     finally:
         conn.close()
     timezone, display_name = row.decode().rstrip("\n").split("\t")
-    return _EngineInfo(frozenset(names.decode().split()), timezone, display_name)
+    policy = StatementPolicy.from_engine(
+        table_functions.decode().split(), functions.decode().split()
+    )
+    return _EngineInfo(frozenset(names.decode().split()), timezone, display_name, policy)
 
 
 def _open_request_connection(
-    conn_str: str, params: _Params, settings: dict[str, str]
+    conn_str: str, params: _Params, settings: dict[str, str], *, readonly_user: bool
 ) -> _Connection:
-    """A fresh handle set up for one request: its database and settings, nothing else."""
+    """A fresh handle set up for one request: its user's limits, its database and settings,
+    nothing else."""
     conn = _connect(conn_str)
     try:
+        if readonly_user:
+            # First, on its own: every SET after it, the client's included, is checked against
+            # it, and the engine never lets readonly be lowered again on this handle.
+            conn.query("SET readonly = 2", "TabSeparated")
         if params.database:
             conn.query(f"USE {_quote_identifier(params.database)}", "TabSeparated")
         assignments = [f"{name} = {_quote_string(value)}" for name, value in settings.items()]
-        if params.readonly and "readonly" not in settings:
+        if params.readonly and not readonly_user and "readonly" not in settings:
             # Like ClickHouse: a GET must not change data (a browser may prefetch it).
             assignments.append("readonly = 2")
         if assignments:
@@ -568,8 +639,51 @@ def _open_request_connection(
     return conn
 
 
-def _run_query(conn: _Connection, sql: str, params: _Params, fmt: str | None) -> _Outcome:
-    result: _Result = conn.query(sql, fmt or params.default_format, params=params.bind)
+def _canonical_statement(conn: _Connection, sql: str) -> str:
+    """``sql`` as the engine's parser renders it: exactly one statement, in canonical form.
+
+    Runs on the request's own handle, so the parser sees the same settings as the execution.
+    Raises the engine's error (syntax error, "Multi-statements are not allowed", ...).
+    """
+    try:
+        result: _Result = conn.query(
+            CANONICAL_QUERY, "RawBLOB", params={"statement": escape_query_parameter(sql)}
+        )
+    except RuntimeError as exc:
+        error = _engine_error(exc)
+        # Say what was wrong with the client's statement, not with our call.
+        raise EmbeddedQueryError(_CANONICAL_SCOPE.sub(r"\1", str(error)), error.code) from exc
+    return result.bytes().decode()
+
+
+def _checked_statement(
+    conn: _Connection, sql: str, policy: StatementPolicy, *, readonly_user: bool
+) -> str:
+    """The canonical form of ``sql`` if it passes the policy; raises ACCESS_DENIED if not."""
+    canonical = _canonical_statement(conn, sql)
+    try:
+        check_statement(canonical, policy, readonly=readonly_user)
+    except StatementDenied as denied:
+        raise _clickhouse_error(ACCESS_DENIED, "ACCESS_DENIED", str(denied)) from denied
+    return canonical
+
+
+def _run_query(
+    conn: _Connection, sql: str, params: _Params, policy: StatementPolicy, *, readonly_user: bool
+) -> _Outcome:
+    # What runs is the canonical form that was checked, never the client's text.
+    canonical = _checked_statement(conn, sql, policy, readonly_user=readonly_user)
+    if statement_kind(canonical) == "INSERT" and _TRAILING_FORMAT.search(canonical):
+        # The canonical form has no inline data: rows after an INSERT's FORMAT clause that
+        # did not reach the streaming path would be dropped silently. Refuse instead.
+        raise _clickhouse_error(
+            _NOT_IMPLEMENTED,
+            "NOT_IMPLEMENTED",
+            "INSERT ... SELECT takes no FORMAT clause here (rows after it would be dropped); "
+            "inline rows go after INSERT ... FORMAT <format> or INSERT ... VALUES",
+        )
+    fmt = _result_format(canonical.encode(), params.default_format)
+    result: _Result = conn.query(canonical, fmt or params.default_format, params=params.bind)
     body = result.bytes()
     summary = {
         "read_rows": str(result.storage_rows_read()),
@@ -597,27 +711,55 @@ def _insert_summary(result: _InsertResult) -> dict[str, str]:
     }
 
 
+def _checked_insert_head(
+    conn: _Connection, sql: str, fmt: str, policy: StatementPolicy, *, readonly_user: bool
+) -> str:
+    """The canonical form of an INSERT head (without its FORMAT clause), checked."""
+    suffix = f" FORMAT {fmt}"
+    canonical = _checked_statement(conn, sql + suffix, policy, readonly_user=readonly_user)
+    if not canonical.endswith(suffix):
+        raise _clickhouse_error(
+            ACCESS_DENIED, "ACCESS_DENIED", "an INSERT head this server cannot read"
+        )
+    return canonical[: -len(suffix)]
+
+
 class _StreamingInsert:
     """One request's streaming insert: its handle and chdb inserter.
 
     Each step runs as its own executor call, so no thread is held while the body trickles
     in. The lock orders `release` after a step still running for a cancelled request (which
     may be about to store the handle), so the handle is always closed: a leaked handle would
-    keep the engine, and the lock on the data path, alive after the session closes.
+    keep the engine, and the lock on the data path, alive after the server stops.
     """
 
-    def __init__(self, conn_str: str, params: _Params, settings: dict[str, str]) -> None:
+    def __init__(
+        self,
+        conn_str: str,
+        params: _Params,
+        settings: dict[str, str],
+        policy: StatementPolicy,
+        *,
+        readonly_user: bool,
+    ) -> None:
         self._conn_str = conn_str
         self._params = params
         self._settings = settings
+        self._policy = policy
+        self._readonly_user = readonly_user
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
         self._inserter: _Inserter | None = None
 
     def begin(self, sql: str, fmt: str) -> None:
         with self._lock:
-            self._conn = _open_request_connection(self._conn_str, self._params, self._settings)
-            self._inserter = self._conn.send_insert(sql, fmt)
+            self._conn = _open_request_connection(
+                self._conn_str, self._params, self._settings, readonly_user=self._readonly_user
+            )
+            head = _checked_insert_head(
+                self._conn, sql, fmt, self._policy, readonly_user=self._readonly_user
+            )
+            self._inserter = self._conn.send_insert(head, fmt)
 
     def append(self, data: bytes) -> None:
         with self._lock:
@@ -646,11 +788,11 @@ class _StreamingInsert:
 
 
 class _Server:
-    """Per-app state: the session's connection string, engine facts, the chdb thread pool."""
+    """Per-app state: the engine's connection string, engine facts, the chdb thread pool."""
 
-    def __init__(self, session: chdb.session.Session) -> None:
-        self.conn_str = _session_conn_str(session)
-        self.info = _EngineInfo(frozenset(), "UTC", "chdb")
+    def __init__(self, conn_str: str) -> None:
+        self.conn_str = conn_str
+        self.info = _EngineInfo(frozenset(), "UTC", "chdb", StatementPolicy(frozenset()))
         self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="chdb-http")
 
     async def on_startup(self, _app: web.Application) -> None:
@@ -658,7 +800,7 @@ class _Server:
 
     async def on_cleanup(self, _app: web.Application) -> None:
         # Waits for calls still running (e.g. of a request whose client went away) and the
-        # handle releases queued behind them, so the session can be closed safely after.
+        # handle releases queued behind them, so the engine can be closed safely after.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     async def _call(self, fn: Callable[[], _T]) -> _T:
@@ -678,11 +820,15 @@ class _Server:
                 log.debug("embedded_clickhouse.setting_ignored", setting=name)
         return known
 
-    async def execute(self, params: _Params, statement: AsyncIterator[bytes]) -> _Outcome:
+    async def execute(
+        self, user: EmbeddedUser, params: _Params, statement: AsyncIterator[bytes]
+    ) -> _Outcome:
         head_bytes, head = await _read_head(statement)
         if isinstance(head, _InsertHead):
             try:
-                return await self._insert(params, head, head_bytes[head.data_start :], statement)
+                return await self._insert(
+                    user, params, head, head_bytes[head.data_start :], statement
+                )
             except EmbeddedQueryError:
                 # Read the rest of the body first: a client still sending it (urllib3 sends
                 # the whole body before reading) would otherwise see a broken pipe instead
@@ -696,16 +842,22 @@ class _Server:
         if not sql_bytes.strip():
             raise _clickhouse_error(_SYNTAX_ERROR, "SYNTAX_ERROR", "Empty query")
         sql = _decode_sql(sql_bytes)
-        fmt = _result_format(sql_bytes, params.default_format)
-        return await self._with_connection(params, lambda conn: _run_query(conn, sql, params, fmt))
+        policy, readonly_user = self.info.policy, user.readonly
+        return await self._with_connection(
+            user,
+            params,
+            lambda conn: _run_query(conn, sql, params, policy, readonly_user=readonly_user),
+        )
 
     async def _with_connection(
-        self, params: _Params, fn: Callable[[_Connection], _Outcome]
+        self, user: EmbeddedUser, params: _Params, fn: Callable[[_Connection], _Outcome]
     ) -> _Outcome:
         settings = self.engine_settings(params)
 
         def run() -> _Outcome:
-            conn = _open_request_connection(self.conn_str, params, settings)
+            conn = _open_request_connection(
+                self.conn_str, params, settings, readonly_user=user.readonly
+            )
             try:
                 return fn(conn)
             finally:
@@ -714,10 +866,21 @@ class _Server:
         return await self._call(run)
 
     async def _insert(
-        self, params: _Params, head: _InsertHead, first: bytes, rest: AsyncIterator[bytes]
+        self,
+        user: EmbeddedUser,
+        params: _Params,
+        head: _InsertHead,
+        first: bytes,
+        rest: AsyncIterator[bytes],
     ) -> _Outcome:
         sql = _decode_sql(head.sql)
-        insert = _StreamingInsert(self.conn_str, params, self.engine_settings(params))
+        insert = _StreamingInsert(
+            self.conn_str,
+            params,
+            self.engine_settings(params),
+            self.info.policy,
+            readonly_user=user.readonly,
+        )
         try:
             await self._call(lambda: insert.begin(sql, head.fmt))
             async for data in _batched(first, rest):
@@ -730,7 +893,143 @@ class _Server:
         return _Outcome(b"", _insert_summary(result))
 
 
+# --- who may ask ---------------------------------------------------------------------------
+
+
+class _Authenticator:
+    """Checks the credentials a request presents, the ways ClickHouse accepts them.
+
+    Names and passwords are compared as SHA-256 digests with ``hmac.compare_digest``, against
+    every user, so the time taken depends neither on how much of a guess was right nor on
+    which user it named.
+    """
+
+    def __init__(self, credentials: EmbeddedCredentials) -> None:
+        self._users = [
+            (user, _digest(user.name), _digest(user.password)) for user in credentials.users
+        ]
+
+    def authenticate(self, request: web.Request) -> EmbeddedUser:
+        presented = _presented_credentials(request)
+        if presented is None:
+            raise _AuthenticationRequired()
+        name, password = _digest(presented[0]), _digest(presented[1])
+        found: EmbeddedUser | None = None
+        for user, user_name, user_password in self._users:
+            # `&`, not `and`: both comparisons always run.
+            if hmac.compare_digest(name, user_name) & hmac.compare_digest(password, user_password):
+                found = user
+        if found is None:
+            raise _AuthenticationFailed()
+        return found
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
+class _AuthenticationFailed(Exception):
+    status = 403
+    message = "Authentication failed: password is incorrect, or there is no user with such name"
+
+
+class _AuthenticationRequired(_AuthenticationFailed):
+    # 401 tells a client to authenticate; no WWW-Authenticate header, so that a browser
+    # never shows a login dialog for this port.
+    status = 401
+    message = (
+        "Authentication required: pass a user and password (HTTP Basic, the "
+        "X-ClickHouse-User and X-ClickHouse-Key headers, or the user and password parameters)"
+    )
+
+
+class _AmbiguousCredentials(_AuthenticationFailed):
+    message = "Invalid authentication: use one of HTTP Basic, X-ClickHouse-* headers or parameters"
+
+
+def _presented_credentials(request: web.Request) -> tuple[str, str] | None:
+    """(user, password) from exactly one of ClickHouse's three ways, or None if none is used.
+    Like ClickHouse, a missing user name means `default` (which does not exist here)."""
+    presented: list[tuple[str, str]] = []
+    headers = request.headers
+    if "X-ClickHouse-User" in headers or "X-ClickHouse-Key" in headers:
+        presented.append(
+            (headers.get("X-ClickHouse-User", "default"), headers.get("X-ClickHouse-Key", ""))
+        )
+    authorization = headers.get("Authorization")
+    if authorization is not None:
+        scheme, _, encoded = authorization.strip().partition(" ")
+        if scheme.lower() != "basic":
+            raise _AuthenticationFailed()
+        try:
+            decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise _AuthenticationFailed() from None
+        user, _, password = decoded.partition(":")
+        presented.append((user or "default", password))
+    if "user" in request.query or "password" in request.query:
+        presented.append((request.query.get("user", "default"), request.query.get("password", "")))
+    if len(presented) > 1:
+        raise _AmbiguousCredentials()
+    return presented[0] if presented else None
+
+
+class _FailureLog:
+    """One log line per minute at most for refused requests, with how many there were: a
+    flood of bad requests must not become a flood of log lines."""
+
+    _INTERVAL: Final = 60.0
+
+    def __init__(self) -> None:
+        self._counts: dict[str, int] = {}
+        self._last = 0.0
+
+    def record(self, reason: str) -> None:
+        self._counts[reason] = self._counts.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._last >= self._INTERVAL:
+            log.warning("embedded_clickhouse.requests_refused", **self._counts)
+            self._counts.clear()
+            self._last = now
+
+
+_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+def _browser_refusal(request: web.Request, allowed_origins: frozenset[str], loopback: bool) -> str:
+    """Why a request looks like it comes from a web page ("" if it does not).
+
+    A page can make a browser send "simple" requests (a text/plain or form POST, a GET) to
+    any address without asking the server first; such requests always carry an Origin (or,
+    from older browsers, at least Sec-Fetch-Site), which clients such as clickhouse-connect,
+    curl or a BI server never send unless told to. DNS rebinding makes the page's own origin
+    resolve to 127.0.0.1: then the Host header still names the attacker's domain.
+    """
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        return "" if origin in allowed_origins else "origin"
+    if request.headers.get("Sec-Fetch-Site", "none") not in ("none", "same-origin"):
+        return "cross_site"
+    if request.headers.get("Sec-Fetch-Mode") == "navigate" and request.method == "POST":
+        return "form_post"  # a form submitted by a page, whatever its content type
+    if loopback:
+        host = request.headers.get("Host", "")
+        if host and _host_name(host) not in _LOOPBACK_HOSTS:
+            return "host"
+    return ""
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header, without the port: "[::1]:8123" -> "[::1]"."""
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1].lower() if end > 0 else host.lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
 _SERVER: Final = web.AppKey("embedded_clickhouse", _Server)
+_AUTHENTICATOR: Final = web.AppKey("embedded_clickhouse_authenticator", _Authenticator)
+_FAILURES: Final = web.AppKey("embedded_clickhouse_failures", _FailureLog)
 
 
 # --- HTTP handlers -------------------------------------------------------------------------
@@ -746,11 +1045,15 @@ def _headers(server: _Server, query_id: str, settings: Mapping[str, str]) -> dic
     }
 
 
-def _error_response(server: _Server, error: EmbeddedQueryError, query_id: str) -> web.Response:
+def _error_response(
+    server: _Server, error: EmbeddedQueryError, query_id: str, status: int | None = None
+) -> web.Response:
     headers = _headers(server, query_id, {})
     headers["X-ClickHouse-Exception-Code"] = str(error.code)
     headers["Content-Type"] = "text/plain; charset=UTF-8"
-    return web.Response(status=_http_status(error), body=f"{error}\n".encode(), headers=headers)
+    return web.Response(
+        status=status or _http_status(error), body=f"{error}\n".encode(), headers=headers
+    )
 
 
 async def _ping(_request: web.Request) -> web.Response:
@@ -761,12 +1064,18 @@ async def _handle(request: web.Request) -> web.Response:
     server = request.app[_SERVER]
     if request.method == "GET" and "query" not in request.query:
         return await _ping(request)
-    query_id = request.query.get("query_id") or str(uuid.uuid4())
+    query_id = _query_id(request.query.get("query_id", ""))
+    try:
+        user = request.app[_AUTHENTICATOR].authenticate(request)
+    except _AuthenticationFailed as refused:
+        request.app[_FAILURES].record("authentication_failed")
+        error = _clickhouse_error(_AUTHENTICATION_FAILED, "AUTHENTICATION_FAILED", refused.message)
+        return _error_response(server, error, query_id, refused.status)
     try:
         params = await _read_params(request)
         query_id = params.query_id
         statement = _statement_chunks(params.query, _body_chunks(request))
-        outcome = await server.execute(params, statement)
+        outcome = await server.execute(user, params, statement)
     except EmbeddedQueryError as error:
         log.debug("embedded_clickhouse.query_failed", query_id=query_id, error=str(error))
         return _error_response(server, error, query_id)
@@ -790,21 +1099,53 @@ async def _handle(request: web.Request) -> web.Response:
     return web.Response(body=outcome.body, headers=headers)
 
 
-def create_http_app(session: chdb.session.Session) -> web.Application:
-    """The aiohttp app implementing the subset of ClickHouse's HTTP interface that
-    clickhouse-connect (sync and async) and simple BI tools use.
+def _refuse_browsers(allowed_origins: frozenset[str], loopback: bool) -> Middleware:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        reason = _browser_refusal(request, allowed_origins, loopback)
+        if reason:
+            request.app[_FAILURES].record(f"browser_{reason}")
+            error = _clickhouse_error(
+                ACCESS_DENIED,
+                "ACCESS_DENIED",
+                "requests from web pages are not accepted by the embedded ClickHouse "
+                "(embedded.clickhouse_allowed_origins lists the origins that are)",
+            )
+            return _error_response(request.app[_SERVER], error, str(uuid.uuid4()), 403)
+        return await handler(request)
 
-    `GET /ping` and `GET /` answer "Ok."; `GET /?query=...` and `POST /` run a statement taken
+    return middleware
+
+
+def create_http_app(
+    conn_str: str,
+    credentials: EmbeddedCredentials,
+    *,
+    allowed_origins: tuple[str, ...] = (),
+    loopback: bool = True,
+) -> web.Application:
+    """The aiohttp app implementing the subset of ClickHouse's HTTP interface that
+    clickhouse-connect (sync and async) and simple BI tools use, for the engine that
+    ``conn_str`` names (opened by `_Engine`, with sgpipe's access control).
+
+    `GET /ping` and `GET /` answer "Ok." without credentials, like ClickHouse; every query
+    needs the writer's or the reader's. `GET /?query=...` and `POST /` run a statement taken
     from the `query` parameter, a line break and the body (as in ClickHouse); a GET runs with
     readonly=2. `param_<name>` parameters bind `{name:Type}` placeholders, `database` and
     `default_format` work as in ClickHouse, other parameters are applied as settings when the
     engine knows them and ignored otherwise (including `session_id`: every request runs in a
     fresh context). Multipart forms (query and parameters as fields) are accepted; external
-    data (temporary tables) is not.
+    data (temporary tables) is not. Requests from web pages are refused (`_browser_refusal`);
+    ``loopback``: the server listens on a loopback address, so the Host must name one.
     """
-    server = _Server(session)
-    app = web.Application(client_max_size=_FORM_MAX_BYTES)
+    server = _Server(conn_str)
+    app = web.Application(
+        client_max_size=_FORM_MAX_BYTES,
+        middlewares=[_refuse_browsers(frozenset(allowed_origins), loopback)],
+    )
     app[_SERVER] = server
+    app[_AUTHENTICATOR] = _Authenticator(credentials)
+    app[_FAILURES] = _FailureLog()
     app.on_startup.append(server.on_startup)
     app.on_cleanup.append(server.on_cleanup)
     app.router.add_get("/ping", _ping)
@@ -816,41 +1157,103 @@ def create_http_app(session: chdb.session.Session) -> web.Application:
 # --- the owner ---------------------------------------------------------------------------
 
 
-def _open_session(data_path: pathlib.Path) -> chdb.session.Session:
-    import chdb.session
+class _Engine:
+    """The chdb engine on a data path, started with sgpipe's access control: an owner handle
+    that keeps it (and the lock on the data path) alive, and the connection string every
+    request handle must use (chdb hosts one engine per process and rejects handles to any
+    other path)."""
 
+    def __init__(self, data_path: pathlib.Path) -> None:
+        path = str(data_path.resolve())
+        if any(character in path for character in "?&#"):
+            # chdb reads the connection string as `file:<path>?<arguments>`.
+            raise ValueError(f"the ClickHouse data path may not contain ?, & or #: {path}")
+        # Private, and removed at close: the engine reads its configuration from here.
+        self._config_dir = pathlib.Path(tempfile.mkdtemp(prefix="sgpipe-clickhouse-"))
+        try:
+            config = write_engine_config(self._config_dir)
+            self.conn_str = f"file:{path}?config-file={config}"
+            self._owner: _Connection | None = _connect(self.conn_str)
+        except BaseException:
+            shutil.rmtree(self._config_dir, ignore_errors=True)
+            raise
+        try:
+            _verify_lockdown(self._owner)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            owner.close()
+        shutil.rmtree(self._config_dir, ignore_errors=True)
+
+
+def _verify_lockdown(conn: _Connection) -> None:
+    """Prove the engine runs with sgpipe's access control: if chdb cannot read the users file
+    it silently falls back to a user that may do anything."""
+    try:
+        conn.query(LOCKDOWN_PROBE, "TabSeparated")
+        probe_code: int | None = None
+    except RuntimeError as exc:
+        probe_code = _engine_error(exc).code
+    unlocked = conn.query(unlocked_settings_query(), "TabSeparated").bytes().decode().split()
+    if probe_code != ACCESS_DENIED or unlocked:
+        raise LockdownError(
+            "the embedded ClickHouse did not start with sgpipe's access control "
+            f"(file() probe: {probe_code}, settings not locked: {unlocked}); refusing to serve"
+        )
+
+
+def _open_engine(data_path: pathlib.Path) -> _Engine:
     data_path.mkdir(parents=True, exist_ok=True)
     try:
-        # Session.__init__ is unannotated in chdb.
-        session: chdb.session.Session = chdb.session.Session(str(data_path))  # type: ignore[no-untyped-call]
+        return _Engine(data_path)
+    except LockdownError:
+        raise
     except RuntimeError as exc:
         # The engine prints the cause (usually "Cannot lock file .../status") to stderr and
         # raises a generic start-up error.
         raise RuntimeError(
             f"cannot open the ClickHouse store at {data_path} (is another process using it?): {exc}"
         ) from exc
-    return session
 
 
 class EmbeddedClickHouse:
-    """Owns a chdb session on `data_path` and serves ClickHouse's HTTP interface for it."""
+    """Owns the chdb engine on `data_path` and serves ClickHouse's HTTP interface for it,
+    to the users in ``credentials`` only."""
 
-    def __init__(self, data_path: pathlib.Path) -> None:
+    def __init__(
+        self,
+        data_path: pathlib.Path,
+        credentials: EmbeddedCredentials,
+        *,
+        allowed_origins: tuple[str, ...] = (),
+    ) -> None:
         self._data_path = data_path
-        self._session: chdb.session.Session | None = None
+        self._credentials = credentials
+        self._allowed_origins = allowed_origins
+        self._engine: _Engine | None = None
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 8123) -> str:
-        """Open the chdb session (creating data_path) and start serving; returns the base URL
-        like "http://127.0.0.1:8123" (port 0 = pick a free port; the URL has the real one)."""
-        if self._session is not None:
+        """Open the engine (creating data_path) and start serving; returns the base URL like
+        "http://127.0.0.1:8123" (port 0 = pick a free port; the URL has the real one)."""
+        if self._engine is not None:
             raise RuntimeError("embedded ClickHouse is already started")
         # Engine start-up blocks (and takes the data path's lock): keep it off the loop.
-        self._session = await asyncio.to_thread(_open_session, self._data_path)
+        self._engine = await asyncio.to_thread(_open_engine, self._data_path)
         try:
+            app = create_http_app(
+                self._engine.conn_str,
+                self._credentials,
+                allowed_origins=self._allowed_origins,
+                loopback=host in _LOOPBACK_HOSTS,
+            )
             # No access log: it would log every request at info.
-            runner = web.AppRunner(create_http_app(self._session), access_log=None)
+            runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             self._runner = runner
             await web.TCPSite(runner, host, port).start()
@@ -863,14 +1266,14 @@ class EmbeddedClickHouse:
         return self._url
 
     async def stop(self) -> None:
-        """Stop serving, then close the chdb session. Idempotent."""
+        """Stop serving, then close the engine. Idempotent."""
         self._url = None
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        session, self._session = self._session, None
-        if session is not None:
-            await asyncio.to_thread(session.close)
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
 
     @property
     def url(self) -> str:
@@ -891,9 +1294,10 @@ def query_store(
     database: str | None = None,
     fmt: str = _DEFAULT_FORMAT,
 ) -> bytes:
-    """Open chdb directly on data_path (nobody else holds it), run sql, return its output in
-    `fmt` (or in the query's own FORMAT if it has one). `database`, if given, is the default
-    database for unqualified table names.
+    """Open chdb directly on data_path (nobody else holds it), run sql as the writer would
+    over HTTP (same access control, same statement check), return its output in `fmt` (or in
+    the query's own FORMAT if it has one). `database`, if given, is the default database for
+    unqualified table names.
 
     Raises EmbeddedQueryError with ClickHouse's text when the query fails, or when the store
     cannot be opened (e.g. another process serves it: query that server instead).
@@ -902,7 +1306,9 @@ def query_store(
         # chdb would silently create an empty store at a mistyped path.
         raise FileNotFoundError(f"no ClickHouse data directory at {data_path}")
     try:
-        conn = _connect(str(data_path))
+        engine = _Engine(data_path)
+    except LockdownError:
+        raise
     except RuntimeError as exc:
         # The engine prints the cause (usually "Cannot lock file .../status") to stderr and
         # raises a generic start-up error.
@@ -910,11 +1316,26 @@ def query_store(
         hint = f"{error}; is another process serving {data_path}? Query it over HTTP instead"
         raise EmbeddedQueryError(hint, error.code) from exc
     try:
-        if database:
-            conn.query(f"USE {_quote_identifier(database)}", _DEFAULT_FORMAT)
-        result: _Result = conn.query(sql, fmt)
-        return result.bytes()
+        info = _load_engine_info(engine.conn_str)
+        params = _Params(database=database or "", default_format=fmt)
+        sql_bytes = sql.encode()
+        head = _scan_insert(sql_bytes, final=True)
+        if isinstance(head, _InsertHead):
+            # As over HTTP: the rows are data for the insert, never SQL.
+            insert = _StreamingInsert(engine.conn_str, params, {}, info.policy, readonly_user=False)
+            try:
+                insert.begin(_decode_sql(head.sql), head.fmt)
+                insert.append(sql_bytes[head.data_start :])
+                insert.finish()
+            finally:
+                insert.release()
+            return b""
+        conn = _open_request_connection(engine.conn_str, params, {}, readonly_user=False)
+        try:
+            return _run_query(conn, sql, params, info.policy, readonly_user=False).body
+        finally:
+            conn.close()
     except RuntimeError as exc:
         raise _engine_error(exc) from exc
     finally:
-        conn.close()
+        engine.close()

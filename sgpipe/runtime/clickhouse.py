@@ -8,8 +8,10 @@ from urllib.parse import unquote, urlsplit
 import clickhouse_connect
 import structlog
 from clickhouse_connect.driver.asyncclient import AsyncClient
+from pydantic import SecretStr
 
 from schemas import clickhouse_migrations
+from sgpipe.runtime.redact import redact_url
 from sgpipe.runtime.settings import ClickHouseSettings
 
 log = structlog.get_logger(__name__)
@@ -27,7 +29,7 @@ async def connect(
         raise ValueError("clickhouse.url is not set")
     parts = urlsplit(target)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"clickhouse.url must be http(s)://host:port, got {target!r}")
+        raise ValueError(f"clickhouse.url must be http(s)://host:port, got {redact_url(target)!r}")
     client: AsyncClient = await clickhouse_connect.get_async_client(
         host=parts.hostname,
         port=parts.port or (8443 if parts.scheme == "https" else 8123),
@@ -41,6 +43,14 @@ async def connect(
         database=database,
     )
     return client
+
+
+def with_credentials(
+    settings: ClickHouseSettings, username: str, password: str
+) -> ClickHouseSettings:
+    """``settings`` with this user and password (e.g. the embedded store's writer), for a URL
+    that names no user of its own."""
+    return settings.model_copy(update={"username": username, "password": SecretStr(password)})
 
 
 async def apply_migrations(client: AsyncClient, database: str) -> list[str]:

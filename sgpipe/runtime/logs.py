@@ -9,6 +9,10 @@ Lines stay short: string fields are capped at ``MAX_FIELD_CHARS``, tracebacks ne
 locals, and expected failures are logged as one event with a short ``error`` field (a traceback
 only at ``debug``). Context such as ``request_id`` or ``topic``/``partition`` is bound with
 ``structlog.contextvars`` by the component that knows it.
+
+No secret reaches the stream: every event, the standard library's included, passes
+``sgpipe.runtime.redact`` after its exception is rendered and before fields are capped, so a
+URL with a password in a message, a field or a traceback is written with ``***`` instead.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any, Literal, TextIO
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
+
+from sgpipe.runtime.redact import redact_log_event, redact_text
 
 Level = Literal["debug", "info", "warning", "error"]
 Format = Literal["auto", "json", "console"]
@@ -58,6 +64,8 @@ def configure_logging(
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    # Exceptions are rendered to data first, so that their text is redacted too; the console
+    # renderer then prints the redacted traceback text as it is.
     renderer: list[Processor]
     if _json_output:
         renderer = [
@@ -66,11 +74,14 @@ def configure_logging(
                     structlog.tracebacks.ExceptionDictTransformer(show_locals=False, max_frames=20)
                 )
             ),
+            redact_log_event,
             cap_field_lengths,
             structlog.processors.JSONRenderer(),
         ]
     else:
         renderer = [
+            _only_with_exc_info(structlog.processors.format_exc_info),
+            redact_log_event,
             cap_field_lengths,
             structlog.dev.ConsoleRenderer(
                 colors=_stream.isatty(), exception_formatter=structlog.dev.plain_traceback
@@ -155,4 +166,4 @@ def report_fatal(message: str, **fields: Any) -> None:
     if _json_output:
         structlog.get_logger("sgpipe").error(message, **fields)
     else:
-        print(f"sgpipe: {message}", file=_stream, flush=True)
+        print(f"sgpipe: {redact_text(message)}", file=_stream, flush=True)

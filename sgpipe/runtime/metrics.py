@@ -27,6 +27,8 @@ STAGE_INGEST: Final = "ingest"
 STAGE_PROCESS: Final = "process"
 STAGE_SINK: Final = "sink"
 STAGE_DEAD_LETTERS: Final = "dead_letters"
+# `sgpipe up` itself, for what it runs besides the stages (the embedded broker).
+STAGE_UP: Final = "up"
 
 # Seconds; from a fast in-memory ack to a slow ClickHouse insert.
 _LATENCY_BUCKETS: Final = (
@@ -210,6 +212,32 @@ CLICKHOUSE_INSERT_SECONDS: Final = Histogram(
     "Time of one successful ClickHouse insert, by table.",
     ["stage", "table"],
     buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+# --- embedded broker (sgpipe up only) ----------------------------------------------------------
+# The embedded broker is supervised by the `sgpipe up` process itself, so its series carry
+# stage="up" (the command that runs it), never one of the three pipeline stages.
+
+EMBEDDED_RESTARTS: Final = Counter(
+    "sgpipe_embedded_restarts_total",
+    "Embedded broker processes (service: storage = SeaweedFS, broker = tansu) that died while "
+    "`sgpipe up` ran and were restarted. Any increase deserves a look at <data-dir>/broker/logs.",
+    ["stage", "service"],
+    registry=REGISTRY,
+)
+EMBEDDED_RETENTION_DELETED_BATCHES: Final = Counter(
+    "sgpipe_embedded_retention_deleted_batches_total",
+    "Record batches the embedded broker's retention deleted (expired and committed by every "
+    "sgpipe group of their topic).",
+    ["stage"],
+    registry=REGISTRY,
+)
+EMBEDDED_RETENTION_DELETED_BYTES: Final = Counter(
+    "sgpipe_embedded_retention_deleted_bytes_total",
+    "Bytes of the record batches the embedded broker's retention deleted.",
+    ["stage"],
     registry=REGISTRY,
 )
 

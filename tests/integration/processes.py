@@ -30,11 +30,23 @@ TIMEOUT = 30.0
 
 @dataclass
 class ServedClickHouse:
-    url: str
+    base_url: str
     loop: asyncio.AbstractEventLoop
+    user: str
+    password: str
+
+    @property
+    def url(self) -> str:
+        """The writer's URL, credentials included, as a `clickhouse.url` setting."""
+        return self.base_url.replace("://", f"://{self.user}:{self.password}@", 1)
 
     def query(self, sql: str) -> str:
-        request = urllib.request.Request(self.url, data=sql.encode(), method="POST")
+        request = urllib.request.Request(
+            self.base_url,
+            data=sql.encode(),
+            method="POST",
+            headers={"X-ClickHouse-User": self.user, "X-ClickHouse-Key": self.password},
+        )
         with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
             return str(response.read().decode())
 
@@ -42,14 +54,18 @@ class ServedClickHouse:
 @contextmanager
 def served_clickhouse(data_path: Path) -> Iterator[ServedClickHouse]:
     from sgpipe.embedded.clickhouse import EmbeddedClickHouse
+    from sgpipe.embedded.credentials import load_or_create_credentials
 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    store = EmbeddedClickHouse(data_path)
+    # The embedded endpoint needs credentials; stages get the writer's in their URL.
+    credentials = load_or_create_credentials(data_path.parent / f"{data_path.name}-credentials")
+    writer = credentials.writer
+    store = EmbeddedClickHouse(data_path, credentials)
     try:
         url = asyncio.run_coroutine_threadsafe(store.start(port=0), loop).result(TIMEOUT)
-        yield ServedClickHouse(url, loop)
+        yield ServedClickHouse(url, loop, writer.name, writer.password)
     finally:
         asyncio.run_coroutine_threadsafe(store.stop(), loop).result(TIMEOUT)
         loop.call_soon_threadsafe(loop.stop)

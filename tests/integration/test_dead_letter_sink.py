@@ -16,6 +16,7 @@ from aiokafka.structs import TopicPartition
 from schemas.dead_letter import DeadLetter, DeadLetterOrigin, replay_headers
 from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.embedded.clickhouse import EmbeddedClickHouse
+from sgpipe.embedded.credentials import load_or_create_credentials
 from sgpipe.runtime.kafka import DeadLetterTopicWriter, create_producer, ensure_topics
 from sgpipe.runtime.metrics import REGISTRY
 from sgpipe.runtime.runner import run_consumer_stage
@@ -197,9 +198,14 @@ async def test_dead_letters_are_committed_only_after_clickhouse_took_them(
     letters = [letter(offset, 0, "not_an_object") for offset in range(3)]
     data_path = tmp_path / "clickhouse"
     failures = {"stage": "dead_letters", "error_class": "retriable"}
+    credentials = load_or_create_credentials(tmp_path / "credentials")
+    writer = credentials.writer
 
-    store = EmbeddedClickHouse(data_path)
-    stage = RunningStage(settings, await store.start(port=0))
+    def as_writer(url: str) -> str:
+        return url.replace("://", f"://{writer.name}:{writer.password}@", 1)
+
+    store = EmbeddedClickHouse(data_path, credentials)
+    stage = RunningStage(settings, as_writer(await store.start(port=0)))
     try:
         await stage.started()  # the table exists now
         await store.stop()  # ClickHouse goes away
@@ -219,8 +225,8 @@ async def test_dead_letters_are_committed_only_after_clickhouse_took_them(
     assert await committed(settings) == [None, None]
 
     # ClickHouse is back: the same letters are read again and land, then are committed.
-    store = EmbeddedClickHouse(data_path)
-    url = await store.start(port=0)
+    store = EmbeddedClickHouse(data_path, credentials)
+    url = as_writer(await store.start(port=0))
     stage = RunningStage(settings, url)
     try:
         await stage.started()

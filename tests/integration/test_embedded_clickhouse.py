@@ -1,19 +1,14 @@
-"""The embedded ClickHouse HTTP endpoint against real clickhouse-connect clients.
-
-The server runs on its own event loop in a background thread, like it would in another
-process, so the sync clients can block without stalling it.
-"""
+"""The embedded ClickHouse HTTP endpoint against real clickhouse-connect clients (as the
+writer user; what the lockdown refuses is in test_clickhouse_lockdown.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import pathlib
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,12 +24,19 @@ from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
 from sgpipe.embedded.clickhouse import (  # noqa: E402
     EmbeddedClickHouse,
     EmbeddedQueryError,
+    LockdownError,
+    _Engine,
+    _load_engine_info,
+    _open_request_connection,
+    _Params,
+    _run_query,
+    _verify_lockdown,
     query_tsv,
 )
+from tests.integration.clickhouse_server import DATABASE, TIMEOUT, Served, serve  # noqa: E402
 
 pytestmark = pytest.mark.clickhouse
 
-TIMEOUT = 30.0
 EVENTS_DDL = """
 CREATE TABLE events (
     event_id String,
@@ -51,38 +53,10 @@ COLUMNS = ["event_id", "event", "reason", "ts", "categories", "args", "status", 
 TS = datetime(2024, 5, 1, 12, 30, 45, 123000, tzinfo=UTC)
 
 
-@dataclass
-class Served:
-    store: EmbeddedClickHouse
-    loop: asyncio.AbstractEventLoop
-    data_path: pathlib.Path
-    url: str
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def client(self, **kwargs: Any) -> Any:
-        return clickhouse_connect.get_client(host="127.0.0.1", port=self.port, **kwargs)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.store.stop(), self.loop).result(TIMEOUT)
-
-
 @pytest.fixture
 def served(tmp_path: pathlib.Path) -> Iterator[Served]:
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    store = EmbeddedClickHouse(tmp_path / "store")
-    try:
-        url = asyncio.run_coroutine_threadsafe(store.start(port=0), loop).result(TIMEOUT)
-        yield Served(store, loop, tmp_path / "store", url)
-    finally:
-        asyncio.run_coroutine_threadsafe(store.stop(), loop).result(TIMEOUT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(TIMEOUT)
-        loop.close()
+    with serve(tmp_path) as running:
+        yield running
 
 
 def test_default_sync_client_round_trips_every_column_type(served: Served) -> None:
@@ -198,7 +172,13 @@ def test_errors_surface_as_database_errors(served: Served) -> None:
 
 
 async def test_async_client_queries_and_inserts(served: Served) -> None:
-    client = await clickhouse_connect.get_async_client(host="127.0.0.1", port=served.port)
+    client = await clickhouse_connect.get_async_client(
+        host="127.0.0.1",
+        port=served.port,
+        username=served.credentials.writer.name,
+        password=served.credentials.writer.password,
+        database=DATABASE,
+    )
     try:
         await client.command("CREATE TABLE t (id UInt64, s String) ENGINE = MergeTree ORDER BY id")
         summary = await client.insert("t", [[1, "one"], [2, "two"]], column_names=["id", "s"])
@@ -220,13 +200,16 @@ def test_query_tsv_reads_what_was_served(served: Served) -> None:
         client.insert("t", [["elsewhere"]], column_names=["x"], database="other")
     served.stop()
 
-    assert query_tsv(served.data_path, "SELECT id, s FROM t ORDER BY id") == b"1\tone\n2\ttwo\n"
-    assert query_tsv(served.data_path, "SELECT count() AS c FROM t FORMAT JSONEachRow") == (
-        b'{"c":2}\n'
+    assert (
+        query_tsv(served.data_path, "SELECT id, s FROM t ORDER BY id", database=DATABASE)
+        == b"1\tone\n2\ttwo\n"
     )
+    assert query_tsv(
+        served.data_path, "SELECT count() AS c FROM t FORMAT JSONEachRow", database=DATABASE
+    ) == (b'{"c":2}\n')
     assert query_tsv(served.data_path, "SELECT x FROM t", database="other") == b"elsewhere\n"
     with pytest.raises(EmbeddedQueryError, match="UNKNOWN_TABLE"):
-        query_tsv(served.data_path, "SELECT * FROM missing")
+        query_tsv(served.data_path, "SELECT * FROM missing", database=DATABASE)
 
 
 def test_concurrent_inserts_and_selects(served: Served) -> None:
@@ -256,34 +239,38 @@ def test_concurrent_inserts_and_selects(served: Served) -> None:
 
 async def test_http_surface(served: Served) -> None:
     """What clickhouse-connect relies on, checked at the HTTP level."""
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=served.auth) as http:
         for path in ("/ping", "/"):
             async with http.get(served.url + path) as response:
                 assert (response.status, await response.text()) == (200, "Ok.\n")
 
-        await _post(http, served.url, "CREATE TABLE h (a UInt64) ENGINE = Memory")
+        await _post(http, served.query_url, "CREATE TABLE h (a UInt64) ENGINE = Memory")
         # The query in the URL and lz4 data in the body, as one frame per block.
         frames = lz4.frame.compress(b"1\n2\n") + lz4.frame.compress(b"3\n")
         async with http.post(
             served.url,
-            params={"query": "INSERT INTO h FORMAT TabSeparated"},
+            params={"query": "INSERT INTO h FORMAT TabSeparated", "database": DATABASE},
             data=frames,
             headers={"Content-Encoding": "lz4"},
         ) as response:
             assert response.status == 200, await response.text()
             assert json.loads(response.headers["X-ClickHouse-Summary"])["written_rows"] == "3"
 
-        async with http.get(served.url, params={"query": "SELECT sum(a) FROM h"}) as response:
+        async with http.get(
+            served.url, params={"query": "SELECT sum(a) FROM h", "database": DATABASE}
+        ) as response:
             assert await response.read() == b"6\n"
             assert response.headers["X-ClickHouse-Format"] == "TabSeparated"
             assert response.headers["X-ClickHouse-Timezone"]
             assert response.headers["X-ClickHouse-Query-Id"]
         # A GET must not write, as in ClickHouse.
-        async with http.get(served.url, params={"query": "DROP TABLE h"}) as response:
+        async with http.get(
+            served.url, params={"query": "DROP TABLE h", "database": DATABASE}
+        ) as response:
             assert response.status == 500
             assert response.headers["X-ClickHouse-Exception-Code"] == "164"
 
-        async with http.post(served.url, data="SELECT * FROM nowhere") as response:
+        async with http.post(served.query_url, data="SELECT * FROM nowhere") as response:
             assert response.status == 404
             assert response.headers["X-ClickHouse-Exception-Code"] == "60"
             assert (await response.text()).startswith("Code: 60. DB::Exception: ")
@@ -292,12 +279,15 @@ async def test_http_surface(served: Served) -> None:
 async def test_client_disconnecting_mid_insert_releases_the_engine(
     served: Served, tmp_path: pathlib.Path
 ) -> None:
-    async with aiohttp.ClientSession() as http:
-        await _post(http, served.url, "CREATE TABLE d (a UInt64) ENGINE = MergeTree ORDER BY a")
+    async with aiohttp.ClientSession(headers=served.auth) as http:
+        await _post(
+            http, served.query_url, "CREATE TABLE d (a UInt64) ENGINE = MergeTree ORDER BY a"
+        )
     reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
     writer.write(
-        b"POST /?query=INSERT%20INTO%20d%20FORMAT%20TabSeparated HTTP/1.1\r\n"
-        b"Host: test\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n1\n2\n\r\n"
+        b"POST /?database=test&query=INSERT%20INTO%20d%20FORMAT%20TabSeparated HTTP/1.1\r\n"
+        b"Host: 127.0.0.1\r\nAuthorization: " + served.auth["Authorization"].encode() + b"\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n4\r\n1\n2\n\r\n"
     )
     await writer.drain()
     await asyncio.sleep(0.2)
@@ -306,12 +296,12 @@ async def test_client_disconnecting_mid_insert_releases_the_engine(
     await asyncio.to_thread(served.stop)
 
     # chdb hosts one engine per process: a leaked handle would keep it bound to the old path.
-    other = EmbeddedClickHouse(tmp_path / "other")
+    other = EmbeddedClickHouse(tmp_path / "other", served.credentials)
     try:
         assert (await other.start(port=0)).startswith("http://127.0.0.1:")
     finally:
         await other.stop()
-    assert query_tsv(served.data_path, "SELECT count() FROM d") == b"0\n"
+    assert query_tsv(served.data_path, "SELECT count() FROM d", database=DATABASE) == b"0\n"
 
 
 async def _post(http: aiohttp.ClientSession, url: str, sql: str) -> bytes:
@@ -319,3 +309,39 @@ async def _post(http: aiohttp.ClientSession, url: str, sql: str) -> bytes:
         body = await response.read()
         assert response.status == 200, body
         return body
+
+
+def test_an_engine_without_the_users_file_is_refused(tmp_path: pathlib.Path) -> None:
+    # chdb silently falls back to an all-powerful user when it cannot load the users file:
+    # the start-up check must notice.
+    from chdb.state import connect as chdb_connect
+
+    conn: Any = chdb_connect(str(tmp_path / "plain"))
+    try:
+        with pytest.raises(LockdownError, match="access control"):
+            _verify_lockdown(conn)
+    finally:
+        conn.close()
+
+
+def test_an_insert_whose_rows_the_canonical_form_drops_is_refused(tmp_path: pathlib.Path) -> None:
+    # The canonical form of `INSERT ... VALUES <rows>` has no rows. Such inserts are streamed
+    # (their rows are data); should one ever reach the statement path, it must fail loudly
+    # rather than insert nothing.
+    engine = _Engine(tmp_path / "store")
+    try:
+        info = _load_engine_info(engine.conn_str)
+        params = _Params()
+        conn = _open_request_connection(engine.conn_str, params, {}, readonly_user=False)
+        try:
+            conn.query("CREATE DATABASE d", "TSV")
+            conn.query("CREATE TABLE d.t (n UInt8) ENGINE = MergeTree ORDER BY n", "TSV")
+            with pytest.raises(EmbeddedQueryError, match="NOT_IMPLEMENTED"):
+                _run_query(
+                    conn, "INSERT INTO d.t VALUES (1)", params, info.policy, readonly_user=False
+                )
+            assert conn.query("SELECT count() FROM d.t", "TSV").bytes() == b"0\n"
+        finally:
+            conn.close()
+    finally:
+        engine.close()

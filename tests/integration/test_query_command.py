@@ -20,6 +20,7 @@ import pytest
 pytest.importorskip("chdb")
 
 from sgpipe.embedded.clickhouse import EmbeddedClickHouse, query_store  # noqa: E402
+from sgpipe.embedded.credentials import load_or_create_credentials  # noqa: E402
 from sgpipe.preflight import lock_data_dir  # noqa: E402
 
 pytestmark = pytest.mark.clickhouse
@@ -70,16 +71,30 @@ def served(tmp_path: Path) -> Iterator[Store]:
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    server = EmbeddedClickHouse(tmp_path / "served")
+    writer = load_or_create_credentials(tmp_path / "credentials").writer
+    server = EmbeddedClickHouse(
+        tmp_path / "served", load_or_create_credentials(tmp_path / "credentials")
+    )
     try:
         url = asyncio.run_coroutine_threadsafe(server.start(port=0), loop).result(30)
         import clickhouse_connect
 
-        client = clickhouse_connect.get_client(host="127.0.0.1", port=int(url.rsplit(":", 1)[1]))
+        client = clickhouse_connect.get_client(
+            host="127.0.0.1",
+            port=int(url.rsplit(":", 1)[1]),
+            username=writer.name,
+            password=writer.password,
+        )
         for statement in SETUP:
             client.command(statement)
         client.close()
-        yield Store([], {**base_environment(), "SGPIPE_CLICKHOUSE__URL": url})
+        environment = {
+            **base_environment(),
+            "SGPIPE_CLICKHOUSE__URL": url,
+            "SGPIPE_CLICKHOUSE__USERNAME": writer.name,
+            "SGPIPE_CLICKHOUSE__PASSWORD": writer.password,
+        }
+        yield Store([], environment)
     finally:
         asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)

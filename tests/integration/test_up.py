@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -17,10 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
 from sgpipe.embedded.broker import free_port
+from sgpipe.embedded.credentials import (
+    credentials_file,
+    load_credentials,
+    load_or_create_credentials,
+)
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -78,9 +85,12 @@ def signed_headers() -> dict[str, str]:
     }
 
 
-def start_pipeline(tmp_path: Path, **overrides: Any) -> RunningPipeline:
+def start_pipeline(
+    tmp_path: Path, env: dict[str, str] | None = None, **overrides: Any
+) -> RunningPipeline:
     """`sgpipe up` as a child process, on free ports, with ``overrides`` merged into the
-    config's top-level sections (a list, such as ``webhooks``, replaces the section)."""
+    config's top-level sections (a list, such as ``webhooks``, replaces the section) and
+    ``env`` added to its environment."""
     document: dict[str, Any] = {
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
@@ -112,7 +122,7 @@ def start_pipeline(tmp_path: Path, **overrides: Any) -> RunningPipeline:
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     return RunningPipeline(process, f"http://127.0.0.1:{port}", data_dir, config, log)
 
@@ -203,6 +213,25 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     status, _, _ = post(f"{pipeline.base_url}/webhooks/other", BODY, signed_headers())
     assert status == 404
 
+    # The embedded store needs credentials: the reader can read, not write.
+    state_path = pipeline.data_dir / "sgpipe-up.json"
+    state = json.loads(state_path.read_text())
+    credentials = load_credentials(pipeline.data_dir)
+    reader = credentials.reader
+    auth = {"Authorization": aiohttp.encode_basic_auth(reader.name, reader.password)}
+    query_url = f"{state['clickhouse_url']}/?database=sgpipe"
+    status, _, body = post(query_url, b"SELECT count() FROM email_events FINAL", auth)
+    assert (status, body) == (200, b"1\n")
+    status, _, body = post(query_url, b"DROP TABLE email_events", auth)
+    assert status == 403, body
+    status, _, _ = post(query_url, b"SELECT 1", {})
+    assert status == 401
+    # Its secrets stay in the credentials file, private like the state file.
+    for path in (state_path, credentials_file(pipeline.data_dir)):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    passwords = [user.password for user in credentials.users]
+    assert not [secret for secret in passwords if secret in state_path.read_text()]
+
     # A second `sgpipe up` on the same data dir is refused in one line before it starts
     # anything (its ports are all free: only the data dir is in the way).
     second = subprocess.run(
@@ -230,7 +259,6 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     )
 
     # SIGTERM drains and stops everything, the broker child included; the store stays readable.
-    state = json.loads((pipeline.data_dir / "sgpipe-up.json").read_text())
     broker_host, broker_port = state["kafka_bootstrap_servers"].split(":")
     pipeline.process.send_signal(signal.SIGTERM)
     assert pipeline.process.wait(timeout=60) == 0, pipeline.log.read_text()
@@ -238,6 +266,8 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
     with pytest.raises(OSError):
         socket.create_connection((broker_host, int(broker_port)), timeout=2).close()
     assert pipeline.query("SELECT count() FROM email_events FINAL") == "1\n"
+    log = pipeline.log.read_text()
+    assert not [secret for secret in passwords if secret in log]
     # One log stream: every line it wrote (JSON mode) parses, library lines included.
     events = [json.loads(line) for line in pipeline.log.read_text().splitlines()]
     assert {"embedded broker started", "send SendGrid events to", "stopped"} <= {
@@ -263,3 +293,49 @@ def test_ingress_takes_no_batch_while_the_sink_cannot_reach_clickhouse(tmp_path:
     finally:
         running.process.send_signal(signal.SIGTERM)
         assert running.process.wait(timeout=60) == 0, running.log.read_text()
+
+
+def test_no_password_in_any_log_line_or_the_state_file(tmp_path: Path) -> None:
+    # A password in clickhouse.url (and one in the environment) while ClickHouse is down:
+    # every retry warning names the URL, none may show the password.
+    url_password, env_password = "Url-Pa55word-x9", "Env-Pa55word-y8"
+    port = free_port()
+    unreachable = f"http://sgpipe:{url_password}@127.0.0.1:{port}/?password={url_password}"
+    running = start_pipeline(
+        tmp_path, env={"SGPIPE_CLICKHOUSE__PASSWORD": env_password}, clickhouse={"url": unreachable}
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while running.log.read_bytes().count(b"connecting to ClickHouse failed; retrying") < 3:
+            assert time.monotonic() < deadline, running.log.read_text()
+            assert running.process.poll() is None, running.log.read_text()
+            time.sleep(0.2)
+        state_path = running.data_dir / "sgpipe-up.json"
+        assert stat.S_IMODE(state_path.stat().st_mode) == 0o600
+        state = state_path.read_text()
+        assert f"http://sgpipe:***@127.0.0.1:{port}/?password=***" in state
+    finally:
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=60) == 0, running.log.read_text()
+    log = running.log.read_text()
+    assert f"http://sgpipe:***@127.0.0.1:{port}" in log  # the URL is there, redacted
+    for secret in (url_password, env_password):
+        assert secret not in log
+        assert secret not in state
+
+
+def test_unsafe_credentials_file_stops_up_before_anything_starts(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    load_or_create_credentials(data_dir)  # what the first `sgpipe up` does
+    credentials_file(data_dir).chmod(0o644)  # then, say, copied with the wrong umask
+    config = tmp_path / "sgpipe.yaml"
+    config.write_text(yaml.safe_dump({"embedded": {"kafka_port": 0, "clickhouse_http_port": 0}}))
+    result = subprocess.run(
+        [*SGPIPE, "up", "--config", str(config), "--data-dir", str(data_dir), "--port", "0"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr.decode()
+    assert "chmod 600" in result.stderr.decode()
+    assert b"embedded broker started" not in result.stderr

@@ -588,3 +588,15 @@ def test_confluent_events_format_takes_the_registry_from_the_environment() -> No
 def test_confluent_events_format_without_a_registry_is_refused() -> None:
     with pytest.raises(ConfigError, match="needs schema_registry.url"):
         load_settings(None, {"SGPIPE_KAFKA__EVENTS_FORMAT": "confluent"})
+
+
+def test_embedded_clickhouse_allows_no_browser_origin_unless_told() -> None:
+    assert load_settings(None, {}).embedded.clickhouse_allowed_origins == ()
+    environ = {
+        "SGPIPE_EMBEDDED__CLICKHOUSE_ALLOWED_ORIGINS": '["https://grafana.example", "https://bi.example"]'
+    }
+    settings = load_settings(None, environ)
+    assert settings.embedded.clickhouse_allowed_origins == (
+        "https://grafana.example",
+        "https://bi.example",
+    )
