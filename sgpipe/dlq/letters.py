@@ -194,14 +194,17 @@ class Outcome:
     note: str = ""  # why it was skipped
 
     def describe(self) -> str:
-        if self.status in (SKIPPED, NOT_SELECTED):
+        events = f"{self.landed} event{'' if self.landed == 1 else 's'}"
+        reasons = ", ".join(sorted(set(self.again)))
+        if self.status == SKIPPED:
             return f"{self.status}: {self.note}"
-        parts = []
-        if self.landed or self.status in (LANDED, WOULD_LAND):
-            parts.append(f"{self.landed} event{'' if self.landed == 1 else 's'}")
-        if self.again:
-            parts.append("dead-lettered again: " + ", ".join(sorted(set(self.again))))
-        return f"{self.status} ({'; '.join(parts)})" if parts else self.status
+        if self.status in (LANDED, WOULD_LAND):
+            return f"{self.status} ({events})"
+        if self.status in (DEAD_LETTERED_AGAIN, WOULD_BE_DEAD_LETTERED):
+            return f"{self.status}: {reasons}"
+        if self.status in (PARTLY_LANDED, WOULD_PARTLY_LAND):
+            return f"{self.status} ({events}; dead-lettered again: {reasons})"
+        return self.status
 
 
 LANDED: Final = "landed"
@@ -210,7 +213,6 @@ PARTLY_LANDED: Final = "partly landed"
 NOT_SEEN: Final = "not seen yet"
 REPLAYED: Final = "replayed"  # sent; outcome not waited for
 SKIPPED: Final = "skipped"
-NOT_SELECTED: Final = "not selected"
 WOULD_LAND: Final = "would land"
 WOULD_BE_DEAD_LETTERED: Final = "would be dead-lettered again"
 WOULD_PARTLY_LAND: Final = "would partly land"

@@ -106,7 +106,9 @@ def list_text(
             for letter in samples
             if (letter.stage, letter.reason) == (summary.stage, summary.reason)
         ]
-        lines.extend(["", f"{summary.reason} ({summary.stage}), {len(shown)} of {summary.total}:"])
+        lines.extend(
+            ["", f"{summary.reason} ({summary.stage}): showing {len(shown)} of {summary.total}"]
+        )
         for letter in shown:
             state = "pending" if letter.pending else f"replayed {letter.replayed_at}"
             if letter.replay_generation:

@@ -18,10 +18,18 @@ from typing import Any
 
 import pytest
 
-from schemas.dead_letter import REPLAY_GENERATION_HEADER, REPLAY_OF_HEADER
+from schemas.dead_letter import (
+    REPLAY_GENERATION_HEADER,
+    REPLAY_OF_HEADER,
+    DeadLetter,
+    dead_letter_headers,
+)
 from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
-from sgpipe.runtime.settings import KafkaSettings
+from sgpipe.runtime.messages import Message
+from sgpipe.runtime.settings import KafkaSettings, Settings
+from sinks.clickhouse import TableWriter
+from sinks.dead_letters import DEAD_LETTERS, dead_letter_row
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS, read_topic
 from tests.integration.processes import (
     SGPIPE,
@@ -48,6 +56,9 @@ BATCH = (
 )
 # On the events topic, in no framing the sink knows: a sink dead letter.
 UNDECODABLE = b"garbage\x01\xff"
+BATCH_HEADERS = raw_batch_headers(
+    RawBatch("main", b"[]", 1_700_000_010_000, "req-1", 1_700_000_009, "signature")
+)
 
 
 @pytest.fixture
@@ -288,3 +299,52 @@ def test_garbage_is_dead_lettered_per_element_listed_and_a_fix_plus_replay_lands
     assert headers["sgpipe-request-id"] == b"req-1"
     assert headers["sgpipe-received-at-ms"] == b"1700000010000"
     assert first_big.value.startswith(b'[{"event":"click"') and first_big.value.endswith(b'"}]')
+
+
+def test_a_replay_that_kafka_refuses_leaves_the_letter_pending(
+    tmp_path: Path, kafka_bootstrap_servers: str, clickhouse: ServedClickHouse, unique_name: str
+) -> None:
+    # Mutation caught: marking the letters replayed before Kafka acknowledged their records.
+    document = config_document(
+        kafka_bootstrap_servers, clickhouse, unique_name, max_request_size=SMALL_REQUESTS
+    )
+    config = write_config(tmp_path / "sgpipe.yaml", document)
+    settings = Settings.model_validate(document)
+    # A dead letter bigger than this replay's producer may send (the dead-letter topic took
+    # it from a processor with larger requests).
+    huge = b'{"event":"open","sg_event_id":"ev-huge","url":"' + b"u" * SMALL_REQUESTS + b'"}'
+    letter = DeadLetter(
+        "event_too_large", "too large", "process", huge, "raw", 0, 7, 0, list(BATCH_HEADERS)
+    )
+    row = dead_letter_row(
+        Message("dlq", 0, 0, 1_700_000_000_000, None, huge, tuple(dead_letter_headers(letter)))
+    )
+
+    async def store_letter() -> None:
+        await ensure_topics(settings.kafka)
+        writer = TableWriter(settings.clickhouse, None, stage="test", table=DEAD_LETTERS)
+        await writer.start()
+        try:
+            await writer.write([row], None)
+        finally:
+            await writer.stop()
+
+    asyncio.run(store_letter())
+
+    result = subprocess.run(
+        [*SGPIPE, "dlq", "replay", "--wait", "0", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "MessageSizeTooLargeError" in result.stdout + result.stderr
+    database = document["clickhouse"]["database"]
+    assert (
+        clickhouse.query(f"SELECT reason, replayed_at IS NULL FROM {database}.dead_letters FINAL")
+        == "event_too_large\t1\n"
+    )
+    listing = sgpipe("dlq", "list", "--json", "--config", str(config))
+    assert (listing["pending"], listing["replayed"]) == (1, 0)
