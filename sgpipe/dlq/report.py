@@ -112,7 +112,7 @@ def list_text(
         for letter in shown:
             state = "pending" if letter.pending else f"replayed {letter.replayed_at}"
             if letter.replay_generation:
-                state += f", dead-lettered again after {letter.replay_generation} replays"
+                state += f", dead-lettered again after {_replays(letter.replay_generation)}"
             context = " ".join(
                 f"{name} {value}"
                 for name, value in (("webhook", letter.webhook), ("request", letter.request_id))
@@ -267,3 +267,7 @@ def _table(header: list[str], rows: list[list[Any]], numeric: Collection[int] = 
 def _cell(value: object) -> str:
     # TSV as ClickHouse writes it: tab, newline and backslash escaped.
     return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+
+def _replays(count: int) -> str:
+    return f"{count} replay{'' if count == 1 else 's'}"
