@@ -46,8 +46,10 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 # lettered as event_too_large. The fix is the default (4 MiB).
 SMALL_REQUESTS = 1_048_576
 BIG_URL = "https://example.com/?" + "q" * 600_000  # ~1.2 MB encoded: raw + url
+# Without sg_event_id: it lands with an id derived from its content, which a replay must
+# leave unchanged for ClickHouse to keep one row.
 BIG_EVENT = (
-    b'{"event":"click","sg_event_id":"ev-big","email":"b@example.com","timestamp":1700000001,'
+    b'{"event":"click","email":"big@example.com","timestamp":1700000001,'
     b'"url":"' + BIG_URL.encode() + b'"}'
 )
 BATCH = (
@@ -56,6 +58,7 @@ BATCH = (
 )
 # On the events topic, in no framing the sink knows: a sink dead letter.
 UNDECODABLE = b"garbage\x01\xff"
+EVENTS_AFTER_REPLAY = f"a@example.com\tfalse\t0\nbig@example.com\ttrue\t{len(BIG_URL)}\n"
 BATCH_HEADERS = raw_batch_headers(
     RawBatch("main", b"[]", 1_700_000_010_000, "req-1", 1_700_000_009, "signature")
 )
@@ -212,7 +215,7 @@ def test_garbage_is_dead_lettered_per_element_listed_and_a_fix_plus_replay_lands
         assert not_an_object["payload_excerpt"] == '"not an event"'
         assert (not_an_object["webhook"], not_an_object["request_id"]) == ("main", "req-1")
         (too_large,) = samples["event_too_large"]
-        assert too_large["payload_excerpt"].startswith('{"event":"click","sg_event_id":"ev-big"')
+        assert too_large["payload_excerpt"].startswith('{"event":"click","email":"big@example')
         assert too_large["payload_excerpt"].endswith("...")
         assert samples["undecodable_event"][0]["payload_excerpt"] == "garbage\\x01\\xff"
         only = sgpipe(
@@ -247,10 +250,10 @@ def test_garbage_is_dead_lettered_per_element_listed_and_a_fix_plus_replay_lands
         assert skipped[0]["note"].startswith("not replayable: a sink dead letter")
         # Landed exactly once; the garbage is still one dead letter each, pending again.
         events_sql = (
-            f"SELECT sg_event_id, length(url) FROM {database}.email_events FINAL "
-            "ORDER BY sg_event_id"
+            f"SELECT email, sg_event_id_generated, length(url) FROM {database}.email_events "
+            "FINAL ORDER BY email"
         )
-        assert clickhouse.query(events_sql) == f"ev-big\t{len(BIG_URL)}\nev-ok\t0\n"
+        assert clickhouse.query(events_sql) == EVENTS_AFTER_REPLAY
         after_first = sgpipe("dlq", "list", "--json", "--config", str(config))
         assert by_reason(after_first) == {
             "not_an_object": ("process", 1, 0),
@@ -271,7 +274,7 @@ def test_garbage_is_dead_lettered_per_element_listed_and_a_fix_plus_replay_lands
             "--config", str(config),
         )  # fmt: skip
         assert outcomes(second) == outcomes(first)
-        assert clickhouse.query(events_sql) == f"ev-big\t{len(BIG_URL)}\nev-ok\t0\n"
+        assert clickhouse.query(events_sql) == EVENTS_AFTER_REPLAY
         assert clickhouse.query(
             f"SELECT reason, replay_generation, replayed_at IS NULL "
             f"FROM {database}.dead_letters FINAL ORDER BY event_index"
@@ -292,7 +295,7 @@ def test_garbage_is_dead_lettered_per_element_listed_and_a_fix_plus_replay_lands
     raw = asyncio.run(read_topic(kafka_bootstrap_servers, kafka.topics.raw, expected=7))
     replays = [record for record in raw if REPLAY_OF_HEADER in dict(record.headers)]
     assert len(replays) == 6
-    first_big = next(r for r in replays if b"ev-big" in r.value)
+    first_big = next(r for r in replays if b"big@example.com" in r.value)
     headers = dict(first_big.headers)
     assert headers[REPLAY_OF_HEADER] == f"{kafka.topics.raw}/{raw_partition}/0/2".encode()
     assert headers[REPLAY_GENERATION_HEADER] == b"1"
