@@ -35,6 +35,7 @@ import structlog
 from sgpipe.embedded.child import (
     ChildProcess,
     PortInUse,
+    ServedChild,
     accepts_connections,
     free_port,
     require_free_ports,
@@ -73,7 +74,7 @@ def tansu_binary() -> Path:
     return binary
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(ServedChild):
     """A tansu child process listening on ``host:port`` (port 0: a free port), storing in
     ``storage_engine`` (``memory://tansu/`` or ``s3://<bucket>/`` with ``env`` naming the S3
     endpoint and credentials)."""
@@ -93,26 +94,13 @@ class EmbeddedBroker:
         self._storage_engine = storage_engine
         # Read at every start: the supervisor updates it when the storage moved.
         self.environment = dict(env or {})
-        self._child: ChildProcess | None = None
-        # Set once the child accepts connections, cleared when a new one is spawned.
-        self._serving = False
+        # _serving: set once the child accepts connections, cleared when a new one is spawned.
+        super().__init__()
         self.started_seconds: float | None = None
 
     @property
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self.port}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid if self._child else None
-
-    def alive(self) -> bool:
-        """Running and, since its last start, accepting connections."""
-        return self._serving and self._child is not None and self._child.running()
-
-    @property
-    def returncode(self) -> int | None:
-        return self._child.returncode if self._child else None
 
     async def start(self, timeout: float = 15.0) -> str:
         """Start tansu and wait until it accepts connections; returns bootstrap servers."""
@@ -167,15 +155,6 @@ class EmbeddedBroker:
         if self._child is not None and self._child.running():
             await self._child.terminate(timeout)
             log.info("embedded broker stopped")
-
-    def kill(self) -> None:
-        """SIGKILL tansu, as a crash would (fault injection)."""
-        if self._child is not None:
-            self._child.kill()
-
-    async def wait_exited(self) -> None:
-        if self._child is not None:
-            await self._child.wait_exited()
 
 
 class EmbeddedKafka:

@@ -187,6 +187,37 @@ def _widen_pipe(descriptor: int) -> None:
         fcntl.fcntl(descriptor, _F_SETPIPE_SZ, PIPE_BYTES)
 
 
+class ServedChild:
+    """A service run as one ChildProcess that counts as alive only once it serves: the
+    accessors the embedded broker and storage share. Subclasses spawn ``_child`` and set
+    ``_serving`` once their readiness check passed (and clear it before a respawn)."""
+
+    def __init__(self) -> None:
+        self._child: ChildProcess | None = None
+        self._serving = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.pid if self._child else None
+
+    def alive(self) -> bool:
+        """Running and, since its last start, serving."""
+        return self._serving and self._child is not None and self._child.running()
+
+    @property
+    def returncode(self) -> int | None:
+        return self._child.returncode if self._child else None
+
+    def kill(self) -> None:
+        """SIGKILL the process, as a crash would (fault injection)."""
+        if self._child is not None:
+            self._child.kill()
+
+    async def wait_exited(self) -> None:
+        if self._child is not None:
+            await self._child.wait_exited()
+
+
 def rotate_log(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.stat().st_size > LOG_ROTATE_BYTES:

@@ -41,7 +41,7 @@ from pathlib import Path
 import aiohttp
 import structlog
 
-from sgpipe.embedded.child import ChildProcess, port_is_free, require_free_ports
+from sgpipe.embedded.child import ChildProcess, ServedChild, port_is_free, require_free_ports
 from sgpipe.embedded.s3 import S3Client, S3Credentials, S3Error
 from sgpipe.runtime.settings import ConfigError
 
@@ -285,7 +285,7 @@ async def _serves_reads_and_writes(client: S3Client) -> bool:
     return True
 
 
-class SeaweedStorage:
+class SeaweedStorage(ServedChild):
     """`weed mini` as a child process; ``start`` returns once its S3 bucket answers signed
     requests."""
 
@@ -302,10 +302,9 @@ class SeaweedStorage:
         self.host = host
         self._pinned_s3_port = s3_port
         self._memory_limit_mib = memory_limit_mib
-        self._child: ChildProcess | None = None
         self._lock_fd: int | None = None
-        # Set once S3 serves reads and writes, cleared when a new weed is spawned.
-        self._serving = False
+        # _serving: set once S3 serves reads and writes, cleared when a new weed is spawned.
+        super().__init__()
         self.ports: StoragePorts | None = None
         self.credentials: S3Credentials | None = None
         self.started_seconds: float | None = None
@@ -314,18 +313,6 @@ class SeaweedStorage:
     def endpoint(self) -> str:
         assert self.ports is not None, "storage not started"
         return f"http://{self.host}:{self.ports.s3}"
-
-    @property
-    def pid(self) -> int | None:
-        return self._child.pid if self._child else None
-
-    def alive(self) -> bool:
-        """Running and, since its last start, serving S3 reads and writes."""
-        return self._serving and self._child is not None and self._child.running()
-
-    @property
-    def returncode(self) -> int | None:
-        return self._child.returncode if self._child else None
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start (or restart, on the same ports when free) and wait until S3 answers."""
@@ -380,15 +367,6 @@ class SeaweedStorage:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
-
-    def kill(self) -> None:
-        """SIGKILL weed, as a crash would (fault injection)."""
-        if self._child is not None:
-            self._child.kill()
-
-    async def wait_exited(self) -> None:
-        if self._child is not None:
-            await self._child.wait_exited()
 
     def s3_client(self, session: aiohttp.ClientSession) -> S3Client:
         assert self.credentials is not None, "storage not started"

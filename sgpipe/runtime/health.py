@@ -7,7 +7,9 @@
 * ``/metrics`` -- Prometheus text format.
 
 Every stage process serves these: the ingress on its own port next to the webhooks,
-``sgpipe process`` / ``sgpipe sink`` on ``health_port``. A process that fronts others (the
+``sgpipe process`` / ``sgpipe sink`` on ``health_port``. A process that runs several stages
+(``sgpipe sink``: the events sink and the dead-letter sink) serves one endpoint for all of
+them: ready when every stage is. A process that fronts others (the
 ingress of ``sgpipe up``) passes their base URLs as ``peers``: its ``/readyz`` is ready only if
 every peer is, and its ``/metrics`` merges theirs, so one scrape covers the whole pipeline.
 ``peers`` may be a function returning the current URLs, for peers that move (a supervised
@@ -97,21 +99,22 @@ class _PeerSource:
     timeout_seconds: float
 
 
-HEALTH_READINESS = web.AppKey("sgpipe_readiness", Readiness)
+HEALTH_READINESS: web.AppKey[tuple[Readiness, ...]] = web.AppKey("sgpipe_readiness")
 HEALTH_PEERS = web.AppKey("sgpipe_health_peers", _PeerSource)
 
 
 def add_health_routes(
     app: web.Application,
-    readiness: Readiness,
+    readiness: Readiness | Sequence[Readiness],
     peers: Peers = (),
     *,
     peer_timeout_seconds: float = PEER_TIMEOUT_SECONDS,
 ) -> None:
-    """Add ``/healthz``, ``/readyz`` and ``/metrics`` to ``app``; ``peers`` are base URLs of
-    other stage processes whose readiness and metrics this app reports too (a peer that does
-    not answer within ``peer_timeout_seconds`` is reported unreachable)."""
-    app[HEALTH_READINESS] = readiness
+    """Add ``/healthz``, ``/readyz`` and ``/metrics`` to ``app``; ``readiness`` is the stage's,
+    or the stages' of a process that runs several (``/healthz`` names the first); ``peers``
+    are base URLs of other stage processes whose readiness and metrics this app reports too
+    (a peer that does not answer within ``peer_timeout_seconds`` is reported unreachable)."""
+    app[HEALTH_READINESS] = (readiness,) if isinstance(readiness, Readiness) else tuple(readiness)
     if callable(peers):
         source = peers
         app[HEALTH_PEERS] = _PeerSource(lambda: tuple(source()), peer_timeout_seconds)
@@ -124,7 +127,10 @@ def add_health_routes(
 
 
 def create_health_app(
-    readiness: Readiness, peers: Peers = (), *, peer_timeout_seconds: float = PEER_TIMEOUT_SECONDS
+    readiness: Readiness | Sequence[Readiness],
+    peers: Peers = (),
+    *,
+    peer_timeout_seconds: float = PEER_TIMEOUT_SECONDS,
 ) -> web.Application:
     app = web.Application()
     add_health_routes(app, readiness, peers, peer_timeout_seconds=peer_timeout_seconds)
@@ -132,7 +138,7 @@ def create_health_app(
 
 
 async def serve_health(
-    readiness: Readiness,
+    readiness: Readiness | Sequence[Readiness],
     host: str,
     port: int,
     peers: Peers = (),
@@ -153,13 +159,13 @@ async def serve_health(
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "stage": request.app[HEALTH_READINESS].stage})
+    return web.json_response({"status": "ok", "stage": request.app[HEALTH_READINESS][0].stage})
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    readiness = request.app[HEALTH_READINESS]
     checks = {
         f"{readiness.stage}.{name}": {"ok": ok, "detail": detail}
+        for readiness in request.app[HEALTH_READINESS]
         for name, (ok, detail) in readiness.evaluate().items()
     }
     source = request.app[HEALTH_PEERS]

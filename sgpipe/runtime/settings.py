@@ -250,6 +250,9 @@ class SinkSettings(StageSettings):
     batch_max_records: Annotated[int, Field(ge=1)] = 20_000
     batch_max_seconds: Annotated[float, Field(ge=0)] = 2.0
     health_port: Annotated[int, Field(ge=0, le=65535)] = 8082
+    # `sgpipe sink` also copies the dead-letter topic into ClickHouse's dead_letters table,
+    # with this consumer group and otherwise the settings above (docs/dead-letters.md).
+    dead_letter_group_id: str = "sgpipe-dead-letters"
 
 
 class EmbeddedSettings(_Section):

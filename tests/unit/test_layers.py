@@ -9,7 +9,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SHELL = ("sgpipe.cli", "sgpipe.up", "sgpipe.embedded", "sgpipe.__main__", "sgpipe.simulator")
+SHELL = (
+    "sgpipe.cli",
+    "sgpipe.up",
+    "sgpipe.embedded",
+    "sgpipe.__main__",
+    "sgpipe.simulator",
+    "sgpipe.dlq",
+)
 STAGES = ("ingest", "processors", "sinks")
 RUNTIME = ("sgpipe.runtime",)
 SCHEMAS = ("schemas",)
