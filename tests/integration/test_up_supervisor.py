@@ -126,10 +126,16 @@ def test_stages_run_as_separate_processes_and_the_ingress_port_answers_for_all(
         status, body = get(f"{running.base_url}/readyz")
         assert status == 200, body
         checks = json.loads(body)["checks"]
-        assert {name.split(".")[0] for name in checks} == {"ingest", "process", "sink", "up"}
+        assert {name.split(".")[0] for name in checks} == {
+            "ingest",
+            "process",
+            "sink",
+            "dead_letters",
+            "up",
+        }
         text = scrape(running)
-        stages = set(re.findall(r'stage="([a-z]+)"', text))
-        assert {"ingest", "process", "sink", "up"} <= stages
+        stages = set(re.findall(r'stage="([a-z_]+)"', text))
+        assert {"ingest", "process", "sink", "dead_letters", "up"} <= stages
         assert metric(text, "sgpipe_up_child_restarts_total", stage="up", child="process") == 0
 
         # The stop writes what the processor holds; its report counts it.
