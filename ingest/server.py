@@ -51,7 +51,7 @@ async def run_ingress(settings: Settings, stop: asyncio.Event) -> None:
     try:
         # IngressRunner: aiohttp's runner plus the connection cap, the request-head timeout
         # and JSON answers to malformed HTTP (ingest/protocol.py).
-        runner = IngressRunner(create_app(settings, publisher))
+        runner = IngressRunner(create_app(settings, publisher, peers=settings.ingest.health_peers))
         await runner.setup()
         try:
             await web.TCPSite(runner, settings.ingest.host, settings.ingest.port).start()

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from sgpipe.runtime.logs import (
     configure_logging,
     report_fatal,
 )
+from sgpipe.runtime.metrics import STAGE_INGEST, STAGE_PROCESS, STAGE_SINK, stop_counters
 from sgpipe.runtime.settings import (
     ConfigError,
     Settings,
@@ -98,6 +100,15 @@ def _report_escaped(exc: Exception, settings: Settings) -> int:
         return _report_start_failure(exc.problems)
     if isinstance(exc, PreflightFailed):
         return _report_start_failure([problem.message for problem in exc.problems])
+    from sgpipe.up import StageFailed
+
+    if isinstance(exc, StageFailed):
+        # `sgpipe up` stopped because a child stopped on an error restarting cannot fix: its
+        # exit code and its own message, once more as the last line.
+        log.error(
+            "sgpipe up stopped: a stage failed", stage=exc.stage, error=str(exc), exit_code=exc.code
+        )
+        return exc.code
     debug = settings.logging.level == "debug"
     if isinstance(exc, FatalStageError):
         log.error("stage stopped on a fatal error", error=str(exc), exc_info=exc if debug else None)
@@ -145,6 +156,7 @@ exit codes:
 
 examples:
   sgpipe up                                   whole pipeline, embedded Kafka and ClickHouse
+  sgpipe up --demo                            ... with simulated SendGrid traffic
   sgpipe ingest --config /etc/sgpipe.yaml     the ingress alone, against your Kafka
   sgpipe query "SELECT event, count() FROM email_events FINAL GROUP BY event\""""
 
@@ -197,16 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
     up = command(
         "up",
         _up,
-        "run the whole pipeline in one process",
-        "Run ingress, processor and sink in one process. Without kafka.bootstrap_servers an\n"
-        "embedded Kafka-protocol broker is started, without clickhouse.url an embedded\n"
-        "ClickHouse under --data-dir. Ctrl-C stops the ingress, drains the pipeline, then stops;\n"
-        "a second Ctrl-C stops at once. Checks ports and the data dir before starting anything.",
+        "run the whole pipeline on one machine",
+        "Run ingress, processor and sink as supervised child processes (`sgpipe ingest`,\n"
+        "`sgpipe process`, `sgpipe sink`; one that dies is restarted). Without\n"
+        "kafka.bootstrap_servers an embedded Kafka-protocol broker is started, without\n"
+        "clickhouse.url an embedded ClickHouse under --data-dir. Ctrl-C stops the ingress, then\n"
+        "the processor and the sink, and says what the stop wrote; a second Ctrl-C stops at once\n"
+        "and says what is left unwritten and where. Checks ports and the data dir before\n"
+        "starting anything. See docs/up.md.",
         serves_webhooks=True,
     )
     _add_data_dir(up)
     up.add_argument(
         "--port", type=int, metavar="PORT", help="ingress port (default: ingest.port, 8080)"
+    )
+    up.add_argument(
+        "--demo",
+        action="store_true",
+        help="also run the SendGrid simulator against a `demo` webhook (a key generated into "
+        "--data-dir) at a gentle rate, and print a query that shows the rows arriving",
     )
 
     ingest = command(
@@ -222,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, metavar="PORT", help="listen on this port (default: ingest.port, 8080)"
     )
 
-    command(
+    process = command(
         "process",
         _process,
         "run the processor: raw batches -> Avro events",
@@ -230,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
         "what cannot be processed goes to the dead-letter topic. Needs kafka.bootstrap_servers.",
         serves_webhooks=False,
     )
-    command(
+    _add_drain(process)
+    sink = command(
         "sink",
         _sink,
         "run the sink: Avro events -> ClickHouse",
@@ -238,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "offsets only after the insert. Needs kafka.bootstrap_servers and clickhouse.url.",
         serves_webhooks=False,
     )
+    _add_drain(sink)
 
     query = command(
         "query",
@@ -261,7 +284,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_simulator_commands(commands, common)  # keys generate, simulate
     add_dlq_commands(commands, common, _with_store, _add_data_dir)  # dlq list, dlq replay
+
+    # Internal, not listed: the process that holds `sgpipe up`'s embedded ClickHouse.
+    serve_clickhouse = commands.add_parser(
+        "serve-clickhouse",
+        parents=[common],
+        description="Serve the embedded ClickHouse of --data-dir over ClickHouse's HTTP\n"
+        "interface on embedded.clickhouse_http_port (started by `sgpipe up`, which created the\n"
+        "store's credentials).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve_clickhouse.set_defaults(command=_serve_clickhouse, serves_webhooks=False)
+    _add_data_dir(serve_clickhouse)
     return parser
+
+
+def _add_drain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--drain",
+        action="store_true",
+        help="on stop, keep consuming until the topic is empty before exiting (what `sgpipe up` "
+        "asks with an in-memory broker, which keeps nothing once stopped)",
+    )
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -284,29 +328,64 @@ def _version() -> str:
 # --- commands --------------------------------------------------------------------------------
 
 
-def _run_until_signal(body: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+def _run_until_signal(
+    body: Callable[[asyncio.Event], Awaitable[None]], *, stage: str | None = None
+) -> int:
+    """Run ``body`` until it returns; the first SIGINT/SIGTERM sets its ``stop``, a second one
+    cancels it. With ``stage``, a stop ends with one ``stop report`` line: what the stop
+    committed and wrote (`sgpipe up` reads it from its children)."""
+
     async def runner() -> None:
         stop = asyncio.Event()
         main_task = asyncio.current_task()
         assert main_task is not None
+        before: dict[str, float] = {}
+        stopping_since = 0.0
 
         def on_signal() -> None:
+            nonlocal before, stopping_since
             # The first signal drains; a second one means "now", without draining.
             if stop.is_set():
                 log.warning("second signal: stopping at once, without draining")
                 main_task.cancel()
+            elif stage is not None:
+                before, stopping_since = stop_counters(stage), time.monotonic()
             stop.set()
 
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal)
         await body(stop)
+        if stage is not None and stop.is_set():
+            _log_stop_report(stage, before, stop_counters(stage), stopping_since)
 
     try:
         asyncio.run(runner())
     except asyncio.CancelledError:
         return EXIT_FAILURE
     return 0
+
+
+def _log_stop_report(
+    stage: str, before: Mapping[str, float], after: Mapping[str, float], since: float
+) -> None:
+    """What happened between the stop signal and the end: records committed, records written
+    per output, dead letters, batches acknowledged (the ingress's requests in flight); and the
+    process's totals, for a supervisor that counts from an earlier moment."""
+    done = {key: int(after[key] - before.get(key, 0.0)) for key in after}
+    written = {
+        key.split(":", 1)[1]: count for key, count in done.items() if key.startswith("written:")
+    }
+    log.info(
+        "stop report",
+        stage=stage,
+        committed=done["committed"],
+        written=written,
+        dead_letters=done["dead_letters"],
+        acknowledged=done["acknowledged"],
+        totals={key: int(value) for key, value in after.items()},
+        seconds=round(time.monotonic() - since, 3),
+    )
 
 
 def _require_kafka(settings: Settings) -> None:
@@ -318,9 +397,42 @@ def _require_kafka(settings: Settings) -> None:
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
-    from sgpipe.up import run_up
+    from sgpipe.up import UpOptions, run_up
 
-    return _run_until_signal(lambda stop: run_up(settings, args.data_dir, stop))
+    async def runner() -> int:
+        stop, at_once = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            # First: stop in order, writing what is buffered. Second: stop at once (the stages
+            # are stopped without writing) and report what is left unwritten. Third: leave.
+            if at_once.is_set():
+                # The children die with us (PR_SET_PDEATHSIG); the lock goes with the process.
+                log.warning("third signal: exiting without waiting for the children")
+                os._exit(EXIT_INTERRUPTED)
+            elif stop.is_set():
+                log.warning("second signal: stopping at once")
+                at_once.set()
+            stop.set()
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal)
+        options = UpOptions(
+            data_dir=args.data_dir,
+            demo=args.demo,
+            config_file=args.config,
+            environ=dict(os.environ),
+            program=_program(),
+        )
+        return await run_up(settings, options, stop, at_once)
+
+    return asyncio.run(runner())
+
+
+def _program() -> str:
+    """How the user ran sgpipe, for commands we print: `.venv/bin/sgpipe`, else `sgpipe`."""
+    invoked = sys.argv[0] if sys.argv else ""
+    return invoked if Path(invoked).name == "sgpipe" else "sgpipe"
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
@@ -332,7 +444,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     problems = check_ports([claim])
     if problems:
         raise PreflightFailed(problems)
-    return _run_until_signal(lambda stop: run_ingress(settings, stop))
+    return _run_until_signal(lambda stop: run_ingress(settings, stop), stage=STAGE_INGEST)
 
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:
@@ -341,9 +453,9 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
     _require_kafka(settings)
 
     async def body(stop: asyncio.Event) -> None:
-        await run_processor(settings, stop)
+        await run_processor(settings, stop, drain=args.drain)
 
-    return _run_until_signal(body)
+    return _run_until_signal(body, stage=STAGE_PROCESS)
 
 
 def _sink(args: argparse.Namespace, settings: Settings) -> int:
@@ -357,9 +469,15 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
         )
 
     async def body(stop: asyncio.Event) -> None:
-        await run_sink(settings, stop)
+        await run_sink(settings, stop, drain=args.drain)
 
-    return _run_until_signal(body)
+    return _run_until_signal(body, stage=STAGE_SINK)
+
+
+def _serve_clickhouse(args: argparse.Namespace, settings: Settings) -> int:
+    from sgpipe.up.store import serve_embedded_clickhouse
+
+    return _run_until_signal(lambda stop: serve_embedded_clickhouse(settings, args.data_dir, stop))
 
 
 def _query(args: argparse.Namespace, settings: Settings) -> int:

@@ -156,6 +156,12 @@ class DataDirLock:
         self.data_dir = data_dir
         self._descriptor: int | None = descriptor
 
+    def fileno(self) -> int:
+        """The locked descriptor. A child given it (``pass_fds``) shares the lock: the data dir
+        stays locked until the last process holding it has exited."""
+        assert self._descriptor is not None, "released"
+        return self._descriptor
+
     def release(self) -> None:
         descriptor, self._descriptor = self._descriptor, None
         if descriptor is not None:
@@ -180,6 +186,14 @@ def lock_data_dir(data_dir: Path, command: str) -> DataDirLock:
     os.ftruncate(descriptor, 0)
     os.pwrite(descriptor, record + b"\n", 0)
     return DataDirLock(data_dir, descriptor)
+
+
+def recorded_holder_pid(data_dir: Path) -> int | None:
+    """The PID the lock file names (its last holder, alive or not), if it names one."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        record = json.loads((data_dir / LOCK_FILE).read_text(encoding="utf-8"))
+        return int(record["pid"])
+    return None
 
 
 def data_dir_holder(data_dir: Path) -> str | None:

@@ -51,6 +51,7 @@ CHART_OWNED_SETTINGS = {
     ("webhooks",): "the chart's `webhooks` list",
     ("embedded",): "only `sgpipe up` embeds services",
     ("kafka", "ssl_cafile"): "`secrets.kafkaCa` mounts the CA file and sets it",
+    ("ingest", "health_peers"): "only `sgpipe up` fronts other processes' health endpoints",
 }
 WEBHOOK_CHART_OWNED = {"name", "public_keys"}
 # Where the settings' own comments speak of `sgpipe up`, the chart's reader needs another word.
@@ -567,7 +568,8 @@ def _is_secret(schema: Schema) -> bool:
 
 
 def _is_chart_owned(model_name: str, field: str) -> bool:
-    section = {"Settings": (), "KafkaSettings": ("kafka",)}.get(model_name)
+    sections = {"Settings": (), "KafkaSettings": ("kafka",), "IngestSettings": ("ingest",)}
+    section = sections.get(model_name)
     return section is not None and (*section, field) in CHART_OWNED_SETTINGS
 
 

@@ -1,4 +1,5 @@
-"""Child processes of `sgpipe up` (the embedded broker and its storage) and their ports.
+"""Child processes of `sgpipe up` (the stages, the embedded broker, its storage, ClickHouse)
+and their ports.
 
 Every child runs in its own process group, so that a Ctrl-C in the terminal reaches `sgpipe up`
 alone (which then stops its children in order), and asks Linux to signal it when `sgpipe up`
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import structlog
 
@@ -70,8 +73,9 @@ async def accepts_connections(host: str, port: int) -> bool:
 
 
 class ChildProcess:
-    """One executable run as a child: its output appended to ``log_file``, its environment
-    exactly ``env`` (nothing inherited: stray AWS_* or broker variables must not reach it)."""
+    """One executable run as a child: its output appended to ``log_file`` (or, without one,
+    to a pipe the parent reads: ``output``), its environment exactly ``env`` (nothing
+    inherited: stray AWS_* or broker variables must not reach it)."""
 
     def __init__(
         self,
@@ -79,7 +83,7 @@ class ChildProcess:
         argv: Sequence[str],
         *,
         env: Mapping[str, str],
-        log_file: Path,
+        log_file: Path | None,
         cwd: Path | None = None,
         death_signal: signal.Signals = signal.SIGTERM,
         pass_fds: Sequence[int] = (),
@@ -104,24 +108,42 @@ class ChildProcess:
     def returncode(self) -> int | None:
         return self._process.poll() if self._process else None
 
+    @property
+    def output(self) -> IO[bytes]:
+        """The read end of the child's stdout and stderr (a child spawned without a log file)."""
+        assert self._process is not None and self._process.stdout is not None, "no output pipe"
+        return self._process.stdout
+
     def spawn(self) -> None:
         """Start it. Call from the thread that lives as long as `sgpipe up` (the event loop's):
         Linux sends the death signal when the *thread* that forked the child ends."""
+        if self._log_file is None:
+            self._process = self._popen(subprocess.PIPE, subprocess.STDOUT)
+            _widen_pipe(self.output.fileno())
+            return
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
-        death_signal = self._death_signal
         rotate_log(self._log_file)
         with self._log_file.open("ab") as output:
-            self._process = subprocess.Popen(
-                self._argv,
-                stdout=output,
-                stderr=output,
-                stdin=subprocess.DEVNULL,
-                env=self._env,
-                cwd=self._cwd,
-                start_new_session=True,
-                pass_fds=self._pass_fds,
-                preexec_fn=lambda: _exit_with_parent(death_signal),
-            )
+            self._process = self._popen(output, output)
+
+    def _popen(self, stdout: Any, stderr: Any) -> subprocess.Popen[bytes]:
+        death_signal = self._death_signal
+        return subprocess.Popen(
+            self._argv,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env=self._env,
+            cwd=self._cwd,
+            start_new_session=True,
+            pass_fds=self._pass_fds,
+            preexec_fn=lambda: _exit_with_parent(death_signal),
+        )
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Signal the child's process group (nothing if it has exited)."""
+        if self._process is not None and self._process.poll() is None:
+            _signal_group(self._process.pid, signum)
 
     async def terminate(self, timeout: float) -> None:
         """SIGTERM the child's process group, SIGKILL it after ``timeout`` seconds; returns
@@ -131,6 +153,8 @@ class ChildProcess:
             return
         if process.poll() is None:
             _signal_group(process.pid, signal.SIGTERM)
+            # A stopped (SIGSTOP) process acts on SIGTERM only once continued (as systemd does).
+            _signal_group(process.pid, signal.SIGCONT)
             try:
                 await asyncio.to_thread(process.wait, timeout)
             except subprocess.TimeoutExpired:
@@ -148,6 +172,19 @@ class ChildProcess:
     async def wait_exited(self) -> None:
         if self._process is not None:
             await asyncio.to_thread(self._process.wait)
+
+
+# Bytes a child may write before it blocks while the parent is busy: Linux's default pipe is
+# 64 KiB, about 300 log lines; 1 MiB (the unprivileged maximum) rides out a pause of seconds.
+PIPE_BYTES = 1_048_576
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named there only from Python 3.10 on Linux
+
+
+def _widen_pipe(descriptor: int) -> None:
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError):  # a lower /proc/sys/fs/pipe-max-size: keep the default
+        fcntl.fcntl(descriptor, _F_SETPIPE_SZ, PIPE_BYTES)
 
 
 class ServedChild:

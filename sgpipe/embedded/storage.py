@@ -51,8 +51,11 @@ BUCKET = "tansu"
 # Written and read back to tell that the storage is ready; outside tansu's ``clusters/``.
 READINESS_KEY = "sgpipe/readiness"
 GRPC_PORT_OFFSET = 10_000
-# Where free ports are looked for: below the usual ephemeral range's top, so that +10000 fits.
-PORT_RANGE = (20_000, 55_000)
+# Where free ports are looked for: below the kernel's ephemeral range (Linux: 32768-60999),
+# gRPC twin (+10000) included. weed binds its ports a second or more after they were found
+# free; an ephemeral port -- any outgoing connection, any port-0 listener such as `sgpipe up`'s
+# children starting meanwhile -- could take one in between (seen: "Port allocation failed").
+PORT_RANGE = (10_000, 22_700)
 SOCKET_COMPONENTS = ("admin", "filer", "master", "s3", "volume")
 # How long a start waits for the data dir lock held by a weed that is going away.
 LOCK_WAIT_SECONDS = 15.0

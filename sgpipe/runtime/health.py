@@ -12,6 +12,8 @@ Every stage process serves these: the ingress on its own port next to the webhoo
 them: ready when every stage is. A process that fronts others (the
 ingress of ``sgpipe up``) passes their base URLs as ``peers``: its ``/readyz`` is ready only if
 every peer is, and its ``/metrics`` merges theirs, so one scrape covers the whole pipeline.
+``peers`` may be a function returning the current URLs, for peers that move (a supervised
+child restarted on a new port); a peer that fronts others in turn answers for them too.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from sgpipe.runtime import metrics
 # A readiness check: (holds, a short reason people can act on).
 Check = Callable[[], tuple[bool, str]]
 
-_PEER_TIMEOUT_SECONDS = 2.0
+PEER_TIMEOUT_SECONDS = 2.0
+
+# Base URLs of peers, or a function returning the current ones.
+Peers = Sequence[str] | Callable[[], Sequence[str]]
 
 
 class Readiness:
@@ -88,37 +93,62 @@ class Progress:
         return True, "progressing"
 
 
+@dataclass(frozen=True, slots=True)
+class _PeerSource:
+    current: Callable[[], tuple[str, ...]]
+    timeout_seconds: float
+
+
 HEALTH_READINESS: web.AppKey[tuple[Readiness, ...]] = web.AppKey("sgpipe_readiness")
-HEALTH_PEERS = web.AppKey("sgpipe_health_peers", tuple)
+HEALTH_PEERS = web.AppKey("sgpipe_health_peers", _PeerSource)
 
 
 def add_health_routes(
-    app: web.Application, readiness: Readiness | Sequence[Readiness], peers: Sequence[str] = ()
+    app: web.Application,
+    readiness: Readiness | Sequence[Readiness],
+    peers: Peers = (),
+    *,
+    peer_timeout_seconds: float = PEER_TIMEOUT_SECONDS,
 ) -> None:
     """Add ``/healthz``, ``/readyz`` and ``/metrics`` to ``app``; ``readiness`` is the stage's,
     or the stages' of a process that runs several (``/healthz`` names the first); ``peers``
-    are base URLs of other stage processes whose readiness and metrics this app reports too."""
+    are base URLs of other stage processes whose readiness and metrics this app reports too
+    (a peer that does not answer within ``peer_timeout_seconds`` is reported unreachable)."""
     app[HEALTH_READINESS] = (readiness,) if isinstance(readiness, Readiness) else tuple(readiness)
-    app[HEALTH_PEERS] = tuple(peers)
+    if callable(peers):
+        source = peers
+        app[HEALTH_PEERS] = _PeerSource(lambda: tuple(source()), peer_timeout_seconds)
+    else:
+        fixed = tuple(peers)
+        app[HEALTH_PEERS] = _PeerSource(lambda: fixed, peer_timeout_seconds)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
 
 
 def create_health_app(
-    readiness: Readiness | Sequence[Readiness], peers: Sequence[str] = ()
+    readiness: Readiness | Sequence[Readiness],
+    peers: Peers = (),
+    *,
+    peer_timeout_seconds: float = PEER_TIMEOUT_SECONDS,
 ) -> web.Application:
     app = web.Application()
-    add_health_routes(app, readiness, peers)
+    add_health_routes(app, readiness, peers, peer_timeout_seconds=peer_timeout_seconds)
     return app
 
 
 async def serve_health(
-    readiness: Readiness | Sequence[Readiness], host: str, port: int, peers: Sequence[str] = ()
+    readiness: Readiness | Sequence[Readiness],
+    host: str,
+    port: int,
+    peers: Peers = (),
+    *,
+    peer_timeout_seconds: float = PEER_TIMEOUT_SECONDS,
 ) -> web.AppRunner:
     """Start the health server; the caller awaits ``runner.cleanup()`` to stop it. The bound
     port is ``runner.addresses[0][1]`` (port 0 picks a free one)."""
-    runner = web.AppRunner(create_health_app(readiness, peers), access_log=None)
+    app = create_health_app(readiness, peers, peer_timeout_seconds=peer_timeout_seconds)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, host, port).start()
@@ -138,9 +168,11 @@ async def _readyz(request: web.Request) -> web.Response:
         for readiness in request.app[HEALTH_READINESS]
         for name, (ok, detail) in readiness.evaluate().items()
     }
-    peers = request.app[HEALTH_PEERS]
+    source = request.app[HEALTH_PEERS]
+    peers = source.current()
     if peers:
-        for peer, result in zip(peers, await _gather_peers(peers, "/readyz"), strict=True):
+        answers = await _gather_peers(peers, "/readyz", source.timeout_seconds)
+        for peer, result in zip(peers, answers, strict=True):
             checks.update(_peer_checks(peer, result))
     ready = bool(checks) and all(check["ok"] for check in checks.values())
     return web.json_response(
@@ -150,11 +182,12 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    peers = request.app[HEALTH_PEERS]
+    source = request.app[HEALTH_PEERS]
+    peers = source.current()
     body, content_type = metrics.render()
     if peers:
         texts = [body.decode()]
-        for result in await _gather_peers(peers, "/metrics"):
+        for result in await _gather_peers(peers, "/metrics", source.timeout_seconds):
             if isinstance(result, tuple) and result[0] == 200:
                 texts.append(result[1])
         body = merge_exposition(texts)
@@ -163,8 +196,10 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type=media_type, charset="utf-8")
 
 
-async def _gather_peers(peers: Sequence[str], path: str) -> list[tuple[int, str] | BaseException]:
-    timeout = aiohttp.ClientTimeout(total=_PEER_TIMEOUT_SECONDS)
+async def _gather_peers(
+    peers: Sequence[str], path: str, timeout_seconds: float
+) -> list[tuple[int, str] | BaseException]:
+    timeout = aiohttp.ClientTimeout(total=timeout_seconds)
     async with aiohttp.ClientSession(timeout=timeout) as session:
 
         async def fetch(base: str) -> tuple[int, str]:

@@ -73,6 +73,23 @@ def create_producer(settings: KafkaSettings) -> AIOKafkaProducer[bytes, bytes]:
     )
 
 
+def create_reader(settings: KafkaSettings) -> AIOKafkaConsumer[bytes, bytes]:
+    """A consumer outside any group, for reading partitions by hand (``assign``, ``seek``):
+    nothing it reads is committed. `sgpipe up` counts what is left unwritten with it."""
+    return AIOKafkaConsumer(
+        **_connection_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=100,
+        max_partition_fetch_bytes=settings.max_request_size,
+        fetch_max_bytes=max(settings.max_request_size, 52_428_800),
+    )
+
+
+def create_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(**_connection_options(settings))
+
+
 def create_consumer(settings: KafkaSettings, *, group_id: str) -> AIOKafkaConsumer[bytes, bytes]:
     """Offsets are committed by the stage after its output is durable, never automatically.
 

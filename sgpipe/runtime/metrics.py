@@ -13,9 +13,11 @@ what an alert on it means; ``tests/unit/test_metrics.py`` keeps the two in step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
@@ -240,6 +242,48 @@ EMBEDDED_RETENTION_DELETED_BYTES: Final = Counter(
     ["stage"],
     registry=REGISTRY,
 )
+
+
+# --- sgpipe up's supervisor ------------------------------------------------------------------
+
+UP_CHILD_RESTARTS: Final = Counter(
+    "sgpipe_up_child_restarts_total",
+    "Processes `sgpipe up` runs as its children (child: ingest, process, sink, clickhouse) that "
+    "died without being asked to and were restarted. Any increase deserves a look at "
+    "<data-dir>/logs/<child>.log.",
+    ["stage", "child"],
+    registry=REGISTRY,
+)
+
+
+def stop_counters(stage: str, families: Iterable[Metric] | None = None) -> dict[str, float]:
+    """Running totals of what the stage ``stage`` committed and wrote, for a report of what a
+    stop did (the difference of two readings): ``committed`` records (their offsets committed
+    after the write), ``written:<output>`` records per output, ``dead_letters`` and, for the
+    ingress, ``acknowledged`` batches. From this process's registry, or from ``families``
+    (another process's exposition, parsed)."""
+    totals: dict[str, float] = {
+        "committed": 0.0,
+        "dead_letters": 0.0,
+        "acknowledged": 0.0,
+    }
+    for family in REGISTRY.collect() if families is None else families:
+        for sample in family.samples:
+            if sample.labels.get("stage") != stage:
+                continue
+            if sample.name == "sgpipe_flush_records_sum":
+                totals["committed"] += sample.value
+            elif sample.name == "sgpipe_records_produced_total":
+                key = f"written:{sample.labels['output']}"
+                totals[key] = totals.get(key, 0.0) + sample.value
+            elif sample.name == "sgpipe_dead_letters_total":
+                totals["dead_letters"] += sample.value
+            elif (
+                sample.name == "sgpipe_ingest_requests_total"
+                and sample.labels.get("outcome") == "accepted"
+            ):
+                totals["acknowledged"] += sample.value
+    return totals
 
 
 def render() -> tuple[bytes, str]:

@@ -191,6 +191,10 @@ class IngestSettings(_Section):
     max_header_bytes: Annotated[int, Field(ge=1024, le=1_048_576)] = 32_768
     # How often /readyz's Kafka check asks the broker for the raw topic's metadata.
     readiness_probe_interval_seconds: Annotated[float, Field(gt=0)] = 5.0
+    # Base URLs (http://host:port) of other processes' health endpoints whose readiness and
+    # metrics this ingress's /readyz and /metrics include. `sgpipe up` sets it, so that one
+    # scrape of the ingress port covers every stage; separate deployments leave it empty.
+    health_peers: tuple[str, ...] = ()
 
 
 class DeadLetterLimit(_Section):

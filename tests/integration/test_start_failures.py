@@ -427,7 +427,11 @@ def test_sgpipe_ingest_serves_once_kafka_answers(
     assert process.returncode == 0
     all_lines = [*lines, *rest.splitlines()]
     events = [json.loads(line) for line in all_lines]
-    assert [event["event"] for event in events][-1] == "stopped"
+    names = [event["event"] for event in events]
+    # "stopped", then the stop report a supervisor reads: nothing was in flight at SIGTERM.
+    assert names[-2:] == ["stopped", "stop report"]
+    assert events[-1]["stage"] == "ingest"
+    assert events[-1]["acknowledged"] == 0
     assert not [event for event in events if "Running on" in event["event"]]
 
 

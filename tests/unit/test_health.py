@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -161,3 +162,52 @@ def test_progress_stalls_only_past_its_threshold() -> None:
     assert progress.check(time.monotonic() - 5)[0] is True
     ok, detail = progress.check(time.monotonic() - 31)
     assert ok is False and detail == "no progress for 31 s"
+
+
+async def test_peers_may_move_a_function_gives_the_current_ones(
+    peer: tuple[str, Readiness],
+) -> None:
+    # `sgpipe up` fronts children that move to a new port when restarted.
+    url, _ = peer
+    current: list[str] = []
+    readiness = Readiness("up")
+    readiness.set("children", True, "every child running")
+    client = await client_for(create_health_app(readiness, peers=lambda: current))
+    try:
+        assert set((await (await client.get("/readyz")).json())["checks"]) == {"up.children"}
+        current.append(url)
+        assert set((await (await client.get("/readyz")).json())["checks"]) == {
+            "up.children",
+            "sink.kafka",
+        }
+    finally:
+        await client.close()
+
+
+async def test_a_peer_that_hangs_is_unreachable_after_the_peer_timeout() -> None:
+    # A stage whose event loop is busy must not hold the front's answer past its own callers'
+    # timeout: `sgpipe up` fronts its stages with a shorter timeout than the ingress's.
+    released = asyncio.Event()
+
+    async def hang(_request: web.Request) -> web.Response:
+        await released.wait()
+        return web.Response()
+
+    slow = web.Application()
+    slow.router.add_get("/readyz", hang)
+    runner = web.AppRunner(slow)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    readiness = Readiness("up")
+    readiness.set("children", True, "every child running")
+    url = f"http://127.0.0.1:{bound_port(runner)}"
+    client = await client_for(create_health_app(readiness, [url], peer_timeout_seconds=0.2))
+    try:
+        # Completes (the hanging peer never answers until released below).
+        response = await asyncio.wait_for(client.get("/readyz"), 10)
+        assert response.status == 503
+        assert (await response.json())["checks"][url]["detail"].startswith("unreachable")
+    finally:
+        released.set()
+        await client.close()
+        await runner.cleanup()

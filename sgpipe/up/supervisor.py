@@ -1,0 +1,775 @@
+"""`sgpipe up`: the whole pipeline on one machine, as a supervisor of separate processes.
+
+    sgpipe up                       the supervisor: this module (stage "up")
+    ├── weed mini                   embedded broker storage (durable only)   } EmbeddedKafka,
+    ├── tansu broker                embedded Kafka-protocol broker           } supervised there
+    ├── sgpipe serve-clickhouse     embedded ClickHouse (chdb) over HTTP
+    ├── sgpipe sink                 \
+    ├── sgpipe process               } the same commands Kubernetes runs, each its own process
+    └── sgpipe ingest               /  and event loop: processing never delays an acknowledgement
+
+Start: preflight (ports, the data-dir lock, held for life), the supervisor's own health
+endpoint, the broker and ClickHouse concurrently, the topics, then the stages. With a durable
+broker (or a configured Kafka) the ingress starts as soon as the topics exist: its 2xx means
+the batch is durable in Kafka, whatever the other stages do. With ``broker_storage: memory`` it
+starts only once the processor and the sink consume, as an acknowledged batch lives only in
+the broker's memory until they have written it.
+
+Supervision: a child that dies is restarted with backoff (0.5 s doubling to 30 s) and a log
+line; one that exits 2 (configuration) or 3 (a fatal stage error) stops the whole `sgpipe up`
+with its message and exit code -- a restart would only repeat the error.
+
+Stop (SIGTERM, Ctrl-C): the ingress first, then the processor and the sink (one after the
+other, each draining its topic, with the in-memory broker; together otherwise), then ClickHouse
+and the broker; every child has a deadline, then SIGKILL. The last line says what the stop
+wrote and what is left unwritten where. A second signal stops at once: the stages get their
+own "stop at once" (two signals), SIGKILL after ``AT_ONCE_GRACE_SECONDS``, and the last line
+counts the acknowledged batches and events not yet written and says where they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from ingest.app import build_verifiers
+from sgpipe.preflight import (
+    DataDirLock,
+    PreflightFailed,
+    check_up,
+    data_dir_holder,
+    lock_data_dir,
+    recorded_holder_pid,
+)
+from sgpipe.runtime import metrics
+from sgpipe.runtime.clickhouse import with_credentials
+from sgpipe.runtime.health import Readiness, serve_health
+from sgpipe.runtime.kafka import ensure_topics
+from sgpipe.runtime.logs import renders_json
+from sgpipe.runtime.redact import redact_text, redact_url
+from sgpipe.runtime.runner import CLOSE_TIMEOUT_SECONDS, bound_port
+from sgpipe.runtime.settings import ConfigError, Settings
+from sgpipe.runtime.startup import retry_kafka_at_start, start_deadline
+from sgpipe.up import configs, demo
+from sgpipe.up.backlog import Backlog, BacklogUnknown, count_backlog
+from sgpipe.up.children import SupervisedChild
+from sgpipe.up.layout import (
+    CLICKHOUSE_DIR,
+    LOG_DIR,
+    RUN_DIR,
+    private_directory,
+    remove_state,
+    write_state,
+)
+from sgpipe.up.logstream import LogStream
+from sgpipe.up.report import BrokerLocation, Drained, at_once_report, stop_report
+
+if TYPE_CHECKING:
+    from sgpipe.embedded.broker import EmbeddedKafka
+    from sgpipe.embedded.credentials import EmbeddedCredentials
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+# Exit codes of a child that a restart cannot fix (sgpipe's own: configuration, fatal).
+EXIT_CONFIG = 2
+EXIT_FATAL = 3
+EXIT_STOPPED_AT_ONCE = 1
+
+RESTART_BACKOFF_INITIAL_SECONDS = 0.5
+RESTART_BACKOFF_MAX_SECONDS = 30.0
+STABLE_SECONDS = 60.0
+# A second signal: how long the stages get to act on their own "stop at once" before SIGKILL.
+AT_ONCE_GRACE_SECONDS = 2.0
+# ClickHouse closes its engine on SIGTERM; more than this is a hang.
+STORE_STOP_SECONDS = 15.0
+# Counting what is left unwritten (reading the topics past the committed offsets).
+BACKLOG_TIMEOUT_SECONDS = 5.0
+# The supervisor fronts the consuming stages' health endpoints for the ingress, whose own wait
+# for it is 2 s (health.PEER_TIMEOUT_SECONDS): it must answer first, even when a stage hangs.
+STAGE_PEER_TIMEOUT_SECONDS = 1.0
+STATE_REFRESH_SECONDS = 1.0
+# Beyond a child's own deadlines (its stop timeout, its clients' close timeouts).
+_STOP_MARGIN_SECONDS = 5.0
+# After a kill -9 of `sgpipe up`, its children (dying by PR_SET_PDEATHSIG) may hold the data
+# dir's lock a moment longer; a new `sgpipe up` waits this long for them.
+_STALE_LOCK_WAIT_SECONDS = 10.0
+
+STAGES = ("ingest", "process", "sink")
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    data_dir: Path
+    demo: bool = False
+    config_file: Path | None = None
+    # The environment the children inherit (without SGPIPE_*: their config file is complete).
+    environ: Mapping[str, str] = field(default_factory=dict)
+    # How the user ran sgpipe, for the commands `sgpipe up` prints (the demo's query).
+    program: str = "sgpipe"
+
+
+class StageFailed(RuntimeError):
+    """A child stopped on an error a restart cannot fix; `sgpipe up` was stopped. ``code`` is
+    the exit code `sgpipe up` ends with (the child's own, for 2 and 3)."""
+
+    def __init__(self, stage: str, message: str, code: int) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.code = code
+
+
+class _Halted(Exception):
+    """A stop was requested (or a child failed) while `sgpipe up` was still starting."""
+
+
+def retention_groups(settings: Settings) -> dict[str, list[str]]:
+    """Which sgpipe consumer groups must have committed a topic's batches before the embedded
+    broker's retention may delete them. The dead-letter topic has none: it is kept."""
+    return {
+        settings.kafka.topics.raw: [settings.processor.group_id],
+        settings.kafka.topics.events: [settings.sink.group_id],
+    }
+
+
+async def run_up(
+    settings: Settings, options: UpOptions, stop: asyncio.Event, at_once: asyncio.Event
+) -> int:
+    """Run until ``stop`` is set (then stop in order; ``at_once`` as well: stop at once) or a
+    child fails (then StageFailed, after a full stop). Returns the exit code: 0, or 1 after a
+    stop at once.
+
+    Raises ConfigError or PreflightFailed (a busy port, the data dir in use) before anything
+    is started; holds the data dir's lock until it returns.
+    """
+    build_verifiers(settings)  # a bad key must stop us before anything starts
+    data_dir = options.data_dir
+    await _wait_for_dead_holders_children(data_dir)
+    problems = check_up(settings, data_dir)
+    if problems:
+        raise PreflightFailed(problems)
+    lock = lock_data_dir(data_dir, "up")
+    try:
+        # Before anything starts too: an unsafe credentials file is a configuration error.
+        credentials = _embedded_credentials(settings, data_dir)
+        if options.demo:
+            settings = demo.with_demo_webhook(settings, demo.demo_key(data_dir))
+        structlog.contextvars.bind_contextvars(stage=metrics.STAGE_UP)
+        supervisor = _Supervisor(settings, options, lock, credentials, stop, at_once)
+        return await supervisor.run()
+    finally:
+        lock.release()
+
+
+async def _wait_for_dead_holders_children(data_dir: Path) -> None:
+    """If the data dir is locked by children of a `sgpipe up` that no longer exists (killed a
+    moment ago; they are dying), wait for them to let go instead of refusing to start."""
+    deadline = time.monotonic() + _STALE_LOCK_WAIT_SECONDS
+    while data_dir_holder(data_dir) is not None and time.monotonic() < deadline:
+        pid = recorded_holder_pid(data_dir)
+        if pid is None or _alive(pid):
+            return
+        await asyncio.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _embedded_credentials(settings: Settings, data_dir: Path) -> EmbeddedCredentials | None:
+    """The embedded store's credentials (created on first start), None with a configured
+    ClickHouse. An unsafe credentials file is a configuration error."""
+    if settings.clickhouse.url is not None:
+        return None
+    from sgpipe.embedded.credentials import CredentialsError, load_or_create_credentials
+
+    try:
+        return load_or_create_credentials(data_dir)
+    except CredentialsError as exc:  # e.g. a file others can read: fix it, then start
+        raise ConfigError(str(exc)) from exc
+
+
+class _Supervisor:
+    def __init__(
+        self,
+        settings: Settings,
+        options: UpOptions,
+        lock: DataDirLock,
+        credentials: EmbeddedCredentials | None,
+        stop: asyncio.Event,
+        at_once: asyncio.Event,
+    ) -> None:
+        self.settings = settings
+        self.options = options
+        self.data_dir = options.data_dir
+        self.lock = lock
+        self.credentials = credentials
+        self.stop = stop
+        self.at_once = at_once
+        self.embedded_broker = settings.kafka.bootstrap_servers is None
+        # Only an in-memory broker needs the stages to drain before it stops.
+        self.drain = self.embedded_broker and settings.embedded.broker_storage == "memory"
+        self.run_dir = self.data_dir / RUN_DIR
+        self.stream = LogStream(
+            self.data_dir / LOG_DIR,
+            sys.stderr,
+            json_output=renders_json(settings.logging.format),
+        )
+        self.children: dict[str, SupervisedChild] = {}
+        self.broker: EmbeddedKafka | None = None
+        # The settings the stages share once the broker is known.
+        self.stage_base: Settings | None = None
+        self.clickhouse_url: str | None = settings.clickhouse.url
+        self.clickhouse_port: int | None = None
+        self.ingress_port: int | None = None
+        self.health: web.AppRunner | None = None
+        self.health_url: str | None = None
+        self.failure: StageFailed | None = None
+        self.halt = asyncio.Event()  # a stop was asked for, or a child failed
+        self.stopping = False
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.demo_stop = asyncio.Event()
+        self.demo_task: asyncio.Task[None] | None = None
+        self.readiness = Readiness(metrics.STAGE_UP)
+
+    # --- the whole run ---------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.tasks.append(asyncio.create_task(self._relay_stop(), name="relay-stop"))
+        stopped_at_once = False
+        try:
+            try:
+                await self._start()
+                await self.halt.wait()
+            except _Halted:
+                pass
+            finally:
+                stopped_at_once = await self._shutdown()
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            for task in self.tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.stream.close()
+        if self.failure is not None:
+            raise self.failure
+        return EXIT_STOPPED_AT_ONCE if stopped_at_once else 0
+
+    async def _relay_stop(self) -> None:
+        await self.stop.wait()
+        self.halt.set()
+
+    async def _until_halted(self, awaitable: Awaitable[T]) -> T:
+        """``awaitable``'s result, or _Halted if a stop or a failure comes first."""
+        task = asyncio.ensure_future(awaitable)
+        halted = asyncio.ensure_future(self.halt.wait())
+        try:
+            await asyncio.wait({task, halted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halted.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise _Halted
+
+    # --- start -----------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        private_directory(self.run_dir)
+        await self._serve_health()
+        clickhouse: SupervisedChild | None = None
+        if self.settings.clickhouse.url is None:
+            clickhouse = await self._start_child("clickhouse", "embedded clickhouse serving")
+        kafka = self.settings.kafka
+        if self.embedded_broker:
+            servers = await self._until_halted(self._start_broker())
+            kafka = kafka.model_copy(
+                update={"bootstrap_servers": servers, "enable_idempotence": False}
+            )
+        self.stage_base = self.settings.model_copy(update={"kafka": kafka})
+        if kafka.create_topics:
+            created = await self._until_halted(
+                retry_kafka_at_start(
+                    lambda: ensure_topics(kafka),
+                    kafka,
+                    action="create topics",
+                    deadline=start_deadline(kafka),
+                )
+            )
+            if created:
+                log.info("created topics", topics=created)
+        self._write_state()
+        processor = await self._start_child("process", "consuming")
+        ingress: SupervisedChild | None = None
+        if not self.drain:
+            # A durable broker: the ingress's 2xx means "in Kafka", whatever the others do.
+            ingress = await self._start_child("ingest", "ingress listening")
+        if clickhouse is not None:
+            await self._until_halted(clickhouse.ever_ready.wait())
+            self.clickhouse_url = clickhouse.url
+            self.clickhouse_port = clickhouse.port
+        else:
+            log.info("sink writes to clickhouse", url=redact_url(str(self.clickhouse_url)))
+        sink = await self._start_child("sink", "consuming")
+        if ingress is None:
+            # In-memory broker: take batches only once the stages that carry them on run.
+            await self._until_halted(
+                asyncio.gather(processor.ever_ready.wait(), sink.ever_ready.wait())
+            )
+            ingress = await self._start_child("ingest", "ingress listening")
+        await self._until_halted(ingress.ever_ready.wait())
+        self.ingress_port = ingress.port
+        self._write_state()
+        self._log_webhook_urls()
+        self.tasks.append(asyncio.create_task(self._refresh_state(), name="state"))
+        if self.options.demo:
+            self._start_demo()
+
+    async def _serve_health(self) -> None:
+        self.readiness.add_check("children", self._children_check)
+        if self.embedded_broker:
+            self.readiness.add_check("broker", self._broker_check)
+        for child in ("ingest", "process", "sink", "clickhouse"):
+            metrics.UP_CHILD_RESTARTS.labels(metrics.STAGE_UP, child).inc(0)
+        self.health = await serve_health(
+            self.readiness,
+            configs.CHILD_HEALTH_HOST,
+            0,
+            peers=self._stage_health_urls,
+            peer_timeout_seconds=STAGE_PEER_TIMEOUT_SECONDS,
+        )
+        self.health_url = f"http://{configs.CHILD_HEALTH_HOST}:{bound_port(self.health)}"
+
+    async def _start_broker(self) -> str:
+        from sgpipe.embedded.broker import EmbeddedKafka
+
+        self.broker = EmbeddedKafka(
+            self.settings.embedded, self.data_dir, retention_groups=retention_groups(self.settings)
+        )
+        for service in ("storage", "broker"):
+            metrics.EMBEDDED_RESTARTS.labels(metrics.STAGE_UP, service).inc(0)
+        return await self.broker.start()
+
+    async def _start_child(self, name: str, ready_event: str) -> SupervisedChild:
+        """Start the child ``name`` under supervision; it is ready once it logs
+        ``ready_event``."""
+        stage = metrics.STAGE_UP if name == "clickhouse" else name
+        pass_fds = (self.lock.fileno(),) if name == "clickhouse" else ()
+        child = SupervisedChild(
+            name,
+            stage,
+            lambda: self._argv(name),
+            env=configs.child_environment(self.options.environ),
+            stream=self.stream,
+            ready_event=ready_event,
+            pass_fds=pass_fds,
+        )
+        self.children[name] = child
+        child.on_entry = lambda entry: self._learn(child, entry)
+        await child.start()
+        self.tasks.append(asyncio.create_task(self._watch(child), name=f"watch-{name}"))
+        self._write_state()
+        return child
+
+    @staticmethod
+    def _learn(child: SupervisedChild, entry: Mapping[str, Any]) -> None:
+        """Keep what each incarnation of ``child`` says about itself: its port and URL."""
+        event = entry.get("event")
+        port = entry.get("port")
+        if event == "serving health endpoints" and isinstance(port, int):
+            child.port = port
+            child.url = f"http://{configs.CHILD_HEALTH_HOST}:{port}"
+        elif event == "ingress listening" and isinstance(port, int):
+            child.port = port
+            child.url = f"http://127.0.0.1:{port}"
+        elif event == "embedded clickhouse serving" and isinstance(entry.get("url"), str):
+            child.url = str(entry["url"])
+            child.port = urlsplit(child.url).port
+
+    def _argv(self, name: str) -> list[str]:
+        """The child's command line, its config file (re)written for this start."""
+        assert self.stage_base is not None or name == "clickhouse"
+        base = self.stage_base or self.settings
+        if name == "clickhouse":
+            embedded = base.embedded
+            if self.clickhouse_port is not None:  # a restart: keep the URL the sink knows
+                embedded = embedded.model_copy(
+                    update={"clickhouse_http_port": self.clickhouse_port}
+                )
+            child_settings = configs.stage_settings(
+                base.model_copy(update={"embedded": embedded}), name
+            )
+            extra = ["--data-dir", str(self.data_dir)]
+            command = "serve-clickhouse"
+        elif name == "sink":
+            child_settings = configs.stage_settings(self._sink_settings(base), name)
+            extra = ["--drain"] if self.drain else []
+            command = "sink"
+        elif name == "process":
+            child_settings = configs.stage_settings(base, name)
+            extra = ["--drain"] if self.drain else []
+            command = "process"
+        else:
+            assert self.health_url is not None
+            child_settings = configs.stage_settings(
+                base, name, health_peers=(self.health_url,), ingest_port=self.ingress_port
+            )
+            extra = []
+            command = "ingest"
+        path = configs.write_config(self.run_dir, name, child_settings)
+        return [sys.executable, "-m", "sgpipe", command, "--config", str(path), *extra]
+
+    def _sink_settings(self, base: Settings) -> Settings:
+        assert self.clickhouse_url is not None
+        clickhouse = base.clickhouse.model_copy(update={"url": self.clickhouse_url})
+        if self.credentials is not None:
+            # The embedded store: the sink (and its migrations) write as the writer user.
+            writer = self.credentials.writer
+            clickhouse = with_credentials(clickhouse, writer.name, writer.password)
+        return base.model_copy(update={"clickhouse": clickhouse})
+
+    # --- supervision -------------------------------------------------------------------------
+
+    async def _watch(self, child: SupervisedChild) -> None:
+        """Restart ``child`` when it dies unasked; stop everything when it exits 2 or 3 (or
+        ClickHouse exits before it ever served: nothing would fix that either)."""
+        backoff = RESTART_BACKOFF_INITIAL_SECONDS
+        while True:
+            code = await child.wait_exited()
+            if child.stop_requested or self.stopping:
+                return
+            never_served = child.name == "clickhouse" and child.url is None
+            if code in (EXIT_CONFIG, EXIT_FATAL) or never_served:
+                self._fail(child, code)
+                return
+            if time.monotonic() - child.started_at > STABLE_SECONDS:
+                backoff = RESTART_BACKOFF_INITIAL_SECONDS
+            child.restarts += 1
+            metrics.UP_CHILD_RESTARTS.labels(metrics.STAGE_UP, child.name).inc()
+            log.warning(
+                "child process exited; restarting it",
+                child=child.name,
+                exit_status=code,
+                error=child.last_error,
+                restart=child.restarts,
+                delay_seconds=backoff,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.halt.wait(), backoff)
+            if self.halt.is_set():
+                return
+            backoff = min(backoff * 2, RESTART_BACKOFF_MAX_SECONDS)
+            try:
+                await child.start()
+            except OSError as exc:
+                child.last_error = f"cannot start: {exc}"
+                self._fail(child, 1)
+                return
+            self._write_state()
+
+    def _fail(self, child: SupervisedChild, code: int | None) -> None:
+        message = child.last_error or f"exited with status {code}"
+        exit_code = code if code in (EXIT_CONFIG, EXIT_FATAL) else 1
+        self.failure = StageFailed(child.name, f"{child.name}: {message}", exit_code)
+        log.error(
+            "child process failed; a restart cannot fix it, stopping sgpipe up",
+            child=child.name,
+            exit_status=code,
+            error=message,
+        )
+        self.halt.set()
+
+    def _stage_health_urls(self) -> list[str]:
+        """The consuming stages' health endpoints, where they listen now (the ingress reaches
+        them through the supervisor, which knows where a restarted child moved)."""
+        return [
+            child.url
+            for name in ("process", "sink")
+            if (child := self.children.get(name)) is not None
+            and child.running
+            and child.url is not None
+        ]
+
+    def _children_check(self) -> tuple[bool, str]:
+        expected = [*STAGES, *(["clickhouse"] if self.settings.clickhouse.url is None else [])]
+        down = [
+            name
+            for name in expected
+            if (child := self.children.get(name)) is None
+            or not child.running
+            or not child.ready_now
+        ]
+        if down:
+            return False, f"not running or not ready: {', '.join(down)}"
+        return True, "every child running"
+
+    def _broker_check(self) -> tuple[bool, str]:
+        if self.broker is not None and self.broker.alive():
+            return True, "embedded broker running"
+        return False, "embedded broker not running (being restarted?)"
+
+    # --- stop --------------------------------------------------------------------------------
+
+    async def _shutdown(self) -> bool:
+        """Stop everything; True if it was a stop at once."""
+        self.stopping = True
+        self.halt.set()
+        in_order = asyncio.create_task(self._stop_in_order(), name="stop-in-order")
+        now = asyncio.create_task(self.at_once.wait())
+        try:
+            await asyncio.wait({in_order, now}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            now.cancel()
+        if in_order.done() and not self.at_once.is_set():
+            in_order.result()
+            return False
+        in_order.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await in_order
+        await self._stop_at_once()
+        return True
+
+    async def _stop_in_order(self) -> None:
+        log.info("stopping: the ingress first, then the processor and the sink")
+        before = await self._stage_totals()
+        await self._stop_demo()
+        ingest = self.children.get("ingest")
+        if ingest is not None:
+            # Requests in flight finish their publish, then the producer closes.
+            await ingest.stop(
+                self.settings.ingest.publish_timeout_seconds
+                + CLOSE_TIMEOUT_SECONDS
+                + _STOP_MARGIN_SECONDS
+            )
+        process, sink = self.children.get("process"), self.children.get("sink")
+        if self.drain:
+            # The sink must see everything the processor writes while it drains.
+            if process is not None:
+                await process.stop(_stage_grace(self.settings.processor.stop_timeout_seconds))
+            if sink is not None:
+                await sink.stop(_stage_grace(self.settings.sink.stop_timeout_seconds))
+        else:
+            await asyncio.gather(
+                *(
+                    child.stop(_stage_grace(section.stop_timeout_seconds))
+                    for child, section in (
+                        (process, self.settings.processor),
+                        (sink, self.settings.sink),
+                    )
+                    if child is not None
+                )
+            )
+        if process is not None or sink is not None:
+            left, unknown = await self._count_left()
+            reports = {name: child.stop_report for name, child in self.children.items()}
+            drained = Drained.from_reports(reports, before)
+            self._announce(
+                "stopped in order",
+                stop_report(drained, left, self._location(), unknown),
+                drained=asdict(drained),
+                left=asdict(left) if left is not None else None,
+            )
+        await self._stop_stores(STORE_STOP_SECONDS)
+        log.info("stopped")
+
+    async def _stage_totals(self) -> dict[str, dict[str, float]]:
+        """Each running stage's totals now (from its /metrics), the baseline of what the stop
+        writes. A stage that does not answer in time counts from its own stop signal."""
+
+        async def totals(session: aiohttp.ClientSession, name: str, url: str) -> None:
+            async with session.get(f"{url}/metrics") as response:
+                text = await response.text()
+            found[name] = metrics.stop_counters(name, text_string_to_metric_families(text))
+
+        found: dict[str, dict[str, float]] = {}
+        timeout = aiohttp.ClientTimeout(total=STAGE_PEER_TIMEOUT_SECONDS)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            await asyncio.gather(
+                *(
+                    totals(session, name, child.url)
+                    for name in STAGES
+                    if (child := self.children.get(name)) is not None
+                    and child.running
+                    and child.url is not None
+                ),
+                return_exceptions=True,
+            )
+        return found
+
+    async def _stop_at_once(self) -> None:
+        self.demo_stop.set()
+        if self.demo_task is not None:
+            self.demo_task.cancel()
+        stages = [child for name in STAGES if (child := self.children.get(name)) is not None]
+        # Two distinct signals: each stage's own "second signal" path, stop without writing.
+        await asyncio.gather(
+            *(
+                child.stop(AT_ONCE_GRACE_SECONDS, signals=(signal.SIGTERM, signal.SIGINT))
+                for child in stages
+                if child.running
+            )
+        )
+        if stages:
+            left, unknown = await self._count_left()
+            self._announce(
+                "stopped at once",
+                at_once_report(left, self._location(), unknown),
+                left=asdict(left) if left is not None else None,
+            )
+        await self._stop_stores(AT_ONCE_GRACE_SECONDS)
+        log.info("stopped")
+
+    async def _stop_stores(self, grace: float) -> None:
+        store = self.children.get("clickhouse")
+        if store is not None:
+            await store.stop(grace)
+        if self.broker is not None:
+            await self.broker.stop()
+        if self.health is not None:
+            await self.health.cleanup()
+            self.health = None
+        remove_state(self.data_dir)
+        # The children's config files hold credentials: not left behind.
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    async def _count_left(self) -> tuple[Backlog | None, str | None]:
+        if self.stage_base is None:
+            return None, "the broker never started"
+        try:
+            return await count_backlog(self.stage_base, BACKLOG_TIMEOUT_SECONDS), None
+        except BacklogUnknown as exc:
+            return None, str(exc)
+
+    def _location(self) -> BrokerLocation:
+        if not self.embedded_broker:
+            return BrokerLocation("external", str(self.settings.kafka.bootstrap_servers))
+        if self.drain:
+            return BrokerLocation("memory", "")
+        return BrokerLocation("durable", str(self.data_dir / "broker"))
+
+    def _announce(self, event: str, sentence: str, **fields: Any) -> None:
+        """A line for people: the plain sentence on a console, an event with it in JSON."""
+        if self.stream.json_output:
+            log.info(event, report=sentence, **fields)
+        else:
+            print(f"sgpipe: {redact_text(sentence)}", file=sys.stderr, flush=True)
+
+    # --- the demo ------------------------------------------------------------------------------
+
+    def _start_demo(self) -> None:
+        assert self.ingress_port is not None
+        host = self.settings.ingest.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        url = f"http://{host}:{self.ingress_port}/webhooks/{demo.DEMO_WEBHOOK}"
+        key = demo.demo_key(self.data_dir)
+        self.demo_task = asyncio.create_task(demo.run_demo(url, key, self.demo_stop), name="demo")
+        command = demo.query_command(self.options.program, self.data_dir, self.options.config_file)
+        self._announce(
+            "demo running",
+            f"demo: simulated SendGrid traffic ({demo.DEMO_RATE:g} events/s) is posted to {url}; "
+            f"watch the rows arrive with:  {command}",
+            url=url,
+            query_command=command,
+        )
+
+    async def _stop_demo(self) -> None:
+        self.demo_stop.set()
+        if self.demo_task is not None:
+            # It finishes the posts in flight; a stop does not wait on a slow one for long.
+            try:
+                await asyncio.wait_for(asyncio.shield(self.demo_task), 5.0)
+            except (TimeoutError, Exception):  # noqa: BLE001 - the demo must not block a stop
+                self.demo_task.cancel()
+
+    # --- what others read ------------------------------------------------------------------
+
+    def _log_webhook_urls(self) -> None:
+        port = self.ingress_port
+        if not self.settings.webhooks:
+            log.warning("no webhooks configured: add one under `webhooks:` in the config file")
+        for webhook in self.settings.webhooks:
+            log.info(
+                "send SendGrid events to",
+                webhook=webhook.name,
+                url=f"http://<this-host>:{port}/webhooks/{webhook.name}",
+                local_url=f"http://127.0.0.1:{port}/webhooks/{webhook.name}",
+            )
+
+    def _state(self) -> dict[str, Any]:
+        """Where everything listens and every child's PID: no secret in it (URLs redacted;
+        the embedded store's credentials have their own file)."""
+        children: dict[str, Any] = {}
+        for name, child in self.children.items():
+            children[name] = {
+                "pid": child.pid if child.running else None,
+                "restarts": child.restarts,
+                "port": child.port,
+                "url": redact_url(child.url) if child.url else None,
+            }
+        broker: dict[str, Any] | None = None
+        if self.broker is not None:
+            broker = {
+                "storage": self.settings.embedded.broker_storage,
+                "pid": self.broker.broker.pid if self.broker.broker is not None else None,
+                "storage_pid": self.broker.storage.pid if self.broker.storage else None,
+                "data": str(self.data_dir / "broker"),
+            }
+        stage_kafka = self.stage_base.kafka if self.stage_base is not None else None
+        return {
+            "pid": os.getpid(),
+            "health_url": self.health_url,
+            "ingest_url": (
+                f"http://127.0.0.1:{self.ingress_port}" if self.ingress_port is not None else None
+            ),
+            "clickhouse_url": redact_url(self.clickhouse_url) if self.clickhouse_url else None,
+            "clickhouse_embedded": self.settings.clickhouse.url is None,
+            "clickhouse_data": str(self.data_dir / CLICKHOUSE_DIR),
+            "kafka_bootstrap_servers": stage_kafka.bootstrap_servers if stage_kafka else None,
+            "database": self.settings.clickhouse.database,
+            "broker": broker,
+            "children": children,
+        }
+
+    def _write_state(self) -> None:
+        write_state(self.data_dir, self._state())
+
+    async def _refresh_state(self) -> None:
+        # The embedded broker restarts its processes by itself; keep their PIDs current.
+        last = self._state()
+        while True:
+            await asyncio.sleep(STATE_REFRESH_SECONDS)
+            current = self._state()
+            if current != last:
+                write_state(self.data_dir, current)
+                last = current
+
+
+def _stage_grace(stop_timeout_seconds: float) -> float:
+    """How long a consuming stage may take to stop: its stop timeout (writing what it holds,
+    draining), its three clients' close timeouts, and a margin; then SIGKILL."""
+    return stop_timeout_seconds + 3 * CLOSE_TIMEOUT_SECONDS + _STOP_MARGIN_SECONDS
