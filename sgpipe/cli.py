@@ -488,8 +488,9 @@ def _forget(args: argparse.Namespace, settings: Settings) -> int:
 def _confirm(address: str, counts: dict[str, int]) -> bool:
     for table, rows in counts.items():
         print(f"{table}\t{rows}")
-    answer = input(f"Delete these {sum(counts.values())} rows of {address}? [y/N] ")
-    return answer.strip().lower() in ("y", "yes")
+    # On stdout, like the counts (input() would put the prompt on stderr under readline).
+    print(f"Delete these {sum(counts.values())} rows of {address}? [y/N] ", end="", flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def _query_directly(data_dir: Path, settings: Settings, sql: str, fmt: str) -> bytes:
