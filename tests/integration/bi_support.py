@@ -140,17 +140,23 @@ async def tables_containing(store: Store, needle: str) -> dict[str, int]:
     )
     found: dict[str, int] = {}
     for table in (row["name"] for row in tables):
-        columns = await store.rows(
-            "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String}",
-            db=store.database,
-            t=table,
-        )
-        for column in (row["name"] for row in columns):
-            count = await store.value(
-                f"SELECT countIf(positionCaseInsensitive(toString(`{column}`), {{n:String}}) > 0) "
-                f"FROM {store.database}.`{table}`",
-                n=needle,
+        columns = [
+            row["name"]
+            for row in await store.rows(
+                "SELECT name FROM system.columns WHERE database = {db:String} "
+                "AND table = {t:String} ORDER BY position",
+                db=store.database,
+                t=table,
             )
+        ]
+        counts = ", ".join(
+            f"countIf(positionCaseInsensitive(toString(`{column}`), {{n:String}}) > 0)"
+            for column in columns
+        )
+        result = await store.client.query(
+            f"SELECT {counts} FROM {store.database}.`{table}`", parameters={"n": needle}
+        )
+        for column, count in zip(columns, result.result_rows[0], strict=True):
             if count:
                 found[f"{table}.{column}"] = int(count)
     return found
