@@ -301,3 +301,26 @@ async def test_lifecycles_are_right_when_backfilled_from_stored_events(tmp_path:
         await s.insert(records[:5], batch=batch_info("sgpipe.events", 0, 100, 104))
         await apply_migrations(s.client, s.database)
         assert await lifecycles(s) == EXPECTED_LIFECYCLES
+
+
+async def test_look_ups_by_recipient_and_message_use_the_bloom_filters(tmp_path: Path) -> None:
+    """Through the view BI tools query (FINAL included), and for a message's lifecycle."""
+    records = unique_records(events=300, seed=23)
+    async with store(tmp_path) as s:
+        await s.insert(records, batch=batch_info("sgpipe.events", 0, 0, len(records) - 1))
+        db = s.database
+        plans = {
+            "email_bloom": "email = 'a@b.c'",
+            "sg_message_id_bloom": "sg_message_id = 'm'",
+        }
+        for index, where in plans.items():
+            sql = f"SELECT * FROM {db}.email_events_dedup WHERE {where}"
+            result = await s.client.query(f"EXPLAIN indexes = 1 {sql}")
+            plan = "\n".join(row[0] for row in result.result_rows)
+            assert f"Name: {index}" in plan, plan
+        result = await s.client.query(
+            f"EXPLAIN indexes = 1 SELECT * FROM {db}.message_lifecycle WHERE sg_message_id = 'm'"
+        )
+        plan = "\n".join(row[0] for row in result.result_rows)
+        # The view's GROUP BY key filter reaches the state table's primary key.
+        assert "Condition: (sg_message_id in ['m', 'm'])" in plan, plan
