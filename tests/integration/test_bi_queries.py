@@ -165,7 +165,10 @@ async def test_every_example_query_of_the_bi_guide_runs_and_is_right(tmp_path: P
 def expand_grafana(sql: str, start: int, end: int, interval_seconds: int = 3600) -> str:
     """The ClickHouse plugin's macros, as its documentation defines them, and the template
     variable (the seeded webhook selected)."""
-    day = lambda seconds: time.strftime("%Y-%m-%d", time.gmtime(seconds))  # noqa: E731
+
+    def day(seconds: int) -> str:
+        return time.strftime("%Y-%m-%d", time.gmtime(seconds))
+
     sql = re.sub(
         r"\$__timeFilter\((\w+)\)",
         rf"\1 >= toDateTime({start}) AND \1 <= toDateTime({end})",
