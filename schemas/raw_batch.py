@@ -13,9 +13,12 @@ from dataclasses import dataclass
 FORMAT_HEADER = "sgpipe-format"
 FORMAT_SENDGRID_JSON_V1 = b"sendgrid-json/1"
 
-_WEBHOOK = "sgpipe-webhook"
-_RECEIVED_AT = "sgpipe-received-at-ms"
-_REQUEST_ID = "sgpipe-request-id"
+WEBHOOK_HEADER = "sgpipe-webhook"
+RECEIVED_AT_HEADER = "sgpipe-received-at-ms"
+REQUEST_ID_HEADER = "sgpipe-request-id"
+_WEBHOOK = WEBHOOK_HEADER
+_RECEIVED_AT = RECEIVED_AT_HEADER
+_REQUEST_ID = REQUEST_ID_HEADER
 _SIGNATURE_TIMESTAMP = "sgpipe-signature-timestamp"
 _AUTHENTICATED_BY = "sgpipe-authenticated-by"
 _CONTENT_TYPE = "sgpipe-content-type"

@@ -23,6 +23,8 @@ from urllib.parse import unquote, urlencode, urlsplit
 
 import structlog
 
+from sgpipe.dlq.command import DlqHandler
+from sgpipe.dlq.command import add_commands as add_dlq_commands
 from sgpipe.runtime.errors import FatalStageError, describe
 from sgpipe.runtime.logs import (
     LEVELS,
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--email", required=True, metavar="ADDRESS", help="the address to forget")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_simulator_commands(commands, common)  # keys generate, simulate
+    add_dlq_commands(commands, common, _with_store, _add_data_dir)  # dlq list, dlq replay
     return parser
 
 
@@ -399,22 +402,43 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
     fmt = args.format or ("PrettyCompact" if sys.stdout.isatty() else "TabSeparated")
     if not _FORMAT_NAME.match(fmt):
         raise ConfigError(f"--format {fmt!r} is not a format name (e.g. TSVWithNames)")
-    url = settings.clickhouse.url
     try:
-        if url is None:
-            url = _running_store_url(args.data_dir)
-            if url is not None:
-                settings = _as_embedded_writer(settings, args.data_dir)
-        if url is not None:
-            output = _query_http(url, settings, args.sql, fmt)
-        else:
-            output = _query_directly(args.data_dir, settings, args.sql, fmt)
+        output = _store_runner(args.data_dir, settings)(args.sql, fmt)
     except QueryFailed as exc:
         report_fatal(str(exc))
         return EXIT_FAILURE
     sys.stdout.buffer.write(output)
     sys.stdout.flush()
     return 0
+
+
+def _store_runner(data_dir: Path, settings: Settings) -> Callable[[str, str], bytes]:
+    """How `sgpipe query` (and `sgpipe dlq`) reach the store: ``(sql, format) -> output``
+    over HTTP at clickhouse.url or a running `sgpipe up`'s, else straight from the embedded
+    data path of ``data_dir``. Raises QueryFailed."""
+    url = settings.clickhouse.url
+    if url is None:
+        url = _running_store_url(data_dir)
+        if url is not None:
+            settings = _as_embedded_writer(settings, data_dir)
+    if url is not None:
+        served_url, served_settings = url, settings
+        return lambda sql, fmt: _query_http(served_url, served_settings, sql, fmt)
+    return lambda sql, fmt: _query_directly(data_dir, settings, sql, fmt)
+
+
+def _with_store(handler: DlqHandler) -> Command:
+    """A `sgpipe dlq` action as a command: given the store's runner; a store that fails or
+    cannot be reached is reported as one line and exit 1, as `sgpipe query` does."""
+
+    def command(args: argparse.Namespace, settings: Settings) -> int:
+        try:
+            return handler(args, settings, _store_runner(args.data_dir, settings))
+        except QueryFailed as exc:
+            report_fatal(str(exc))
+            return EXIT_FAILURE
+
+    return command
 
 
 def _as_embedded_writer(settings: Settings, data_dir: Path) -> Settings:

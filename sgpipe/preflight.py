@@ -64,6 +64,13 @@ def up_port_claims(settings: Settings) -> list[PortClaim]:
         claims.append(
             PortClaim("embedded.kafka_port", settings.embedded.host, settings.embedded.kafka_port)
         )
+        if settings.embedded.broker_storage == "durable":
+            # SeaweedFS's internal ports are chosen and checked by sgpipe.embedded.storage.
+            claims.append(
+                PortClaim(
+                    "embedded.storage_port", settings.embedded.host, settings.embedded.storage_port
+                )
+            )
     if settings.clickhouse.url is None:
         claims.append(
             PortClaim(

@@ -3,8 +3,8 @@
 Start order: broker (when no Kafka is configured) -> topics -> ClickHouse (embedded chdb
 served over HTTP when no URL is configured) -> sink -> processor -> ingress. Stop order is the
 reverse of the data flow: the ingress stops taking requests, then the processor and the sink
-drain their topics, then the stores stop. With the in-memory embedded broker that drain is what
-makes a clean stop lose nothing.
+drain their topics (only with the in-memory embedded broker, where that drain is what makes a
+clean stop lose nothing; the durable one keeps what was not consumed), then the stores stop.
 
 While it runs, ``<data-dir>/sgpipe-up.json`` records where its services listen so that
 ``sgpipe query`` (and BI tools) read the embedded store through its HTTP interface instead of
@@ -51,6 +51,15 @@ def state_file(data_dir: Path) -> Path:
     return data_dir / STATE_FILE
 
 
+def retention_groups(settings: Settings) -> dict[str, list[str]]:
+    """Which sgpipe consumer groups must have committed a topic's batches before the embedded
+    broker's retention may delete them. The dead-letter topic has none: it is kept."""
+    return {
+        settings.kafka.topics.raw: [settings.processor.group_id],
+        settings.kafka.topics.events: [settings.sink.group_id],
+    }
+
+
 async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set or a stage fails (then StageFailed, after a full shutdown).
 
@@ -67,11 +76,13 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
         # Before anything starts too: an unsafe credentials file is a configuration error.
         credentials = _embedded_credentials(settings, data_dir)
         embedded_broker = settings.kafka.bootstrap_servers is None
+        # Only an in-memory broker needs the stages to drain before it stops.
+        drain = embedded_broker and settings.embedded.broker_storage == "memory"
         if embedded_broker:
-            from sgpipe.embedded.broker import EmbeddedBroker
+            from sgpipe.embedded.broker import EmbeddedKafka
 
-            broker = EmbeddedBroker(
-                settings.embedded.host, settings.embedded.kafka_port, data_dir / "tansu.log"
+            broker = EmbeddedKafka(
+                settings.embedded, data_dir, retention_groups=retention_groups(settings)
             )
             bootstrap_servers = await broker.start()
             stack.push_async_callback(broker.stop)
@@ -133,7 +144,7 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
                 settings,
                 sink_stop,
                 clickhouse_url,
-                drain=embedded_broker,
+                drain=drain,
                 ready=sink_ready,
                 health_port=None,
             ),
@@ -143,7 +154,7 @@ async def run_up(settings: Settings, data_dir: Path, stop: asyncio.Event) -> Non
             run_processor(
                 settings,
                 processor_stop,
-                drain=embedded_broker,
+                drain=drain,
                 ready=processor_ready,
                 health_port=None,
             ),

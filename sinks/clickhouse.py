@@ -1,16 +1,18 @@
-"""The sink's ClickHouse writer: column-oriented batch inserts into ``email_events``.
+"""The sinks' ClickHouse writer: column-oriented batch inserts into one table.
 
 A runtime ``Writer``: ``start`` connects, applies the migrations (``clickhouse.migrate_on_start``;
-otherwise it only checks that none is pending) and checks that the table has every column the
-sink writes, with the contract's type (a mismatch is fatal: a deploy to fix, not data to
-retry); ``write`` returns once ClickHouse accepted the insert; ``probe`` pings the server.
+otherwise it only checks that none is pending) and checks that the table can take what the sink
+writes (for ``email_events``: every column, with the contract's type; a mismatch is fatal: a
+deploy to fix, not data to retry); ``write`` returns once ClickHouse accepted the insert;
+``probe`` pings the server. ``TableWriter`` is generic over the table (``Table``);
+``ClickHouseWriter`` is the one for ``email_events``.
 
 Every insert is idempotent: it carries an ``insert_deduplication_token`` derived from the Kafka
 offsets of its batch (``insert_token``). The runtime retries a failed write with the same batch,
 so an insert that ClickHouse stored but whose answer was lost (a timeout, a crash of the
-connection) is recognised and skipped, in ``email_events`` and in every materialized view fed
-from it (``deduplicate_blocks_in_dependent_materialized_views``; each table keeps a
-deduplication log: ``non_replicated_deduplication_window``, migration 0004). Redeliveries that
+connection) is recognised and skipped, in the table and in every materialized view fed from it
+(``deduplicate_blocks_in_dependent_materialized_views``; each table keeps a deduplication log:
+``non_replicated_deduplication_window``, migrations 0004-0006 and 0008). Redeliveries that
 arrive in other batches are absorbed by the tables themselves (docs/clickhouse.md).
 """
 
@@ -18,8 +20,9 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import structlog
 from clickhouse_connect.driver.asyncclient import AsyncClient
@@ -37,19 +40,36 @@ log = structlog.get_logger(__name__)
 
 EMAIL_EVENTS_TABLE = "email_events"
 
+T = TypeVar("T")
 
-class ClickHouseWriter:
-    """Inserts column-oriented batches of decoded email events into ``{database}.email_events``."""
 
-    output = EMAIL_EVENTS_TABLE
+@dataclass(frozen=True, slots=True)
+class Table(Generic[T]):
+    """A table a sink writes: its name, the columns it inserts, how a batch of outputs becomes
+    those columns (one list per column), and what keeps it from writing the table as found
+    (``{column: type}`` -> problems; checked at start)."""
+
+    name: str
+    columns: tuple[str, ...]
+    to_columns: Callable[[Sequence[T]], list[list[Any]]]
+    mismatches: Callable[[dict[str, str]], list[str]]
+
+
+class TableWriter(Generic[T]):
+    """Inserts column-oriented batches of outputs into ``{database}.{table.name}``."""
+
     destination = "ClickHouse"
 
-    def __init__(self, settings: ClickHouseSettings, url: str | None, *, stage: str) -> None:
+    def __init__(
+        self, settings: ClickHouseSettings, url: str | None, *, stage: str, table: Table[T]
+    ) -> None:
         self._settings = settings
         self._url = url
         self._stage = stage
+        self._spec = table
+        self.output = table.name
         self._database = settings.database
-        self._table = f"{settings.database}.{EMAIL_EVENTS_TABLE}"
+        self._table = f"{settings.database}.{table.name}"
         self._client: AsyncClient | None = None
 
     async def start(self) -> None:
@@ -76,21 +96,21 @@ class ClickHouseWriter:
         if self._client is None or not await self._client.ping():
             raise ConnectionError("ClickHouse does not answer ping")
 
-    async def write(self, outputs: Sequence[dict[str, Any]], batch: BatchInfo) -> None:
+    async def write(self, outputs: Sequence[T], batch: BatchInfo) -> None:
         if self._client is None:
-            raise RuntimeError("ClickHouseWriter.write before start")
+            raise RuntimeError(f"{type(self).__name__}.write before start")
         started = time.monotonic()
         summary = await self._client.insert(
             self._table,
-            to_columns(outputs),
-            column_names=list(EMAIL_EVENT_COLUMNS),
+            self._spec.to_columns(outputs),
+            column_names=list(self._spec.columns),
             column_oriented=True,
             settings=insert_settings(batch, cluster=self._settings.cluster is not None),
         )
-        metrics.CLICKHOUSE_INSERT_SECONDS.labels(self._stage, EMAIL_EVENTS_TABLE).observe(
+        metrics.CLICKHOUSE_INSERT_SECONDS.labels(self._stage, self._spec.name).observe(
             time.monotonic() - started
         )
-        metrics.CLICKHOUSE_INSERTED_ROWS.labels(self._stage, EMAIL_EVENTS_TABLE).inc(
+        metrics.CLICKHOUSE_INSERTED_ROWS.labels(self._stage, self._spec.name).inc(
             int(summary.written_rows)
         )
 
@@ -112,7 +132,7 @@ class ClickHouseWriter:
 
     async def _check_table(self, client: AsyncClient) -> None:
         result = await client.query(f"DESCRIBE TABLE {self._table}")
-        problems = table_mismatches({row[0]: row[1] for row in result.result_rows})
+        problems = self._spec.mismatches({row[0]: row[1] for row in result.result_rows})
         if problems:
             raise FatalStageError(
                 f"{self._stage}: table {self._table} does not match what this version writes: "
@@ -149,6 +169,22 @@ def insert_settings(batch: BatchInfo, *, cluster: bool = False) -> dict[str, Any
     return settings
 
 
+class ClickHouseWriter(TableWriter[dict[str, Any]]):
+    """Inserts column-oriented batches of decoded email events into ``{database}.email_events``."""
+
+    def __init__(self, settings: ClickHouseSettings, url: str | None, *, stage: str) -> None:
+        super().__init__(settings, url, stage=stage, table=EMAIL_EVENTS)
+
+
+def missing_columns(columns: Sequence[str]) -> Callable[[dict[str, str]], list[str]]:
+    """A ``Table.mismatches`` that only asks for each of ``columns`` to exist."""
+
+    def mismatches(present: dict[str, str]) -> list[str]:
+        return [f"column {column} is missing" for column in columns if column not in present]
+
+    return mismatches
+
+
 def table_mismatches(present: dict[str, str]) -> list[str]:
     """What keeps the sink from writing a table with these ``{column: type}``: each column
     it writes must exist with the type the event contract declares (schemas/event_fields.py)."""
@@ -177,3 +213,8 @@ def _value_type(clickhouse_type: str) -> str:
         inner = clickhouse_type[inner_start : index - 1]
         clickhouse_type = clickhouse_type[:start] + inner + clickhouse_type[index:]
     return clickhouse_type
+
+
+EMAIL_EVENTS: Table[dict[str, Any]] = Table(
+    EMAIL_EVENTS_TABLE, EMAIL_EVENT_COLUMNS, to_columns, table_mismatches
+)

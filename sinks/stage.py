@@ -3,6 +3,9 @@
 Step: decode each record (an undecodable one is rejected, to the dead-letter topic); writer:
 a column-oriented insert per batch (``sink.batch_max_records`` / ``sink.batch_max_seconds``).
 The runtime commits a batch's offsets only after ClickHouse accepted its insert.
+
+``run_sink`` (``sgpipe sink``) also runs the dead-letter sink (``sinks.dead_letters``), so that
+one Deployment keeps both tables current, behind one health endpoint.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ from sgpipe.runtime.dead_letters import Rejection
 from sgpipe.runtime.kafka import max_record_bytes
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.metrics import STAGE_SINK
-from sgpipe.runtime.runner import run_consumer_stage
+from sgpipe.runtime.runner import run_consumer_stages
 from sgpipe.runtime.schema_registry import open_event_codec_retrying
 from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
 from sinks.clickhouse import ClickHouseWriter
+from sinks.dead_letters import dead_letter_stage
 
 
 def sink_stage(
@@ -65,7 +69,9 @@ async def run_sink(
     ready: asyncio.Event | None = None,
     health_port: int | None = -1,
 ) -> None:
-    """Consume normalized events until ``stop`` is set (see run_consumer_stage).
+    """Consume normalized events, and dead letters, until ``stop`` is set (see
+    run_consumer_stages: the dead-letter sink stops after the events sink, so it still reads
+    the events sink's last dead letters).
 
     ``health_port``: -1 uses ``sink.health_port``; None serves no health endpoint."""
     section = settings.sink
@@ -74,8 +80,8 @@ async def run_sink(
     codec = await open_event_codec_retrying(settings, STAGE_SINK, section, stop)
     if codec is None:
         return
-    await run_consumer_stage(
-        sink_stage(settings, clickhouse_url, codec),
+    await run_consumer_stages(
+        [sink_stage(settings, clickhouse_url, codec), dead_letter_stage(settings, clickhouse_url)],
         settings,
         stop,
         health_host=section.health_host,

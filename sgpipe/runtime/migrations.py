@@ -193,6 +193,8 @@ RETAINED_TABLES: Final[tuple[RetainedTable, ...]] = (
         "email_events", "if(has(coercion_errors, 'event_time'), received_at, event_time)"
     ),
     RetainedTable("message_lifecycle_state", "last_event_at"),
+    # Pending letters expire too: their payload is the original bytes, personal data included.
+    RetainedTable("dead_letters", "dead_lettered_at"),
 )
 
 

@@ -11,18 +11,22 @@ Unreachable at start: the stage logs one warning per attempt (with capped backof
 trying for as long as it runs, with ``/readyz`` answering 503. It does not exit: a restart
 would not make Kafka reachable, and Kubernetes shows the not-ready pod; a fatal error (wrong
 credentials, a schema mismatch) does exit, with code 3, because only a person can fix it.
+
+``run_consumer_stages`` runs several declared stages in one process (``sgpipe sink``: the
+events sink and the dead-letter sink) behind one health endpoint that covers them all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
 
+from schemas.dead_letter import DeadLetter
 from sgpipe.runtime.errors import ErrorClass, FatalStageError, classify, describe
 from sgpipe.runtime.health import Readiness, serve_health
 from sgpipe.runtime.kafka import (
@@ -33,7 +37,7 @@ from sgpipe.runtime.kafka import (
 )
 from sgpipe.runtime.retry import Backoff, sleep_unless_stopped
 from sgpipe.runtime.settings import Settings
-from sgpipe.runtime.stage import ConsumerStage, StageLoop, Writer
+from sgpipe.runtime.stage import ConsumerStage, DeadLetterWriter, StageLoop, Writer
 
 log = structlog.get_logger(__name__)
 
@@ -64,13 +68,15 @@ async def run_consumer_stage(
     health_port: int | None,
     drain: bool = False,
     ready: asyncio.Event | None = None,
+    readiness: Readiness | None = None,
 ) -> None:
     """Run ``stage`` until ``stop`` is set (see the module docstring).
 
-    ``health_port`` None serves no health endpoint (the caller reports health itself);
-    ``ready`` is set once consuming. Raises FatalStageError; with ``drain``, DrainIncomplete.
+    ``health_port`` None serves no health endpoint (the caller reports health itself, with
+    ``readiness`` if it passes one); ``ready`` is set once consuming. Raises FatalStageError;
+    with ``drain``, DrainIncomplete.
     """
-    loop_readiness = Readiness(stage.name)
+    loop_readiness = readiness or Readiness(stage.name)
     loop_readiness.set("kafka", False, "starting")
     async with contextlib.AsyncExitStack() as stack:
         if health_port is not None:
@@ -105,6 +111,12 @@ async def run_consumer_stage(
             if created:
                 log.warning("re-created missing topics", stage=stage.name, topics=created)
 
+        dead_letter_writer: DeadLetterWriter = (
+            DeadLetterTopicWriter(producer, kafka.topics.dead_letter)
+            if stage.writes_dead_letters
+            else RefusedDeadLetters(stage.name)
+        )
+
         def new_consumer() -> Any:
             consumer = create_consumer(kafka, group_id=stage.group_id)
             loop = StageLoop(
@@ -112,7 +124,7 @@ async def run_consumer_stage(
                 consumer,
                 stage.transform,
                 writer,
-                DeadLetterTopicWriter(producer, kafka.topics.dead_letter),
+                dead_letter_writer,
                 filter_step=stage.filter_step,
                 readiness=loop_readiness,
                 on_missing_topic=recreate_topics if kafka.create_topics else None,
@@ -129,7 +141,14 @@ async def run_consumer_stage(
         stage_loop = loops[-1]
 
         probes = asyncio.create_task(
-            _probe_forever(stage.name, consumer, writer, loop_readiness), name="readiness-probes"
+            _probe_forever(
+                stage.name,
+                consumer,
+                writer,
+                loop_readiness,
+                partitions_required=not stage.ready_without_partitions,
+            ),
+            name="readiness-probes",
         )
         stack.push_async_callback(_cancel, probes)
         log.info("consuming", stage=stage.name, topic=stage.topic, group_id=stage.group_id)
@@ -137,6 +156,99 @@ async def run_consumer_stage(
             ready.set()
         await stage_loop.run(stop, drain=drain)
     log.info("stopped", stage=stage.name)
+
+
+async def run_consumer_stages(
+    stages: Sequence[ConsumerStage[Any]],
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    health_host: str,
+    health_port: int | None,
+    drain: bool = False,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run ``stages`` in one process until ``stop`` is set, behind one health endpoint whose
+    ``/readyz`` is ready only when every stage is (checks named ``<stage>.<check>``).
+
+    Each stage runs as ``run_consumer_stage`` does, with its own clients. On ``stop`` they
+    stop in the order given, each once the one before it has stopped: a stage listed after
+    another still reads what that one wrote while stopping (the dead-letter sink reads the
+    events sink's last dead letters). When one stops on its own (a fatal error), the others
+    are stopped too and its error is raised. ``ready`` is set once every stage consumes.
+    """
+    readiness = [Readiness(stage.name) for stage in stages]
+    stops = [asyncio.Event() for _ in stages]
+    started = [asyncio.Event() for _ in stages]
+    async with contextlib.AsyncExitStack() as stack:
+        if health_port is not None:
+            health = await serve_health(readiness, health_host, health_port)
+            stack.push_async_callback(health.cleanup)
+            log.info(
+                "serving health endpoints",
+                stage=stages[0].name,
+                stages=[stage.name for stage in stages],
+                port=bound_port(health),
+            )
+        tasks = [
+            asyncio.create_task(
+                run_consumer_stage(
+                    stage,
+                    settings,
+                    own_stop,
+                    health_host=health_host,
+                    health_port=None,
+                    drain=drain,
+                    ready=own_ready,
+                    readiness=own_readiness,
+                ),
+                name=stage.name,
+            )
+            for stage, own_stop, own_ready, own_readiness in zip(
+                stages, stops, started, readiness, strict=True
+            )
+        ]
+        all_started = asyncio.create_task(_set_when_all(started, ready))
+        stack.push_async_callback(_cancel, all_started)
+        try:
+            stopped = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+            for task, own_stop in zip(tasks, stops, strict=True):
+                own_stop.set()
+                await asyncio.wait([task])
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:
+        if not task.cancelled() and (error := task.exception()) is not None:
+            raise error
+
+
+async def _set_when_all(events: Sequence[asyncio.Event], ready: asyncio.Event | None) -> None:
+    await asyncio.gather(*(event.wait() for event in events))
+    if ready is not None:
+        ready.set()
+
+
+class RefusedDeadLetters:
+    """The dead-letter writer of a stage that must not dead-letter (``writes_dead_letters``
+    False: it reads the dead-letter topic, so its own dead letters would come back to it
+    forever). A rejection stops the stage; nothing of the batch is committed."""
+
+    def __init__(self, stage: str) -> None:
+        self._stage = stage
+
+    async def write(self, letters: Sequence[DeadLetter]) -> None:
+        letter = letters[0]
+        raise FatalStageError(
+            f"{self._stage}: cannot process {letter.original_topic}/{letter.original_partition}/"
+            f"{letter.original_offset} ({letter.reason}: {letter.detail}), and this stage "
+            "reads the dead-letter topic, so it does not dead-letter; nothing was committed"
+        )
 
 
 async def retry_until_started(
@@ -219,10 +331,16 @@ async def close_quietly(
 
 
 async def _probe_forever(
-    stage: str, consumer: Any, writer: Writer[Any], readiness: Readiness
+    stage: str,
+    consumer: Any,
+    writer: Writer[Any],
+    readiness: Readiness,
+    *,
+    partitions_required: bool = True,
 ) -> None:
     """Keep the readiness checks current: the broker answers metadata requests, partitions
-    are assigned, and the destination answers its probe."""
+    are assigned (unless not ``partitions_required``), and the destination answers its
+    probe."""
     while True:
         try:
             await asyncio.wait_for(consumer.topics(), PROBE_INTERVAL_SECONDS)
@@ -232,7 +350,7 @@ async def _probe_forever(
         assigned = len(consumer.assignment())
         readiness.set(
             "assigned",
-            assigned > 0,
+            assigned > 0 or not partitions_required,
             f"{assigned} partitions assigned" if assigned else "no partitions assigned",
         )
         try:

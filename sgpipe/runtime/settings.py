@@ -291,15 +291,36 @@ class SinkSettings(StageSettings):
     batch_max_records: Annotated[int, Field(ge=1)] = 20_000
     batch_max_seconds: Annotated[float, Field(ge=0)] = 2.0
     health_port: Annotated[int, Field(ge=0, le=65535)] = 8082
+    # `sgpipe sink` also copies the dead-letter topic into ClickHouse's dead_letters table,
+    # with this consumer group and otherwise the settings above (docs/dead-letters.md).
+    dead_letter_group_id: str = "sgpipe-dead-letters"
 
 
 class EmbeddedSettings(_Section):
-    """Ports of the single-machine stand-ins `sgpipe up` starts when nothing external is set."""
+    """The single-machine stand-ins `sgpipe up` starts when nothing external is set.
+
+    See docs/embedded.md for what is stored where under ``--data-dir``.
+    """
 
     kafka_port: Annotated[int, Field(ge=0, le=65535)] = 9092
     clickhouse_http_port: Annotated[int, Field(ge=0, le=65535)] = 8123
     # Embedded services listen here only; never expose them beyond the machine by default.
     host: str = "127.0.0.1"
+    # durable: the broker's log lives in SeaweedFS (`weed mini`) under <data-dir>/broker and
+    # survives kill -9 of anything. memory: nothing survives the broker process (tests, demos).
+    broker_storage: Literal["durable", "memory"] = "durable"
+    # SeaweedFS's S3 port (loopback, credentials required). 0: the port recorded in the data dir
+    # by an earlier start, else a free one. Its internal ports are always chosen that way.
+    storage_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    # Go's soft memory limit for SeaweedFS, in MiB (GOMEMLIMIT); 0 leaves it unlimited. A cap
+    # against runaway growth, not a diet: measured (bench/broker.py) weed at ~320-380 MiB RSS
+    # with 512 or none at the same throughput; 256 held it at ~125 MiB but cut produce
+    # throughput 2-4x (the collector runs constantly).
+    storage_memory_limit_mib: Annotated[int, Field(ge=0)] = 512
+    # Record batches older than this are deleted once every sgpipe consumer group reading
+    # their topic committed past them. Topics without an sgpipe group (dead letters) are kept.
+    retention_hours: Annotated[float, Field(gt=0)] = 168.0
+    retention_check_seconds: Annotated[float, Field(gt=0)] = 300.0
     # Web origins (e.g. "https://grafana.example.com") whose browser requests the embedded
     # ClickHouse endpoint accepts. None by default: any request with an Origin header is
     # refused, so a web page cannot use a browser to reach it (docs/security.md).

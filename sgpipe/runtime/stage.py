@@ -573,7 +573,11 @@ class ConsumerStage(Generic[T]):
 
     ``writer`` is built with the stage's Kafka producer (which the runtime starts, shares with
     the dead-letter writer, and stops); ``filter_step`` is stateful, so a stage builds a fresh
-    declaration per run.
+    declaration per run. ``writes_dead_letters`` False is for a stage that reads the
+    dead-letter topic: a dead letter of its own would come back to it, so a rejection stops
+    it (fatal, nothing of the batch committed) instead. ``ready_without_partitions`` is for a
+    stage that runs next to another in every replica of a process and whose topic may have
+    fewer partitions than there are replicas: owning none is then normal, not unreadiness.
     """
 
     name: str
@@ -583,3 +587,5 @@ class ConsumerStage(Generic[T]):
     transform: Transform[T]
     writer: Callable[[Any], Writer[T]]
     filter_step: Filter[T] | None = None
+    writes_dead_letters: bool = True
+    ready_without_partitions: bool = False

@@ -24,6 +24,13 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "clickhouse"
 # The migration files as released, before placeholders were added to them.
 RELEASED_0001 = FIXTURES / "0001_email_events.released.sql"
 RELEASED_0002 = FIXTURES / "0002_typed_event_fields.released.sql"
+RELEASED_0003 = FIXTURES / "0003_dead_letters.released.sql"
+# The versions released before this migration runner, and the migrations each had applied.
+RELEASED = {
+    "foundation": (RELEASED_0001,),
+    "contract": (RELEASED_0001, RELEASED_0002),
+    "dead-letters": (RELEASED_0001, RELEASED_0002, RELEASED_0003),
+}
 # The columns the foundation's sink wrote (schema v1).
 V1_COLUMNS = (
     "webhook", "event", "sg_event_id", "event_time", "email", "sg_message_id", "smtp_id",
@@ -95,16 +102,16 @@ def batch_info(topic: str, partition: int, first: int, last: int) -> BatchInfo:
 
 # --- earlier versions ------------------------------------------------------------------------
 
-VERSIONS = ("foundation", "contract", *(m.name for m in shipped_migrations()[2:-1]))
+VERSIONS = (*RELEASED, *(m.name for m in shipped_migrations()[len(RELEASED) : -1]))
 
 
 async def create_version(store: Store, version: str) -> tuple[str, ...]:
-    """The schema ``version`` of sgpipe left (``foundation``: 0001 as released, with the
-    foundation's migrations table; ``contract``: 0001 and 0002 as released; a migration name:
-    every migration up to it). Returns the email_events columns a sink of that version wrote."""
+    """The schema ``version`` of sgpipe left (a released version: its migration files as
+    released, recorded by the foundation's migration runner; a migration name: every migration
+    up to it). Returns the email_events columns a sink of that version wrote."""
     database = store.database
-    if version in ("foundation", "contract"):
-        released = [RELEASED_0001] + ([RELEASED_0002] if version == "contract" else [])
+    if version in RELEASED:
+        released = RELEASED[version]
         # The foundation's migration runner: no checksum column.
         await store.client.command(
             f"CREATE TABLE {database}.sgpipe_schema_migrations "

@@ -29,7 +29,11 @@ def kafka_test_settings(bootstrap_servers: str, suffix: str, **sections: Any) ->
     document: dict[str, Any] = {
         "kafka": kafka,
         "processor": {"group_id": f"processor-{suffix}"},
-        "sink": {"group_id": f"sink-{suffix}", "batch_max_seconds": 0.2},
+        "sink": {
+            "group_id": f"sink-{suffix}",
+            "dead_letter_group_id": f"dead-letters-{suffix}",
+            "batch_max_seconds": 0.2,
+        },
         **sections,
     }
     return Settings.model_validate(document)

@@ -261,5 +261,6 @@ async def test_the_bi_user_reads_everything_and_changes_nothing(tmp_path: Path) 
         tables = await data.store.rows(
             "SELECT name FROM system.tables WHERE database = {db:String} ORDER BY name", db=db
         )
-        for table in (t["name"] for t in tables):  # every table and view is readable, not empty
-            assert (await data.read(f"SELECT count() AS n FROM {table}"))[0]["n"] > 0, table
+        for table in (t["name"] for t in tables):  # every table and view is readable
+            (row,) = await data.read(f"SELECT count() AS n FROM {table}")
+            assert row["n"] > 0 or table == "dead_letters", table  # no dead letter was seeded

@@ -68,6 +68,7 @@ async def test_every_cluster_statement_parses_and_has_the_cluster_shape(tmp_path
         "sgpipe.daily_campaign_counts_state_local",
         "sgpipe.daily_bounce_counts_state_local",
         "sgpipe.message_lifecycle_state_local",
+        "sgpipe.dead_letters_local",
     }
     for local in local_tables:
         engine = engines[local]

@@ -98,6 +98,21 @@ async def seeded_data_dir(tmp_path: Path) -> Path:
             await s.insert(batch, batch=batch_info("sgpipe.events", 0, index, index))
         await s.insert(victim, batch=batch_info("sgpipe.events", 1, 0, 5))
         await s.insert(victim[:3], batch=batch_info("sgpipe.events", 1, 6, 8))  # redelivered
+        # Dead letters keep the original bytes: one with the person's address, one without.
+        await s.client.insert(
+            f"{s.database}.dead_letters",
+            [
+                [
+                    "sgpipe.raw",
+                    7,
+                    0,
+                    "invalid_element",
+                    b'{"email":"VICTIM@example.com",' + b"\xff}",
+                ],
+                ["sgpipe.raw", 8, 0, "invalid_element", b'{"email":"someone@else.org",' + b"\xff}"],
+            ],
+            column_names=["source_topic", "source_offset", "event_index", "reason", "payload"],
+        )
     return data_dir
 
 
@@ -115,6 +130,9 @@ async def snapshot(s: Store) -> dict[str, Any]:
         ),
         "daily": await s.rows(f"SELECT * FROM {db}.daily_event_counts ORDER BY ALL"),
         "domains": await s.rows(f"SELECT * FROM {db}.daily_domain_counts ORDER BY ALL"),
+        "dead_letters": await s.rows(
+            f"SELECT source_offset FROM {db}.dead_letters WHERE source_offset != 7"
+        ),
     }
 
 
@@ -134,8 +152,9 @@ async def test_forget_removes_every_row_of_one_address_and_nothing_else(tmp_path
     assert forgotten.returncode == 0, forgotten.stderr
     assert forgotten.stdout.splitlines() == [
         "message_lifecycle_state\t4",  # a row per message and insert: vm1 twice, vm2, vm3
+        "dead_letters\t1",
         "email_events\t8",  # five events, three of them delivered twice
-        "deleted 12 rows of Victim@example.COM",
+        "deleted 13 rows of Victim@example.COM",
     ]
 
     async with opened(data_dir) as s:
@@ -204,7 +223,7 @@ async def test_forget_asks_first_on_a_terminal(tmp_path: Path) -> None:
     declined, output = await asyncio.to_thread(forget_on_a_terminal, data_dir, b"n")
     assert declined == 1
     assert "email_events\t8\n" in output
-    assert f"Delete these 12 rows of {VICTIM}? [y/N] n\nnothing deleted\n" in output
+    assert f"Delete these 13 rows of {VICTIM}? [y/N] n\nnothing deleted\n" in output
     async with opened(data_dir) as s:
         assert (
             await s.value(
@@ -215,4 +234,4 @@ async def test_forget_asks_first_on_a_terminal(tmp_path: Path) -> None:
 
     accepted, output = await asyncio.to_thread(forget_on_a_terminal, data_dir, b"y")
     assert accepted == 0, output
-    assert output.endswith(f"deleted 12 rows of {VICTIM}\n")
+    assert output.endswith(f"deleted 13 rows of {VICTIM}\n")

@@ -6,8 +6,6 @@ by themselves. Each test runs its own tansu process and kills it by PID."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -75,10 +73,9 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout: f
 
 
 async def kill_by_pid(broker: EmbeddedBroker) -> None:
-    process = broker._process
-    assert process is not None
-    os.kill(process.pid, signal.SIGKILL)
-    await asyncio.to_thread(process.wait)
+    assert broker.pid is not None
+    broker.kill()  # SIGKILL to its process group
+    await broker.wait_exited()
 
 
 async def test_broker_killed_under_the_ingress_means_503_then_recovery(unique_name: str) -> None:

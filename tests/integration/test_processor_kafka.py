@@ -14,7 +14,7 @@ from processors.stage import run_processor
 from schemas.dead_letter import REASON_HEADER
 from schemas.email_event import EmailEventCodec
 from schemas.raw_batch import RawBatch, raw_batch_headers
-from sgpipe.embedded.broker import BrokerError, EmbeddedBroker
+from sgpipe.embedded.broker import EmbeddedBroker, PortInUse
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
 from sgpipe.runtime.metrics import REGISTRY
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
@@ -126,5 +126,5 @@ async def test_processor_publishes_events_dead_letters_and_commits(
 async def test_embedded_broker_refuses_a_port_already_in_use(kafka_bootstrap_servers: str) -> None:
     # Never mistake another broker (say, one orphaned by a crash) for the one we started.
     host, port = kafka_bootstrap_servers.split(":")
-    with pytest.raises(BrokerError, match="already in use"):
+    with pytest.raises(PortInUse, match="already in use"):
         await EmbeddedBroker(host, int(port)).start()

@@ -80,6 +80,7 @@ def stage_config(
         },
         "sink": {
             "group_id": f"sink-{suffix}",
+            "dead_letter_group_id": f"dead-letters-{suffix}",
             "batch_max_seconds": 0.2,
             "health_host": "127.0.0.1",
             "health_port": 0,
@@ -188,6 +189,26 @@ def test_stages_serve_health_readiness_and_metrics_as_records_flow(
             )
         assert inserted == 2
         assert metric(sink_metrics, "sgpipe_records_consumed_total", stage="sink") == 2
+
+        # `sgpipe sink` also runs the dead-letter sink: both dead letters are in ClickHouse,
+        # and its readiness is part of the sink's.
+        wait_for_rows(
+            clickhouse,
+            f"SELECT reason, stage, event_index, request_id FROM {database}.dead_letters FINAL "
+            "ORDER BY reason",
+            "invalid_json\tprocess\t-1\treq-2\nnot_an_object\tprocess\t1\treq-1\n",
+            processor,
+            sink,
+        )
+        checks = wait_for_status(f"{sink_url}/readyz", 200, sink)["checks"]
+        assert {name for name in checks if name.startswith("dead_letters.")} == {
+            "dead_letters.kafka",
+            "dead_letters.assigned",
+            "dead_letters.destination",
+            "dead_letters.progress",
+        }
+        _, sink_metrics = http_get(f"{sink_url}/metrics")
+        assert metric(sink_metrics, "sgpipe_records_consumed_total", stage="dead_letters") == 2
 
         # Readiness drops when the broker goes away; the processes stay alive.
         asyncio.run(broker.stop())

@@ -66,6 +66,28 @@ async def test_readyz_is_503_naming_the_failing_check_and_200_once_all_hold() ->
         await client.close()
 
 
+async def test_a_process_running_several_stages_is_ready_only_when_each_is() -> None:
+    # `sgpipe sink` runs the events sink and the dead-letter sink behind one endpoint.
+    sink, dead_letters = Readiness("sink"), Readiness("dead_letters")
+    sink.set("kafka", True, "broker reachable")
+    dead_letters.set("destination", False, "ClickHouse: ConnectionError")
+    client = await client_for(create_health_app([sink, dead_letters]))
+    try:
+        assert await (await client.get("/healthz")).json() == {"status": "ok", "stage": "sink"}
+        response = await client.get("/readyz")
+        assert response.status == 503
+        checks = (await response.json())["checks"]
+        assert checks == {
+            "sink.kafka": {"ok": True, "detail": "broker reachable"},
+            "dead_letters.destination": {"ok": False, "detail": "ClickHouse: ConnectionError"},
+        }
+
+        dead_letters.set("destination", True, "ClickHouse reachable")
+        assert (await client.get("/readyz")).status == 200
+    finally:
+        await client.close()
+
+
 async def test_a_stage_with_no_checks_yet_is_not_ready() -> None:
     client = await client_for(create_health_app(Readiness("process")))
     try:

@@ -9,7 +9,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SHELL = ("sgpipe.cli", "sgpipe.up", "sgpipe.embedded", "sgpipe.__main__", "sgpipe.simulator")
+SHELL = (
+    "sgpipe.cli",
+    "sgpipe.up",
+    "sgpipe.embedded",
+    "sgpipe.__main__",
+    "sgpipe.simulator",
+    "sgpipe.dlq",
+    "sgpipe.store",
+    "sgpipe.migrate",
+    "sgpipe.forget",
+)
 STAGES = ("ingest", "processors", "sinks")
 RUNTIME = ("sgpipe.runtime",)
 SCHEMAS = ("schemas",)

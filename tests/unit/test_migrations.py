@@ -52,12 +52,13 @@ def test_statements_are_split_at_line_ending_semicolons_and_comments_dropped() -
     [
         ("0001_email_events", "0001_email_events.released.sql"),
         ("0002_typed_event_fields", "0002_typed_event_fields.released.sql"),
+        ("0003_dead_letters", "0003_dead_letters.released.sql"),
     ],
 )
 def test_released_migrations_mean_on_one_server_what_they_meant_when_released(
     migration: str, released: str
 ) -> None:
-    """0001 and 0002 gained placeholders for cluster mode after their release: on one server
+    """0001 to 0003 gained placeholders for cluster mode after their release: on one server
     they render to the released statements, so stores that applied them are unchanged."""
     (current,) = [m for m in shipped_migrations() if m.name == migration]
     as_released = Migration(migration, (FIXTURES / released).read_text())

@@ -53,8 +53,11 @@ def test_up_claims_only_the_embedded_services_it_will_start() -> None:
     assert [(c.setting, c.port) for c in embedded] == [
         ("ingest.port", 8080),
         ("embedded.kafka_port", 9092),
+        ("embedded.storage_port", 0),  # 0: recorded or free, checked when the storage starts
         ("embedded.clickhouse_http_port", 8123),
     ]
+    in_memory = Settings(embedded=EmbeddedSettings(broker_storage="memory"))
+    assert "embedded.storage_port" not in [c.setting for c in up_port_claims(in_memory)]
     external = Settings(
         kafka=KafkaSettings(bootstrap_servers="kafka:9092"),
         clickhouse=ClickHouseSettings(url="http://clickhouse:8123"),

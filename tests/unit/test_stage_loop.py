@@ -27,6 +27,7 @@ from sgpipe.runtime import metrics
 from sgpipe.runtime.dead_letters import Rejection
 from sgpipe.runtime.errors import DeadLetterLimitExceeded, FatalStageError, InvalidMessage
 from sgpipe.runtime.messages import Message
+from sgpipe.runtime.runner import RefusedDeadLetters
 from sgpipe.runtime.settings import DeadLetterLimit
 from sgpipe.runtime.stage import (
     BatchInfo,
@@ -461,6 +462,18 @@ async def test_an_unknown_error_is_fatal_not_retried_forever() -> None:
             limit=2,
         )
     assert writer.calls == 1 and consumer.commits == []
+
+
+async def test_a_stage_that_must_not_dead_letter_stops_on_poison_without_committing() -> None:
+    # The dead-letter sink reads the dead-letter topic: a dead letter of its own would come
+    # back to it forever, so the runtime's writer for it refuses (writes_dead_letters=False).
+    consumer = FakeConsumer(records(b"a", b"bad"))
+    writer = RecordingWriter()
+    loop = StageLoop(options(), consumer, echo, writer, RefusedDeadLetters("dead_letters"))
+
+    with pytest.raises(FatalStageError, match=r"dead_letters: cannot process raw/0/1 \(bad_value"):
+        await run_until(loop, lambda: False, limit=2)
+    assert consumer.commits == []
 
 
 # --- batching, stopping, draining ------------------------------------------------------------
