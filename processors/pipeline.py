@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from processors.errors import InvalidMessage
 from processors.normalize import BatchContext, normalize_event
+from processors.pii import PiiPolicy
 from processors.split import parse_element, split_elements
 from schemas.email_event import EmailEventCodec, SerializationError
 from schemas.raw_batch import InvalidRawBatch, decode_raw_batch
@@ -41,15 +42,20 @@ class ProcessedRecord:
     rejections: list[Rejection] = field(default_factory=list)
     # Fields that could not be coerced, counted by field (the COERCION_ERRORS metric).
     coercion_errors: Counter[str] = field(default_factory=Counter)
+    # Personal fields the PII policy hashed or dropped, counted by field.
+    pii_masked: Counter[str] = field(default_factory=Counter)
 
 
 def process_raw_record(
     message: Message,
     codec: EmailEventCodec,
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    *,
+    pii: PiiPolicy | None = None,
 ) -> ProcessedRecord:
     """``max_record_bytes``: the largest value the events topic takes; a bigger event is
-    rejected instead of failing its whole batch forever."""
+    rejected instead of failing its whole batch forever. ``pii``: applied to each event
+    object before it is normalized (processors/pii.py)."""
     result = ProcessedRecord()
     try:
         batch = decode_raw_batch(message.value, message.headers)
@@ -69,6 +75,9 @@ def process_raw_record(
         # A rejected element's payload is its exact bytes, as SendGrid sent them.
         try:
             item, raw = parse_element(element)
+            if pii is not None:
+                item, raw, masked = pii.apply(item, raw)
+                result.pii_masked.update(masked)
             normalized = normalize_event(item, raw, context)
             encoded = codec.encode(normalized.record)
         except InvalidMessage as exc:

@@ -12,14 +12,15 @@ import asyncio
 from typing import Any
 
 from processors.dedup import DuplicateEventFilter
+from processors.pii import PiiPolicy
 from processors.pipeline import EncodedEvent, process_raw_record
 from schemas.email_event import SCHEMA_HEADER, SCHEMA_HEADER_VALUE, EmailEventCodec
 from sgpipe.runtime.kafka import OutgoingRecord, TopicWriter, max_record_bytes
 from sgpipe.runtime.messages import Message
-from sgpipe.runtime.metrics import COERCION_ERRORS, STAGE_PROCESS
+from sgpipe.runtime.metrics import COERCION_ERRORS, PII_MASKED, STAGE_PROCESS
 from sgpipe.runtime.runner import run_consumer_stage
 from sgpipe.runtime.schema_registry import open_event_codec_retrying
-from sgpipe.runtime.settings import Settings
+from sgpipe.runtime.settings import PiiSettings, Settings
 from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
 
 # Lets consumers of the events topic route by schema without decoding the value.
@@ -33,11 +34,19 @@ def processor_stage(
     codec = codec or EmailEventCodec()
     record_limit = max_record_bytes(settings.kafka)
     events_topic = settings.kafka.topics.events
+    pii = pii_policy(settings.pii)
+    pii_modes = {
+        "email": settings.pii.email,
+        "ip": settings.pii.ip,
+        "useragent": settings.pii.useragent,
+    }
 
     def transform(message: Message) -> Transformed[EncodedEvent]:
-        processed = process_raw_record(message, codec, record_limit)
+        processed = process_raw_record(message, codec, record_limit, pii=pii)
         for field_name, count in processed.coercion_errors.items():
             COERCION_ERRORS.labels(STAGE_PROCESS, field_name).inc(count)
+        for field_name, count in processed.pii_masked.items():
+            PII_MASKED.labels(STAGE_PROCESS, field_name, pii_modes[field_name]).inc(count)
         return Transformed(processed.events, processed.rejections)
 
     def to_record(event: EncodedEvent) -> OutgoingRecord:
@@ -59,6 +68,13 @@ def processor_stage(
         writer=writer,
         filter_step=DuplicateEventFilter(settings.processor.dedup_window),
     )
+
+
+def pii_policy(settings: PiiSettings) -> PiiPolicy | None:
+    """The processor's PII policy from ``pii.*``; None when every field is kept."""
+    key = settings.hash_key.get_secret_value().encode("utf-8") if settings.hash_key else b""
+    policy = PiiPolicy(settings.email, settings.ip, settings.useragent, key)
+    return policy if policy.active else None
 
 
 async def run_processor(

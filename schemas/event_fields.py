@@ -14,7 +14,9 @@ and in which schema version it appeared. Everything else is derived from these r
 - the column table in ``docs/event-contract.md`` (checked by a test).
 
 Adding a field is one row here plus the regenerated artefacts:
-``python -m schemas.event_fields avsc|migration N|markdown``.
+``python -m schemas.event_fields avsc|migration N|markdown``; changing a codec is the row plus a
+new migration from ``python -m schemas.event_fields codecs`` (codecs were measured on simulated
+traffic: ``bench/clickhouse_storage.py``, docs/clickhouse.md).
 """
 
 from __future__ import annotations
@@ -199,34 +201,34 @@ POOL: Final = RecordType(
 EVENT_FIELDS: Final[tuple[EventField, ...]] = (
     _sgpipe("webhook", TEXT, "Name of the sgpipe webhook (URL path segment) that received the event.", since=1, low_cardinality=True),
     _sendgrid("event", TEXT, "SendGrid's event type as sent: processed, dropped, delivered, deferred, bounce, open, click, spamreport, unsubscribe, group_unsubscribe, group_resubscribe, account_status_change, or a newer one. Empty (and named in coercion_errors) when the event had none.", since=1, low_cardinality=True, required=True),
-    _sendgrid("sg_event_id", TEXT, "SendGrid's unique event id, the deduplication key; opaque. When SendGrid sent none, sgpipe- followed by the base64url SHA-256 of the event's canonical JSON (see sg_event_id_generated).", since=1),
-    _sendgrid("event_time", TIMESTAMP, "SendGrid's timestamp (Unix seconds, or milliseconds for Single Sends, as a number or a string) as UTC. 1970-01-01 (and named in coercion_errors) when absent or unusable.", since=1, source="timestamp", required=True),
-    _sendgrid("email", TEXT, "Recipient address as sent, trimmed; null when absent (account_status_change). Personal data.", since=1, nullable=True),
-    _sendgrid("sg_message_id", TEXT, "Message id, trimmed (SendGrid sometimes sends a leading space); null when absent (async bounces).", since=1, nullable=True),
-    _sendgrid("smtp_id", TEXT, "The smtp-id field, trimmed; null when absent or empty.", since=1, source="smtp-id", nullable=True),
-    _sendgrid("category", TEXT_LIST, "Categories; SendGrid sends a string or an array, always an array here (non-string items as compact JSON).", since=1),
-    _sgpipe("custom_args", TEXT_MAP, "Every top-level key that is not one of this record's SendGrid fields (unique_args / custom_args set by the sender, and fields of event types sgpipe does not know yet). Non-string values as compact JSON.", since=1),
-    _sgpipe("received_at", TIMESTAMP, "When the ingress received the batch.", since=1),
-    _sgpipe("request_id", TEXT, "The ingress request that carried the batch.", since=1),
+    _sendgrid("sg_event_id", TEXT, "SendGrid's unique event id, the deduplication key; opaque. When SendGrid sent none, sgpipe- followed by the base64url SHA-256 of the event's canonical JSON (see sg_event_id_generated).", since=1, clickhouse_codec="ZSTD(1)"),
+    _sendgrid("event_time", TIMESTAMP, "SendGrid's timestamp (Unix seconds, or milliseconds for Single Sends, as a number or a string) as UTC. 1970-01-01 (and named in coercion_errors) when absent or unusable.", since=1, source="timestamp", required=True, clickhouse_codec="Delta(8), ZSTD(1)"),
+    _sendgrid("email", TEXT, "Recipient address as sent, trimmed; null when absent (account_status_change). Personal data.", since=1, nullable=True, clickhouse_codec="ZSTD(1)"),
+    _sendgrid("sg_message_id", TEXT, "Message id, trimmed (SendGrid sometimes sends a leading space); null when absent (async bounces).", since=1, nullable=True, clickhouse_codec="ZSTD(1)"),
+    _sendgrid("smtp_id", TEXT, "The smtp-id field, trimmed; null when absent or empty.", since=1, source="smtp-id", nullable=True, clickhouse_codec="ZSTD(1)"),
+    _sendgrid("category", TEXT_LIST, "Categories; SendGrid sends a string or an array, always an array here (non-string items as compact JSON).", since=1, clickhouse_codec="ZSTD(1)"),
+    _sgpipe("custom_args", TEXT_MAP, "Every top-level key that is not one of this record's SendGrid fields (unique_args / custom_args set by the sender, and fields of event types sgpipe does not know yet). Non-string values as compact JSON.", since=1, clickhouse_codec="ZSTD(1)"),
+    _sgpipe("received_at", TIMESTAMP, "When the ingress received the batch.", since=1, clickhouse_codec="ZSTD(1)"),
+    _sgpipe("request_id", TEXT, "The ingress request that carried the batch.", since=1, clickhouse_codec="ZSTD(1)"),
     _sgpipe("raw", TEXT, "The event exactly as SendGrid sent it: the bytes of its element of the posted JSON array (since v2; v1 wrote it re-encoded compactly).", since=1, clickhouse_codec="ZSTD(3)"),
     _sgpipe("sg_event_id_generated", BOOLEAN, "True when SendGrid sent no usable sg_event_id and sgpipe derived it from the event's content."),
     _sgpipe("coercion_errors", TEXT_LIST, "Fields whose value could not be coerced to their type (left null or at their default; raw keeps the value), and required fields that were absent. Empty for a clean event.", low_cardinality=True),
     # Deliverability: processed, dropped, delivered, deferred, bounce.
     _sendgrid("type", TEXT, "bounce: bounce (hard) or blocked (soft); account_status_change: compliance_suspend, compliance_deactivate, compliance_ban or reactivate.", low_cardinality=True),
     _sendgrid("bounce_classification", TEXT, "Bounce category: Invalid Address, Technical, Content, Reputation, Frequency/Volume, Mailbox Unavailable or Unclassified.", low_cardinality=True),
-    _sendgrid("reason", TEXT, "Why the message was dropped, bounced or blocked, as SendGrid or the receiving server said it."),
+    _sendgrid("reason", TEXT, "Why the message was dropped, bounced or blocked, as SendGrid or the receiving server said it.", clickhouse_codec="ZSTD(1)"),
     _sendgrid("status", TEXT, "SMTP status code, usually 5.x.y (sometimes a bare code such as 550).", low_cardinality=True),
-    _sendgrid("response", TEXT, "The receiving server's SMTP response (delivered, deferred)."),
+    _sendgrid("response", TEXT, "The receiving server's SMTP response (delivered, deferred).", clickhouse_codec="ZSTD(1)"),
     _sendgrid("attempt", UINT32, "Delivery attempt number of a deferred event (SendGrid sends it as a string); 0 when absent."),
     _sendgrid("tls", FLAG, "1 when the message was delivered over TLS, 0 when not; null when not reported. SendGrid sends 1/0, \"1\"/\"0\" or true/false.", nullable=True),
     _sendgrid("cert_err", FLAG, "1 when the receiving server's TLS certificate failed validation, 0 when not; null when not reported.", nullable=True),
-    _sendgrid("ip", TEXT, "Sending IP (deliverability events) or the recipient's IP (engagement events); may be \"unknown\". Personal data on engagement events."),
+    _sendgrid("ip", TEXT, "Sending IP (deliverability events) or the recipient's IP (engagement events); may be \"unknown\". Personal data on engagement events.", clickhouse_codec="ZSTD(1)"),
     _sendgrid("pool", POOL, "The IP pool the message was sent from, {name, id}; members null when absent."),
     _sendgrid("domain", TEXT, "Recipient domain (deferred).", low_cardinality=True),
     _sendgrid("from", TEXT, "Sender address (deferred). Quote the column in SQL: \"from\".", low_cardinality=True),
     # Engagement: open, click, spamreport, unsubscribe, group_unsubscribe, group_resubscribe.
-    _sendgrid("useragent", TEXT, "The recipient's user agent (open, click). Personal data."),
-    _sendgrid("url", TEXT, "The clicked link (click)."),
+    _sendgrid("useragent", TEXT, "The recipient's user agent (open, click). Personal data.", clickhouse_codec="ZSTD(1)"),
+    _sendgrid("url", TEXT, "The clicked link (click).", clickhouse_codec="ZSTD(1)"),
     _sendgrid("url_offset", URL_OFFSET, "Which link was clicked, {index, type}; members null when absent."),
     _sendgrid("sg_machine_open", BOOLEAN, "True when the open came from a privacy proxy (e.g. Apple Mail Privacy Protection) rather than a person; null when not reported.", nullable=True),
     _sendgrid("asm_group_id", UINT64, "Unsubscribe (ASM) group id; 0 when absent."),
@@ -320,18 +322,39 @@ def _quoted(name: str) -> str:
     return f"`{name}`"
 
 
-def add_columns_sql(version: int, table: str = "{database}.email_events") -> str:
-    """One additive ``ALTER`` for the columns introduced in ``version`` (a migration's body)."""
-    clauses = []
-    for event_field in EVENT_FIELDS:
-        if event_field.since != version:
-            continue
-        codec = f" CODEC({event_field.clickhouse_codec})" if event_field.clickhouse_codec else ""
-        clauses.append(
-            f"    ADD COLUMN IF NOT EXISTS {_quoted(event_field.name)} "
-            f"{event_field.clickhouse_type}{codec} COMMENT {_sql_string(event_field.doc)}"
-        )
-    return f"ALTER TABLE {table}\n" + ",\n".join(clauses) + ";\n"
+def add_columns_sql(version: int) -> str:
+    """The additive ``ALTER``s for the columns introduced in ``version`` (a migration's body,
+    with the placeholders of ``sgpipe/runtime/migrations.py``): the table's, and in cluster
+    mode the Distributed table's too. Codecs are not part of it: they come from the
+    ``codecs`` migration (``modify_codecs_sql``), so that a column's codec can change later
+    while this stays what was released."""
+    clauses = [
+        f"    ADD COLUMN IF NOT EXISTS {_quoted(f.name)} {f.clickhouse_type} "
+        f"COMMENT {_sql_string(f.doc)}"
+        for f in EVENT_FIELDS
+        if f.since == version
+    ]
+    body = ",\n".join(clauses)
+    return (
+        f"ALTER TABLE {{database}}.email_events{{local}} {{on_cluster}}\n{body};\n\n"
+        "-- cluster-only: the Distributed table reads and writes the same columns.\n"
+        f"ALTER TABLE {{database}}.email_events {{on_cluster}}\n{body};\n"
+    )
+
+
+def clickhouse_codecs() -> list[tuple[str, str]]:
+    """``(name, codec)`` of every ``email_events`` column with a codec of its own (the others
+    use the server's default, LZ4)."""
+    return [(f.name, f.clickhouse_codec) for f in EVENT_FIELDS if f.clickhouse_codec]
+
+
+def modify_codecs_sql() -> str:
+    """One ``ALTER`` giving every column its codec from the field table (a migration's body).
+    Only new parts and merges use a new codec: nothing is rewritten at once."""
+    clauses = [
+        f"    MODIFY COLUMN {_quoted(name)} CODEC({codec})" for name, codec in clickhouse_codecs()
+    ]
+    return "ALTER TABLE {database}.email_events{local} {on_cluster}\n" + ",\n".join(clauses) + ";\n"
 
 
 def _markdown_cell(text: str) -> str:
@@ -358,15 +381,17 @@ def markdown_table(fields: Sequence[EventField] = EVENT_FIELDS) -> str:
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``avsc`` | ``migration VERSION`` | ``markdown``: print a derived artefact."""
+    """``avsc`` | ``migration VERSION`` | ``codecs`` | ``markdown``: print a derived artefact."""
     if argv[:1] == ["avsc"]:
         sys.stdout.write(avro_schema_text())
     elif argv[:1] == ["migration"] and len(argv) == 2:
         sys.stdout.write(add_columns_sql(int(argv[1])))
+    elif argv[:1] == ["codecs"]:
+        sys.stdout.write(modify_codecs_sql())
     elif argv[:1] == ["markdown"]:
         sys.stdout.write(markdown_table())
     else:
-        print("usage: python -m schemas.event_fields avsc|migration VERSION|markdown")
+        print("usage: python -m schemas.event_fields avsc|migration VERSION|codecs|markdown")
         return 2
     return 0
 

@@ -158,7 +158,9 @@ examples:
   sgpipe up                                   whole pipeline, embedded Kafka and ClickHouse
   sgpipe up --demo                            ... with simulated SendGrid traffic
   sgpipe ingest --config /etc/sgpipe.yaml     the ingress alone, against your Kafka
-  sgpipe query "SELECT event, count() FROM email_events FINAL GROUP BY event\""""
+  sgpipe query "SELECT event, count() FROM email_events_dedup GROUP BY event"
+  sgpipe migrate --dry-run                    print the ClickHouse migrations still to apply
+  sgpipe forget --email alice@example.com     delete one person's events"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,6 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument(
         "sql", metavar="SQL", help='the statement, e.g. "SELECT count() FROM email_events FINAL"'
     )
+    migrate = command(
+        "migrate",
+        _migrate,
+        "apply ClickHouse migrations (and create missing Kafka topics)",
+        "Apply the ClickHouse migrations this version has and the store has not, in order, then\n"
+        "set the TTLs of clickhouse.retention_days; with kafka.create_topics and\n"
+        "kafka.bootstrap_servers, create the missing topics. Against clickhouse.url, or the\n"
+        "embedded store of --data-dir (through `sgpipe up` while it runs). An applied migration\n"
+        "whose file changed stops it with exit 3, naming the file.",
+        serves_webhooks=False,
+    )
+    _add_data_dir(migrate)
+    migrate.add_argument(
+        "--dry-run", action="store_true", help="print the SQL and topics, change nothing"
+    )
+
+    forget = command(
+        "forget",
+        _forget,
+        "delete one person's events from every table",
+        "Delete every row of one recipient address from the tables that hold per-person data\n"
+        "(email_events, the message lifecycle, dead letters) and report how many went; the\n"
+        "daily aggregates store no address. Letter case does not matter; with pii.email: hash\n"
+        "the pseudonym is found from the address (pii.hash_key). Against clickhouse.url, or the\n"
+        "embedded store of --data-dir (through `sgpipe up` while it runs). On a terminal it asks\n"
+        "first. See docs/privacy.md.",
+        serves_webhooks=False,
+    )
+    _add_data_dir(forget)
+    forget.add_argument("--email", required=True, metavar="ADDRESS", help="the address to forget")
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_simulator_commands(commands, common)  # keys generate, simulate
     add_dlq_commands(commands, common, _with_store, _add_data_dir)  # dlq list, dlq replay
 
@@ -529,15 +562,77 @@ def _with_store(handler: DlqHandler) -> Command:
 def _as_embedded_writer(settings: Settings, data_dir: Path) -> Settings:
     """``settings`` with the data dir's writer credentials: `sgpipe up`'s embedded store
     requires them, and `sgpipe query` finds them itself."""
-    from sgpipe.embedded.credentials import CredentialsError, load_credentials
-    from sgpipe.runtime.clickhouse import with_credentials
+    from sgpipe.store import StoreUnavailable, as_embedded_writer
 
     try:
-        writer = load_credentials(data_dir).writer
-    except (FileNotFoundError, CredentialsError) as exc:
-        raise QueryFailed(f"cannot use the embedded store's credentials: {exc}") from exc
-    clickhouse = with_credentials(settings.clickhouse, writer.name, writer.password)
+        clickhouse = as_embedded_writer(settings.clickhouse, data_dir)
+    except StoreUnavailable as exc:
+        raise QueryFailed(str(exc)) from exc
     return settings.model_copy(update={"clickhouse": clickhouse})
+
+
+def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from sgpipe.migrate import run_migrate
+    from sgpipe.runtime.migrations import MigrationError
+    from sgpipe.store import StoreUnavailable
+
+    try:
+        lines = asyncio.run(run_migrate(settings, args.data_dir, dry_run=args.dry_run))
+    except MigrationError as exc:
+        report_fatal(str(exc))
+        return EXIT_FATAL
+    except StoreUnavailable as exc:
+        report_fatal(str(exc))
+        return EXIT_FAILURE
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _forget(args: argparse.Namespace, settings: Settings) -> int:
+    from sgpipe.forget import Forgetter, person
+    from sgpipe.runtime.clickhouse import connect
+    from sgpipe.store import StoreUnavailable, open_store
+
+    address = args.email.strip()
+    if "@" not in address:
+        raise ConfigError(f"--email {args.email!r} is not an address")
+    ask = not args.yes and sys.stdin.isatty()
+
+    async def run() -> int:
+        async with open_store(settings, args.data_dir, "forget") as store:
+            client = await connect(store.settings, store.url)
+            try:
+                forgetter = Forgetter(client, settings)
+                who, counts = await forgetter.find(person(settings, address))
+                total = sum(counts.values())
+                if not total:
+                    print(f"no rows of {address} in {settings.clickhouse.database}")
+                    return 0
+                if ask and not _confirm(address, counts):
+                    print("nothing deleted")
+                    return EXIT_FAILURE
+                deleted = await forgetter.delete(who, counts)
+            finally:
+                await client.close()
+        for table, rows in deleted.items():
+            print(f"{table}\t{rows}")
+        print(f"deleted {sum(deleted.values())} rows of {address}")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except StoreUnavailable as exc:
+        report_fatal(str(exc))
+        return EXIT_FAILURE
+
+
+def _confirm(address: str, counts: dict[str, int]) -> bool:
+    for table, rows in counts.items():
+        print(f"{table}\t{rows}")
+    # On stdout, like the counts (input() would put the prompt on stderr under readline).
+    print(f"Delete these {sum(counts.values())} rows of {address}? [y/N] ", end="", flush=True)
+    return sys.stdin.readline().strip().lower() in ("y", "yes")
 
 
 def _query_directly(data_dir: Path, settings: Settings, sql: str, fmt: str) -> bytes:
@@ -559,19 +654,9 @@ def _query_directly(data_dir: Path, settings: Settings, sql: str, fmt: str) -> b
 
 def _running_store_url(data_dir: Path) -> str | None:
     """The embedded store's URL if `sgpipe up` serves this data dir and answers."""
-    import json
+    from sgpipe.store import running_store_url
 
-    from sgpipe.up import state_file
-
-    try:
-        state = json.loads(state_file(data_dir).read_text(encoding="utf-8"))
-        if not state.get("clickhouse_embedded", True):
-            return None  # `up` ran against a configured ClickHouse: pass the same config
-        url = str(state["clickhouse_url"])
-        with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-            return url if response.status == 200 else None
-    except (OSError, ValueError, KeyError, urllib.error.URLError):
-        return None
+    return running_store_url(data_dir)
 
 
 def _query_http(url: str, settings: Settings, sql: str, fmt: str) -> bytes:

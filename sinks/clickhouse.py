@@ -1,10 +1,19 @@
 """The sinks' ClickHouse writer: column-oriented batch inserts into one table.
 
-A runtime ``Writer``: ``start`` connects, applies migrations and checks that the table can take
-what the sink writes (for ``email_events``: every column, with the contract's type; a mismatch
-is fatal: a deploy to fix, not data to retry); ``write`` returns once ClickHouse accepted the
-insert; ``probe`` pings the server. ``TableWriter`` is generic over the table (``Table``);
+A runtime ``Writer``: ``start`` connects, applies the migrations (``clickhouse.migrate_on_start``;
+otherwise it only checks that none is pending) and checks that the table can take what the sink
+writes (for ``email_events``: every column, with the contract's type; a mismatch is fatal: a
+deploy to fix, not data to retry); ``write`` returns once ClickHouse accepted the insert;
+``probe`` pings the server. ``TableWriter`` is generic over the table (``Table``);
 ``ClickHouseWriter`` is the one for ``email_events``.
+
+Every insert is idempotent: it carries an ``insert_deduplication_token`` derived from the Kafka
+offsets of its batch (``insert_token``). The runtime retries a failed write with the same batch,
+so an insert that ClickHouse stored but whose answer was lost (a timeout, a crash of the
+connection) is recognised and skipped, in the table and in every materialized view fed from it
+(``deduplicate_blocks_in_dependent_materialized_views``; each table keeps a deduplication log:
+``non_replicated_deduplication_window``, migrations 0004-0006 and 0008). Redeliveries that
+arrive in other batches are absorbed by the tables themselves (docs/clickhouse.md).
 """
 
 from __future__ import annotations
@@ -20,9 +29,11 @@ from clickhouse_connect.driver.asyncclient import AsyncClient
 
 from schemas.event_fields import clickhouse_columns
 from sgpipe.runtime import metrics
-from sgpipe.runtime.clickhouse import apply_migrations, connect
+from sgpipe.runtime.clickhouse import connect
 from sgpipe.runtime.errors import FatalStageError
+from sgpipe.runtime.migrations import MigrationError, Target, migrate, plan_migrations
 from sgpipe.runtime.settings import ClickHouseSettings
+from sgpipe.runtime.stage import BatchInfo
 from sinks.rows import EMAIL_EVENT_COLUMNS, to_columns
 
 log = structlog.get_logger(__name__)
@@ -64,9 +75,12 @@ class TableWriter(Generic[T]):
     async def start(self) -> None:
         client = await connect(self._settings, self._url)
         try:
-            applied = await apply_migrations(client, self._database)
-            if applied:
-                log.info("applied migrations", stage=self._stage, migrations=applied)
+            if self._settings.migrate_on_start:
+                applied = await migrate(client, self._settings)
+                if applied:
+                    log.info("applied migrations", stage=self._stage, migrations=applied)
+            else:
+                await self._check_migrations(client)
             await self._check_table(client)
         except BaseException:
             await client.close()
@@ -82,7 +96,7 @@ class TableWriter(Generic[T]):
         if self._client is None or not await self._client.ping():
             raise ConnectionError("ClickHouse does not answer ping")
 
-    async def write(self, outputs: Sequence[T], batch: object) -> None:
+    async def write(self, outputs: Sequence[T], batch: BatchInfo) -> None:
         if self._client is None:
             raise RuntimeError(f"{type(self).__name__}.write before start")
         started = time.monotonic()
@@ -91,6 +105,7 @@ class TableWriter(Generic[T]):
             self._spec.to_columns(outputs),
             column_names=list(self._spec.columns),
             column_oriented=True,
+            settings=insert_settings(batch, cluster=self._settings.cluster is not None),
         )
         metrics.CLICKHOUSE_INSERT_SECONDS.labels(self._stage, self._spec.name).observe(
             time.monotonic() - started
@@ -98,6 +113,22 @@ class TableWriter(Generic[T]):
         metrics.CLICKHOUSE_INSERTED_ROWS.labels(self._stage, self._spec.name).inc(
             int(summary.written_rows)
         )
+
+    async def _check_migrations(self, client: AsyncClient) -> None:
+        plan = await plan_migrations(
+            client, Target.from_settings(self._settings), self._settings.retention_days
+        )
+        if plan.pending:
+            names = ", ".join(migration.name for migration in plan.pending)
+            raise MigrationError(
+                f"{self._stage}: migrations not applied to {self._database}: {names}; run "
+                "`sgpipe migrate` (clickhouse.migrate_on_start is off)"
+            )
+        if plan.retention:
+            log.warning(
+                "table TTLs differ from clickhouse.retention_days; `sgpipe migrate` sets them",
+                stage=self._stage,
+            )
 
     async def _check_table(self, client: AsyncClient) -> None:
         result = await client.query(f"DESCRIBE TABLE {self._table}")
@@ -107,6 +138,35 @@ class TableWriter(Generic[T]):
                 f"{self._stage}: table {self._table} does not match what this version writes: "
                 f"{'; '.join(problems)}; apply the migrations (`sgpipe migrate`) or fix the table"
             )
+
+
+def insert_token(batch: BatchInfo) -> str:
+    """The insert's deduplication token: the Kafka records it holds, as
+    ``topic/partition/first-last`` per partition, in order. The same batch retried gives the
+    same token; ClickHouse stores an insert whose token it has seen (within its
+    deduplication window) only once."""
+    return ",".join(
+        f"{topic}/{partition}/{first}-{last}"
+        for (topic, partition), (first, last) in sorted(batch.offsets.items())
+    )
+
+
+def insert_settings(batch: BatchInfo, *, cluster: bool = False) -> dict[str, Any]:
+    """The settings each sink insert carries."""
+    settings: dict[str, Any] = {
+        "insert_deduplicate": 1,
+        "insert_deduplication_token": insert_token(batch),
+        # A retried insert whose block was already stored must not feed the materialized
+        # views again either (each view's table checks its own deduplication log).
+        "deduplicate_blocks_in_dependent_materialized_views": 1,
+        # One insert of a whole batch is what ClickHouse wants; asynchronous inserts (on by
+        # default in new servers) would buffer it and deduplicate by other rules.
+        "async_insert": 0,
+    }
+    if cluster:
+        # Return only once every shard stored its rows: the offsets are committed after this.
+        settings["insert_distributed_sync"] = 1  # distributed_foreground_insert since 23.x
+    return settings
 
 
 class ClickHouseWriter(TableWriter[dict[str, Any]]):

@@ -1,7 +1,44 @@
 -- Typed SendGrid fields (event contract, schema v2): additive, so every row stored before
 -- keeps its data; those rows read the new columns' defaults. Generated from the field table
 -- (python -m schemas.event_fields migration 2); tests/integration check the table against it.
-ALTER TABLE {database}.email_events
+ALTER TABLE {database}.email_events{local} {on_cluster}
+    ADD COLUMN IF NOT EXISTS `sg_event_id_generated` Bool COMMENT 'True when SendGrid sent no usable sg_event_id and sgpipe derived it from the event\'s content.',
+    ADD COLUMN IF NOT EXISTS `coercion_errors` Array(LowCardinality(String)) COMMENT 'Fields whose value could not be coerced to their type (left null or at their default; raw keeps the value), and required fields that were absent. Empty for a clean event.',
+    ADD COLUMN IF NOT EXISTS `type` LowCardinality(String) COMMENT 'bounce: bounce (hard) or blocked (soft); account_status_change: compliance_suspend, compliance_deactivate, compliance_ban or reactivate.',
+    ADD COLUMN IF NOT EXISTS `bounce_classification` LowCardinality(String) COMMENT 'Bounce category: Invalid Address, Technical, Content, Reputation, Frequency/Volume, Mailbox Unavailable or Unclassified.',
+    ADD COLUMN IF NOT EXISTS `reason` String COMMENT 'Why the message was dropped, bounced or blocked, as SendGrid or the receiving server said it.',
+    ADD COLUMN IF NOT EXISTS `status` LowCardinality(String) COMMENT 'SMTP status code, usually 5.x.y (sometimes a bare code such as 550).',
+    ADD COLUMN IF NOT EXISTS `response` String COMMENT 'The receiving server\'s SMTP response (delivered, deferred).',
+    ADD COLUMN IF NOT EXISTS `attempt` UInt32 COMMENT 'Delivery attempt number of a deferred event (SendGrid sends it as a string); 0 when absent.',
+    ADD COLUMN IF NOT EXISTS `tls` Nullable(UInt8) COMMENT '1 when the message was delivered over TLS, 0 when not; null when not reported. SendGrid sends 1/0, "1"/"0" or true/false.',
+    ADD COLUMN IF NOT EXISTS `cert_err` Nullable(UInt8) COMMENT '1 when the receiving server\'s TLS certificate failed validation, 0 when not; null when not reported.',
+    ADD COLUMN IF NOT EXISTS `ip` String COMMENT 'Sending IP (deliverability events) or the recipient\'s IP (engagement events); may be "unknown". Personal data on engagement events.',
+    ADD COLUMN IF NOT EXISTS `pool` Tuple(name LowCardinality(Nullable(String)), id Nullable(UInt64)) COMMENT 'The IP pool the message was sent from, {name, id}; members null when absent.',
+    ADD COLUMN IF NOT EXISTS `domain` LowCardinality(String) COMMENT 'Recipient domain (deferred).',
+    ADD COLUMN IF NOT EXISTS `from` LowCardinality(String) COMMENT 'Sender address (deferred). Quote the column in SQL: "from".',
+    ADD COLUMN IF NOT EXISTS `useragent` String COMMENT 'The recipient\'s user agent (open, click). Personal data.',
+    ADD COLUMN IF NOT EXISTS `url` String COMMENT 'The clicked link (click).',
+    ADD COLUMN IF NOT EXISTS `url_offset` Tuple(index Nullable(UInt32), type LowCardinality(Nullable(String))) COMMENT 'Which link was clicked, {index, type}; members null when absent.',
+    ADD COLUMN IF NOT EXISTS `sg_machine_open` Nullable(Bool) COMMENT 'True when the open came from a privacy proxy (e.g. Apple Mail Privacy Protection) rather than a person; null when not reported.',
+    ADD COLUMN IF NOT EXISTS `asm_group_id` UInt64 COMMENT 'Unsubscribe (ASM) group id; 0 when absent.',
+    ADD COLUMN IF NOT EXISTS `sg_template_id` LowCardinality(String) COMMENT 'Dynamic template id (d-...).',
+    ADD COLUMN IF NOT EXISTS `sg_template_name` LowCardinality(String) COMMENT 'Dynamic template name.',
+    ADD COLUMN IF NOT EXISTS `marketing_campaign_id` LowCardinality(String) COMMENT 'Marketing campaign id (a number in legacy campaigns; kept as text).',
+    ADD COLUMN IF NOT EXISTS `marketing_campaign_name` LowCardinality(String) COMMENT 'Marketing campaign name.',
+    ADD COLUMN IF NOT EXISTS `marketing_campaign_version` LowCardinality(String) COMMENT 'A/B test version of a legacy marketing campaign.',
+    ADD COLUMN IF NOT EXISTS `marketing_campaign_split_id` LowCardinality(String) COMMENT 'A/B test split id of a legacy marketing campaign (kept as text).',
+    ADD COLUMN IF NOT EXISTS `singlesend_id` LowCardinality(String) COMMENT 'Single Send id.',
+    ADD COLUMN IF NOT EXISTS `singlesend_name` LowCardinality(String) COMMENT 'Single Send name.',
+    ADD COLUMN IF NOT EXISTS `send_at` Int64 COMMENT 'Scheduled send time of a Single Send as SendGrid sent it (Unix seconds); 0 when absent.',
+    ADD COLUMN IF NOT EXISTS `phase_id` LowCardinality(String) COMMENT 'Marketing Campaigns phase (send, test, ...).',
+    ADD COLUMN IF NOT EXISTS `mc_stats` LowCardinality(String) COMMENT 'Marketing Campaigns statistics bucket (singlesend, automation, ...).',
+    ADD COLUMN IF NOT EXISTS `post_type` LowCardinality(String) COMMENT 'Marketing Campaigns post type.',
+    ADD COLUMN IF NOT EXISTS `sg_user_id` UInt64 COMMENT 'SendGrid user (account) id; 0 when absent.',
+    ADD COLUMN IF NOT EXISTS `sg_content_type` LowCardinality(String) COMMENT 'Content part the event concerns (html, text).',
+    ADD COLUMN IF NOT EXISTS `reseller_id` LowCardinality(String) COMMENT 'Reseller id (undocumented by SendGrid; kept as text).';
+
+-- cluster-only: the Distributed table reads and writes the same columns.
+ALTER TABLE {database}.email_events {on_cluster}
     ADD COLUMN IF NOT EXISTS `sg_event_id_generated` Bool COMMENT 'True when SendGrid sent no usable sg_event_id and sgpipe derived it from the event\'s content.',
     ADD COLUMN IF NOT EXISTS `coercion_errors` Array(LowCardinality(String)) COMMENT 'Fields whose value could not be coerced to their type (left null or at their default; raw keeps the value), and required fields that were absent. Empty for a clean event.',
     ADD COLUMN IF NOT EXISTS `type` LowCardinality(String) COMMENT 'bounce: bounce (hard) or blocked (soft); account_status_change: compliance_suspend, compliance_deactivate, compliance_ban or reactivate.',

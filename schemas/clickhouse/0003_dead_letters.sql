@@ -9,8 +9,9 @@
 -- of adding one. `version` = 2 * replay_generation, + 1 once `sgpipe dlq replay` has replayed
 -- that generation: the newest state wins whatever order the rows arrive in. No PARTITION BY:
 -- the versions of one letter carry different times, and ReplacingMergeTree only replaces
--- within a partition.
-CREATE TABLE IF NOT EXISTS {database}.dead_letters
+-- within a partition. (Placeholders: sgpipe/runtime/migrations.py; on one server this is the
+-- statement as first released.)
+CREATE TABLE IF NOT EXISTS {database}.dead_letters{local} {on_cluster}
 (
     source_topic      LowCardinality(String) COMMENT 'topic of the record that could not be processed',
     source_partition  UInt32,
@@ -30,5 +31,11 @@ CREATE TABLE IF NOT EXISTS {database}.dead_letters
     version           UInt64 COMMENT '2 * replay_generation, + 1 once replayed',
     inserted_at       DateTime64(3, 'UTC') DEFAULT now64(3)
 )
-ENGINE = ReplacingMergeTree(version)
-ORDER BY (source_topic, source_partition, source_offset, event_index)
+ENGINE = {replicated}ReplacingMergeTree(version)
+ORDER BY (source_topic, source_partition, source_offset, event_index);
+
+-- cluster-only: every version of one dead letter goes to the same shard (its identity), so
+-- FINAL on each shard keeps its newest state.
+CREATE TABLE IF NOT EXISTS {database}.dead_letters {on_cluster}
+AS {database}.dead_letters_local
+ENGINE = Distributed({cluster}, {database}, dead_letters_local, cityHash64(source_topic, source_partition, source_offset, event_index))

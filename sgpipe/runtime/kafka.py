@@ -109,8 +109,9 @@ def create_consumer(settings: KafkaSettings, *, group_id: str) -> AIOKafkaConsum
     )
 
 
-async def ensure_topics(settings: KafkaSettings) -> list[str]:
-    """Create the pipeline's topics that do not exist yet; returns the names created.
+async def ensure_topics(settings: KafkaSettings, *, create: bool = True) -> list[str]:
+    """Create the pipeline's topics that do not exist yet; returns the names created (with
+    ``create=False``, only the names that are missing: `sgpipe migrate --dry-run`).
 
     Explicit creation matters: brokers that auto-create (tansu does, with 4 partitions) would
     otherwise pick partition counts nobody chose.
@@ -122,7 +123,7 @@ async def ensure_topics(settings: KafkaSettings) -> list[str]:
     try:
         existing = set(await admin.list_topics())
         missing = [name for name in wanted if name not in existing]
-        if missing:
+        if missing and create:
             await admin.create_topics(
                 [
                     NewTopic(

@@ -148,6 +148,13 @@ COERCION_ERRORS: Final = Counter(
     ["stage", "field"],
     registry=REGISTRY,
 )
+PII_MASKED: Final = Counter(
+    "sgpipe_pii_masked_total",
+    "Personal fields (email, ip, useragent) the PII policy hashed or dropped, by field and "
+    "mode; each such event's raw was re-serialized.",
+    ["stage", "field", "mode"],
+    registry=REGISTRY,
+)
 CONSUMER_LAG: Final = Gauge(
     "sgpipe_consumer_lag",
     "Records between the stage's position and the end of each partition it owns.",

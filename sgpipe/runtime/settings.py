@@ -132,6 +132,51 @@ class ClickHouseSettings(_Section):
     password: SecretStr = SecretStr("")
     connect_timeout: Annotated[float, Field(gt=0)] = 10.0
     send_receive_timeout: Annotated[float, Field(gt=0)] = 300.0
+    # Days to keep what is stored per event and per message (email_events, the message
+    # lifecycle, dead letters), counted from each event's time; 0 keeps everything forever.
+    # Month partitions are dropped whole once every row in them expired, so data goes up to a
+    # month after it expired. Daily aggregates hold no personal data and are kept. The TTL is
+    # set by the migrations (`sgpipe migrate`, or at start) whenever this changes.
+    # (Capped so that the expiry date stays inside ClickHouse's DateTime range.)
+    retention_days: Annotated[int, Field(ge=0, le=25_000)] = 0
+    # The ClickHouse cluster (a name from the server's remote_servers) to create the tables
+    # on: DDL runs ON CLUSTER, tables are Replicated*MergeTree (default replica path and the
+    # {shard}/{replica} macros) behind Distributed tables. Unset for one server and for
+    # ClickHouse Cloud (which replicates by itself). docs/clickhouse.md.
+    cluster: Annotated[str | None, Field(pattern=r"^[A-Za-z0-9_{}.-]+$")] = None
+    # The sink (and `sgpipe up`) apply pending migrations at start. Off: they only check that
+    # none is pending (else they stop, exit 3) and `sgpipe migrate` applies them, e.g. the
+    # Helm chart's pre-install Job, so that many sink replicas never migrate at once.
+    migrate_on_start: bool = True
+
+
+PiiMode = Literal["keep", "hash", "drop"]
+
+
+class PiiSettings(_Section):
+    """Personal data in what the processor publishes (events topic) and hence in what
+    ClickHouse stores: per field, keep it, replace it by a keyed hash (HMAC-SHA256 with
+    ``hash_key``: the same value always gives the same hash, so joins and counts of distinct
+    recipients still work), or drop it. Applied to the typed field, to ``raw`` and to
+    ``custom_args`` alike. Off by default; docs/privacy.md."""
+
+    email: PiiMode = "keep"
+    # Only where it is the recipient's: engagement events (open, click, unsubscribes, spam
+    # reports, unknown types). On deliverability events it is SendGrid's sending IP.
+    ip: PiiMode = "keep"
+    useragent: PiiMode = "keep"
+    # The HMAC key for `hash`: a secret (SGPIPE_PII__HASH_KEY); changing it changes every
+    # hash, so the same person then has two. At least 16 characters.
+    hash_key: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _key_for_hashing(self) -> PiiSettings:
+        hashed = [name for name in ("email", "ip", "useragent") if getattr(self, name) == "hash"]
+        if hashed and (self.hash_key is None or len(self.hash_key.get_secret_value()) < 16):
+            raise ValueError(
+                f"pii.hash_key (at least 16 characters) is required to hash {', '.join(hashed)}"
+            )
+        return self
 
 
 class WebhookSettings(_Section):
@@ -310,6 +355,7 @@ class Settings(BaseSettings):
     embedded: EmbeddedSettings = EmbeddedSettings()
     logging: LoggingSettings = LoggingSettings()
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
+    pii: PiiSettings = PiiSettings()
 
     @model_validator(mode="after")
     def _registry_for_confluent_format(self) -> Settings:

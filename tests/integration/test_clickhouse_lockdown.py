@@ -28,8 +28,10 @@ from schemas import clickhouse_migrations  # noqa: E402
 from schemas.email_event import EmailEventCodec  # noqa: E402
 from sgpipe.embedded.clickhouse_policy import LOCKED_SETTINGS  # noqa: E402
 from sgpipe.embedded.credentials import EmbeddedUser  # noqa: E402
-from sgpipe.runtime.clickhouse import apply_migrations, connect, with_credentials  # noqa: E402
+from sgpipe.runtime.clickhouse import connect, with_credentials  # noqa: E402
+from sgpipe.runtime.migrations import apply_migrations  # noqa: E402
 from sgpipe.runtime.settings import ClickHouseSettings  # noqa: E402
+from sgpipe.runtime.stage import BatchInfo  # noqa: E402
 from sinks.clickhouse import ClickHouseWriter  # noqa: E402
 from tests.golden import encoded_events  # noqa: E402
 from tests.integration.clickhouse_server import (  # noqa: E402
@@ -590,7 +592,8 @@ async def test_writer_runs_migrations_and_the_sink_insert(served: Served) -> Non
         await writer.start()
         try:
             await writer.probe()
-            await writer.write([record, codec.decode(value)], batch=None)  # delivered twice
+            batch = BatchInfo({("sgpipe.events", 0): (0, 1)})
+            await writer.write([record, codec.decode(value)], batch=batch)  # delivered twice
         finally:
             await writer.stop()
         final = await client.query(f"SELECT event, email FROM {database}.email_events FINAL")

@@ -28,6 +28,7 @@ from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.settings import KafkaSettings, Settings
+from sgpipe.runtime.stage import BatchInfo
 from sinks.clickhouse import TableWriter
 from sinks.dead_letters import DEAD_LETTERS, dead_letter_row
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS, read_topic
@@ -328,7 +329,7 @@ def test_a_replay_that_kafka_refuses_leaves_the_letter_pending(
         writer = TableWriter(settings.clickhouse, None, stage="test", table=DEAD_LETTERS)
         await writer.start()
         try:
-            await writer.write([row], None)
+            await writer.write([row], BatchInfo({("sgpipe.dead-letter", 0): (0, 0)}))
         finally:
             await writer.stop()
 

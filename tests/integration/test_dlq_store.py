@@ -5,6 +5,7 @@ and a dead letter made of the replay arrive; filters, paging, and what a replay 
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from sgpipe.dlq.letters import LaterLetter
 from sgpipe.dlq.store import DeadLetterStore, LetterFilter
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.settings import Settings
+from sgpipe.runtime.stage import BatchInfo
 from sinks.clickhouse import TableWriter
 from sinks.dead_letters import DEAD_LETTERS, DeadLetterRow, dead_letter_row
 from tests.integration.processes import ServedClickHouse, served_clickhouse
@@ -73,7 +75,8 @@ def write(clickhouse: ServedClickHouse, settings: Settings, rows: Sequence[DeadL
         writer = TableWriter(settings.clickhouse, None, stage="test", table=DEAD_LETTERS)
         await writer.start()
         try:
-            await writer.write(rows, None)
+            # Each call its own batch (its own offsets: a fresh deduplication token).
+            await writer.write(rows, BatchInfo({(f"dlq-{uuid.uuid4().hex}", 0): (0, 0)}))
         finally:
             await writer.stop()
 

@@ -16,6 +16,9 @@ SHELL = (
     "sgpipe.__main__",
     "sgpipe.simulator",
     "sgpipe.dlq",
+    "sgpipe.store",
+    "sgpipe.migrate",
+    "sgpipe.forget",
 )
 STAGES = ("ingest", "processors", "sinks")
 RUNTIME = ("sgpipe.runtime",)
