@@ -172,7 +172,7 @@ Secrets as environment, each stage only the ones it uses: (dict "root" $ "stage"
 {{- if and (has $stage (list "sink" "migrate")) $secrets.clickhousePassword.name }}
 {{ include "sgpipe.secretEnvVar" (dict "env" "SGPIPE_CLICKHOUSE__PASSWORD" "ref" $secrets.clickhousePassword) }}
 {{- end }}
-{{- if and (has $stage (list "processor" "sink")) $secrets.piiHashKey.name }}
+{{- if and (has $stage (list "processor")) $secrets.piiHashKey.name }}
 {{ include "sgpipe.secretEnvVar" (dict "env" "SGPIPE_PII__HASH_KEY" "ref" $secrets.piiHashKey) }}
 {{- end }}
 {{- end }}
