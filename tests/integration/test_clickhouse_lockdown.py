@@ -123,6 +123,7 @@ def test_each_clickhouse_way_of_passing_credentials_is_accepted(
         assert (answer.status, answer.body) == (200, f"{DATABASE}\n")
 
 
+@pytest.mark.hostile("clickhouse")
 @pytest.mark.parametrize("method", ["basic", "headers", "parameters"])
 def test_wrong_credentials_are_refused_like_clickhouse(served: Served, method: str) -> None:
     wrong = [
@@ -217,6 +218,7 @@ READER_WRITES = [
 ]
 
 
+@pytest.mark.hostile("clickhouse")
 @pytest.mark.parametrize("sql", READER_WRITES)
 def test_reader_cannot_write(served: Served, sql: str) -> None:
     answer = served.post(sql, served.reader)
@@ -370,6 +372,7 @@ HOSTILE: list[tuple[str, str, dict[str, str], frozenset[str]]] = [
 # fmt: on
 
 
+@pytest.mark.hostile("clickhouse")
 @pytest.mark.parametrize(
     ("sql", "params", "codes"),
     [pytest.param(sql, params, codes, id=name) for name, sql, params, codes in HOSTILE],
@@ -500,6 +503,7 @@ def _csrf_post(served: Served, headers: dict[str, str]) -> HttpAnswer:
     )
 
 
+@pytest.mark.hostile("clickhouse")
 @pytest.mark.parametrize(
     "headers",
     [
