@@ -4,7 +4,8 @@ Exactness comes from ClickHouse (ReplacingMergeTree); this only saves the duplic
 SendGrid retry from travelling the whole pipeline. Ids are remembered only after the events
 were acknowledged downstream (the runtime calls ``written`` after the write's ack):
 remembering earlier would turn a failed, retried or redelivered produce into a silently
-dropped event.
+dropped event. For the same reason the window is forgotten when the runtime sees that the
+broker lost data (``forget``): an acknowledgement of a broker that restarted empty is void.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class RecentEventIds:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def clear(self) -> None:
+        self._ids.clear()
 
     def remember(self, sg_event_ids: Iterable[str]) -> None:
         if self._capacity == 0:
@@ -55,3 +59,7 @@ class DuplicateEventFilter:
 
     def written(self, outputs: Sequence[EncodedEvent]) -> None:
         self.recent.remember(event.sg_event_id for event in outputs)
+
+    def forget(self) -> None:
+        """The broker lost data: the ids remembered may name events it no longer holds."""
+        self.recent.clear()

@@ -88,6 +88,10 @@ class Filter(Protocol[T]):
     def written(self, outputs: Sequence[T]) -> None:
         """Called with the selected outputs once their write was acknowledged, never before."""
 
+    def forget(self) -> None:
+        """The broker lost data (offsets out of range, a group's offsets gone): what was
+        acknowledged as written may be gone too, so nothing remembered may drop an output."""
+
 
 @dataclass(frozen=True, slots=True)
 class BatchInfo:
@@ -263,11 +267,14 @@ class StageLoop(Generic[T]):
         try:
             polled = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         except OffsetOutOfRangeError as exc:
+            self._forget_written()
             await self._reset_out_of_range(exc)
             return 0
         except NoOffsetForPartitionError as exc:
-            # A new group (or a partition never committed): start at the beginning.
+            # A new group (or a partition never committed): start at the beginning. Also what
+            # a broker that restarted empty looks like: its acknowledgements are void.
             partitions = [p for p in exc.args if isinstance(p, TopicPartition)]
+            self._forget_written()
             await self._consumer.seek_to_beginning(*partitions)
             return 0
         except Exception as exc:  # noqa: BLE001 - classified below
@@ -309,6 +316,12 @@ class StageLoop(Generic[T]):
             )
         if partitions:
             await self._consumer.seek_to_beginning(*partitions)
+
+    def _forget_written(self) -> None:
+        # A filter that kept trusting the lost writes would drop the redelivered copies of
+        # acknowledged events as duplicates: acknowledged, never stored.
+        if self._filter is not None:
+            self._filter.forget()
 
     def _update_lag(self) -> None:
         for partition, position in self._positions.items():

@@ -125,6 +125,7 @@ def test_each_clickhouse_way_of_passing_credentials_is_accepted(
         assert (answer.status, answer.body) == (200, f"{DATABASE}\n")
 
 
+@pytest.mark.hostile("clickhouse")
 @pytest.mark.parametrize("method", ["basic", "headers", "parameters"])
 def test_wrong_credentials_are_refused_like_clickhouse(served: Served, method: str) -> None:
     wrong = [
@@ -219,6 +220,7 @@ READER_WRITES = [
 ]
 
 
+@pytest.mark.hostile("clickhouse")
 @pytest.mark.parametrize("sql", READER_WRITES)
 def test_reader_cannot_write(served: Served, sql: str) -> None:
     answer = served.post(sql, served.reader)
@@ -372,6 +374,7 @@ HOSTILE: list[tuple[str, str, dict[str, str], frozenset[str]]] = [
 # fmt: on
 
 
+@pytest.mark.hostile("clickhouse")
 @pytest.mark.parametrize(
     ("sql", "params", "codes"),
     [pytest.param(sql, params, codes, id=name) for name, sql, params, codes in HOSTILE],
@@ -502,6 +505,7 @@ def _csrf_post(served: Served, headers: dict[str, str]) -> HttpAnswer:
     )
 
 
+@pytest.mark.hostile("clickhouse")
 @pytest.mark.parametrize(
     "headers",
     [

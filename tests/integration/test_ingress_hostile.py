@@ -25,6 +25,7 @@ from aiokafka import AIOKafkaConsumer
 
 from sgpipe.embedded.broker import free_port
 from tests.ingress_corpus import MARKER, HostileCase, Target, hostile_cases, server_config
+from tests.promise_report import REPORT
 from tests.raw_http import exchange, http_request
 
 pytestmark = pytest.mark.kafka
@@ -189,6 +190,7 @@ def test_the_corpus_covers_every_class_with_at_least_40_cases() -> None:
     assert categories == {"signature", "timestamp", "encoding", "json_shape", "size", "http"}
 
 
+@pytest.mark.hostile("ingress")
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 async def test_hostile_input(case: HostileCase, hostile_ingress: HostileIngress) -> None:
     request_id = f"{case.id}-{uuid.uuid4().hex[:8]}"
@@ -217,6 +219,7 @@ def test_healthz_answered_throughout_the_corpus(
     worst = max(probe.latencies)
     record_property("healthz_probes", len(probe.latencies))
     record_property("healthz_worst_seconds", round(worst, 4))
+    REPORT.record_healthz(worst, len(probe.latencies))
     print(
         f"\n/healthz during the corpus: {len(probe.latencies)} probes, worst {worst * 1000:.1f} ms"
     )

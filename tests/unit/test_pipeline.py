@@ -243,6 +243,7 @@ PATHOLOGICAL_ELEMENTS = {
 }
 
 
+@pytest.mark.hostile("elements")
 @pytest.mark.parametrize("element", PATHOLOGICAL_ELEMENTS.values(), ids=PATHOLOGICAL_ELEMENTS)
 def test_pathological_element_is_dead_lettered_alone_with_its_exact_bytes(element: bytes) -> None:
     body = (
@@ -423,6 +424,7 @@ def test_arbitrary_bytes_never_raise(body: bytes) -> None:
 # --- invalid batches -------------------------------------------------------------------------
 
 
+@pytest.mark.hostile("elements")
 @pytest.mark.parametrize(
     ("body", "reason"),
     [

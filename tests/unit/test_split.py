@@ -21,6 +21,7 @@ def test_sendgrid_body_splits_into_exact_spans() -> None:
     assert scan_elements(body) == split_elements(body)
 
 
+@pytest.mark.hostile("elements")
 @pytest.mark.parametrize(
     "bad",
     [
@@ -63,6 +64,7 @@ def test_split_edge_cases(body: bytes, expected: list[bytes]) -> None:
     assert scan_elements(body.removeprefix(b"\xef\xbb\xbf")) == expected
 
 
+@pytest.mark.hostile("elements")
 @pytest.mark.parametrize(
     ("body", "reason"),
     [

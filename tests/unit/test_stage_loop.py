@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from aiokafka.errors import (
     KafkaConnectionError,
+    NoOffsetForPartitionError,
     OffsetOutOfRangeError,
     TopicAuthorizationFailedError,
 )
@@ -557,6 +558,40 @@ async def test_an_out_of_range_offset_resets_to_the_earliest_and_is_counted() ->
     assert consumer.seeks == 1
     assert writer.written == [[b"a", b"b"]]
     assert sample("sgpipe_offset_resets_total", stage="reset-test") - before == 1
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        pytest.param(lambda: OffsetOutOfRangeError({PARTITION: 3}), id="out_of_range"),
+        pytest.param(lambda: NoOffsetForPartitionError(PARTITION), id="offsets_gone"),
+    ],
+)
+async def test_a_broker_that_lost_data_voids_what_the_filter_remembers(
+    loss: Callable[[], BaseException],
+) -> None:
+    # Found by tests/faults (memory broker restarted empty): the dedup window remembered
+    # events the dead broker had acknowledged, then dropped their copies that SendGrid
+    # re-sent -- acknowledged after the restart, never stored. Mutation caught: removing
+    # `self._forget_written()` from either reset branch of StageLoop._poll.
+    dedup = DuplicateEventFilter(capacity=100)
+    consumer = FakeConsumer(records(b"ev-1", b"ev-2"))
+    writer = RecordingWriter()
+    loop = StageLoop(
+        options(), consumer, encoded, writer, RecordingDeadLetters(), filter_step=dedup
+    )
+    await run_until(loop, lambda: bool(consumer.commits))
+    assert "ev-1" in dedup.recent
+
+    # The broker comes back empty; SendGrid re-sends ev-1, which lands at offset 0 again.
+    consumer.log = records(b"ev-1")
+    consumer.poll_errors = [loss()]
+    await run_until(loop, lambda: len(consumer.commits) == 2)
+
+    assert [[e.sg_event_id for e in batch] for batch in writer.written] == [
+        ["ev-1", "ev-2"],
+        ["ev-1"],
+    ]
 
 
 async def test_a_retriable_poll_error_is_retried() -> None:

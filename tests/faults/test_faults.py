@@ -1,0 +1,360 @@
+"""Fault injection: the stages as separate processes (`sgpipe ingest`, `sgpipe process`,
+`sgpipe sink`) on the durable embedded broker (tansu on SeaweedFS) and the real ClickHouse
+engine served over HTTP with credentials, while the simulator streams a known, signed, seeded
+event set with SendGrid's duplicates -- and something is broken on purpose.
+
+After each fault, the promise (docs/guarantees.md):
+* every event the ingress acknowledged (a 2xx) is in ``email_events`` exactly once through
+  FINAL (and in the dedup view, once the schema has it), and nothing else is;
+* every refused request got a retryable answer (503, a timeout, a refused or cut connection):
+  never a 4xx or a 500 for a valid batch;
+* the simulator's retries eventually land every event;
+* every stage still runs, and stops cleanly (exit 0) within its stop deadline.
+
+The broker and ClickHouse are shared by the tests of this module (each test has its own
+topics, groups and database); a test that breaks one of them restores it before it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sgpipe.embedded.broker import free_port
+from sgpipe.simulator.keys import generate_private_key, public_key_base64
+from sgpipe.simulator.simulation import SimulationSummary
+from tests.faults.harness import (
+    BackgroundLoop,
+    BrokerUnderTest,
+    ClickHouseUnderTest,
+    FaultScript,
+    Stage,
+    StageProcesses,
+    Stream,
+    log_events,
+    pipeline_config,
+    stage_processes,
+    stream_with_faults,
+    wait_until_stored,
+)
+from tests.faults.ledger import Ledger, LedgerReport, refusals, unacceptable_refusals
+from tests.promise_report import REPORT, FaultOutcome
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+
+
+@pytest.fixture(scope="module")
+def background() -> Iterator[BackgroundLoop]:
+    loop = BackgroundLoop()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def durable_broker(
+    background: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BrokerUnderTest]:
+    broker = BrokerUnderTest(background, tmp_path_factory.mktemp("durable-broker"))
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def clickhouse(
+    background: BackgroundLoop, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ClickHouseUnderTest]:
+    served = ClickHouseUnderTest(background, tmp_path_factory.mktemp("clickhouse"))
+    served.start()
+    try:
+        yield served
+    finally:
+        served.stop()
+
+
+@dataclass
+class Pipeline:
+    processes: StageProcesses
+    clickhouse: ClickHouseUnderTest
+    database: str
+    private_key: ec.EllipticCurvePrivateKey
+    ledger: Ledger
+
+
+@pytest.fixture
+async def pipeline(
+    durable_broker: BrokerUnderTest,
+    clickhouse: ClickHouseUnderTest,
+    tmp_path: Path,
+    unique_name: str,
+) -> AsyncIterator[Pipeline]:
+    """The three stages on the shared durable broker and ClickHouse, ingress ready."""
+    async with running_pipeline(durable_broker, clickhouse, tmp_path, unique_name) as running:
+        yield running
+
+
+@asynccontextmanager
+async def running_pipeline(
+    broker: BrokerUnderTest, clickhouse: ClickHouseUnderTest, tmp_path: Path, suffix: str
+) -> AsyncIterator[Pipeline]:
+    # A test that failed half-way may have left a service down: the next one starts healthy.
+    if not broker.alive():
+        await broker.stop_async()
+        await broker.start_async()
+    if clickhouse.port == 0 or not await asyncio.to_thread(_answers, clickhouse):
+        await clickhouse.stop_async()
+        await clickhouse.start_async()
+    private_key = generate_private_key()
+    document = pipeline_config(
+        bootstrap_servers=broker.bootstrap_servers,
+        clickhouse_url=clickhouse.url,
+        suffix=suffix,
+        ingest_port=free_port(),
+        public_key=public_key_base64(private_key),
+    )
+    context = stage_processes(tmp_path / "stages", document)
+    processes = await asyncio.to_thread(context.__enter__)
+    try:
+        yield Pipeline(
+            processes, clickhouse, document["clickhouse"]["database"], private_key, Ledger()
+        )
+    finally:
+        await asyncio.to_thread(context.__exit__, None, None, None)
+
+
+def _answers(clickhouse: ClickHouseUnderTest) -> bool:
+    try:
+        return clickhouse.query("SELECT 1").strip() == "1"
+    except OSError:
+        return False
+
+
+async def run_faults(
+    pipeline: Pipeline,
+    stream: Stream,
+    faults: FaultScript,
+    *,
+    name: str,
+    injected: int,
+    expected: Callable[[Ledger], set[str]] | None = None,
+) -> tuple[SimulationSummary, LedgerReport]:
+    """Stream while ``faults`` runs, then check the promise; records the outcome for the
+    run's closing summary. ``expected``: which acknowledged events must be stored, once the
+    stream ended (all of them unless the configuration documents a loss)."""
+    options = stream.options(pipeline.processes.webhook_url, pipeline.private_key)
+    summary = await stream_with_faults(options, pipeline.ledger, faults)
+    must_be_stored = (
+        set(pipeline.ledger.acknowledged) if expected is None else expected(pipeline.ledger)
+    )
+    # Every refusal was one SendGrid retries, and the retries landed everything.
+    assert unacceptable_refusals(summary.responses) == {}, (
+        summary.to_dict(),
+        pipeline.processes.logs(),
+    )
+    assert summary.posts_rejected == 0 and summary.ok, summary.to_dict()
+    report = await wait_until_stored(
+        pipeline.clickhouse, pipeline.ledger, pipeline.database, expected=must_be_stored
+    )
+    REPORT.record_fault(
+        FaultOutcome(
+            test=name,
+            faults=injected,
+            acknowledged=report.acknowledged,
+            lost=len(report.lost),
+            duplicates=report.duplicates,
+            refusals=refusals(summary.responses),
+            memory_losses_by_design=len(
+                set(pipeline.ledger.acknowledged) - must_be_stored - _stored_ids(pipeline)
+            ),
+        )
+    )
+    assert report.holds(), report.describe() + "\n" + pipeline.processes.logs()
+    assert report.acknowledged == report.sent  # every unique event was acknowledged in the end
+    pipeline.processes.assert_running()
+    # Stop deadlines hold after the faults: every stage stops by itself, cleanly.
+    codes = await asyncio.to_thread(pipeline.processes.stop_all)
+    assert codes == {"ingest": 0, "process": 0, "sink": 0}, pipeline.processes.logs()
+    print(f"\n{name}: {report.describe()}; refused: {refusals(summary.responses)}")
+    return summary, report
+
+
+def _stored_ids(pipeline: Pipeline) -> set[str]:
+    return set(pipeline.clickhouse.rows_by_event(pipeline.database, "email_events", final=True))
+
+
+async def restart_stage_after_kill(pipeline: Pipeline, stage: Stage, down_seconds: float) -> None:
+    await asyncio.to_thread(pipeline.processes.kill, stage)
+    await asyncio.sleep(down_seconds)
+    await asyncio.to_thread(pipeline.processes.start, stage)
+
+
+# --- the faults ------------------------------------------------------------------------------
+
+
+async def test_processor_killed_twice_mid_stream(pipeline: Pipeline) -> None:
+    async def faults() -> None:
+        await asyncio.sleep(3)
+        await restart_stage_after_kill(pipeline, "process", 1.0)
+        await asyncio.sleep(3)
+        await restart_stage_after_kill(pipeline, "process", 0.2)
+
+    await run_faults(pipeline, Stream(seed=101), faults, name="processor kill -9 x2", injected=2)
+    killed = [p for p in pipeline.processes.history if p.stage == "process"][:2]
+    assert [p.process.returncode for p in killed] == [-9, -9]
+
+
+async def test_sink_killed_twice_mid_stream(pipeline: Pipeline) -> None:
+    async def faults() -> None:
+        await asyncio.sleep(3)
+        await restart_stage_after_kill(pipeline, "sink", 1.0)
+        await asyncio.sleep(3)
+        await restart_stage_after_kill(pipeline, "sink", 0.2)
+
+    await run_faults(pipeline, Stream(seed=102), faults, name="sink kill -9 x2", injected=2)
+    killed = [p for p in pipeline.processes.history if p.stage == "sink"][:2]
+    assert [p.process.returncode for p in killed] == [-9, -9]
+
+
+async def test_broker_killed_and_restarted_by_its_supervisor(
+    pipeline: Pipeline, durable_broker: BrokerUnderTest
+) -> None:
+    before = durable_broker.restarts()["broker"]
+
+    async def faults() -> None:
+        await asyncio.sleep(3)
+        durable_broker.kill_broker()
+
+    await run_faults(pipeline, Stream(seed=103), faults, name="tansu kill -9", injected=1)
+    assert durable_broker.restarts()["broker"] == before + 1
+
+
+async def test_broker_stopped_for_seconds_then_restarted_on_its_data_dir(
+    pipeline: Pipeline, durable_broker: BrokerUnderTest
+) -> None:
+    async def faults() -> None:
+        await asyncio.sleep(3)
+        await durable_broker.stop_async()  # tansu, then SeaweedFS
+        await asyncio.sleep(4)
+        await durable_broker.start_async()  # same data dir, same ports
+
+    summary, _ = await run_faults(
+        pipeline, Stream(seed=104), faults, name="broker stopped 4 s", injected=1
+    )
+    # The outage was felt: the ingress refused batches meanwhile (and SendGrid retried them).
+    assert refusals(summary.responses), summary.responses
+
+
+async def test_storage_killed_and_restarted_by_its_supervisor(
+    pipeline: Pipeline, durable_broker: BrokerUnderTest
+) -> None:
+    before = durable_broker.restarts()["storage"]
+
+    async def faults() -> None:
+        await asyncio.sleep(3)
+        durable_broker.kill_storage()
+
+    await run_faults(pipeline, Stream(seed=105), faults, name="weed kill -9", injected=1)
+    assert durable_broker.restarts()["storage"] == before + 1
+
+
+async def test_clickhouse_unavailable_for_seconds(pipeline: Pipeline) -> None:
+    async def faults() -> None:
+        await asyncio.sleep(3)
+        await pipeline.clickhouse.stop_async()
+        await asyncio.sleep(6)
+        await pipeline.clickhouse.start_async()  # same port, same data path
+
+    summary, _ = await run_faults(
+        pipeline, Stream(seed=106), faults, name="ClickHouse down 6 s", injected=1
+    )
+    # ClickHouse's outage is the sink's problem only: the ingress kept acknowledging.
+    assert refusals(summary.responses) == {}, summary.responses
+    sink_logs = "".join(p.output() for p in pipeline.processes.history if p.stage == "sink")
+    assert log_events(sink_logs, "write failed; retrying"), "the sink never met the outage"
+
+
+async def test_ingress_restarted_with_requests_in_flight(pipeline: Pipeline) -> None:
+    processes = pipeline.processes
+    stop_codes: list[int] = []
+
+    async def faults() -> None:
+        await asyncio.sleep(3)
+        # Frozen, the ingress leaves the simulator's POSTs in flight (accepted by the kernel,
+        # unanswered); SIGTERM arrives while they wait, then it runs again and stops.
+        processes.freeze("ingest")
+        await asyncio.sleep(1.0)
+        stopping = asyncio.create_task(asyncio.to_thread(processes.terminate, "ingest"))
+        await asyncio.sleep(0.1)
+        processes.thaw("ingest")
+        stop_codes.append(await stopping)
+        await asyncio.to_thread(processes.start, "ingest")
+
+    summary, _ = await run_faults(
+        pipeline, Stream(seed=107), faults, name="ingress SIGTERM, requests in flight", injected=1
+    )
+    assert stop_codes == [0], processes.logs()
+    assert refusals(summary.responses), summary.responses  # the restart was felt
+
+
+async def test_ingress_killed_with_requests_in_flight(pipeline: Pipeline) -> None:
+    processes = pipeline.processes
+
+    async def faults() -> None:
+        await asyncio.sleep(3)
+        processes.freeze("ingest")
+        await asyncio.sleep(1.0)
+        await restart_stage_after_kill(pipeline, "ingest", 0.2)
+
+    summary, _ = await run_faults(
+        pipeline, Stream(seed=108), faults, name="ingress kill -9, requests in flight", injected=1
+    )
+    # The POSTs in flight were cut: SendGrid sees a broken connection and retries.
+    assert refusals(summary.responses).get("connection error", 0) >= 1, summary.responses
+
+
+async def test_memory_broker_restarted_empty(
+    background: BackgroundLoop,
+    clickhouse: ClickHouseUnderTest,
+    tmp_path: Path,
+    unique_name: str,
+) -> None:
+    """`embedded.broker_storage: memory` (tests, demos): a broker that dies comes back empty.
+    What was acknowledged and not yet in ClickHouse is lost -- documented -- but everything
+    acknowledged after the restart must land: the ingress must not acknowledge into a topic
+    the broker created on the fly, and the consumers must start over at the new log's
+    beginning instead of waiting for offsets that no longer exist."""
+    broker = BrokerUnderTest(background, tmp_path / "memory-broker", storage="memory")
+    await broker.start_async()
+    restarted: list[float] = []
+
+    async def faults() -> None:
+        await asyncio.sleep(4)
+        broker.kill_broker()
+        while not (broker.restarts()["broker"] == 1 and broker.alive()):
+            await asyncio.sleep(0.05)
+        restarted.append(time.monotonic())
+
+    try:
+        async with running_pipeline(broker, clickhouse, tmp_path, unique_name) as pipeline:
+            await run_faults(
+                pipeline,
+                Stream(seed=109, seconds=14),
+                faults,
+                name="memory broker restarted empty",
+                injected=1,
+                expected=lambda ledger: ledger.acknowledged_between(restarted[0]),
+            )
+            assert pipeline.ledger.acknowledged_between(restarted[0]), "nothing after restart"
+    finally:
+        await broker.stop_async()
