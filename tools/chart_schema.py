@@ -360,7 +360,7 @@ def chart_values() -> Schema:
                         "A PEM CA bundle for Kafka's TLS listener, mounted as kafka.ssl_cafile."
                     ),
                     "clickhousePassword": secret("clickhouse.password (sink, migrate)."),
-                    "piiHashKey": secret("pii.hash_key, the PII HMAC key (processor only: it applies pii.*)."),
+                    "piiHashKey": secret("pii.hash_key, the PII HMAC key (processor only)."),
                 },
             ),
             "extraEnv": k8s_list("core.v1.EnvVar", "More environment for every sgpipe container."),
