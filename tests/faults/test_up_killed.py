@@ -1,0 +1,190 @@
+"""kill -9 of `sgpipe up` itself while the simulator streams: the supervisor dies at once and
+its children (broker, storage, ClickHouse, ingress, processor, sink) die with it through
+PR_SET_PDEATHSIG, as on a crash or an OOM kill of the whole pipeline. `sgpipe up` is restarted
+on the same data dir and port (as systemd or a terminal would); the simulator, like SendGrid,
+retries what went unanswered.
+
+The promise (docs/guarantees.md), with the embedded defaults (durable broker): every event the
+ingress acknowledged is in ``email_events`` exactly once through FINAL and in the dedup view,
+and every refused request got an answer SendGrid retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sgpipe.embedded.broker import free_port
+from sgpipe.simulator.keys import generate_private_key, public_key_base64
+from tests.faults.harness import Stream, stream_with_faults
+from tests.faults.ledger import DEDUP_VIEW, Ledger, LedgerReport, refusals, unacceptable_refusals
+from tests.integration.test_up import SGPIPE, START_TIMEOUT
+from tests.promise_report import REPORT, FaultOutcome
+
+pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+
+KILLS = 2
+
+
+@dataclass
+class Up:
+    """`sgpipe up` on a fixed port and data dir, restartable."""
+
+    config: Path
+    data_dir: Path
+    port: int
+    log: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def webhook_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/webhooks/main"
+
+    def start(self) -> None:
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(
+                [*SGPIPE, "up", "--config", str(self.config), "--data-dir", str(self.data_dir)]
+                + ["--port", str(self.port)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"sgpipe up exited:\n{self.log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/healthz", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise AssertionError(f"sgpipe up did not serve:\n{self.log.read_text()}")
+
+    def kill_9(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(timeout=30)
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                return self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+                raise
+        return self.process.returncode
+
+    def query(self, sql: str) -> str:
+        result = subprocess.run(
+            [*SGPIPE, "query", "--config", str(self.config), "--data-dir", str(self.data_dir)]
+            + ["--format", "TabSeparated", sql],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise OSError(result.stderr.decode())
+        return result.stdout.decode()
+
+    def rows_by_event(self, relation: str, final: bool) -> Counter[str]:
+        text = self.query(
+            f"SELECT sg_event_id, count() FROM {relation}{' FINAL' if final else ''} "
+            "GROUP BY sg_event_id"
+        )
+        counts: Counter[str] = Counter()
+        for line in text.splitlines():
+            event_id, count = line.rsplit("\t", 1)
+            counts[event_id] = int(count)
+        return counts
+
+    def check(self, ledger: Ledger) -> LedgerReport:
+        stored = self.rows_by_event("email_events", final=True)
+        rows = int(self.query("SELECT count() FROM email_events").strip())
+        view = self.rows_by_event(DEDUP_VIEW, final=False)
+        return ledger.compare(stored, rows=rows, view=view)
+
+
+@dataclass
+class Scenario:
+    up: Up
+    private_key: ec.EllipticCurvePrivateKey
+    ledger: Ledger
+    stream: Stream
+
+
+@pytest.fixture
+def scenario(tmp_path: Path) -> Iterator[Scenario]:
+    private_key = generate_private_key()
+    document = {
+        "webhooks": [{"name": "main", "public_keys": [public_key_base64(private_key)]}],
+        "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
+        "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+        "sink": {"batch_max_seconds": 0.2},
+        "logging": {"format": "json"},
+    }
+    config = tmp_path / "sgpipe.yaml"
+    config.write_text(yaml.safe_dump(document))
+    running = Up(config, tmp_path / "data", free_port(), tmp_path / "sgpipe-up.log")
+    running.start()
+    try:
+        yield Scenario(running, private_key, Ledger(), Stream(seed=7070, seconds=16.0, rate=250.0))
+    finally:
+        if running.process is not None and running.process.poll() is None:
+            running.stop()
+
+
+async def test_sgpipe_up_killed_9_twice_mid_stream(scenario: Scenario) -> None:
+    running, ledger = scenario.up, scenario.ledger
+    options = scenario.stream.options(running.webhook_url, scenario.private_key)
+
+    async def faults() -> None:
+        for _ in range(KILLS):
+            await asyncio.sleep(5.0)
+            await asyncio.to_thread(running.kill_9)
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(running.start)
+
+    summary = await stream_with_faults(options, ledger, faults)
+    assert unacceptable_refusals(summary.responses) == {}, summary.to_dict()
+    assert summary.posts_rejected == 0 and summary.ok, summary.to_dict()
+
+    deadline = time.monotonic() + 120.0
+    while True:
+        try:
+            report = await asyncio.to_thread(running.check, ledger)
+        except OSError:
+            report = None
+        if (report is not None and not report.lost and not report.view_lost) or (
+            time.monotonic() >= deadline
+        ):
+            break
+        await asyncio.sleep(0.5)
+    assert report is not None, running.log.read_text()[-5000:]
+    REPORT.record_fault(
+        FaultOutcome(
+            test="sgpipe up killed -9 mid-stream, restarted",
+            faults=KILLS,
+            acknowledged=report.acknowledged,
+            lost=len(report.lost),
+            duplicates=report.duplicates,
+            refusals=refusals(summary.responses),
+        )
+    )
+    assert report.holds(), report.describe() + "\n" + running.log.read_text()[-5000:]
+    assert report.acknowledged == report.sent
+    # Every kill happened while the simulator was sending: some POST went unanswered.
+    assert refusals(summary.responses), summary.to_dict()
+    assert await asyncio.to_thread(running.stop) == 0, running.log.read_text()[-5000:]
