@@ -110,9 +110,10 @@ class TableWriter(Generic[T]):
         metrics.CLICKHOUSE_INSERT_SECONDS.labels(self._stage, self._spec.name).observe(
             time.monotonic() - started
         )
-        metrics.CLICKHOUSE_INSERTED_ROWS.labels(self._stage, self._spec.name).inc(
-            int(summary.written_rows)
-        )
+        # The summary's written_rows also counts what the materialized views wrote; 0 means
+        # ClickHouse dropped the insert as a retry it already had (same deduplication token).
+        stored = len(outputs) if int(summary.written_rows) > 0 else 0
+        metrics.CLICKHOUSE_INSERTED_ROWS.labels(self._stage, self._spec.name).inc(stored)
 
     async def _check_migrations(self, client: AsyncClient) -> None:
         plan = await plan_migrations(
