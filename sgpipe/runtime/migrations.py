@@ -33,8 +33,10 @@ are harmless for everything above except that both may apply the same migration.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -340,14 +342,24 @@ async def apply_migrations(
     return result.applied
 
 
+# `sgpipe sink` starts two writers (events, dead letters) at once, each migrating at start: one
+# at a time per process, so the second finds nothing pending instead of running every statement
+# again. (Separate processes, such as two sink replicas, rely on the migrations' idempotency.)
+_MIGRATING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def migrate(client: AsyncClient, settings: ClickHouseSettings) -> list[str]:
     """``apply_migrations`` as ``settings`` say (database, cluster, retention)."""
-    return await apply_migrations(
-        client,
-        settings.database,
-        cluster=settings.cluster,
-        retention_days=settings.retention_days,
-    )
+    lock = _MIGRATING.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+    async with lock:
+        return await apply_migrations(
+            client,
+            settings.database,
+            cluster=settings.cluster,
+            retention_days=settings.retention_days,
+        )
 
 
 async def _recorded(client: AsyncClient, target: Target) -> dict[str, str]:

@@ -294,3 +294,19 @@ async def test_sgpipe_migrate_dry_run_then_apply_then_up_to_date(tmp_path: Path)
         edited = await asyncio.to_thread(run_migrate, config)
         assert edited.returncode == 3
         assert "schemas/clickhouse/0006_message_lifecycle.sql was edited" in edited.stderr
+
+
+async def test_two_writers_starting_together_apply_each_migration_once(tmp_path: Path) -> None:
+    """`sgpipe sink` starts its events and dead-letter writers at once, both migrating."""
+    from sgpipe.runtime.migrations import migrate
+    from tests.integration.clickhouse_tools import clickhouse_client
+
+    async with store(tmp_path, migrate=False) as s:
+        settings = ClickHouseSettings(database=s.database)
+        async with clickhouse_client(s.url) as other:
+            results = await asyncio.gather(migrate(s.client, settings), migrate(other, settings))
+        assert sorted(results, key=len) == [[], ALL]
+        recorded = await s.rows(
+            f"SELECT name, count() AS times FROM {s.database}.{MIGRATIONS_TABLE} GROUP BY name"
+        )
+        assert {row["name"]: row["times"] for row in recorded} == dict.fromkeys(ALL, 1)
