@@ -39,7 +39,7 @@ from sgpipe.embedded.clickhouse import EmbeddedClickHouse
 from sgpipe.embedded.credentials import EmbeddedCredentials, load_or_create_credentials
 from sgpipe.runtime.settings import EmbeddedSettings
 from sgpipe.simulator.simulation import SimulationOptions, SimulationSummary, simulate
-from tests.faults.ledger import DEDUP_VIEW, Ledger, LedgerReport
+from tests.faults.ledger import DEDUP_VIEW, Ledger, LedgerReport, counts_by_event
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import SGPIPE
 
@@ -198,11 +198,7 @@ class ClickHouseUnderTest:
             f"SELECT sg_event_id, count() FROM {database}.{relation}"
             f"{' FINAL' if final else ''} GROUP BY sg_event_id FORMAT TabSeparated"
         )
-        counts: Counter[str] = Counter()
-        for line in text.splitlines():
-            event_id, count = line.rsplit("\t", 1)
-            counts[event_id] = int(count)
-        return counts
+        return counts_by_event(text)
 
     def has_relation(self, database: str, name: str) -> bool:
         return self.query(f"EXISTS TABLE {database}.{name}").strip() == "1"

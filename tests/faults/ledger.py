@@ -34,6 +34,15 @@ def event_ids(body: bytes) -> list[str]:
     return [str(element["sg_event_id"]) for element in json.loads(body)]
 
 
+def counts_by_event(text: str) -> Counter[str]:
+    """``SELECT sg_event_id, count() ... GROUP BY sg_event_id`` as TabSeparated, counted."""
+    counts: Counter[str] = Counter()
+    for line in text.splitlines():
+        event_id, count = line.rsplit("\t", 1)
+        counts[event_id] = int(count)
+    return counts
+
+
 @dataclass
 class Ledger:
     """Acknowledged vs sent events of one simulation, by ``sg_event_id``."""

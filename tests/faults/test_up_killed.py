@@ -28,7 +28,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from tests.faults.harness import Stream, stream_with_faults
-from tests.faults.ledger import DEDUP_VIEW, Ledger, LedgerReport, refusals, unacceptable_refusals
+from tests.faults.ledger import (
+    DEDUP_VIEW,
+    Ledger,
+    LedgerReport,
+    counts_by_event,
+    refusals,
+    unacceptable_refusals,
+)
 from tests.integration.test_up import SGPIPE, START_TIMEOUT
 from tests.promise_report import REPORT, FaultOutcome
 
@@ -104,11 +111,7 @@ class Up:
             f"SELECT sg_event_id, count() FROM {relation}{' FINAL' if final else ''} "
             "GROUP BY sg_event_id"
         )
-        counts: Counter[str] = Counter()
-        for line in text.splitlines():
-            event_id, count = line.rsplit("\t", 1)
-            counts[event_id] = int(count)
-        return counts
+        return counts_by_event(text)
 
     def check(self, ledger: Ledger) -> LedgerReport:
         stored = self.rows_by_event("email_events", final=True)
