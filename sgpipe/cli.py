@@ -315,6 +315,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(forget)
     forget.add_argument("--email", required=True, metavar="ADDRESS", help="the address to forget")
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    top = command(
+        "top",
+        _top,
+        "watch a running pipeline: one row per stage, live",
+        "A live view of a running pipeline, like `vector top`: per stage ready or not, events/s\n"
+        "in and out, consumer lag, dead letters, retries, errors by class, last commit age; a\n"
+        "header with 2xx -> row latency, events stored in the last minute and the oldest\n"
+        "unwritten record's age. Reads `sgpipe up`'s ingress port (found in --data-dir), or\n"
+        "each --metrics-url (e.g. a Kubernetes port-forward to every stage's health port).",
+        serves_webhooks=False,
+    )
+    _add_data_dir(top)
+    top.add_argument(
+        "--metrics-url",
+        action="append",
+        metavar="URL",
+        help="a stage's base URL or its /metrics URL; repeat for several (instead of --data-dir)",
+    )
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--json", action="store_true", help="with --once: the snapshot as JSON")
+    top.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="seconds between readings; rates are over this window (default 1)",
+    )
     add_simulator_commands(commands, common)  # keys generate, simulate
     add_dlq_commands(commands, common, _with_store, _add_data_dir)  # dlq list, dlq replay
 
@@ -330,6 +357,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve_clickhouse.set_defaults(command=_serve_clickhouse, serves_webhooks=False)
     _add_data_dir(serve_clickhouse)
     return parser
+
+
+def _top(args: argparse.Namespace, settings: Settings) -> int:
+    from sgpipe.top import TopError, describe_sources, metrics_urls_from_data_dir, run_top
+
+    try:
+        urls = args.metrics_url or metrics_urls_from_data_dir(args.data_dir)
+        if args.interval <= 0:
+            raise TopError("--interval must be above 0")
+        return asyncio.run(
+            run_top(
+                urls,
+                once=args.once,
+                interval_seconds=args.interval,
+                as_json=args.json,
+                source=describe_sources(urls),
+            )
+        )
+    except TopError as exc:
+        report_fatal(str(exc), exit_code=EXIT_FAILURE)
+        return EXIT_FAILURE
 
 
 def _add_drain(parser: argparse.ArgumentParser) -> None:

@@ -478,6 +478,20 @@ def chart_values() -> Schema:
                             ),
                         },
                     ),
+                    "grafanaDashboards": obj(
+                        "sgpipe's Grafana dashboards (pipeline health, email events) in a"
+                        " ConfigMap that Grafana's dashboard sidecar loads.",
+                        {
+                            "enabled": boolean("Create the ConfigMap."),
+                            "labels": string_map(
+                                "Labels the sidecar selects ConfigMaps by (its default:"
+                                ' grafana_dashboard: "1").'
+                            ),
+                            "annotations": string_map(
+                                "Annotations, e.g. the sidecar's folder annotation."
+                            ),
+                        },
+                    ),
                 },
             ),
             "networkPolicy": obj(

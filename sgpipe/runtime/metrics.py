@@ -251,6 +251,25 @@ EMBEDDED_RETENTION_DELETED_BYTES: Final = Counter(
 )
 
 
+RECEIVED_TO_STORED_SECONDS: Final = Histogram(
+    "sgpipe_received_to_stored_seconds",
+    "For the oldest event of each insert into email_events: seconds from the ingress receiving "
+    "its batch (the 2xx follows within milliseconds) to the insert returning -- an upper bound "
+    "of every event's 2xx -> row latency in that insert.",
+    ["stage"],
+    buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0),
+    registry=REGISTRY,
+)
+
+OLDEST_UNWRITTEN_SECONDS: Final = Gauge(
+    "sgpipe_oldest_unwritten_seconds",
+    "Age (by its Kafka timestamp) of the oldest record the stage holds but has not written and "
+    "committed yet; 0 while it holds none.",
+    ["stage"],
+    registry=REGISTRY,
+)
+
+
 # --- sgpipe up's supervisor ------------------------------------------------------------------
 
 UP_CHILD_RESTARTS: Final = Counter(

@@ -324,6 +324,10 @@ class StageLoop(Generic[T]):
             self._filter.forget()
 
     def _update_lag(self) -> None:
+        oldest_ms = self._buffer[0].timestamp_ms if self._buffer else None
+        metrics.OLDEST_UNWRITTEN_SECONDS.labels(self._stage).set(
+            max(time.time() - oldest_ms / 1000, 0.0) if oldest_ms else 0.0
+        )
         for partition, position in self._positions.items():
             highwater = self._consumer.highwater(partition)
             if highwater is not None:

@@ -4,6 +4,7 @@ the least a real install needs) and for every feature enabled (ci/everything-val
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -255,7 +256,9 @@ def test_each_stage_gets_only_the_secrets_it_uses(everything: Rendered) -> None:
 
 
 def test_no_secret_value_in_any_configmap(everything: Rendered) -> None:
-    for configmap in everything.of_kind("ConfigMap"):
+    configs = [c for c in everything.of_kind("ConfigMap") if "sgpipe.yaml" in c["data"]]
+    assert configs
+    for configmap in configs:
         document = yaml.safe_load(configmap["data"]["sgpipe.yaml"])
         assert "password" not in document["kafka"] and "sasl_password" not in document["kafka"]
         assert "password" not in document["clickhouse"]
@@ -488,3 +491,21 @@ def _exported_metrics() -> dict[str, set[str]]:
         for name in metrics.REGISTRY._collector_to_names[collector]:
             exported[name] = set(labels)
     return exported
+
+
+def test_grafana_dashboards_ship_as_a_configmap_for_the_sidecar_when_enabled(
+    default: Rendered, everything: Rendered
+) -> None:
+    names = [manifest["metadata"]["name"] for manifest in default.of_kind("ConfigMap")]
+    assert not [name for name in names if name.endswith("-dashboards")]
+    (configmap,) = [
+        manifest
+        for manifest in everything.of_kind("ConfigMap")
+        if manifest["metadata"]["name"].endswith("-dashboards")
+    ]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "sgpipe"}
+    dashboards = Path(__file__).resolve().parents[2] / "dashboards" / "grafana"
+    assert sorted(configmap["data"]) == ["sgpipe-email.json", "sgpipe-pipeline.json"]
+    for name, text in configmap["data"].items():
+        assert json.loads(text) == json.loads((dashboards / name).read_text())
