@@ -323,7 +323,13 @@ def render(snapshot: Frame, source: str) -> object:
         ("errors", "left"),
         ("last commit", "right"),
     ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        # The stage's name is never cut; the other columns give way on a narrow terminal.
+        table.add_column(
+            column,
+            justify=justify,  # type: ignore[arg-type]
+            no_wrap=column == "stage",
+            min_width=len("dead_letters") if column == "stage" else None,
+        )
     for row in snapshot.rows:
         errors = ", ".join(f"{name} {_number(count)}" for name, count in sorted(row.errors.items()))
         table.add_row(
@@ -390,7 +396,9 @@ def metrics_urls_from_data_dir(data_dir: Path) -> list[str]:
         ) from None
     except (OSError, ValueError) as exc:
         raise TopError(f"cannot read {path}: {exc}") from None
-    url = state.get("health_url") or state.get("ingest_url")
+    # The ingress port answers for every stage (its /metrics merges the others'); the
+    # supervisor's own health port only for the stages behind the ingress.
+    url = state.get("ingest_url") or state.get("health_url")
     if not isinstance(url, str) or not url:
         raise TopError(f"{path} names no health URL; is sgpipe up still starting?")
     return [url]

@@ -353,6 +353,7 @@ def test_the_same_seed_gives_byte_identical_bodies() -> None:
         received: list[ReceivedRequest] = []
         with serve(answering([], received)) as base_url:
             args = ["--url", base_url + WEBHOOK, "--events", "2000", "--seed", seed]
+            args += ["--start-time", "1735689600"]
             args += ["--duplicates", "0.3", "--max-batch-bytes", "32768", "--concurrency", "1"]
             code, summary = run_cli(args)
         assert code == 0 and summary["seed"] == int(seed)
@@ -363,6 +364,24 @@ def test_the_same_seed_gives_byte_identical_bodies() -> None:
     assert len(first) > 20
     assert bodies("11") == first
     assert bodies("12") != first
+
+
+def test_events_are_dated_from_now_unless_start_time_pins_them() -> None:
+    def first_timestamp(*extra: str) -> tuple[int, int]:
+        received: list[ReceivedRequest] = []
+        with serve(answering([], received)) as base_url:
+            args = ["--url", base_url + WEBHOOK, "--events", "5", "--seed", "3", *extra]
+            code, summary = run_cli(args)
+        assert code == 0
+        events = json.loads(received[0].body)
+        return min(int(event["timestamp"]) for event in events), int(summary["start_time"])
+
+    before = int(time.time())
+    dated, start = first_timestamp()
+    assert before <= start <= int(time.time())
+    assert start <= dated <= start + 60  # demo data lands in "the last days" queries
+    pinned, start = first_timestamp("--start-time", "1735689600")
+    assert start == 1735689600 and 1735689600 <= pinned <= 1735689600 + 60
 
 
 async def test_a_rate_paces_batches_by_the_flush_interval() -> None:
