@@ -17,8 +17,10 @@ URL with a password in a message, a field or a traceback is written with ``***``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -76,6 +78,7 @@ def configure_logging(
             ),
             redact_log_event,
             cap_field_lengths,
+            _mirror,
             structlog.processors.JSONRenderer(),
         ]
     else:
@@ -83,6 +86,7 @@ def configure_logging(
             _only_with_exc_info(structlog.processors.format_exc_info),
             redact_log_event,
             cap_field_lengths,
+            _mirror,
             structlog.dev.ConsoleRenderer(
                 colors=_stream.isatty(), exception_formatter=structlog.dev.plain_traceback
             ),
@@ -115,6 +119,25 @@ def configure_logging(
         # the final configuration only keeps an outdated level: nothing logs before it.
         cache_logger_on_first_use=True,
     )
+
+
+# Where a copy of every event goes besides the stream (`sgpipe up`: <data-dir>/logs/up.log).
+_mirror_to: Callable[[dict[str, Any]], None] | None = None
+
+
+def mirror_events(target: Callable[[dict[str, Any]], None] | None) -> None:
+    """Also hand every event of this process, redacted and ready to render, to ``target``
+    (None: stop). `sgpipe up` keeps its own lines in its data dir this way, as its children's."""
+    global _mirror_to
+    _mirror_to = target
+
+
+def _mirror(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    if _mirror_to is not None:
+        # A copy that fails (a full disk) must not cost the log line itself.
+        with contextlib.suppress(Exception):
+            _mirror_to(dict(event_dict))
+    return event_dict
 
 
 class _NamedWriteLogger(structlog.WriteLogger):

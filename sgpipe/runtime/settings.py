@@ -278,6 +278,8 @@ class StageSettings(_Section):
     health_host: str = "0.0.0.0"
     health_port: Annotated[int, Field(ge=0, le=65535)]
     dead_letters: DeadLetterLimit = DeadLetterLimit()
+    # At most one "wrote" line per this many seconds (records, rate, lag); 0: none.
+    progress_log_seconds: Annotated[float, Field(ge=0)] = 30.0
 
 
 class ProcessorSettings(StageSettings):

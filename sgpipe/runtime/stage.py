@@ -55,6 +55,7 @@ from sgpipe.runtime.errors import (
 )
 from sgpipe.runtime.health import Progress, Readiness
 from sgpipe.runtime.messages import Message
+from sgpipe.runtime.progress import ProgressLog
 from sgpipe.runtime.retry import Backoff, sleep_unless_stopped
 from sgpipe.runtime.settings import DeadLetterLimit, StageSettings
 
@@ -152,6 +153,7 @@ class StageOptions:
     stop_timeout_seconds: float
     dead_letters: DeadLetterLimit
     max_dead_letter_payload_bytes: int
+    progress_log_seconds: float = 30.0
 
     @classmethod
     def from_settings(
@@ -167,6 +169,7 @@ class StageOptions:
             stop_timeout_seconds=section.stop_timeout_seconds,
             dead_letters=section.dead_letters,
             max_dead_letter_payload_bytes=max_dead_letter_payload_bytes,
+            progress_log_seconds=section.progress_log_seconds,
         )
 
 
@@ -220,6 +223,8 @@ class StageLoop(Generic[T]):
         self._lock = asyncio.Lock()
         # When the stage last had work it could not finish; None while it keeps up.
         self.busy_since: float | None = None
+        self._progress = ProgressLog(options.progress_log_seconds)
+        self._lag: int | None = None
         self.readiness = readiness or Readiness(options.name)
         progress = Progress(options.stall_timeout_seconds)
         self.readiness.add_check("progress", lambda: progress.check(self.busy_since))
@@ -328,12 +333,14 @@ class StageLoop(Generic[T]):
         metrics.OLDEST_UNWRITTEN_SECONDS.labels(self._stage).set(
             max(time.time() - oldest_ms / 1000, 0.0) if oldest_ms else 0.0
         )
+        lag: int | None = None
         for partition, position in self._positions.items():
             highwater = self._consumer.highwater(partition)
             if highwater is not None:
-                metrics.CONSUMER_LAG.labels(self._stage, str(partition.partition)).set(
-                    max(highwater - position, 0)
-                )
+                behind = max(highwater - position, 0)
+                metrics.CONSUMER_LAG.labels(self._stage, str(partition.partition)).set(behind)
+                lag = (lag or 0) + behind
+        self._lag = lag
 
     def _poll_timeout_ms(self) -> int:
         if not self._buffer:
@@ -460,6 +467,9 @@ class StageLoop(Generic[T]):
             await self._commit(prepared.offsets)
             committed = len(self._buffer)
             self._clear_buffer()
+            progress = self._progress.record(committed, self._lag)
+            if progress is not None:
+                log.info("wrote", stage=self._stage, output=self._writer.output, **progress)
             return committed
 
     def _prepare(self, records: Sequence[Message]) -> _Prepared[T]:

@@ -25,6 +25,8 @@ import structlog
 from sgpipe.embedded.child import LOG_ROTATE_BYTES
 
 MAX_LINE_BYTES = 65_536
+# The file of the supervisor's own lines, beside its children's.
+OWN_LOG = "up"
 
 _decode = msgspec.json.Decoder().decode
 
@@ -93,6 +95,13 @@ class LogStream:
         except (OSError, ValueError):  # stderr gone (a closed terminal): the files still have it
             pass
         return entry
+
+    def record_own(self, entry: dict[str, Any]) -> None:
+        """Keep one of the supervisor's own events in ``<data-dir>/logs/up.log`` (the stream
+        already has it), as a JSON line like the children's."""
+        entry.setdefault("stage", "up")
+        line = json.dumps(entry, default=str).encode()[:MAX_LINE_BYTES]
+        self._file(OWN_LOG).write(line + b"\n")
 
     def close(self) -> None:
         for log in self._files.values():

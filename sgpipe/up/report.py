@@ -137,3 +137,23 @@ def at_once_report(
 ) -> str:
     """The second signal's line: what is left unwritten and where."""
     return f"stopped at once: {left_clause(left, location, unknown)}"
+
+
+def backlog_at_start_report(backlog: Backlog) -> str:
+    """The start's line when acknowledged batches were waiting (the stop report's promise)."""
+    bound = "" if backlog.exact else "at least "
+    return (
+        f"backlog at start: {bound}"
+        f"{count(backlog.raw_batches, 'acknowledged raw batch', 'acknowledged raw batches')} "
+        f"({count(backlog.raw_events, 'event')}) not yet processed and {bound}"
+        f"{count(backlog.events, 'event')} not yet written to ClickHouse; processing it now"
+    )
+
+
+def backlog_drained_report(backlog: Backlog, seconds: float) -> str:
+    """The line once the backlog found at start is written."""
+    return (
+        f"backlog drained: the {count(backlog.raw_batches, 'raw batch', 'raw batches')} "
+        f"({count(backlog.raw_events, 'event')}) and {count(backlog.events, 'event')} waiting "
+        f"at start are in ClickHouse, {seconds:.0f} s after the start"
+    )

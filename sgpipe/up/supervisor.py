@@ -60,7 +60,7 @@ from sgpipe.runtime import metrics
 from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.health import Readiness, serve_health
 from sgpipe.runtime.kafka import ensure_topics
-from sgpipe.runtime.logs import renders_json
+from sgpipe.runtime.logs import mirror_events, renders_json
 from sgpipe.runtime.redact import redact_text, redact_url
 from sgpipe.runtime.runner import CLOSE_TIMEOUT_SECONDS, bound_port
 from sgpipe.runtime.settings import ConfigError, Settings
@@ -77,7 +77,14 @@ from sgpipe.up.layout import (
     write_state,
 )
 from sgpipe.up.logstream import LogStream
-from sgpipe.up.report import BrokerLocation, Drained, at_once_report, stop_report
+from sgpipe.up.report import (
+    BrokerLocation,
+    Drained,
+    at_once_report,
+    backlog_at_start_report,
+    backlog_drained_report,
+    stop_report,
+)
 
 if TYPE_CHECKING:
     from sgpipe.embedded.broker import EmbeddedKafka
@@ -101,6 +108,9 @@ AT_ONCE_GRACE_SECONDS = 2.0
 STORE_STOP_SECONDS = 15.0
 # Counting what is left unwritten (reading the topics past the committed offsets).
 BACKLOG_TIMEOUT_SECONDS = 5.0
+# After a start with a backlog: recount it this soon, then at doubling intervals up to the max.
+BACKLOG_WATCH_FIRST_SECONDS = 2.0
+BACKLOG_WATCH_MAX_SECONDS = 30.0
 # The supervisor fronts the consuming stages' health endpoints for the ingress, whose own wait
 # for it is 2 s (health.PEER_TIMEOUT_SECONDS): it must answer first, even when a stage hangs.
 STAGE_PEER_TIMEOUT_SECONDS = 1.0
@@ -259,6 +269,8 @@ class _Supervisor:
     async def run(self) -> int:
         self.tasks.append(asyncio.create_task(self._relay_stop(), name="relay-stop"))
         stopped_at_once = False
+        # The supervisor's own lines go to <data-dir>/logs/up.log too, beside its children's.
+        mirror_events(self.stream.record_own)
         try:
             try:
                 await self._start()
@@ -273,6 +285,7 @@ class _Supervisor:
             for task in self.tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            mirror_events(None)
             self.stream.close()
         if self.failure is not None:
             raise self.failure
@@ -347,6 +360,7 @@ class _Supervisor:
         self._write_state()
         self._log_webhook_urls()
         self.tasks.append(asyncio.create_task(self._refresh_state(), name="state"))
+        self.tasks.append(asyncio.create_task(self._watch_backlog(), name="backlog"))
         if self.options.demo:
             self._start_demo()
 
@@ -657,6 +671,31 @@ class _Supervisor:
         # The children's config files hold credentials: not left behind.
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
+    async def _watch_backlog(self) -> None:
+        """Say how big the backlog of a previous run is, and once when it is written. The
+        count reads the topics past the groups' committed offsets, so it is repeated at a
+        growing interval, not in a tight loop."""
+        started = time.monotonic()
+        backlog, _ = await self._count_left()
+        if backlog is None or backlog.empty:
+            return
+        self._announce(
+            "backlog at start", backlog_at_start_report(backlog), backlog=asdict(backlog)
+        )
+        interval = BACKLOG_WATCH_FIRST_SECONDS
+        while True:
+            await asyncio.sleep(interval)
+            interval = min(interval * 2, BACKLOG_WATCH_MAX_SECONDS)
+            left, _ = await self._count_left()
+            if left is not None and left.empty:
+                self._announce(
+                    "backlog drained",
+                    backlog_drained_report(backlog, time.monotonic() - started),
+                    backlog=asdict(backlog),
+                    seconds=round(time.monotonic() - started, 1),
+                )
+                return
+
     async def _count_left(self) -> tuple[Backlog | None, str | None]:
         if self.stage_base is None:
             return None, "the broker never started"
@@ -678,6 +717,9 @@ class _Supervisor:
             log.info(event, report=sentence, **fields)
         else:
             print(f"sgpipe: {redact_text(sentence)}", file=sys.stderr, flush=True)
+            self.stream.record_own(
+                {"event": event, "level": "info", "report": redact_text(sentence), **fields}
+            )
 
     # --- the demo ------------------------------------------------------------------------------
 

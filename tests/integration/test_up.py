@@ -355,6 +355,37 @@ def test_with_the_durable_broker_the_ingress_acknowledges_while_clickhouse_is_do
         f"1 event not yet written to ClickHouse are in the embedded broker at "
         f"{running.data_dir / 'broker'} and will be processed at the next `sgpipe up`"
     )
+    # The next start keeps that promise, and says so: how big the backlog is, then once that
+    # it is drained; the sink says what it wrote.
+    restarted = start_pipeline(
+        tmp_path, sink={"batch_max_seconds": 0.2, "progress_log_seconds": 0.1}
+    )
+    try:
+        _wait_until_serving(restarted)
+        restarted.wait_for("SELECT count() FROM email_events FINAL", "1\n")
+        deadline = time.monotonic() + 60
+        while b'"backlog drained"' not in restarted.log.read_bytes():
+            assert time.monotonic() < deadline, restarted.log.read_text()
+            time.sleep(0.3)
+    finally:
+        stop_pipeline(restarted)
+    events = [
+        json.loads(line) for line in restarted.log.read_text().splitlines() if line.startswith("{")
+    ]
+    (at_start,) = [event for event in events if event["event"] == "backlog at start"]
+    assert at_start["backlog"] == {"raw_batches": 0, "raw_events": 0, "events": 1, "exact": True}
+    assert at_start["report"].startswith("backlog at start: 0 acknowledged raw batches")
+    (drained,) = [event for event in events if event["event"] == "backlog drained"]
+    assert drained["report"].startswith("backlog drained: the 0 raw batches (0 events) and 1 event")
+    wrote = [event for event in events if event["event"] == "wrote" and event["stage"] == "sink"]
+    assert sum(event["records"] for event in wrote) >= 1, "the sink never said what it wrote"
+    # The supervisor's own lines are kept in the data dir too, beside its children's.
+    kept = [
+        json.loads(line)
+        for line in (restarted.data_dir / "logs" / "up.log").read_text().splitlines()
+    ]
+    assert {"backlog at start", "backlog drained", "stopped"} <= {e["event"] for e in kept}
+    assert all(entry["stage"] == "up" for entry in kept)
 
 
 def test_no_password_in_any_log_line_or_the_state_file(tmp_path: Path) -> None:
