@@ -342,6 +342,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="seconds between readings; rates are over this window (default 1)",
     )
+    report = command(
+        "report",
+        _report,
+        "write a self-contained HTML deliverability report",
+        "Write one HTML file (charts and data inlined: it opens without a network) from the BI\n"
+        "tables: delivered, bounced (by type and classification), blocked, deferred, dropped,\n"
+        "opened, clicked and spam-report rates per day; top bouncing domains; per campaign and\n"
+        "template; processed -> delivered p50/p95; the data's time span and event count.\n"
+        "Against --clickhouse-url (or clickhouse.url), or the embedded store of --data-dir.",
+        serves_webhooks=False,
+    )
+    _add_data_dir(report)
+    report.add_argument(
+        "--clickhouse-url",
+        metavar="URL",
+        help="a ClickHouse server's HTTP URL (default: clickhouse.url, else the embedded store)",
+    )
+    report.add_argument(
+        "--since", default="30d", metavar="AGE", help="events of the last AGE: 30d, 12h, 2w (30d)"
+    )
+    report.add_argument(
+        "--out", type=Path, default=Path("report.html"), metavar="FILE", help="(report.html)"
+    )
     add_simulator_commands(commands, common)  # keys generate, simulate
     add_dlq_commands(commands, common, _with_store, _add_data_dir)  # dlq list, dlq replay
 
@@ -377,6 +400,37 @@ def _top(args: argparse.Namespace, settings: Settings) -> int:
         )
     except TopError as exc:
         report_fatal(str(exc), exit_code=EXIT_FAILURE)
+        return EXIT_FAILURE
+
+
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from sgpipe.report import ReportError, fetch_report_data, parse_since, render_html
+    from sgpipe.runtime.clickhouse import connect
+    from sgpipe.store import StoreUnavailable, open_store
+
+    try:
+        since = parse_since(args.since)
+    except ReportError as exc:
+        raise ConfigError(str(exc)) from exc
+    if args.clickhouse_url:
+        clickhouse = settings.clickhouse.model_copy(update={"url": args.clickhouse_url})
+        settings = settings.model_copy(update={"clickhouse": clickhouse})
+
+    async def run() -> int:
+        async with open_store(settings, args.data_dir, "report") as store:
+            client = await connect(store.settings, store.url)
+            try:
+                data = await fetch_report_data(client, settings.clickhouse.database, since)
+            finally:
+                await client.close()
+        args.out.write_text(render_html(data), encoding="utf-8")
+        print(f"wrote {args.out}: {data.events:,} events from {store.how}")
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except (StoreUnavailable, ReportError) as exc:
+        report_fatal(str(exc))
         return EXIT_FAILURE
 
 
