@@ -305,7 +305,7 @@ def render(snapshot: Frame, source: str) -> object:
     if snapshot.stored_last_minute_estimated and snapshot.stored_last_minute is not None:
         stored = f"~{stored}"
     header = Text.from_markup(
-        f"[bold]sgpipe top[/]  {source}  {state[snapshot.ready]}   "
+        f"[bold]sgpipe top[/]  {source}  {state[snapshot.ready]}\n"
         f"2xx->row p50 {_age(snapshot.received_to_stored_p50_seconds)} "
         f"p99 {_age(snapshot.received_to_stored_p99_seconds)}   "
         f"stored last minute {stored}   "
