@@ -172,7 +172,7 @@ class EmulatorConfig:
 STATE = web.AppKey("state", EmulatorState)
 CONFIG = web.AppKey("config", EmulatorConfig)
 LOCK = web.AppKey("lock", asyncio.Lock)
-ACCOUNT = "sendgrid_account"
+ACCOUNT = web.RequestKey("sendgrid_account", str)
 
 
 def create_app(state: EmulatorState, config: EmulatorConfig | None = None) -> web.Application:
