@@ -30,7 +30,12 @@ from sgpipe.webhooks.models import (
     SignedPublicKey,
 )
 
-log = structlog.get_logger("sgpipe.webhooks")
+
+def _log() -> Any:
+    # Looked up at each use, not cached at import: the CLI may reconfigure logging (a new
+    # stream) between commands run in one process, and a cached logger keeps the old stream.
+    return structlog.get_logger("sgpipe.webhooks")
+
 
 Region = Literal["global", "eu"]
 # The two servers of the seed's OpenAPI document.
@@ -196,7 +201,7 @@ class WebhooksClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             reason = self._redact(str(exc) or type(exc).__name__)
             raise SendGridApiError(None, f"cannot reach {self.base_url}: {reason}") from None
-        log.debug("sendgrid api request", method=method, path=path, status=status)
+        _log().debug("sendgrid api request", method=method, path=path, status=status)
         if 200 <= status < 300:
             if not raw.strip():
                 return None

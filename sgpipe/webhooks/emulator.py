@@ -47,7 +47,12 @@ from sgpipe.webhooks.models import (
     SignatureToggle,
 )
 
-log = structlog.get_logger("sgpipe.sendgrid_emulator")
+
+def _log() -> Any:
+    # Looked up at each use, not cached at import: the CLI may reconfigure logging (a new
+    # stream) between commands run in one process, and a cached logger keeps the old stream.
+    return structlog.get_logger("sgpipe.sendgrid_emulator")
+
 
 PREFIX: Final = "/v3/user/webhooks/event"
 # Events in the sample batch the test endpoint posts.
@@ -281,7 +286,7 @@ async def create_webhook(request: web.Request) -> web.Response:
         )
         state.webhooks(account).append(webhook)
         state.save()
-    log.info("webhook created", webhook_id=webhook.id, account=account or None)
+    _log().info("webhook created", webhook_id=webhook.id, account=account or None)
     return web.json_response(webhook.answer(signed=False), status=201)
 
 
@@ -359,7 +364,7 @@ async def update_webhook(request: web.Request) -> web.Response:
         webhook.oauth_client_secret = secret or None
         webhook.updated_date = _now()
         state.save()
-    log.info("webhook updated", webhook_id=webhook.id, account=account or None)
+    _log().info("webhook updated", webhook_id=webhook.id, account=account or None)
     return web.json_response(
         webhook.answer(signed=False, account_status=_include_account_status(request))
     )
@@ -373,7 +378,7 @@ async def delete_webhook(request: web.Request) -> web.Response:
             return errors(404, {"message": _NOT_FOUND})
         state.webhooks(account).remove(webhook)
         state.save()
-    log.info("webhook deleted", webhook_id=webhook.id, account=account or None)
+    _log().info("webhook deleted", webhook_id=webhook.id, account=account or None)
     return web.Response(status=204)
 
 
@@ -475,7 +480,7 @@ async def _deliver_test_batch(
         retry_for_seconds=0.0,  # the test endpoint does not retry (the seed)
     )
     summary = await simulate(options)
-    log.info(
+    _log().info(
         "test batch posted",
         url=url,
         events=summary.events,
