@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -535,7 +536,12 @@ def _connect(args: argparse.Namespace, settings: Settings) -> int:
                 status = EXIT_FAILED
             report["test"]["detail"] = outcome_detail
             lines.append(f"test batch: {outcome_detail}")
-        _emit(args, report, lambda: "\n".join(lines))
+        if args.kubernetes_secret:
+            # stdout carries the Secret alone, so that it can be piped to `kubectl apply -f -`.
+            with contextlib.redirect_stdout(sys.stderr):
+                _emit(args, report, lambda: "\n".join(lines))
+        else:
+            _emit(args, report, lambda: "\n".join(lines))
         return status
 
     return _run(args, settings, body)
