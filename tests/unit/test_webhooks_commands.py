@@ -253,11 +253,12 @@ def test_connect_sets_everything_up_once_and_a_second_run_changes_nothing(
     assert document["webhooks"][1]["public_keys"] == [webhook["public_key"]]
 
     changes_before = [e for e in cli.emulator.exchanges if e.method != "GET"]
+    inode = config.stat().st_ino  # a rewrite (even of the same bytes) replaces the file
     code, out, err = cli(*argv, "--skip-test", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["changes"] == [] and report["sendgrid_id"] == webhook["id"]
-    assert config.read_text() == text
+    assert config.read_text() == text and config.stat().st_ino == inode
     assert [e for e in cli.emulator.exchanges if e.method != "GET"] == changes_before
 
 
@@ -385,3 +386,33 @@ def test_check_reports_what_differs(cli: Cli, tmp_path: Path) -> None:
         "check", "--config", str(config), "--public-base-url", "https://elsewhere.example"
     )
     assert code == 1 and f"posts to {url}, expected https://elsewhere.example/webhooks/main" in out
+
+
+def test_a_sendgrid_key_or_bearer_token_in_any_log_line_is_blanked() -> None:
+    """The net under the client, which never logs its key: the log stream's redaction."""
+    from sgpipe.runtime.redact import redact_text
+
+    line = f"request failed: headers={{'Authorization': 'Bearer {API_KEY}'}} key {API_KEY}"
+    redacted = redact_text(line)
+    assert API_KEY not in redacted and "TESTKEY" not in redacted
+    assert redacted == "request failed: headers={'Authorization': 'Bearer ***'} key ***"
+
+
+def test_a_server_echoing_the_key_does_not_put_it_in_the_error(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy or a misbehaving server may echo the Authorization header in its error body."""
+
+    async def echo(request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        return web.json_response({"errors": [{"message": f"bad header {header}"}]}, status=400)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", echo)
+    server = ServerThread(app)
+    server.start()
+    try:
+        code, _, err = cli("list", "--api-base-url", server.url, api=False)
+    finally:
+        server.stop()
+    assert code == 1 and "bad header Bearer [redacted]" in err
