@@ -19,8 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sgpipe.runtime.logs import report_fatal
-from sgpipe.webhooks.models import EVENT_FIELDS, INCLUDE_ACCOUNT_STATUS_CHANGE
+from sgpipe.webhooks.fields import EVENT_FIELDS, INCLUDE_ACCOUNT_STATUS_CHANGE
 
 if TYPE_CHECKING:
     from sgpipe.runtime.settings import Settings
@@ -228,6 +227,12 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- running an action ---------------------------------------------------------------------
+
+
+def report_fatal(message: str, **fields: Any) -> None:
+    from sgpipe.runtime.logs import report_fatal as report
+
+    report(message, **fields)
 
 
 class _Usage(Exception):

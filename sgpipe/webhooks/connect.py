@@ -28,8 +28,8 @@ from urllib.parse import urlsplit
 
 from sgpipe.runtime.settings import WebhookSettings
 from sgpipe.webhooks.client import WebhooksClient
+from sgpipe.webhooks.fields import EVENT_FIELDS
 from sgpipe.webhooks.models import (
-    EVENT_FIELDS,
     EventWebhook,
     EventWebhookRequest,
     EventWebhookTestRequest,

@@ -39,9 +39,8 @@ from pydantic import BaseModel, ValidationError
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.simulator.oauth import OAuthClientSettings
 from sgpipe.simulator.simulation import SimulationOptions, simulate
+from sgpipe.webhooks.fields import EVENT_FIELDS, MAX_WEBHOOKS
 from sgpipe.webhooks.models import (
-    EVENT_FIELDS,
-    MAX_WEBHOOKS,
     EventWebhookRequest,
     EventWebhookTestRequest,
     SignatureToggle,

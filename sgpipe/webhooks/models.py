@@ -8,29 +8,9 @@ which is what the emulator needs to answer a typo with a 400.
 
 from __future__ import annotations
 
-from typing import Final
-
 from pydantic import BaseModel, ConfigDict
 
-# The event toggles of the webhook object, in the seed's order. sgpipe stores every one of
-# them, so `connect` turns all on unless told otherwise, and `check` reports any that is off.
-EVENT_FIELDS: Final = (
-    "group_resubscribe",
-    "delivered",
-    "group_unsubscribe",
-    "spam_report",
-    "bounce",
-    "deferred",
-    "unsubscribe",
-    "processed",
-    "open",
-    "click",
-    "dropped",
-)
-OAUTH_FIELDS: Final = ("oauth_client_id", "oauth_client_secret", "oauth_token_url")
-# SendGrid's limit in every example of the seed (`max_allowed: 5`).
-MAX_WEBHOOKS: Final = 5
-INCLUDE_ACCOUNT_STATUS_CHANGE: Final = "account_status_change"
+from sgpipe.webhooks.fields import EVENT_FIELDS, MAX_WEBHOOKS
 
 
 class EventWebhookRequest(BaseModel):

@@ -18,7 +18,7 @@ from sgpipe.cli import main
 from sgpipe.runtime.logs import configure_logging
 from sgpipe.webhooks.client import SERVERS, base_url_for
 from sgpipe.webhooks.emulator import EmulatorConfig
-from sgpipe.webhooks.models import EVENT_FIELDS
+from sgpipe.webhooks.fields import EVENT_FIELDS
 from tests.webhooks_support import (
     API_KEY,
     RunningEmulator,
