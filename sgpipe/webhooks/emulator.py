@@ -225,7 +225,9 @@ async def _body(request: web.Request, model: type[_Model]) -> _Model | web.Respo
     if not isinstance(document, dict):
         return errors(400, {"field": None, "message": "request body must be a JSON object"})
     try:
-        return model.model_validate(document)
+        # Strict: JSON Schema's `boolean` is true or false, not "yes" (pydantic's lax mode
+        # would take it).
+        return model.model_validate(document, strict=True)
     except ValidationError as exc:
         problem = exc.errors()[0]
         where = ".".join(str(part) for part in problem["loc"])

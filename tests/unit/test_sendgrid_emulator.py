@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -187,3 +189,34 @@ def test_the_emulator_command_serves_until_sigterm(tmp_path: Path) -> None:
         if process.stdout is not None:
             process.stdout.close()
     assert process.returncode == 0
+
+
+def test_invalid_bodies_get_a_400_naming_the_field_and_accounts_do_not_see_each_other() -> None:
+    with running_emulator() as emulator:
+
+        def call(method: str, path: str, body: bytes, account: str = "") -> tuple[int, bytes]:
+            headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+            if account:
+                headers["on-behalf-of"] = account
+            request = urllib.request.Request(
+                f"{emulator.url}/v3/user/webhooks/event/{path}", body, headers, method=method
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status, response.read()
+            except urllib.error.HTTPError as error:
+                return error.code, error.read()
+
+        assert call("POST", "settings", b'{"url": "https://a.example/w", "enabled": "yes"}') == (
+            400,
+            b'{"errors": [{"field": "enabled", "message": "Input should be a valid boolean"}]}',
+        )
+        status, body = call("POST", "settings", b'{"url": "https://a.example/w", "opens": true}')
+        assert status == 400 and b'"field": "opens"' in body
+        assert call("POST", "settings", b"[1]")[0] == 400
+        assert call("POST", "settings", b'{"enabled": true}')[0] == 400  # url is required
+        status, body = call("POST", "settings", b'{"url": "https://a.example/w"}')
+        assert status == 201
+        webhook_id = json.loads(body)["id"]
+        assert call("GET", f"settings/{webhook_id}", b"", account="sub")[0] == 404
+        assert call("GET", f"settings/{webhook_id}", b"")[0] == 200
