@@ -85,25 +85,27 @@ def add_commands(
     listing = action("list", _list, "list the Event Webhooks")
     add_include(listing)
     show = action("show", _show, "show one Event Webhook")
-    show.add_argument("id", metavar="ID")
+    show.add_argument("id", metavar="ID", help="the webhook's id (see `webhooks list`)")
     add_include(show)
     create = action("create", _create, "create an Event Webhook (signing is a separate step)")
     create.add_argument("--url", required=True, help="where SendGrid POSTs the events")
     _add_fields(create)
     update = action("update", _update, "change an Event Webhook's settings")
-    update.add_argument("id", metavar="ID")
+    update.add_argument("id", metavar="ID", help="the webhook's id (see `webhooks list`)")
     update.add_argument("--url", help="a new URL (default: keep it)")
     _add_fields(update)
     add_include(update)
     delete = action("delete", _delete, "delete an Event Webhook")
-    delete.add_argument("id", metavar="ID")
+    delete.add_argument("id", metavar="ID", help="the webhook's id (see `webhooks list`)")
     sign = action("sign", _sign, "turn signature verification on or off")
-    sign.add_argument("id", metavar="ID")
+    sign.add_argument("id", metavar="ID", help="the webhook's id (see `webhooks list`)")
     toggle = sign.add_mutually_exclusive_group(required=True)
-    toggle.add_argument("--enable", dest="enable", action="store_true")
-    toggle.add_argument("--disable", dest="enable", action="store_false")
+    toggle.add_argument(
+        "--enable", dest="enable", action="store_true", help="sign, with a new key pair"
+    )
+    toggle.add_argument("--disable", dest="enable", action="store_false", help="stop signing")
     public_key = action("public-key", _public_key, "print a signed webhook's public key")
-    public_key.add_argument("id", metavar="ID")
+    public_key.add_argument("id", metavar="ID", help="the webhook's id (see `webhooks list`)")
     test = action("test", _test, "ask SendGrid to POST a test batch")
     test.add_argument("id", metavar="ID", nargs="?", help="the webhook (its URL and OAuth)")
     test.add_argument("--url", help="where to send it (default: the webhook's URL)")
@@ -165,8 +167,8 @@ def add_commands(
         "of SendGrid's OpenAPI, its error bodies, at most 5 webhooks, on-behalf-of accounts, a "
         "P-256 key per signed webhook, and a test endpoint that POSTs a signed sample batch.",
     )
-    emulator.add_argument("--host", default="127.0.0.1")
-    emulator.add_argument("--port", type=int, default=3030, metavar="P")
+    emulator.add_argument("--host", default="127.0.0.1", help="address (default: 127.0.0.1)")
+    emulator.add_argument("--port", type=int, default=3030, metavar="P", help="(default: 3030)")
     emulator.add_argument("--state", type=Path, metavar="FILE", help="keep webhooks in FILE")
     emulator.add_argument(
         "--api-key",
@@ -191,7 +193,12 @@ def _event_list(text: str) -> tuple[str, ...]:
 
 def _add_fields(parser: argparse.ArgumentParser) -> None:
     fields = parser.add_argument_group("webhook fields (absent: SendGrid's default, or kept)")
-    fields.add_argument("--enabled", action=argparse.BooleanOptionalAction, default=None)
+    fields.add_argument(
+        "--enabled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether SendGrid posts at all",
+    )
     fields.add_argument("--events", type=_event_list, help="these event types on, every other off")
     for name in EVENT_FIELDS:
         fields.add_argument(
@@ -199,16 +206,19 @@ def _add_fields(parser: argparse.ArgumentParser) -> None:
             dest=name,
             action=argparse.BooleanOptionalAction,
             default=None,
+            help=f"send (or not) {name} events",
         )
-    fields.add_argument("--friendly-name")
+    fields.add_argument("--friendly-name", help="a label; SendGrid does not require it unique")
     _add_oauth(parser)
 
 
 def _add_oauth(parser: argparse.ArgumentParser) -> None:
     oauth = parser.add_argument_group("OAuth (an empty string turns it off on update)")
-    oauth.add_argument("--oauth-client-id")
-    oauth.add_argument("--oauth-client-secret")
-    oauth.add_argument("--oauth-token-url")
+    oauth.add_argument("--oauth-client-id", help="the client id SendGrid presents")
+    oauth.add_argument(
+        "--oauth-client-secret", help="its secret (SendGrid stores it and never shows it)"
+    )
+    oauth.add_argument("--oauth-token-url", help="where SendGrid gets its access token")
 
 
 def _fields(args: argparse.Namespace) -> dict[str, Any]:

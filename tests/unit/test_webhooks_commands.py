@@ -416,3 +416,26 @@ def test_a_server_echoing_the_key_does_not_put_it_in_the_error(
     finally:
         server.stop()
     assert code == 1 and "bad header Bearer [redacted]" in err
+
+
+def test_every_action_and_flag_has_help() -> None:
+    import argparse
+
+    from sgpipe.cli import build_parser
+
+    def actions(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        raise AssertionError("no subcommands")
+
+    top = actions(build_parser())
+    parsers = {**actions(top["webhooks"]), "sendgrid-emulator": top["sendgrid-emulator"]}
+    assert set(parsers) == {
+        "list", "show", "create", "update", "delete", "sign", "public-key", "test", "connect",
+        "check", "sendgrid-emulator",
+    }  # fmt: skip
+    for name, parser in parsers.items():
+        assert parser.description, name
+        for action in parser._actions:
+            assert action.help and action.help != argparse.SUPPRESS, (name, action.dest)
