@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_simulator_commands(commands, common)  # keys generate, simulate
     add_dlq_commands(commands, common, _with_store, _add_data_dir)  # dlq list, dlq replay
+    from sgpipe.webhooks.command import add_commands as add_webhooks_commands
+
+    add_webhooks_commands(commands, common)  # webhooks ..., sendgrid-emulator
 
     # Internal, not listed: the process that holds `sgpipe up`'s embedded ClickHouse.
     serve_clickhouse = commands.add_parser(

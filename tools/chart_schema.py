@@ -406,6 +406,24 @@ def chart_values() -> Schema:
                     },
                 },
             ),
+            "webhooksCheck": obj(
+                "A CronJob running `sgpipe webhooks check` (exit 1, a failed Job, on a"
+                " difference between SendGrid's webhooks and these).",
+                {
+                    "enabled": boolean("Create the CronJob."),
+                    "schedule": string("Cron schedule.", minLength=9),
+                    "apiKeySecret": secret("SendGrid API key (SENDGRID_API_KEY); required."),
+                    "activeDeadlineSeconds": integer("Seconds before a run is stopped.", 1),
+                    "successfulJobsHistoryLimit": integer("Finished Jobs kept.", 0),
+                    "failedJobsHistoryLimit": integer("Failed Jobs kept.", 0),
+                    "resources": k8s("core.v1.ResourceRequirements", "Requests and limits."),
+                    **{
+                        key: value
+                        for key, value in scheduling("webhooks-check").items()
+                        if key != "topologySpreadConstraints"
+                    },
+                },
+            ),
             "metrics": obj(
                 "Prometheus Operator objects (need its CRDs).",
                 {

@@ -52,6 +52,12 @@ _SECRET_ASSIGNMENT = re.compile(
 )
 
 
+# SendGrid API keys (`SG.<id>.<secret>`) and bearer tokens, wherever they appear: the net
+# under `sgpipe webhooks`, which never logs its key in the first place.
+_SENDGRID_API_KEY = re.compile(r"\bSG\.[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}")
+_BEARER_TOKEN = re.compile(r"(?i)(\bBearer\s+)[A-Za-z0-9._~+/\-]+=*")
+
+
 def redact_url(url: str) -> str:
     """``url`` with the password of its userinfo and the values of secret query parameters
     replaced by ``***``; the user name, host, port and path stay, so the line is still useful.
@@ -85,8 +91,11 @@ def redact_url(url: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with every ``scheme://user:password@`` password and every ``password=...``
-    (and similar) value replaced by ``***``."""
+    """``text`` with every ``scheme://user:password@`` password, every ``password=...``
+    (and similar) value, SendGrid API key and bearer token replaced by ``***``."""
+    if "SG." in text or "earer" in text:
+        text = _SENDGRID_API_KEY.sub(REDACTED, text)
+        text = _BEARER_TOKEN.sub(rf"\1{REDACTED}", text)
     if "@" not in text and "=" not in text:
         return text  # the common case, checked cheaply: nothing that could hold a secret
     text = _USERINFO_PASSWORD.sub(rf"\1{REDACTED}@", text)

@@ -334,6 +334,22 @@ class EmbeddedSettings(_Section):
     clickhouse_allowed_origins: tuple[str, ...] = ()
 
 
+class SendGridSettings(_Section):
+    """SendGrid's Webhooks API, for `sgpipe webhooks ...` (docs/webhooks-api.md). The key may
+    also come from ``SENDGRID_API_KEY``; it is a secret: never printed or logged."""
+
+    api_key: SecretStr | None = None
+    # Another server than SendGrid's for `region`, such as `sgpipe sendgrid-emulator`.
+    api_base_url: Annotated[str | None, Field(pattern=r"^https?://")] = None
+    # The two servers of SendGrid's OpenAPI: api.sendgrid.com, api.eu.sendgrid.com (EU subusers).
+    region: Literal["global", "eu"] = "global"
+    # Subuser (or "account-id ...") to act for, SendGrid's `on-behalf-of` header.
+    on_behalf_of: str | None = None
+    # https://HOST where SendGrid reaches the ingress: `webhooks check` expects each declared
+    # webhook at {public_base_url}/webhooks/{name}. Absent: any host, matched by the path.
+    public_base_url: Annotated[str | None, Field(pattern=r"^https?://")] = None
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -358,6 +374,7 @@ class Settings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
     pii: PiiSettings = PiiSettings()
+    sendgrid: SendGridSettings = SendGridSettings()
 
     @model_validator(mode="after")
     def _registry_for_confluent_format(self) -> Settings:

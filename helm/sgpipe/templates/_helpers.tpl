@@ -153,20 +153,21 @@ Secrets as environment, each stage only the ones it uses: (dict "root" $ "stage"
 {{- $root := .root }}
 {{- $stage := .stage }}
 {{- $secrets := $root.Values.secrets }}
-{{- if eq $stage "ingest" }}
+{{- /* `webhooks check` compares SendGrid's keys with the trusted ones: it needs those only. */}}
+{{- if has $stage (list "ingest" "webhooks-check") }}
 {{- range $root.Values.webhooks }}
 {{- if and .publicKeysSecret .publicKeysSecret.name }}
 {{ include "sgpipe.secretEnvVar" (dict "env" (include "sgpipe.webhookEnvName" (dict "name" .name "field" "PUBLIC_KEYS")) "ref" .publicKeysSecret) }}
 {{- end }}
-{{- if and .oauthClientSecret .oauthClientSecret.name }}
+{{- if and (eq $stage "ingest") .oauthClientSecret .oauthClientSecret.name }}
 {{ include "sgpipe.secretEnvVar" (dict "env" (include "sgpipe.webhookEnvName" (dict "name" .name "field" "OAUTH__CLIENT_SECRET")) "ref" .oauthClientSecret) }}
 {{- end }}
 {{- end }}
 {{- end }}
-{{- if $secrets.kafkaSaslUsername.name }}
+{{- if and (ne $stage "webhooks-check") $secrets.kafkaSaslUsername.name }}
 {{ include "sgpipe.secretEnvVar" (dict "env" "SGPIPE_KAFKA__SASL_USERNAME" "ref" $secrets.kafkaSaslUsername) }}
 {{- end }}
-{{- if $secrets.kafkaSaslPassword.name }}
+{{- if and (ne $stage "webhooks-check") $secrets.kafkaSaslPassword.name }}
 {{ include "sgpipe.secretEnvVar" (dict "env" "SGPIPE_KAFKA__SASL_PASSWORD" "ref" $secrets.kafkaSaslPassword) }}
 {{- end }}
 {{- if and (has $stage (list "sink" "migrate")) $secrets.clickhousePassword.name }}
