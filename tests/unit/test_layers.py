@@ -19,6 +19,9 @@ SHELL = (
     "sgpipe.store",
     "sgpipe.migrate",
     "sgpipe.forget",
+    "sgpipe.top",
+    "sgpipe.report",
+    "sgpipe.webhooks",
 )
 STAGES = ("ingest", "processors", "sinks")
 RUNTIME = ("sgpipe.runtime",)
