@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from sgpipe.embedded.broker import free_port
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 SGPIPE = [sys.executable, "-m", "sgpipe"]
@@ -48,6 +49,7 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY]}],
         "ingest": {"port": free_port()},
         "embedded": {"kafka_port": free_port(), "clickhouse_http_port": free_port()},
+        "raw_auth": RAW_AUTH_DOCUMENT,
     }
     for section, values in sections.items():
         document[section] = {**document.get(section, {}), **values}
@@ -285,6 +287,7 @@ def unreachable_kafka(**more: str) -> dict[str, str]:
         "SGPIPE_KAFKA__START_TIMEOUT_SECONDS": "2",
         "SGPIPE_CLICKHOUSE__URL": f"http://127.0.0.1:{free_port()}",
         "SGPIPE_INGEST__PORT": str(free_port()),
+        "SGPIPE_RAW_AUTH__KEYS": json.dumps(RAW_AUTH_DOCUMENT["keys"]),
         **KUBERNETES_SERVICE_LINKS,
     }
     return environment(**{**variables, **more})
