@@ -8,10 +8,12 @@ warning at every start (docs/security.md#raw-records).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import structlog
 
 from schemas.raw_auth import RawAuthKey
-from sgpipe.runtime.settings import ConfigError, RawAuthSettings
+from sgpipe.runtime.settings import ConfigError, RawAuthKeySettings, RawAuthSettings
 
 log = structlog.get_logger(__name__)
 
@@ -20,9 +22,7 @@ def raw_auth_keys(settings: RawAuthSettings, *, stage: str) -> tuple[RawAuthKey,
     """The configured keys, first (the signing key) first. Raises ConfigError when there is
     none and ``allow_unauthenticated`` is off; warns when it is on."""
     require_raw_auth(settings)
-    keys = tuple(
-        RawAuthKey(key.id, key.secret.get_secret_value().encode("utf-8")) for key in settings.keys
-    )
+    keys = hmac_keys(settings.keys)
     if settings.allow_unauthenticated:
         log.warning(
             "raw records are not authenticated: any producer with write rights on the raw "
@@ -35,6 +35,11 @@ def raw_auth_keys(settings: RawAuthSettings, *, stage: str) -> tuple[RawAuthKey,
             keys=[key.key_id for key in keys],
         )
     return keys
+
+
+def hmac_keys(keys: Iterable[RawAuthKeySettings]) -> tuple[RawAuthKey, ...]:
+    """The keys as the HMAC takes them (the secret's UTF-8 bytes), in order."""
+    return tuple(RawAuthKey(key.id, key.secret.get_secret_value().encode("utf-8")) for key in keys)
 
 
 def require_raw_auth(settings: RawAuthSettings) -> None:

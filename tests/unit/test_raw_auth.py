@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingest.publisher import KafkaRawBatchPublisher, signed_headers
-from processors.authenticate import UNAUTHENTICATED_RAW_RECORD
+from processors.authenticate import UNAUTHENTICATED_RAW_RECORD, RawRecordAuthenticator
 from processors.stage import processor_stage
 from schemas.dead_letter import DeadLetterOrigin
 from schemas.email_event import EmailEventCodec
@@ -30,7 +30,7 @@ from schemas.raw_auth import (
     verify_raw_record,
 )
 from schemas.raw_batch import RawBatch, raw_batch_headers
-from sgpipe.dlq.letters import ReplayRecord, StoredLetter, plan_replay
+from sgpipe.dlq.letters import ReplayRecord, StoredLetter, forecast, plan_replay
 from sgpipe.runtime.dead_letters import build_dead_letter
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.settings import ConfigError, Settings, load_settings
@@ -334,3 +334,24 @@ def test_bad_keys_are_configuration_errors(keys: list[dict[str, str]], message_p
     with pytest.raises(ConfigError, match=message_part) as raised:
         load_settings(None, {"SGPIPE_RAW_AUTH__KEYS": json.dumps(keys)})
     assert "a" * 32 not in str(raised.value)
+
+
+def test_a_replay_of_a_forged_record_is_forecast_to_be_dead_lettered_again() -> None:
+    # `sgpipe dlq replay` signs nothing: a forged record dead-lettered as unauthenticated
+    # stays unauthenticated when replayed, and the dry run says so.
+    authenticator = processor_stage_authenticator()
+    forged = plan_replay(stored(raw_batch_headers(BATCH), BODY, -1))
+    assert isinstance(forged, ReplayRecord)
+    assert [f.reason for f in forecast(forged, authenticator)] == [UNAUTHENTICATED_RAW_RECORD]
+    # A genuine element letter (vouched for by the processor) is judged on its content.
+    signed = sign_raw_record(NEW_KEY, BODY, raw_batch_headers(BATCH))
+    stage = processor_stage(rotation_settings(), EmailEventCodec())
+    rejection = stage.transform(message(signed)).rejections[0]
+    letter = build_dead_letter(message(signed), rejection, stage="process", max_payload_bytes=999)
+    element = plan_replay(stored(letter.context_headers, letter.payload, 1))
+    assert isinstance(element, ReplayRecord)
+    assert [f.reason for f in forecast(element, authenticator)] == ["not_an_object"]
+
+
+def processor_stage_authenticator() -> RawRecordAuthenticator:
+    return RawRecordAuthenticator((NEW_KEY, OLD_KEY))
