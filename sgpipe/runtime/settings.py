@@ -207,7 +207,10 @@ class RawAuthSettings(_Section):
     existed (logged as a warning at every start). ``sgpipe up`` generates a key per data dir.
     """
 
+    # The first signs, all verify. A secret: SGPIPE_RAW_AUTH__KEYS='[{"id": ..., "secret": ...}]'.
     keys: tuple[RawAuthKeySettings, ...] = ()
+    # Run without a key: the ingress signs nothing and the processor takes any raw record, so
+    # whoever can write the raw topic can inject events. Warned about at every start.
     allow_unauthenticated: bool = False
 
     @field_validator("keys")
