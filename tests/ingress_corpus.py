@@ -525,8 +525,8 @@ def hostile_cases() -> list[HostileCase]:
             "http10-no-length-one-packet",
             "http",
             raw(b"POST /webhooks/open HTTP/1.0\r\n\r\n" + body),
-            400,
-            error="malformed_request",
+            411,
+            error="length_required",
         ),
         HostileCase(
             "bad-chunk-size",
