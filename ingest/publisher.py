@@ -117,7 +117,7 @@ class KafkaRawBatchPublisher:
         self._checked = asyncio.Event()
         self._abandon_producer = False
         # ConfigError here (no key, no raw_auth.allow_unauthenticated): refuse to start.
-        keys = raw_auth_keys(settings.raw_auth, stage="ingest")
+        keys = raw_auth_keys(settings.raw_auth)
         self._signing_key = keys[0] if keys else None
 
     async def start(self) -> None:

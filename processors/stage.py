@@ -37,7 +37,7 @@ def processor_stage(
     Raises ConfigError without ``raw_auth.keys`` (unless ``raw_auth.allow_unauthenticated``)."""
     codec = codec or EmailEventCodec()
     authenticator = RawRecordAuthenticator(
-        raw_auth_keys(settings.raw_auth, stage=STAGE_PROCESS),
+        raw_auth_keys(settings.raw_auth),
         allow_unauthenticated=settings.raw_auth.allow_unauthenticated,
     )
     record_limit = max_record_bytes(settings.kafka)

@@ -478,7 +478,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     problems = check_ports([claim])
     if problems:
         raise PreflightFailed(problems)
-    require_raw_auth(settings.raw_auth)
+    require_raw_auth(settings.raw_auth, stage=STAGE_INGEST)
     return _run_until_signal(lambda stop: run_ingress(settings, stop), stage=STAGE_INGEST)
 
 
@@ -487,7 +487,7 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
     from sgpipe.runtime.raw_auth import require_raw_auth
 
     _require_kafka(settings)
-    require_raw_auth(settings.raw_auth)
+    require_raw_auth(settings.raw_auth, stage=STAGE_PROCESS)
 
     async def body(stop: asyncio.Event) -> None:
         await run_processor(settings, stop, drain=args.drain)

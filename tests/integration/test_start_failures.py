@@ -462,3 +462,29 @@ def test_an_unsigned_webhook_is_warned_about_at_every_start() -> None:
         if event["event"].startswith("webhook accepts unsigned requests")
     ]
     assert [(event["level"], event["webhook"]) for event in warnings] == [("warning", "open")]
+
+
+@pytest.mark.parametrize("command", ["ingest", "process"])
+def test_a_stage_without_a_raw_record_key_refuses_to_start(command: str) -> None:
+    variables = unreachable_kafka()
+    del variables["SGPIPE_RAW_AUTH__KEYS"]
+    result = sgpipe(command, "--log-format", "console", env=variables)
+    assert result.returncode == 2
+    assert result.stderr.startswith("sgpipe: raw_auth.keys is empty: ")
+    assert "raw_auth.allow_unauthenticated" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_running_without_raw_record_keys_is_warned_about_at_every_start() -> None:
+    variables = unreachable_kafka(
+        SGPIPE_RAW_AUTH__ALLOW_UNAUTHENTICATED="true", SGPIPE_KAFKA__START_TIMEOUT_SECONDS="0.1"
+    )
+    del variables["SGPIPE_RAW_AUTH__KEYS"]
+    result = sgpipe("ingest", "--log-format", "json", env=variables)
+    warnings = [
+        event
+        for event in map(json.loads, result.stderr.splitlines())
+        if event.get("setting") == "raw_auth.allow_unauthenticated"
+    ]
+    assert [(event["level"], event["stage"]) for event in warnings] == [("warning", "ingest")]
+    assert warnings[0]["event"].startswith("raw records are not authenticated")

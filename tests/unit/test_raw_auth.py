@@ -6,7 +6,6 @@ carries a valid HMAC by a configured key; every other one is dead-lettered as
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +32,8 @@ from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.dlq.letters import ReplayRecord, StoredLetter, forecast, plan_replay
 from sgpipe.runtime.dead_letters import build_dead_letter
 from sgpipe.runtime.messages import Message
-from sgpipe.runtime.settings import ConfigError, Settings, load_settings
+from sgpipe.runtime.raw_auth import require_raw_auth
+from sgpipe.runtime.settings import ConfigError, RawAuthSettings, Settings, load_settings
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT, TEST_RAW_AUTH_KEY, signed_raw_batch_headers
 
 NEW_KEY = RawAuthKey("k2", b"n" * 40)
@@ -226,17 +226,24 @@ def test_the_processor_refuses_to_start_without_a_key() -> None:
         processor_stage(Settings(), EmailEventCodec())
 
 
-def test_allow_unauthenticated_processes_unsigned_records_and_warns_at_start(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    structlog.reset_defaults()
-    caplog.set_level(logging.WARNING)
+def test_allow_unauthenticated_processes_unsigned_records() -> None:
+    settings = Settings.model_validate({"raw_auth": {"allow_unauthenticated": True}})
+    assert processed(settings, raw_batch_headers(BATCH)) == (["ev-1"], ["not_an_object"])
+    # With keys too: a record signed by none of them is processed anyway.
+    with_keys = rotation_settings(allow_unauthenticated=True)
+    assert processed(with_keys, raw_batch_headers(BATCH)) == (["ev-1"], ["not_an_object"])
+
+
+def test_the_escape_hatch_is_warned_about_at_start() -> None:
     with structlog.testing.capture_logs() as logs:
-        settings = Settings.model_validate({"raw_auth": {"allow_unauthenticated": True}})
-        assert processed(settings, raw_batch_headers(BATCH)) == (["ev-1"], ["not_an_object"])
-    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
-    assert [entry["setting"] for entry in warnings] == ["raw_auth.allow_unauthenticated"]
-    assert warnings[0]["event"].startswith("raw records are not authenticated")
+        require_raw_auth(RawAuthSettings(allow_unauthenticated=True), stage="process")
+    assert [(entry["log_level"], entry["setting"], entry["stage"]) for entry in logs] == [
+        ("warning", "raw_auth.allow_unauthenticated", "process")
+    ]
+    assert logs[0]["event"].startswith("raw records are not authenticated")
+    with structlog.testing.capture_logs() as logs:
+        require_raw_auth(rotation_settings().raw_auth, stage="process")
+    assert logs == []
 
 
 # --- dead letters of elements, and their replay -------------------------------------------------
