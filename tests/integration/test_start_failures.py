@@ -466,8 +466,11 @@ def test_an_unsigned_webhook_is_warned_about_at_every_start() -> None:
 
 @pytest.mark.parametrize("command", ["ingest", "process"])
 def test_a_stage_without_a_raw_record_key_refuses_to_start(command: str) -> None:
-    variables = unreachable_kafka()
-    del variables["SGPIPE_RAW_AUTH__KEYS"]
+    variables = environment(
+        SGPIPE_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
+        SGPIPE_INGEST__HOST="127.0.0.1",
+        SGPIPE_INGEST__PORT=str(free_port()),
+    )
     result = sgpipe(command, "--log-format", "console", env=variables)
     assert result.returncode == 2
     assert result.stderr.startswith("sgpipe: raw_auth.keys is empty: ")
