@@ -9,8 +9,8 @@ What is signed, so that nothing the processor reads can change without breaking 
 
 * a domain tag and the key id (a MAC of this kind can never pass for another one);
 * for every header the processor trusts (``TRUSTED_HEADERS``, a fixed order), the name, the
-  number of times it occurs and each value, so a header added, dropped, repeated or moved
-  between values changes the input;
+  number of times it occurs and each value (marked null or not: Kafka allows null header
+  values), so a header added, dropped, repeated or moved between values changes the input;
 * whether the record has a value, and the value (the body exactly as SendGrid sent it).
 
 Each field is length-prefixed (8 bytes, big-endian): no boundary between a header and the body,
@@ -103,7 +103,8 @@ def _pieces(
         yield from field(name.encode("ascii"))
         yield from field(len(values).to_bytes(4, "big"))
         for header_value in values:
-            yield from field(bytes(header_value))
+            # Kafka allows a null header value (None here): distinct from an empty one.
+            yield from field(b"\x00") if header_value is None else field(b"\x01", header_value)
     yield from field(b"\x00") if value is None else field(b"\x01", value)
 
 
@@ -144,7 +145,7 @@ def verify_raw_record(
         raise UnauthenticatedRawRecord(f"the record has no {RAW_HMAC_HEADER} header")
     if len(macs) > 1:
         raise UnauthenticatedRawRecord(f"the record has {len(macs)} {RAW_HMAC_HEADER} headers")
-    parsed = _HEADER_VALUE.match(bytes(macs[0]))
+    parsed = _HEADER_VALUE.match(macs[0]) if isinstance(macs[0], bytes) else None
     if parsed is None:
         raise UnauthenticatedRawRecord(f"the {RAW_HMAC_HEADER} header is malformed")
     key_id = parsed[1].decode("ascii")

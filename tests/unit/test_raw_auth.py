@@ -172,6 +172,20 @@ def test_a_record_without_a_valid_hmac_is_refused(
         verify_raw_record([NEW_KEY, OLD_KEY], BODY, headers)
 
 
+def test_null_header_values_are_refused_or_signed_not_crashed_on() -> None:
+    # Kafka allows a null header value; aiokafka hands it over as None.
+    headers: list[Any] = [*raw_batch_headers(BATCH), (RAW_HMAC_HEADER, None)]
+    with pytest.raises(UnauthenticatedRawRecord, match="malformed"):
+        verify_raw_record([NEW_KEY], BODY, headers)
+    nulled: list[Any] = [(n, None if n == "sgpipe-webhook" else v) for n, v in SIGNED_BY_NEW]
+    with pytest.raises(UnauthenticatedRawRecord, match="does not match"):
+        verify_raw_record([NEW_KEY], BODY, nulled)
+    # Null and empty are different inputs.
+    assert canonical_input("k", b"", [("sgpipe-webhook", None)]) != canonical_input(  # type: ignore[list-item]
+        "k", b"", [("sgpipe-webhook", b"")]
+    )
+
+
 def test_the_secret_is_never_in_a_repr() -> None:
     assert "n" * 40 not in repr(NEW_KEY)
     settings = rotation_settings()
