@@ -268,7 +268,8 @@ async def receive_batch(request: web.Request) -> web.Response:
     try:
         if verifier is None:
             outcome = "unknown_webhook"
-            return error_response(404, "unknown_webhook", f"no webhook named {name[:64]!r}")
+            # A fixed text: the requested name is the client's bytes, never echoed back.
+            return error_response(404, "unknown_webhook", "no webhook of that name")
         outcome, response = await _receive(request, verifier)
         return response
     finally:

@@ -11,6 +11,9 @@ it does not have, and this module adds by subclassing its protocol (``RequestHan
   request, the head must be complete within ``ingest.header_timeout_seconds`` (slowloris);
   aiohttp only times out connections idle *between* requests;
 * a cap on the whole request head (``ingest.max_header_bytes``), not only per line;
+* 411 for an HTTP/1.0 request that says nothing of its body's length, also when the body
+  arrives in the same packet as the head: aiohttp's parser reads such a request as bodiless and
+  the body as a malformed next request, and its error replaces the request (400);
 * answers to malformed HTTP as a short JSON error with one log line that quotes nothing the
   client sent: aiohttp answers its parser errors in text/plain echoing the offending bytes and
   logs them with a traceback (request bytes are personal data);
@@ -187,6 +190,8 @@ class IngressProtocol(RequestHandler):
         # The body of the last request whose head was parsed: while it is still arriving, the
         # bytes received are body, not the head of a next request.
         self._body: StreamReader | None = None
+        # What arrived of the current request head (at most max_header_bytes, then 431).
+        self._head_received = bytearray()
 
     # --- the connection cap --------------------------------------------------------------
 
@@ -269,12 +274,24 @@ class IngressProtocol(RequestHandler):
             # A new request begins: it is no longer idle, and its head must be complete in time.
             self._stop_idle_timer()
             self._arm_head_timer()
+        if in_head:
+            self._head_received += data[: self._guard.limits.max_header_bytes + 4]
+            if _unframed_http10_body(self._head_received):
+                _rejected("malformed")
+                abuse_log.warning(
+                    "request refused: an HTTP/1.0 body without a length", reason="length_required"
+                )
+                self._answer_and_close(
+                    411, "length_required", "send Content-Length (or a chunked body)"
+                )
+                return
         requests_before = self._request_count
         super().data_received(data)
         if self._request_count > requests_before:
             # The parser completed a request head (or refused one): the head phase is over.
             self._disarm_head_timer()
             self._head_bytes = 0
+            self._head_received.clear()
             newest = self._messages[-1] if self._messages else None
             if newest is not None and isinstance(newest[0], _ErrInfo):
                 self._fail_body_in_progress()
@@ -405,6 +422,23 @@ class IngressProtocol(RequestHandler):
             "error in the HTTP server",
             **exception_summary(exc if isinstance(exc, BaseException) else None),
         )
+
+
+_LENGTH_HEADERS = (b"content-length:", b"transfer-encoding:")
+
+
+def _unframed_http10_body(received: bytes | bytearray) -> bool:
+    """Whether ``received`` holds a complete HTTP/1.0 request head (not GET or HEAD) that names
+    neither Content-Length nor Transfer-Encoding, followed by more bytes (its body, which could
+    only be delimited by the connection's end)."""
+    end = received.find(b"\r\n\r\n")
+    if end < 0 or end + 4 == len(received):
+        return False
+    request_line, *header_lines = bytes(received[:end]).split(b"\r\n")
+    # A GET or HEAD has no body: what follows it is a next (pipelined) request.
+    if not request_line.endswith(b" HTTP/1.0") or request_line.startswith((b"GET ", b"HEAD ")):
+        return False
+    return not any(line.lower().startswith(_LENGTH_HEADERS) for line in header_lines)
 
 
 def _describe_parse_error(exc: BaseException | None) -> tuple[int, str, str, str]:

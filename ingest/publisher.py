@@ -5,6 +5,10 @@ Every way a send can fail while a broker restarts — ``KafkaConnectionError``,
 ``NotLeaderForPartitionError``, ``UnknownTopicOrPartitionError``, ``UnknownError`` (tansu while
 its storage is down), request timeouts, a producer not connected yet — is a ``PublishError``,
 which the ingress answers 503 with Retry-After, so SendGrid keeps the batch and retries.
+
+Every record is signed with the first key of ``raw_auth.keys`` (``schemas.raw_auth``): the
+processor dead-letters a raw record without a valid HMAC, so a producer that can write to the
+raw topic but does not hold the key cannot inject events.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from aiokafka.protocol.metadata import MetadataRequest
 
-from schemas.raw_batch import RawBatch, raw_batch_headers
+from schemas.raw_auth import RawAuthKey, sign_raw_record
+from schemas.raw_batch import KafkaHeaders, RawBatch, raw_batch_headers
 from sgpipe.runtime.kafka import create_producer, ensure_topics
+from sgpipe.runtime.raw_auth import raw_auth_keys
 from sgpipe.runtime.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -110,6 +116,9 @@ class KafkaRawBatchPublisher:
         self._probe_now = asyncio.Event()
         self._checked = asyncio.Event()
         self._abandon_producer = False
+        # ConfigError here (no key, no raw_auth.allow_unauthenticated): refuse to start.
+        keys = raw_auth_keys(settings.raw_auth)
+        self._signing_key = keys[0] if keys else None
 
     async def start(self) -> None:
         """Connect once; raises the Kafka client's error if it cannot."""
@@ -136,7 +145,7 @@ class KafkaRawBatchPublisher:
             async with asyncio.timeout(self._timeout):
                 try:
                     acknowledged = await producer.send(
-                        self._topic, batch.body, headers=raw_batch_headers(batch)
+                        self._topic, batch.body, headers=signed_headers(batch, self._signing_key)
                     )
                 except MessageSizeTooLargeError as exc:
                     # Raised by our client before sending: over kafka.max_request_size.
@@ -258,6 +267,13 @@ class KafkaRawBatchPublisher:
         except Exception as exc:  # noqa: BLE001 - every failure means "cannot acknowledge"
             return TopicHealth(False, f"broker unreachable: {type(exc).__name__}")
         return topic_health(response.topics, self._topic, time.monotonic() - started)
+
+
+def signed_headers(batch: RawBatch, key: RawAuthKey | None) -> KafkaHeaders:
+    """The raw batch's headers with its HMAC under ``key`` (unsigned without one: only with
+    ``raw_auth.allow_unauthenticated``)."""
+    headers = raw_batch_headers(batch)
+    return headers if key is None else sign_raw_record(key, batch.body, headers)
 
 
 _UNKNOWN_TOPIC_OR_PARTITION = 3

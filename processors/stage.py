@@ -1,9 +1,10 @@
 """The processor, declared: raw batches -> normalized Avro events, deduplicated.
 
-Steps: ``process_raw_record`` (1 -> N: split, normalize, encode; poison elements become
-rejections) and the ``DuplicateEventFilter``; writer: the events topic, keyed by
-``sg_message_id`` (else ``sg_event_id``: docs/consuming.md). The runtime runs it
-(``sgpipe.runtime.runner``).
+Steps: ``RawRecordAuthenticator`` (a record without a valid ``sgpipe-raw-hmac`` is
+dead-lettered as ``unauthenticated_raw_record`` before anything of it is read),
+``process_raw_record`` (1 -> N: split, normalize, encode; poison elements become rejections)
+and the ``DuplicateEventFilter``; writer: the events topic, keyed by ``sg_message_id`` (else
+``sg_event_id``: docs/consuming.md). The runtime runs it (``sgpipe.runtime.runner``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from processors.authenticate import RawRecordAuthenticator
 from processors.dedup import DuplicateEventFilter
 from processors.pii import PiiPolicy
 from processors.pipeline import EncodedEvent, process_raw_record
@@ -18,6 +20,7 @@ from schemas.email_event import SCHEMA_HEADER, SCHEMA_HEADER_VALUE, EmailEventCo
 from sgpipe.runtime.kafka import OutgoingRecord, TopicWriter, max_record_bytes
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.metrics import COERCION_ERRORS, PII_MASKED, STAGE_PROCESS
+from sgpipe.runtime.raw_auth import raw_auth_keys
 from sgpipe.runtime.runner import run_consumer_stage
 from sgpipe.runtime.schema_registry import open_event_codec_retrying
 from sgpipe.runtime.settings import PiiSettings, Settings
@@ -30,8 +33,13 @@ EVENT_SCHEMA_HEADER = (SCHEMA_HEADER, SCHEMA_HEADER_VALUE)
 def processor_stage(
     settings: Settings, codec: EmailEventCodec | None = None
 ) -> ConsumerStage[EncodedEvent]:
-    """``codec``: how events are framed (``open_event_codec``); single-object by default."""
+    """``codec``: how events are framed (``open_event_codec``); single-object by default.
+    Raises ConfigError without ``raw_auth.keys`` (unless ``raw_auth.allow_unauthenticated``)."""
     codec = codec or EmailEventCodec()
+    authenticator = RawRecordAuthenticator(
+        raw_auth_keys(settings.raw_auth),
+        allow_unauthenticated=settings.raw_auth.allow_unauthenticated,
+    )
     record_limit = max_record_bytes(settings.kafka)
     events_topic = settings.kafka.topics.events
     pii = pii_policy(settings.pii)
@@ -42,12 +50,19 @@ def processor_stage(
     }
 
     def transform(message: Message) -> Transformed[EncodedEvent]:
+        # Before anything of the record is read: a forged one must not become an event.
+        verified = authenticator.authenticate(message)
+        if verified.rejection is not None:
+            return Transformed([], [verified.rejection])
         processed = process_raw_record(message, codec, record_limit, pii=pii)
         for field_name, count in processed.coercion_errors.items():
             COERCION_ERRORS.labels(STAGE_PROCESS, field_name).inc(count)
         for field_name, count in processed.pii_masked.items():
             PII_MASKED.labels(STAGE_PROCESS, field_name, pii_modes[field_name]).inc(count)
-        return Transformed(processed.events, processed.rejections)
+        rejections = [
+            authenticator.vouch(message, verified, rejection) for rejection in processed.rejections
+        ]
+        return Transformed(processed.events, rejections)
 
     def to_record(event: EncodedEvent) -> OutgoingRecord:
         return OutgoingRecord(

@@ -2,7 +2,9 @@
 
 The Kafka value is the request body exactly as received (the ingress never parses it); the
 metadata travels in Kafka headers. ``sgpipe-format`` names the layout so that a later layout
-(an Avro envelope) can be introduced while processors still read this one.
+(an Avro envelope) can be introduced while processors still read this one. The ingress signs
+the value and these headers (``schemas.raw_auth``); the processor reads none of them before the
+signature verified.
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ REQUEST_ID_HEADER = "sgpipe-request-id"
 _WEBHOOK = WEBHOOK_HEADER
 _RECEIVED_AT = RECEIVED_AT_HEADER
 _REQUEST_ID = REQUEST_ID_HEADER
-_SIGNATURE_TIMESTAMP = "sgpipe-signature-timestamp"
-_AUTHENTICATED_BY = "sgpipe-authenticated-by"
-_CONTENT_TYPE = "sgpipe-content-type"
+SIGNATURE_TIMESTAMP_HEADER = "sgpipe-signature-timestamp"
+AUTHENTICATED_BY_HEADER = "sgpipe-authenticated-by"
+CONTENT_TYPE_HEADER = "sgpipe-content-type"
+_SIGNATURE_TIMESTAMP = SIGNATURE_TIMESTAMP_HEADER
+_AUTHENTICATED_BY = AUTHENTICATED_BY_HEADER
+_CONTENT_TYPE = CONTENT_TYPE_HEADER
 
 KafkaHeaders = list[tuple[str, bytes]]
 

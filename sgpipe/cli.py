@@ -576,19 +576,23 @@ def _program() -> str:
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.server import run_ingress
     from sgpipe.preflight import PortClaim, PreflightFailed, check_ports
+    from sgpipe.runtime.raw_auth import require_raw_auth
 
     _require_kafka(settings)
     claim = PortClaim("ingest.port", settings.ingest.host, settings.ingest.port, "--port")
     problems = check_ports([claim])
     if problems:
         raise PreflightFailed(problems)
+    require_raw_auth(settings.raw_auth, stage=STAGE_INGEST)
     return _run_until_signal(lambda stop: run_ingress(settings, stop), stage=STAGE_INGEST)
 
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:
     from processors.stage import run_processor
+    from sgpipe.runtime.raw_auth import require_raw_auth
 
     _require_kafka(settings)
+    require_raw_auth(settings.raw_auth, stage=STAGE_PROCESS)
 
     async def body(stop: asyncio.Event) -> None:
         await run_processor(settings, stop, drain=args.drain)

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 from tests.raw_http import RawResponse, exchange, http_request
 from tests.sendgrid_vector import BODY as VECTOR_BODY
 from tests.sendgrid_vector import PUBLIC_KEY as VECTOR_PUBLIC_KEY
@@ -70,6 +71,7 @@ def server_config(bootstrap_servers: str, suffix: str) -> dict[str, Any]:
         "webhooks": WEBHOOKS,
         "ingest": INGEST_LIMITS,
         "logging": {"format": "json"},
+        "raw_auth": RAW_AUTH_DOCUMENT,
     }
 
 
@@ -523,8 +525,8 @@ def hostile_cases() -> list[HostileCase]:
             "http10-no-length-one-packet",
             "http",
             raw(b"POST /webhooks/open HTTP/1.0\r\n\r\n" + body),
-            400,
-            error="malformed_request",
+            411,
+            error="length_required",
         ),
         HostileCase(
             "bad-chunk-size",

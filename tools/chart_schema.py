@@ -52,6 +52,7 @@ CHART_OWNED_SETTINGS = {
     ("embedded",): "only `sgpipe up` embeds services",
     ("kafka", "ssl_cafile"): "`secrets.kafkaCa` mounts the CA file and sets it",
     ("ingest", "health_peers"): "only `sgpipe up` fronts other processes' health endpoints",
+    ("raw_auth", "keys"): "`secrets.rawAuthKeys` passes them from a Secret",
 }
 WEBHOOK_CHART_OWNED = {"name", "public_keys"}
 # Where the settings' own comments speak of `sgpipe up`, the chart's reader needs another word.
@@ -361,6 +362,11 @@ def chart_values() -> Schema:
                     ),
                     "clickhousePassword": secret("clickhouse.password (sink, migrate)."),
                     "piiHashKey": secret("pii.hash_key, the PII HMAC key (processor only)."),
+                    "rawAuthKeys": secret(
+                        "raw_auth.keys as JSON [{id, secret}], the raw-record HMAC keys "
+                        "(ingest, processor); required unless "
+                        "config.raw_auth.allow_unauthenticated."
+                    ),
                 },
             ),
             "extraEnv": k8s_list("core.v1.EnvVar", "More environment for every sgpipe container."),
@@ -600,7 +606,12 @@ def _is_secret(schema: Schema) -> bool:
 
 
 def _is_chart_owned(model_name: str, field: str) -> bool:
-    sections = {"Settings": (), "KafkaSettings": ("kafka",), "IngestSettings": ("ingest",)}
+    sections = {
+        "Settings": (),
+        "KafkaSettings": ("kafka",),
+        "IngestSettings": ("ingest",),
+        "RawAuthSettings": ("raw_auth",),
+    }
     section = sections.get(model_name)
     return section is not None and (*section, field) in CHART_OWNED_SETTINGS
 

@@ -30,6 +30,7 @@ from sgpipe.dlq import SqlRunner
 from sgpipe.runtime.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
+    from processors.authenticate import RawRecordAuthenticator
     from schemas.dead_letter import DeadLetterOrigin
     from sgpipe.dlq.letters import ElementForecast, Outcome, StoredLetter
     from sgpipe.dlq.report import ReplayLine
@@ -170,7 +171,14 @@ def dlq_replay(args: argparse.Namespace, settings: Settings, run_sql: SqlRunner)
     started = time.monotonic()
     if store.exists():
         lines = asyncio.run(
-            _replay(store, letters, settings, bootstrap_servers, wait=max(args.wait, 0.0))
+            _replay(
+                store,
+                letters,
+                settings,
+                bootstrap_servers,
+                wait=max(args.wait, 0.0),
+                authenticator=_replay_authenticator(settings, args.data_dir),
+            )
         )
     else:
         _no_table(store)
@@ -204,6 +212,32 @@ def _kafka_for_replay(settings: Settings, data_dir: Path) -> str:
         ) from None
 
 
+def _replay_authenticator(settings: Settings, data_dir: Path) -> RawRecordAuthenticator | None:
+    """The processor's HMAC check, to forecast it: with ``raw_auth.keys``, else the key of
+    `sgpipe up` in ``data_dir``; None when neither is known here (not forecast).
+
+    A replay is never signed here: a whole record keeps the ingress's HMAC, an element the
+    processor's (processors/authenticate.py), and the processor checks them as it checks any
+    record. Signing at replay would make a forged record that was dead-lettered as
+    ``unauthenticated_raw_record`` (or a forged dead letter, written by anyone who can write
+    the dead-letter topic) into events the moment an operator replays everything pending."""
+    from processors.authenticate import RawRecordAuthenticator
+    from sgpipe.runtime.raw_auth import hmac_keys
+
+    keys = settings.raw_auth.keys
+    if not keys:
+        from sgpipe.embedded.raw_auth_key import RawAuthKeyError, load_raw_auth_key
+
+        try:
+            keys = (load_raw_auth_key(data_dir),)
+        except (OSError, RawAuthKeyError):
+            return None
+    return RawRecordAuthenticator(
+        hmac_keys(keys),
+        allow_unauthenticated=settings.raw_auth.allow_unauthenticated,
+    )
+
+
 async def _replay(
     store: DeadLetterStore,
     letters: LetterFilter,
@@ -211,6 +245,7 @@ async def _replay(
     bootstrap_servers: str | None,
     *,
     wait: float,
+    authenticator: RawRecordAuthenticator | None = None,
 ) -> list[ReplayLine]:
     """Replay (or, without ``bootstrap_servers``, dry-run) every selected letter, page by
     page in key order; then wait up to ``wait`` seconds for the outcomes."""
@@ -249,7 +284,7 @@ async def _replay(
                 if isinstance(plan, Skip):
                     outcomes.append((letter, Outcome(SKIPPED, note=plan.why)))
                     continue
-                forecasts = forecast(plan)
+                forecasts = forecast(plan, authenticator)
                 if producer is None:
                     outcomes.append((letter, expected_outcome(forecasts, record_limit)))
                     continue

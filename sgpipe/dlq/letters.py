@@ -17,6 +17,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from processors.authenticate import RawRecordAuthenticator
 from processors.pipeline import process_raw_record
 from schemas.dead_letter import (
     DEAD_LETTER_HEADERS,
@@ -161,12 +162,19 @@ class ElementForecast:
         return self.reason
 
 
-def forecast(record: ReplayRecord) -> list[ElementForecast]:
-    """Run the processor's pure step on ``record`` (no size limit: the caller applies its own
-    with ``reason_with``), one forecast per element."""
+def forecast(
+    record: ReplayRecord, authenticator: RawRecordAuthenticator | None = None
+) -> list[ElementForecast]:
+    """Run the processor's pure steps on ``record`` (no size limit: the caller applies its own
+    with ``reason_with``), one forecast per element. ``authenticator``: the processor's HMAC
+    check with ``raw_auth.keys`` (None: the keys are not known here; not checked)."""
     message = Message("replay", 0, 0, 0, None, record.value, tuple(record.headers))
-    processed = process_raw_record(message, EmailEventCodec(), sys.maxsize)
     origin_index = record.letter.origin.event_index
+    if authenticator is not None:
+        refused = authenticator.authenticate(message).rejection
+        if refused is not None:
+            return [ElementForecast(origin_index, reason=refused.reason)]
+    processed = process_raw_record(message, EmailEventCodec(), sys.maxsize)
     rejected = {r.event_index: r.reason for r in processed.rejections if r.event_index is not None}
     whole = [r.reason for r in processed.rejections if r.event_index is None]
     if whole:

@@ -31,6 +31,9 @@ class Rejection:
     detail: str
     payload: bytes | None = None
     event_index: int | None = None
+    # The headers its dead letter carries, when not the consumed record's (the processor's
+    # element letters carry their own HMAC: processors/authenticate.py).
+    headers: tuple[tuple[str, bytes], ...] | None = None
 
 
 def build_dead_letter(
@@ -55,7 +58,7 @@ def build_dead_letter(
         original_partition=message.partition,
         original_offset=message.offset,
         event_index=rejection.event_index,
-        context_headers=tuple(message.headers),
+        context_headers=tuple(message.headers) if rejection.headers is None else rejection.headers,
     )
 
 

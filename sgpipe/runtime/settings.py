@@ -179,6 +179,50 @@ class PiiSettings(_Section):
         return self
 
 
+class RawAuthKeySettings(_Section):
+    """One key of ``raw_auth.keys``: ``id`` travels in each record's ``sgpipe-raw-hmac``
+    header, ``secret`` never leaves the process (a secret: never logged, never in a repr)."""
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    # At least 32 characters: `python -c 'import secrets; print(secrets.token_urlsafe(32))'`.
+    secret: SecretStr
+
+    @field_validator("secret")
+    @classmethod
+    def _long_enough(cls, secret: SecretStr) -> SecretStr:
+        if len(secret.get_secret_value()) < 32:
+            raise ValueError("a raw_auth key secret needs at least 32 characters")
+        return secret
+
+
+class RawAuthSettings(_Section):
+    """The HMAC that authenticates raw-topic records from the ingress to the processor
+    (docs/security.md#raw-records). The ingress signs with the first key; the processor
+    accepts a record signed by any key in the list (two during a rotation) and dead-letters
+    every other one as ``unauthenticated_raw_record``.
+
+    With no key, ``sgpipe ingest`` and ``sgpipe process`` refuse to start, unless
+    ``allow_unauthenticated`` says so deliberately: the ingress then publishes unsigned
+    records, and the processor takes whatever is on the raw topic, as before this check
+    existed (logged as a warning at every start). ``sgpipe up`` generates a key per data dir.
+    """
+
+    # The first signs, all verify. A secret: SGPIPE_RAW_AUTH__KEYS='[{"id": ..., "secret": ...}]'.
+    keys: tuple[RawAuthKeySettings, ...] = ()
+    # Run without a key: the ingress signs nothing and the processor takes any raw record, so
+    # whoever can write the raw topic can inject events. Warned about at every start.
+    allow_unauthenticated: bool = False
+
+    @field_validator("keys")
+    @classmethod
+    def _unique_ids(cls, keys: tuple[RawAuthKeySettings, ...]) -> tuple[RawAuthKeySettings, ...]:
+        ids = [key.id for key in keys]
+        repeated = sorted({key_id for key_id in ids if ids.count(key_id) > 1})
+        if repeated:
+            raise ValueError(f"raw_auth key ids must be unique, repeated: {', '.join(repeated)}")
+        return keys
+
+
 class WebhookSettings(_Section):
     """One SendGrid Event Webhook; each has its own URL, signing key pair and OAuth settings."""
 
@@ -375,6 +419,7 @@ class Settings(BaseSettings):
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
     pii: PiiSettings = PiiSettings()
     sendgrid: SendGridSettings = SendGridSettings()
+    raw_auth: RawAuthSettings = RawAuthSettings()
 
     @model_validator(mode="after")
     def _registry_for_confluent_format(self) -> Settings:

@@ -178,6 +178,7 @@ async def run_up(
     try:
         # Before anything starts too: an unsafe credentials file is a configuration error.
         credentials = _embedded_credentials(settings, data_dir)
+        settings = _with_raw_auth_key(settings, data_dir)
         if options.demo:
             settings = demo.with_demo_webhook(settings, demo.demo_key(data_dir))
         structlog.contextvars.bind_contextvars(stage=metrics.STAGE_UP)
@@ -218,6 +219,17 @@ def _embedded_credentials(settings: Settings, data_dir: Path) -> EmbeddedCredent
     try:
         return load_or_create_credentials(data_dir)
     except CredentialsError as exc:  # e.g. a file others can read: fix it, then start
+        raise ConfigError(str(exc)) from exc
+
+
+def _with_raw_auth_key(settings: Settings, data_dir: Path) -> Settings:
+    """``raw_auth.keys`` as configured, else the data dir's key (created on first start),
+    which the ingress signs raw records with and the processor checks (docs/security.md)."""
+    from sgpipe.embedded.raw_auth_key import RawAuthKeyError, with_data_dir_raw_auth_key
+
+    try:
+        return with_data_dir_raw_auth_key(settings, data_dir)
+    except RawAuthKeyError as exc:
         raise ConfigError(str(exc)) from exc
 
 

@@ -23,6 +23,7 @@ from tests.chart.rendering import (
     env_names,
     pod_spec,
     render,
+    render_error,
     scenario,
     with_changes,
     workloads,
@@ -185,13 +186,20 @@ def test_config_checksum_is_the_rendered_configmap_and_rolls_pods_on_change(
         assert _checksum(unrelated, stage) == _checksum(default, stage)
 
 
+# What a Secret holds where a setting is not a plain string.
+SECRET_EXAMPLES = {"SGPIPE_RAW_AUTH__KEYS": json.dumps([{"id": "k1", "secret": "s" * 43}])}
+
+
 def test_sgpipe_accepts_the_config_and_environment_each_pod_gets(rendered: Rendered) -> None:
     """Load the rendered sgpipe.yaml with the pod's environment through sgpipe's own settings
     loader: what the chart writes is what sgpipe reads, key for key."""
     for workload in workloads(rendered):
         for container in containers(workload):
             environ = {
-                variable["name"]: variable.get("value", "secret-from-" + variable["name"])
+                variable["name"]: variable.get(
+                    "value",
+                    SECRET_EXAMPLES.get(variable["name"], "secret-from-" + variable["name"]),
+                )
                 for variable in container.get("env", [])
                 if variable["name"].startswith("SGPIPE_")
                 and variable["name"] not in SETTINGS_NOT_YET_IN_SGPIPE
@@ -229,6 +237,28 @@ def test_the_pii_hash_key_reaches_the_processor_as_sgpipe_reads_it(everything: R
     assert "hash_key" in PiiSettings.model_fields
 
 
+def test_the_raw_auth_keys_reach_the_ingress_and_the_processor_by_reference(
+    default: Rendered,
+) -> None:
+    for stage in ("ingest", "processor"):
+        (container,) = containers(default.deployment(stage))
+        (variable,) = [v for v in container["env"] if v["name"] == "SGPIPE_RAW_AUTH__KEYS"]
+        assert variable["valueFrom"] == {
+            "secretKeyRef": {"name": "sgpipe-raw-auth", "key": "raw-auth-keys"}
+        }
+
+
+def test_without_raw_auth_keys_the_chart_refuses_unless_explicitly_unauthenticated() -> None:
+    values = scenario("default-values.yaml")
+    without = with_changes(values, {"secrets": {"rawAuthKeys": {"name": ""}}})
+    assert "secrets.rawAuthKeys is required" in render_error(without)
+    opted_out = render(
+        with_changes(without, {"config": {"raw_auth": {"allow_unauthenticated": True}}})
+    )
+    (container,) = containers(opted_out.deployment("processor"))
+    assert "SGPIPE_RAW_AUTH__KEYS" not in env_names(container)
+
+
 def test_each_stage_gets_only_the_secrets_it_uses(everything: Rendered) -> None:
     kafka = {"SGPIPE_KAFKA__SASL_USERNAME", "SGPIPE_KAFKA__SASL_PASSWORD"}
     webhooks = {
@@ -239,9 +269,10 @@ def test_each_stage_gets_only_the_secrets_it_uses(everything: Rendered) -> None:
     }
     clickhouse = {"SGPIPE_CLICKHOUSE__PASSWORD"}
     pii = {"SGPIPE_PII__HASH_KEY"}
+    raw_auth = {"SGPIPE_RAW_AUTH__KEYS"}  # the ingress signs raw records, the processor checks
     expected = {
-        "ingest": kafka | webhooks,
-        "processor": kafka | pii,  # the processor alone applies pii.* (docs/privacy.md)
+        "ingest": kafka | webhooks | raw_auth,
+        "processor": kafka | pii | raw_auth,  # the processor alone applies pii.* (docs/privacy.md)
         "sink": kafka | clickhouse,
     }
     for stage, names in expected.items():

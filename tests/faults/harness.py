@@ -42,6 +42,7 @@ from sgpipe.simulator.simulation import SimulationOptions, SimulationSummary, si
 from tests.faults.ledger import DEDUP_VIEW, Ledger, LedgerReport, counts_by_event
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import SGPIPE
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 
 T = TypeVar("T")
 
@@ -377,6 +378,7 @@ def pipeline_config(
         "processor": {"group_id": f"processor-{suffix}", **stage_common},
         "sink": {"group_id": f"sink-{suffix}", "batch_max_seconds": 0.2, **stage_common},
         "logging": {"format": "json"},
+        "raw_auth": RAW_AUTH_DOCUMENT,
     }
 
 

@@ -10,6 +10,7 @@ from aiokafka import AIOKafkaConsumer
 
 from sgpipe.runtime.kafka import Record
 from sgpipe.runtime.settings import Settings
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 
 # Group joins on tansu take ~1 s with these instead of 5-18 s with Kafka's defaults.
 FAST_GROUP_SETTINGS = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200}
@@ -34,6 +35,8 @@ def kafka_test_settings(bootstrap_servers: str, suffix: str, **sections: Any) ->
             "dead_letter_group_id": f"dead-letters-{suffix}",
             "batch_max_seconds": 0.2,
         },
+        # Stages refuse to start without a raw-record key (tests/raw_auth_support.py).
+        "raw_auth": RAW_AUTH_DOCUMENT,
         **sections,
     }
     return Settings.model_validate(document)

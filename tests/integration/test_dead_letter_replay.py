@@ -40,6 +40,7 @@ from tests.integration.processes import (
     start_sgpipe,
     write_config,
 )
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT, signed_raw_batch_headers
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -95,6 +96,7 @@ def config_document(
             "health_port": 0,
         },
         "logging": {"format": "json"},
+        "raw_auth": RAW_AUTH_DOCUMENT,
     }
 
 
@@ -168,7 +170,7 @@ def test_garbage_is_dead_lettered_per_element_listed_and_a_fix_plus_replay_lands
         produce(
             kafka,
             [
-                OutgoingRecord(kafka.topics.raw, BATCH, headers=raw_batch_headers(batch)),
+                OutgoingRecord(kafka.topics.raw, BATCH, headers=signed_raw_batch_headers(batch)),
                 OutgoingRecord(kafka.topics.events, UNDECODABLE),
             ],
         )

@@ -13,11 +13,12 @@ from aiokafka.structs import TopicPartition
 from processors.stage import run_processor
 from schemas.dead_letter import REASON_HEADER
 from schemas.email_event import EmailEventCodec
-from schemas.raw_batch import RawBatch, raw_batch_headers
+from schemas.raw_batch import RawBatch
 from sgpipe.embedded.broker import EmbeddedBroker, PortInUse
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
 from sgpipe.runtime.metrics import REGISTRY
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
+from tests.raw_auth_support import signed_raw_batch_headers
 
 pytestmark = pytest.mark.kafka
 
@@ -55,7 +56,10 @@ async def test_processor_publishes_events_dead_letters_and_commits(
     try:
         await send_all(
             producer,
-            [OutgoingRecord(topics.raw, b.body, headers=raw_batch_headers(b)) for b in batches],
+            [
+                OutgoingRecord(topics.raw, b.body, headers=signed_raw_batch_headers(b))
+                for b in batches
+            ],
         )
     finally:
         await producer.stop()

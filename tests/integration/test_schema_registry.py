@@ -29,7 +29,7 @@ from pydantic import SecretStr
 
 from processors.stage import run_processor
 from schemas.email_event import EmailEventCodec, schema_versions
-from schemas.raw_batch import RawBatch, raw_batch_headers
+from schemas.raw_batch import RawBatch
 from sgpipe.embedded.broker import free_port
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
 from sgpipe.runtime.schema_registry import (
@@ -45,6 +45,7 @@ from sinks.stage import run_sink
 from tests.golden import expected_record, fixture_names, json_form, payload
 from tests.integration.clickhouse_tools import clickhouse_client, select_rows, served_clickhouse
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT, signed_raw_batch_headers
 
 pytestmark = pytest.mark.kafka
 
@@ -125,6 +126,7 @@ async def registry_server() -> AsyncIterator[Registry]:
 def confluent_settings(bootstrap: str, suffix: str, url: str, **sections: Any) -> Settings:
     base = kafka_test_settings(bootstrap, suffix, **sections)
     document = base.model_dump(mode="json")
+    document["raw_auth"] = RAW_AUTH_DOCUMENT  # model_dump masks secrets
     document["kafka"]["events_format"] = "confluent"
     document["schema_registry"] = {"url": url, "username": USER, "password": PASSWORD}
     return Settings.model_validate(document)
@@ -238,7 +240,8 @@ async def test_processor_writes_confluent_framing_that_confluent_and_the_sink_re
         await producer.start()
         try:
             await send_all(
-                producer, [OutgoingRecord(topics.raw, body, headers=raw_batch_headers(batch))]
+                producer,
+                [OutgoingRecord(topics.raw, body, headers=signed_raw_batch_headers(batch))],
             )
         finally:
             await producer.stop()

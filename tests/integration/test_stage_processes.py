@@ -18,7 +18,7 @@ from aiokafka.structs import TopicPartition
 
 from processors.pipeline import EncodedEvent
 from schemas.email_event import EmailEventCodec
-from schemas.raw_batch import RawBatch, raw_batch_headers
+from schemas.raw_batch import RawBatch
 from sgpipe.embedded.broker import EmbeddedBroker
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
 from sgpipe.runtime.settings import KafkaSettings
@@ -33,6 +33,7 @@ from tests.integration.processes import (
     wait_for_status,
     write_config,
 )
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT, signed_raw_batch_headers
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -88,6 +89,7 @@ def stage_config(
             "health_port": 0,
         },
         "logging": {"format": "json"},
+        "raw_auth": RAW_AUTH_DOCUMENT,
     }
     return write_config(tmp_path / "sgpipe.yaml", document), document
 
@@ -98,7 +100,8 @@ async def produce_raw(kafka: KafkaSettings, body: bytes, request_id: str) -> Non
     await producer.start()
     try:
         await send_all(
-            producer, [OutgoingRecord(kafka.topics.raw, body, headers=raw_batch_headers(batch))]
+            producer,
+            [OutgoingRecord(kafka.topics.raw, body, headers=signed_raw_batch_headers(batch))],
         )
     finally:
         await producer.stop()

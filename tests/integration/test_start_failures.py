@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from sgpipe.embedded.broker import free_port
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 SGPIPE = [sys.executable, "-m", "sgpipe"]
@@ -48,6 +49,7 @@ def write_config(tmp_path: Path, **sections: Any) -> Path:
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY]}],
         "ingest": {"port": free_port()},
         "embedded": {"kafka_port": free_port(), "clickhouse_http_port": free_port()},
+        "raw_auth": RAW_AUTH_DOCUMENT,
     }
     for section, values in sections.items():
         document[section] = {**document.get(section, {}), **values}
@@ -285,6 +287,7 @@ def unreachable_kafka(**more: str) -> dict[str, str]:
         "SGPIPE_KAFKA__START_TIMEOUT_SECONDS": "2",
         "SGPIPE_CLICKHOUSE__URL": f"http://127.0.0.1:{free_port()}",
         "SGPIPE_INGEST__PORT": str(free_port()),
+        "SGPIPE_RAW_AUTH__KEYS": json.dumps(RAW_AUTH_DOCUMENT["keys"]),
         **KUBERNETES_SERVICE_LINKS,
     }
     return environment(**{**variables, **more})
@@ -459,3 +462,32 @@ def test_an_unsigned_webhook_is_warned_about_at_every_start() -> None:
         if event["event"].startswith("webhook accepts unsigned requests")
     ]
     assert [(event["level"], event["webhook"]) for event in warnings] == [("warning", "open")]
+
+
+@pytest.mark.parametrize("command", ["ingest", "process"])
+def test_a_stage_without_a_raw_record_key_refuses_to_start(command: str) -> None:
+    variables = environment(
+        SGPIPE_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
+        SGPIPE_INGEST__HOST="127.0.0.1",
+        SGPIPE_INGEST__PORT=str(free_port()),
+    )
+    result = sgpipe(command, "--log-format", "console", env=variables)
+    assert result.returncode == 2
+    assert result.stderr.startswith("sgpipe: raw_auth.keys is empty: ")
+    assert "raw_auth.allow_unauthenticated" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_running_without_raw_record_keys_is_warned_about_at_every_start() -> None:
+    variables = unreachable_kafka(
+        SGPIPE_RAW_AUTH__ALLOW_UNAUTHENTICATED="true", SGPIPE_KAFKA__START_TIMEOUT_SECONDS="0.1"
+    )
+    del variables["SGPIPE_RAW_AUTH__KEYS"]
+    result = sgpipe("ingest", "--log-format", "json", env=variables)
+    warnings = [
+        event
+        for event in map(json.loads, result.stderr.splitlines())
+        if event.get("setting") == "raw_auth.allow_unauthenticated"
+    ]
+    assert [(event["level"], event["stage"]) for event in warnings] == [("warning", "ingest")]
+    assert warnings[0]["event"].startswith("raw records are not authenticated")

@@ -412,7 +412,9 @@ def test_no_password_in_any_log_line_or_the_state_file(tmp_path: Path) -> None:
         assert running.process.wait(timeout=60) == 0, running.log.read_text()
     log = running.log.read_text()
     assert f"http://sgpipe:***@127.0.0.1:{port}" in log  # the URL is there, redacted
-    for secret in (url_password, env_password):
+    # The raw-record HMAC key generated for the data dir is not logged either.
+    raw_auth_secret = json.loads((running.data_dir / "raw-auth-key.json").read_text())["secret"]
+    for secret in (url_password, env_password, raw_auth_secret):
         assert secret not in log
         assert secret not in state
 

@@ -29,8 +29,10 @@ from ingest.publisher import (
     PublishRejected,
     topic_health,
 )
+from schemas.raw_auth import verify_raw_record
 from schemas.raw_batch import RawBatch
 from sgpipe.runtime.settings import Settings
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT, TEST_RAW_AUTH_KEY
 
 BATCH = RawBatch(
     webhook="main",
@@ -52,10 +54,12 @@ class StandInProducer:
         self.on_send = on_send
         self.on_ack = on_ack
         self.sent: list[bytes] = []
+        self.headers: list[Any] = []
 
     async def send(self, topic: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
         if self.on_send is not None:
             raise self.on_send
+        self.headers.append(headers)
         self.sent.append(value)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self.on_ack is not None:
@@ -68,6 +72,7 @@ def publisher_with(producer: StandInProducer, timeout: float = 5.0) -> KafkaRawB
         {
             "kafka": {"bootstrap_servers": "127.0.0.1:1"},
             "ingest": {"publish_timeout_seconds": timeout},
+            "raw_auth": RAW_AUTH_DOCUMENT,
         }
     )
     publisher = KafkaRawBatchPublisher(settings, AcknowledgeHealth())
@@ -143,8 +148,29 @@ async def test_an_acknowledged_batch_returns() -> None:
     assert future_ok.sent == [b"[]"]
 
 
+async def test_the_published_record_carries_the_ingress_hmac() -> None:
+    producer = StandInProducer()
+    producer.send = _acknowledging(producer)  # type: ignore[method-assign]
+    await publisher_with(producer).publish(BATCH)
+    assert producer.sent == [b"[]"]
+    assert verify_raw_record([TEST_RAW_AUTH_KEY], b"[]", producer.headers[0]) == TEST_RAW_AUTH_KEY
+
+
+def _acknowledging(producer: StandInProducer) -> Any:
+    async def send(topic: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
+        producer.sent.append(value)
+        producer.headers.append(headers)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+    return send
+
+
 async def test_not_connected_is_a_publish_error() -> None:
-    settings = Settings.model_validate({"kafka": {"bootstrap_servers": "127.0.0.1:1"}})
+    settings = Settings.model_validate(
+        {"kafka": {"bootstrap_servers": "127.0.0.1:1"}, "raw_auth": RAW_AUTH_DOCUMENT}
+    )
     publisher = KafkaRawBatchPublisher(settings)
     with pytest.raises(PublishError) as caught:
         await publisher.publish(BATCH)

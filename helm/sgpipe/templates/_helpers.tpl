@@ -176,6 +176,9 @@ Secrets as environment, each stage only the ones it uses: (dict "root" $ "stage"
 {{- if and (has $stage (list "processor")) $secrets.piiHashKey.name }}
 {{ include "sgpipe.secretEnvVar" (dict "env" "SGPIPE_PII__HASH_KEY" "ref" $secrets.piiHashKey) }}
 {{- end }}
+{{- if and (has $stage (list "ingest" "processor")) $secrets.rawAuthKeys.name }}
+{{ include "sgpipe.secretEnvVar" (dict "env" "SGPIPE_RAW_AUTH__KEYS" "ref" $secrets.rawAuthKeys) }}
+{{- end }}
 {{- end }}
 
 {{/* Volumes every sgpipe pod mounts: the config, /tmp, and the Kafka CA when there is one. */}}
@@ -266,6 +269,10 @@ message that names the value to change.
 {{- if and (not (and .publicKeysSecret .publicKeysSecret.name)) (not $settings.allow_unsigned) }}
 {{- fail (printf "webhooks[%s]: set publicKeysSecret (the Secret holding SendGrid's verification key) or settings.allow_unsigned: true" .name) }}
 {{- end }}
+{{- end }}
+{{- $rawAuth := default dict .Values.config.raw_auth }}
+{{- if and (not .Values.secrets.rawAuthKeys.name) (not $rawAuth.allow_unauthenticated) }}
+{{- fail "secrets.rawAuthKeys is required: the Secret holding the raw-record HMAC keys, JSON [{\"id\": \"k1\", \"secret\": \"...\"}] (docs/kubernetes.md); or config.raw_auth.allow_unauthenticated: true" }}
 {{- end }}
 {{- $partitions := include "sgpipe.partitions" . | int }}
 {{- range $stage := list "processor" "sink" }}
