@@ -1,0 +1,108 @@
+"""`sgpipe up` refusing a data dir or a config file it must not use: one line naming the
+problem (and the fix), exit 2 (configuration: fix me, don't restart me), nothing started.
+In-process through the CLI entry point: the refusals come before any child exists."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sgpipe.cli import main
+
+EXIT_CONFIG = 2
+
+
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """`sgpipe up` sets the process's umask to 077 first thing; restore the test runner's."""
+    before = os.umask(0o022)
+    os.umask(before)
+    yield
+    os.umask(before)
+
+
+def up(tmp_path: Path, data_dir: Path, config: Path | None = None) -> list[str]:
+    if config is None:
+        config = tmp_path / "sgpipe.yaml"
+        config.write_text(
+            yaml.safe_dump({"embedded": {"kafka_port": 0, "clickhouse_http_port": 0}})
+        )
+    argv = ["up", "--config", str(config), "--data-dir", str(data_dir), "--port", "0"]
+    return [*argv, "--log-format", "console"]
+
+
+def test_a_data_dir_others_can_enter_is_refused_with_the_chmod_hint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+
+    code = main(up(tmp_path, data_dir))
+
+    assert code == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f"sgpipe: data dir {data_dir} is accessible by other users (mode 755); "
+        f"run `chmod 700 {data_dir}`\n"
+    )
+    assert sorted(data_dir.iterdir()) == []  # nothing created, nothing started
+
+
+@pytest.mark.parametrize("mode", [0o750, 0o701, 0o710])
+def test_any_group_or_other_bit_on_the_data_dir_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data_dir.chmod(mode)
+
+    assert main(up(tmp_path, data_dir)) == EXIT_CONFIG
+    assert f"run `chmod 700 {data_dir}`" in capsys.readouterr().err
+
+
+def test_a_data_dir_that_is_a_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.write_text("not a directory\n")
+
+    code = main(up(tmp_path, data_dir))
+
+    assert code == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f"sgpipe: data dir {data_dir} is not a directory; pass --data-dir a directory\n"
+    )
+    assert data_dir.read_text() == "not a directory\n"
+
+
+def test_a_data_dir_under_a_file_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "file").write_text("x")
+    data_dir = tmp_path / "file" / "data"
+
+    assert main(up(tmp_path, data_dir)) == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f"sgpipe: data dir {data_dir} is not a directory: a path on the way is a file\n"
+    )
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "sgpipe.yaml"
+    # Latin-1 "café" in a comment: what an editor with the wrong encoding saves.
+    config.write_bytes(b"# caf\xe9\nembedded: {kafka_port: 0}\n")
+
+    code = main(up(tmp_path, tmp_path / "data", config))
+
+    assert code == EXIT_CONFIG
+    assert capsys.readouterr().err == (
+        f"sgpipe: config file {config} is not UTF-8 text (invalid byte at offset 5); "
+        "save it as UTF-8\n"
+    )
+    assert not (tmp_path / "data").exists()
