@@ -5,6 +5,7 @@ In-process through the CLI entry point: the refusals come before any child exist
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,24 +26,34 @@ def _keep_umask() -> Iterator[None]:
     os.umask(before)
 
 
-def up(tmp_path: Path, data_dir: Path, config: Path | None = None) -> list[str]:
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """The ingress port, taken: should a refusal ever go missing, `sgpipe up` stops at the
+    port check (a different line, the test fails at once) instead of starting in-process."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        yield held.getsockname()[1]
+
+
+def up(tmp_path: Path, data_dir: Path, port: int, config: Path | None = None) -> list[str]:
     if config is None:
         config = tmp_path / "sgpipe.yaml"
         config.write_text(
             yaml.safe_dump({"embedded": {"kafka_port": 0, "clickhouse_http_port": 0}})
         )
-    argv = ["up", "--config", str(config), "--data-dir", str(data_dir), "--port", "0"]
+    argv = ["up", "--config", str(config), "--data-dir", str(data_dir), "--port", str(port)]
     return [*argv, "--log-format", "console"]
 
 
 def test_a_data_dir_others_can_enter_is_refused_with_the_chmod_hint(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], busy_port: int
 ) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir(mode=0o755)
     data_dir.chmod(0o755)
 
-    code = main(up(tmp_path, data_dir))
+    code = main(up(tmp_path, data_dir, busy_port))
 
     assert code == EXIT_CONFIG
     assert capsys.readouterr().err == (
@@ -54,23 +65,23 @@ def test_a_data_dir_others_can_enter_is_refused_with_the_chmod_hint(
 
 @pytest.mark.parametrize("mode", [0o750, 0o701, 0o710])
 def test_any_group_or_other_bit_on_the_data_dir_is_refused(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int, busy_port: int
 ) -> None:
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     data_dir.chmod(mode)
 
-    assert main(up(tmp_path, data_dir)) == EXIT_CONFIG
+    assert main(up(tmp_path, data_dir, busy_port)) == EXIT_CONFIG
     assert f"run `chmod 700 {data_dir}`" in capsys.readouterr().err
 
 
 def test_a_data_dir_that_is_a_file_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], busy_port: int
 ) -> None:
     data_dir = tmp_path / "data"
     data_dir.write_text("not a directory\n")
 
-    code = main(up(tmp_path, data_dir))
+    code = main(up(tmp_path, data_dir, busy_port))
 
     assert code == EXIT_CONFIG
     assert capsys.readouterr().err == (
@@ -80,25 +91,25 @@ def test_a_data_dir_that_is_a_file_is_one_line(
 
 
 def test_a_data_dir_under_a_file_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], busy_port: int
 ) -> None:
     (tmp_path / "file").write_text("x")
     data_dir = tmp_path / "file" / "data"
 
-    assert main(up(tmp_path, data_dir)) == EXIT_CONFIG
+    assert main(up(tmp_path, data_dir, busy_port)) == EXIT_CONFIG
     assert capsys.readouterr().err == (
         f"sgpipe: data dir {data_dir} is not a directory: a path on the way is a file\n"
     )
 
 
 def test_a_config_file_that_is_not_utf8_is_one_line(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], busy_port: int
 ) -> None:
     config = tmp_path / "sgpipe.yaml"
     # Latin-1 "café" in a comment: what an editor with the wrong encoding saves.
     config.write_bytes(b"# caf\xe9\nembedded: {kafka_port: 0}\n")
 
-    code = main(up(tmp_path, tmp_path / "data", config))
+    code = main(up(tmp_path, tmp_path / "data", busy_port, config))
 
     assert code == EXIT_CONFIG
     assert capsys.readouterr().err == (
