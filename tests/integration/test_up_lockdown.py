@@ -9,8 +9,10 @@ user (tests/integration/test_embedded_broker_auth.py, docs/security.md).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -179,21 +181,26 @@ def _weed_shell(running: Up, command: str, *, user: str | None) -> subprocess.Co
         f"-filer=127.0.0.1:{ports['filer']}",
     ]
     prefix = [] if user is None else ["runuser", "-u", user, "--", "env", "HOME=/tmp"]
+    # Its own process group: without a certificate weed retries the TLS handshake forever,
+    # and the timeout must end weed itself, not only runuser.
+    process = subprocess.Popen(
+        [*prefix, *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=layout.seaweedfs if user is None else "/tmp",
+        start_new_session=True,
+    )
     try:
-        return subprocess.run(
-            [*prefix, *argv],
-            input=f"{command}\nexit\n",
-            cwd=layout.seaweedfs if user is None else "/tmp",
-            capture_output=True,
-            text=True,
-            # Without a certificate weed retries the TLS handshake forever: this ends it.
-            timeout=20,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as expired:
-        output = expired.stdout or b""
-        text = output.decode() if isinstance(output, bytes) else output
-        return subprocess.CompletedProcess(expired.cmd, -9, text, "")
+        output, errors = process.communicate(f"{command}\nexit\n", timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, errors = process.communicate()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(process.args, process.returncode, output, errors)
 
 
 @as_another_user
