@@ -537,6 +537,10 @@ def _require_kafka(settings: Settings) -> None:
 def _up(args: argparse.Namespace, settings: Settings) -> int:
     from sgpipe.up import UpOptions, run_up
 
+    # Before anything is created: every file `sgpipe up` and its children (inheriting it)
+    # write holds events, addresses or secrets -- owner only (docs/security.md).
+    os.umask(0o077)
+
     async def runner() -> int:
         stop, at_once = asyncio.Event(), asyncio.Event()
 

@@ -1,4 +1,4 @@
-"""What `sgpipe up` checks before it starts anything: ports and the data-dir lock.
+"""What `sgpipe up` checks before it starts anything: the data dir, ports and its lock.
 
 A conflict found here is a configuration problem (exit 2) reported as one line that names the
 setting to change, before any child process, file or socket exists. ``check_up`` has no side
@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,35 @@ def up_port_claims(settings: Settings) -> list[PortClaim]:
             )
         )
     return claims
+
+
+def check_data_dir(data_dir: Path) -> list[Problem]:
+    """The data dir must be a directory of ours that no other user can enter: it holds the
+    embedded store (every event, address and IP), the credentials and the keys. Missing is
+    fine (`sgpipe up` creates it 0700). Like ssh with a private key, an existing one that
+    others can read, write or enter is refused rather than silently narrowed: the operator
+    decides (one ``chmod``), and learns that it was open until now."""
+    try:
+        status = data_dir.stat()
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        return [Problem(f"data dir {data_dir} is not a directory: a path on the way is a file")]
+    except OSError as exc:
+        return [Problem(f"cannot use data dir {data_dir}: {exc.strerror}")]
+    if not stat.S_ISDIR(status.st_mode):
+        return [Problem(f"data dir {data_dir} is not a directory; pass --data-dir a directory")]
+    if status.st_uid != os.geteuid():
+        return [Problem(f"data dir {data_dir} is owned by another user (uid {status.st_uid})")]
+    if status.st_mode & 0o077:
+        mode = stat.S_IMODE(status.st_mode)
+        return [
+            Problem(
+                f"data dir {data_dir} is accessible by other users (mode {mode:o}); "
+                f"run `chmod 700 {data_dir}`"
+            )
+        ]
+    return []
 
 
 def check_up(settings: Settings, data_dir: Path) -> list[Problem]:
@@ -171,8 +201,8 @@ class DataDirLock:
 def lock_data_dir(data_dir: Path, command: str) -> DataDirLock:
     """Create ``data_dir`` if needed and lock it for ``command`` (held until ``release`` or
     process exit). Raises PreflightFailed naming the holder when another process has it."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    descriptor = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -87,11 +87,15 @@ class EmbeddedBroker(ServedChild):
         *,
         storage_engine: str = "memory://tansu/",
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self._log_file = log_file or Path("/dev/null")
         self._storage_engine = storage_engine
+        # Its command line names no path: `sgpipe up` runs it in its data dir, which is how a
+        # tansu left running by a crash is recognised as ours (sgpipe.up.leftovers).
+        self._cwd = cwd
         # Read at every start: the supervisor updates it when the storage moved.
         self.environment = dict(env or {})
         # _serving: set once the child accepts connections, cleared when a new one is spawned.
@@ -125,6 +129,7 @@ class EmbeddedBroker(ServedChild):
             ],
             env={"PATH": "/usr/bin:/bin", **self.environment},
             log_file=self._log_file,
+            cwd=self._cwd,
         )
         began = time.monotonic()
         self._serving = False
@@ -207,7 +212,8 @@ class EmbeddedKafka:
 
         Raises PortInUse (a ConfigError: exit 2) for a taken port, BrokerError/StorageError
         when a process cannot start."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.data_dir / "broker").mkdir(mode=0o700, exist_ok=True)
         try:
             if self.storage is not None:
                 await self.storage.start()
@@ -217,6 +223,7 @@ class EmbeddedKafka:
                 self.log_dir / "tansu.log",
                 storage_engine=self._storage_engine(),
                 env=self._broker_environment(),
+                cwd=self.data_dir / "broker",
             )
             servers = await self.broker.start()
         except BaseException:

@@ -64,7 +64,7 @@ def load_or_create_credentials(data_dir: Path) -> EmbeddedCredentials:
 
     Raises CredentialsError when an existing file is unsafe or unreadable.
     """
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds this secret
     path = credentials_file(data_dir)
     if not path.exists():
         _create(path, _generate())

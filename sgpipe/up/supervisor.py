@@ -51,6 +51,7 @@ from ingest.app import build_verifiers
 from sgpipe.preflight import (
     DataDirLock,
     PreflightFailed,
+    check_data_dir,
     check_up,
     data_dir_holder,
     lock_data_dir,
@@ -76,6 +77,7 @@ from sgpipe.up.layout import (
     remove_state,
     write_state,
 )
+from sgpipe.up.leftovers import end_leftovers
 from sgpipe.up.logstream import LogStream
 from sgpipe.up.report import (
     BrokerLocation,
@@ -170,6 +172,12 @@ async def run_up(
     """
     build_verifiers(settings)  # a bad key must stop us before anything starts
     data_dir = options.data_dir
+    problems = check_data_dir(data_dir)
+    if problems:
+        raise PreflightFailed(problems)
+    # A crash a moment ago is not a configuration problem: its children, still dying, must
+    # not make the port check below fail (exit 2).
+    await end_leftovers(data_dir)
     await _wait_for_dead_holders_children(data_dir)
     problems = check_up(settings, data_dir)
     if problems:
@@ -399,7 +407,10 @@ class _Supervisor:
         )
         for service in ("storage", "broker"):
             metrics.EMBEDDED_RESTARTS.labels(metrics.STAGE_UP, service).inc(0)
-        return await self.broker.start()
+        servers = await self.broker.start()
+        # Their PIDs on record at once: a crash from here on leaves them findable.
+        self._write_state()
+        return servers
 
     async def _start_child(self, name: str, ready_event: str) -> SupervisedChild:
         """Start the child ``name`` under supervision; it is ready once it logs
@@ -450,7 +461,7 @@ class _Supervisor:
             child_settings = configs.stage_settings(
                 base.model_copy(update={"embedded": embedded}), name
             )
-            extra = ["--data-dir", str(self.data_dir)]
+            extra = ["--data-dir", str(self.data_dir.resolve())]
             command = "serve-clickhouse"
         elif name == "sink":
             child_settings = configs.stage_settings(self._sink_settings(base), name)
@@ -468,7 +479,9 @@ class _Supervisor:
             extra = []
             command = "ingest"
         path = configs.write_config(self.run_dir, name, child_settings)
-        return [sys.executable, "-m", "sgpipe", command, "--config", str(path), *extra]
+        # Absolute paths: a child left running by a crash is recognised by its command line
+        # naming the data dir (sgpipe.up.leftovers), whatever directory `sgpipe up` ran in.
+        return [sys.executable, "-m", "sgpipe", command, "--config", str(path.resolve()), *extra]
 
     def _sink_settings(self, base: Settings) -> Settings:
         assert self.clickhouse_url is not None

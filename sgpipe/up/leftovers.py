@@ -1,0 +1,152 @@
+"""Children a killed `sgpipe up` left behind on its data dir, ended before a new one starts.
+
+When `sgpipe up` is killed (kill -9, an OOM kill), Linux signals its children through
+PR_SET_PDEATHSIG, but they take a moment to go: tansu, sent SIGTERM, holds its port for about
+3 s (measured). A restart 0.2 s later would find `embedded.kafka_port` taken and stop with exit
+2, "fix your configuration" -- wrong, and fatal under systemd's ``RestartPreventExitStatus=2``.
+
+So before its port checks, `sgpipe up` reads the PIDs the previous run recorded in its state
+file (``sgpipe-up.json``: the supervisor, every child, the broker and its storage), keeps those
+that are still running *and are ours* -- the process's command line names the data dir, or
+its working directory is inside it (tansu's command line names no path, so it runs in
+``<data-dir>/broker``) -- which survives PID reuse, waits a moment for them to finish dying,
+then SIGKILLs what is left (every child is kill-safe: docs/embedded.md) and waits until they
+are gone. A port held by anything else is still a configuration problem (exit 2).
+
+Nothing is done while the recorded supervisor itself still runs: that is another `sgpipe up`
+on this data dir, which the data-dir lock reports.
+
+Linux only (``/proc``); elsewhere nothing is found and the port check decides, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sgpipe.up.layout import state_file
+
+log = structlog.get_logger(__name__)
+
+# How long leftovers get to exit by themselves (they were signalled when their parent died),
+# then how long a SIGKILL may take to be delivered and reaped by init.
+EXIT_WAIT_SECONDS = 5.0
+KILL_WAIT_SECONDS = 10.0
+_POLL_SECONDS = 0.05
+
+
+def recorded_pids(state: dict[str, Any]) -> tuple[int | None, list[int]]:
+    """The supervisor's PID and every child PID a state file records."""
+    children: list[int] = []
+    for child in (state.get("children") or {}).values():
+        if isinstance(child, dict) and isinstance(child.get("pid"), int):
+            children.append(child["pid"])
+    broker = state.get("broker")
+    if isinstance(broker, dict):
+        children.extend(
+            pid for key in ("pid", "storage_pid") if isinstance(pid := broker.get(key), int)
+        )
+    supervisor = state.get("pid")
+    return (supervisor if isinstance(supervisor, int) else None), children
+
+
+def belongs_to(pid: int, data_dir: Path) -> bool:
+    """Whether process ``pid`` runs now and is one of ours on ``data_dir``: its command line
+    names the data dir, or it works inside it. False for a PID since reused by anything else,
+    and for a zombie (it holds no port any more)."""
+    proc = Path(f"/proc/{pid}")
+    root = str(data_dir.resolve())
+    try:
+        if _state(proc) == "Z":
+            return False
+        words = (proc / "cmdline").read_bytes().split(b"\0")
+        cwd = os.readlink(proc / "cwd")
+    except OSError:
+        return False
+    if any(root in word.decode(errors="replace") for word in words):
+        return True
+    return cwd == root or cwd.startswith(root + os.sep)
+
+
+def _state(proc: Path) -> str:
+    return proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _state(Path(f"/proc/{pid}")) != "Z"
+    except OSError:
+        return False
+
+
+def find_leftovers(data_dir: Path) -> list[int]:
+    """PIDs of our processes a previous, dead `sgpipe up` on ``data_dir`` left running.
+    Empty if there is no state file, or its supervisor is still running."""
+    try:
+        state = json.loads(state_file(data_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(state, dict):
+        return []
+    supervisor, children = recorded_pids(state)
+    if supervisor is not None and supervisor != os.getpid() and _is_sgpipe_up(supervisor):
+        # Still running (or its PID went to another `sgpipe up`): its children are no
+        # orphans; the data-dir lock and the port check report the conflict.
+        return []
+    return sorted({pid for pid in children if pid != os.getpid() and belongs_to(pid, data_dir)})
+
+
+def _is_sgpipe_up(pid: int) -> bool:
+    """A running `sgpipe up` (``sgpipe up ...`` or ``python -m sgpipe up ...``)."""
+    try:
+        if _state(Path(f"/proc/{pid}")) == "Z":
+            return False
+        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    for index, word in enumerate(words[:-1]):
+        if (word == b"sgpipe" or word.endswith(b"/sgpipe")) and words[index + 1] == b"up":
+            return True
+    return False
+
+
+async def end_leftovers(data_dir: Path) -> list[int]:
+    """End what a killed `sgpipe up` left running on ``data_dir`` (see the module docstring);
+    returns their PIDs. Raises nothing: whatever still holds a port after this is reported by
+    the port check."""
+    leftovers = find_leftovers(data_dir)
+    if not leftovers:
+        return []
+    log.warning(
+        "processes of a previous sgpipe up on this data dir are still running; ending them",
+        pids=leftovers,
+    )
+    remaining = await _wait_gone(leftovers, data_dir, EXIT_WAIT_SECONDS)
+    if remaining:
+        for pid in remaining:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        remaining = await _wait_gone(remaining, data_dir, KILL_WAIT_SECONDS)
+    if remaining:
+        log.error("leftover processes did not exit", pids=remaining)
+    else:
+        log.info("leftover processes exited", pids=leftovers)
+    return leftovers
+
+
+async def _wait_gone(pids: Iterable[int], data_dir: Path, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = [pid for pid in pids if belongs_to(pid, data_dir)]
+        if not remaining or time.monotonic() >= deadline:
+            return remaining
+        await asyncio.sleep(_POLL_SECONDS)
