@@ -22,6 +22,9 @@ _REQUEST_ID = REQUEST_ID_HEADER
 _SIGNATURE_TIMESTAMP = "sgpipe-signature-timestamp"
 _AUTHENTICATED_BY = "sgpipe-authenticated-by"
 _CONTENT_TYPE = "sgpipe-content-type"
+# Arrival minus the signed timestamp, in milliseconds (signed batches only): how far into
+# SendGrid's 24-hour retry window the batch arrived.
+DELIVERY_DELAY_HEADER = "sgpipe-delivery-delay-ms"
 
 KafkaHeaders = list[tuple[str, bytes]]
 
@@ -38,8 +41,10 @@ class RawBatch:
     request_id: str
     # The signed X-Twilio-Email-Event-Webhook-Timestamp, kept to study retries and replays.
     signature_timestamp: int | None
-    authenticated_by: str  # "signature" or "none"
+    # What the request carried: "signature", "token", "both" or "none" (allow_unsigned).
+    authenticated_by: str
     content_type: str | None = None
+    delivery_delay_ms: int | None = None
 
 
 def raw_batch_headers(batch: RawBatch) -> KafkaHeaders:
@@ -54,6 +59,8 @@ def raw_batch_headers(batch: RawBatch) -> KafkaHeaders:
         headers.append((_SIGNATURE_TIMESTAMP, str(batch.signature_timestamp).encode()))
     if batch.content_type is not None:
         headers.append((_CONTENT_TYPE, batch.content_type.encode("utf-8", "replace")))
+    if batch.delivery_delay_ms is not None:
+        headers.append((DELIVERY_DELAY_HEADER, str(batch.delivery_delay_ms).encode()))
     return headers
 
 
@@ -79,6 +86,9 @@ def decode_raw_batch(value: bytes | None, headers: Sequence[tuple[str, bytes]]) 
                 fields[_CONTENT_TYPE].decode("utf-8", "replace")
                 if _CONTENT_TYPE in fields
                 else None
+            ),
+            delivery_delay_ms=(
+                int(fields[DELIVERY_DELAY_HEADER]) if DELIVERY_DELAY_HEADER in fields else None
             ),
         )
     except KeyError as exc:
