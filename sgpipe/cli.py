@@ -26,6 +26,7 @@ import structlog
 
 from sgpipe.dlq.command import DlqHandler
 from sgpipe.dlq.command import add_commands as add_dlq_commands
+from sgpipe.oauth_command import add_commands as add_oauth_commands
 from sgpipe.runtime.errors import FatalStageError, describe
 from sgpipe.runtime.logs import (
     LEVELS,
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_simulator_commands(commands, common)  # keys generate, simulate
     add_dlq_commands(commands, common, _with_store, _add_data_dir)  # dlq list, dlq replay
+    add_oauth_commands(commands, common)  # oauth client create, oauth key create
 
     # Internal, not listed: the process that holds `sgpipe up`'s embedded ClickHouse.
     serve_clickhouse = commands.add_parser(
