@@ -77,6 +77,7 @@ from sgpipe.up.layout import (
     write_state,
 )
 from sgpipe.up.logstream import LogStream
+from sgpipe.up.oauth_key import with_oauth_signing_key
 from sgpipe.up.report import BrokerLocation, Drained, at_once_report, stop_report
 
 if TYPE_CHECKING:
@@ -158,8 +159,9 @@ async def run_up(
     Raises ConfigError or PreflightFailed (a busy port, the data dir in use) before anything
     is started; holds the data dir's lock until it returns.
     """
-    build_verifiers(settings)  # a bad key must stop us before anything starts
     data_dir = options.data_dir
+    settings = with_oauth_signing_key(settings, data_dir)  # tokens need a key; made once
+    build_verifiers(settings)  # a bad key must stop us before anything starts
     await _wait_for_dead_holders_children(data_dir)
     problems = check_up(settings, data_dir)
     if problems:
