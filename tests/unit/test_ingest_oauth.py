@@ -629,3 +629,29 @@ def test_configuration_errors_name_the_setting() -> None:
                 ]
             }
         )
+
+
+async def test_unreachable_jwks_means_503_not_401(
+    publisher: RecordingPublisher, clock: Clock, published_are_exactly_the_accepted: list[str]
+) -> None:
+    # Nothing listens on port 9 of loopback: the JWKS cannot be fetched at start; a token that
+    # may well be valid gets 503 (SendGrid retries), never 401.
+    app = create_app(oauth_settings("http://127.0.0.1:9/jwks"), publisher)
+    async with TestClient(TestServer(app)) as client:
+        before = failures("idp", "token", "jwks_unavailable")
+        response = await post(client, "idp", bearer(idp_token()))
+        assert response.status == 503
+        assert response.headers["Retry-After"] == "5"
+        assert (await response.json())["error"] == "unavailable"
+        assert failures("idp", "token", "jwks_unavailable") == before + 1
+        await accepted(client, "main", bearer(built_in_token()), published_are_exactly_the_accepted)
+
+
+async def test_token_endpoint_refuses_at_once_when_too_many_secret_checks_wait(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest.oauth, "_KDF_MAX_WAITING", 0)
+    response = await fetch_token(client, basic=True)
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "1"
+    assert (await response.json())["error"] == "temporarily_unavailable"
