@@ -75,8 +75,10 @@ _VERIFIED_TOKEN_ENTRIES: Final = 4096
 _MAX_TOKEN_CHARS: Final = 8192
 _JWKS_TIMEOUT_SECONDS: Final = 10.0
 _JWKS_MAX_BYTES: Final = 1_048_576
-# The JWKS refresh clock (a module attribute so that tests can move it).
+# The JWKS refresh clock and the clock tokens are issued by (module attributes so that tests
+# can move them: a token that expires while SendGrid still caches it).
 _monotonic = time.monotonic
+_issue_clock = time.time
 
 
 # --- client secrets ---------------------------------------------------------------------------
@@ -439,7 +441,7 @@ async def token_endpoint(request: web.Request) -> web.Response:
         return token_error(
             401, "invalid_client", "unknown client or wrong secret", basic_challenge=used_basic
         )
-    token = endpoint.issuer.issue(client, time.time())
+    token = endpoint.issuer.issue(client, _issue_clock())
     _token_outcome("issued")
     log.info("issued access token", webhook=client.webhook, client_id=client.client_id)
     response = web.json_response(
