@@ -159,7 +159,7 @@ async def test_sendgrid_oauth_dance_with_the_built_in_token_endpoint(
     accepted = summary["posts_acknowledged"]
     records = await read_topic(kafka_bootstrap_servers, settings.kafka.topics.raw, accepted)
     assert len(records) == accepted
-    event_ids = set()
+    event_ids: set[str] = set()
     for record in records:
         headers = dict(record.headers)
         assert headers["sgpipe-authenticated-by"] == b"token"
