@@ -227,6 +227,8 @@ async def bench(arguments: argparse.Namespace) -> list[Result]:
         token = await fetch_token(ingress)
         seconds, concurrency = arguments.seconds, arguments.concurrency
         for size_name, size in SIZES.items():
+            if arguments.size and size_name != arguments.size:
+                continue
             body = batch(size)
             timestamp = str(int(time.time()))
             signed = {
@@ -274,6 +276,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="per scenario (default 5)")
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--size", choices=sorted(SIZES), help="only this batch size")
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     arguments = parser.parse_args()
     results = asyncio.run(bench(arguments))
