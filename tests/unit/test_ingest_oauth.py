@@ -655,3 +655,22 @@ async def test_token_endpoint_refuses_at_once_when_too_many_secret_checks_wait(
     assert response.status == 503
     assert response.headers["Retry-After"] == "1"
     assert (await response.json())["error"] == "temporarily_unavailable"
+
+
+async def test_a_bad_token_is_refused_before_the_body_is_read(client: Client) -> None:
+    # The body is over max_body_bytes (64 KiB here): had it been read first, the answer
+    # would be 413. A refused token costs no body read at all.
+    large = b"[" + b" " * 70_000 + b"]"
+    received = metrics.REGISTRY.get_sample_value(
+        "sgpipe_ingest_received_bytes_total", {"stage": "ingest", "webhook": "main"}
+    )
+    for body in (large, BODY):
+        for headers in ({"Content-Type": CONTENT_TYPE}, bearer(built_in_token("other"))):
+            response = await client.post("/webhooks/main", data=body, headers=headers)
+            assert response.status == 401
+    assert (
+        metrics.REGISTRY.get_sample_value(
+            "sgpipe_ingest_received_bytes_total", {"stage": "ingest", "webhook": "main"}
+        )
+        == received
+    ), "a refused request's body was read"
