@@ -559,7 +559,8 @@ def settings_warnings(settings: Settings) -> list[SettingsWarning]:
             {"webhook": webhook.name, "setting": f"webhooks[{webhook.name}].allow_unsigned"},
         )
         for webhook in settings.webhooks
-        if webhook.allow_unsigned
+        # Only a webhook that asks for neither a signature nor a token accepts anything.
+        if webhook.allow_unsigned and not webhook.requires_signature and not webhook.accepts_tokens
     ]
 
 
