@@ -401,9 +401,14 @@ async def _receive(request: web.Request, verifier: WebhookVerifier) -> tuple[str
     limits = request.app[BODY_LIMITS]
     # The body and its batch stay in memory until Kafka answers: reserve them first.
     length = request.content_length
-    reservation = (
-        length if (length is not None and encoding is Encoding.IDENTITY) else limits.max_bytes
-    )
+    # A compressed body may decode to max_ratio times its size (never past max_bytes); a
+    # chunked one is of unknown size.
+    if length is None:
+        reservation = limits.max_bytes
+    elif encoding is Encoding.IDENTITY:
+        reservation = length
+    else:
+        reservation = int(length * limits.max_ratio)
     reservation = min(max(reservation, 1), limits.max_bytes)
     budget = request.app[IN_FLIGHT]
     if not budget.try_reserve(reservation):

@@ -5,7 +5,8 @@ releases it once Kafka answered (acknowledged, refused or timed out). A request 
 the total past ``ingest.max_in_flight_bytes`` is answered 503 with ``Retry-After`` at once, its
 body unread: when the broker is slow or down, requests stop piling up in memory and SendGrid
 retries later. The reservation is the announced ``Content-Length`` for an identity body and
-``ingest.max_body_bytes`` for a chunked or compressed one (whose size is unknown until read).
+its possible decoded size for a compressed one (× ``ingest.max_decompression_ratio``), and
+``ingest.max_body_bytes`` for a chunked one (whose size is unknown until read).
 
 ``RetryWatch``: SendGrid retries a failed POST for 24 hours. Whether a retry is re-signed with
 a fresh timestamp is undocumented; the watch remembers the SHA-256 of recent signed bodies

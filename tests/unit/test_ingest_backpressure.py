@@ -4,6 +4,7 @@ watch on SendGrid's retry clock (delivery delay, re-signed retries), over HTTP w
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -183,3 +184,17 @@ async def test_a_retry_re_signed_with_a_new_timestamp_is_counted(
     assert repeated("same") == same + 1
     assert repeated("new") == new + 1
     assert len(publisher.batches) == 3
+
+
+async def test_a_compressed_body_reserves_what_it_may_decode_to(publisher: GatedPublisher) -> None:
+    compressed = gzip.compress(BODY)
+    app = create_app(settings(max_decompression_ratio=40), publisher)
+    async with TestClient(TestServer(app)) as client:
+        headers = {**signed(int(time.time())), "Content-Encoding": "gzip"}
+        held = asyncio.create_task(client.post("/webhooks/main", data=compressed, headers=headers))
+        await wait_for(lambda: publisher.waiting == 1, "the gzip batch waiting for Kafka")
+        assert app[IN_FLIGHT].reserved == len(compressed) * 40
+        publisher.gate.set()
+        assert (await held).status == 200
+        assert publisher.batches[0].body == BODY
+        assert app[IN_FLIGHT].reserved == 0
