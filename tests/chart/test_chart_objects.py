@@ -358,8 +358,11 @@ def test_ingress_publishes_only_the_webhook_path_over_tls(everything: Rendered) 
     (ingress,) = everything.of_kind("Ingress")
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "sendgrid-events.example.com"
-    (path,) = rule["http"]["paths"]
+    # The token endpoint too: webhook main has OAuth clients (SendGrid fetches tokens there).
+    path, token_path = rule["http"]["paths"]
     assert path["path"] == "/webhooks" and path["pathType"] == "Prefix"
+    assert token_path["path"] == "/oauth/token" and token_path["pathType"] == "Exact"
+    assert token_path["backend"] == path["backend"]
     service = everything.get("Service", path["backend"]["service"]["name"])
     port_names = {port["name"] for port in service["spec"]["ports"]}
     assert path["backend"]["service"]["port"]["name"] in port_names
