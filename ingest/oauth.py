@@ -522,6 +522,7 @@ class JwksCache:
         self.url = url
         self._refresh_seconds = refresh_seconds
         self._keys: dict[str, jwt.PyJWK] = {}
+        self._declared: dict[str, str] = {}
         self._loaded = False
         self._last_attempt = -float("inf")
         self._lock = asyncio.Lock()
@@ -548,15 +549,26 @@ class JwksCache:
             log.error("cannot load the identity provider's JWKS", url=self.url, error=repr(exc))
             return False
         keys = {key.key_id: key for key in key_set.keys if key.key_id}
+        declared = {
+            entry["kid"]: entry["alg"]
+            for entry in document.get("keys", [])
+            if isinstance(entry, dict)
+            and isinstance(entry.get("kid"), str)
+            and isinstance(entry.get("alg"), str)
+        }
         if not keys:
             log.error("the identity provider's JWKS has no key with a kid", url=self.url)
             return False
         self._keys = keys
+        self._declared = declared
         self._loaded = True
         for callback in self.on_refresh:
             callback()
         log.info("loaded the identity provider's JWKS", url=self.url, kids=sorted(keys))
         return True
+
+    def declared_algorithm(self, kid: str) -> str | None:
+        return self._declared.get(kid)
 
     async def key(self, kid: str, session: aiohttp.ClientSession) -> jwt.PyJWK | None:
         found = self._keys.get(kid)
@@ -627,7 +639,7 @@ class BearerVerifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenRejected("unknown_kid", "the token names no signing key (kid)")
-        key = await self._key(trusted, kid, session)
+        key = await self._key(trusted, kid, algorithm, session)
         if key is None:
             raise TokenRejected("unknown_kid", "the token's signing key (kid) is not known")
         try:
@@ -659,16 +671,19 @@ class BearerVerifier:
         self._remember(token, float(claims["exp"]), subject, now)
         return subject
 
-    async def _key(self, trusted: _TrustedIssuer, kid: str, session: aiohttp.ClientSession) -> Any:
+    async def _key(
+        self, trusted: _TrustedIssuer, kid: str, algorithm: str, session: aiohttp.ClientSession
+    ) -> Any:
         if trusted.static_keys is not None:
             return trusted.static_keys.get(kid)
         assert trusted.jwks is not None
         found = await trusted.jwks.key(kid, session)
         if found is None:
             return None
-        if found.algorithm_name not in trusted.algorithms and found.algorithm_name != "none":
-            # A JWK that declares its own alg may only be used with it.
-            return None
+        declared = trusted.jwks.declared_algorithm(kid)
+        if declared is not None and declared != algorithm:
+            # A JWK that declares its algorithm (RFC 7517 "alg") may only be used with it.
+            raise TokenRejected("disallowed_algorithm", "the signing key is for another algorithm")
         return found.key
 
     def _remember(self, token: str, expires: float, subject: str, now: float) -> None:

@@ -65,6 +65,7 @@ class IdentityProvider:
     """A JWKS endpoint whose keys a test changes (a key rotation)."""
 
     keys: dict[str, rsa.RSAPrivateKey] = field(default_factory=dict)
+    declared: dict[str, str] = field(default_factory=dict)  # kid -> the JWK's "alg"
     fetches: int = 0
 
     def jwks(self) -> dict[str, Any]:
@@ -72,6 +73,8 @@ class IdentityProvider:
         for kid, key in self.keys.items():
             jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
             jwk.update(kid=kid, use="sig")
+            if kid in self.declared:
+                jwk["alg"] = self.declared[kid]
             found.append(jwk)
         return {"keys": found}
 
@@ -674,3 +677,23 @@ async def test_a_bad_token_is_refused_before_the_body_is_read(client: Client) ->
         )
         == received
     ), "a refused request's body was read"
+
+
+async def test_a_jwk_that_declares_another_algorithm_is_not_used(
+    client: Client,
+    idp: tuple[IdentityProvider, str],
+    clock: Clock,
+    published_are_exactly_the_accepted: list[str],
+) -> None:
+    provider, _ = idp
+    # The IdP publishes a key for RS384 only; a token claims RS256 with it.
+    provider.keys["idp-384"] = IDP_ROTATED_KEY
+    provider.declared["idp-384"] = "RS384"
+    clock.now += 61
+    before = failures("idp", "token", "disallowed_algorithm")
+
+    await assert_invalid_token(
+        await post(client, "idp", bearer(idp_token(IDP_ROTATED_KEY, "idp-384")))
+    )
+    assert failures("idp", "token", "disallowed_algorithm") == before + 1
+    await accepted(client, "idp", bearer(idp_token()), published_are_exactly_the_accepted)
