@@ -13,6 +13,7 @@ answers are documented in docs/ingress.md.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 import uuid
@@ -20,19 +21,35 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from ingest.backpressure import InFlightBudget, RetryWatch
 from ingest.body import (
     BodyLimits,
     BodyRejected,
     ClientGone,
+    Encoding,
     Turns,
     decode_body,
     hash_cooperatively,
     parse_content_encoding,
     read_raw_body,
+)
+from ingest.oauth import (
+    TOKEN_ENDPOINT,
+    TOKEN_PATH,
+    BearerVerifier,
+    TokenCheckUnavailable,
+    TokenEndpoint,
+    TokenRejected,
+    bearer_challenge,
+    build_bearer_verifier,
+    build_token_endpoint,
+    jwks_endpoint,
+    token_endpoint,
 )
 from ingest.protocol import INGRESS_LIMITS, LINGERING_SECONDS, IngressLimits, abuse_log
 from ingest.publisher import (
@@ -65,6 +82,7 @@ __all__ = [
     "PublishRejected",
     "RawBatchPublisher",
     "WebhookVerifier",
+    "build_authentication",
     "build_verifiers",
     "create_app",
     "error_response",
@@ -83,31 +101,70 @@ RETRY_AFTER_SECONDS = 5
 
 @dataclass(frozen=True, slots=True)
 class WebhookVerifier:
-    """A webhook's parsed keys and rules, built once at start."""
+    """A webhook's parsed keys and rules, built once at start.
+
+    ``keys`` non-empty means a valid signature is required; ``bearer`` set means a valid bearer
+    token is required (``auth: token`` or ``both``); neither only with ``allow_unsigned``.
+    """
 
     name: str
     keys: tuple[ec.EllipticCurvePublicKey, ...]
     timestamp_tolerance: int
+    bearer: BearerVerifier | None = None
+
+    @property
+    def authenticated_by(self) -> str:
+        """What an accepted request carried: the raw batch's ``sgpipe-authenticated-by``."""
+        if self.keys and self.bearer is not None:
+            return "both"
+        if self.bearer is not None:
+            return "token"
+        return "signature" if self.keys else "none"
 
     @classmethod
-    def from_settings(cls, webhook: WebhookSettings) -> WebhookVerifier:
-        if not webhook.public_keys and not webhook.allow_unsigned:
-            raise ConfigError(
-                f"webhooks[{webhook.name}]: no public_keys; set them, or set "
-                "allow_unsigned: true to accept unauthenticated POSTs deliberately"
-            )
+    def from_settings(
+        cls,
+        webhook: WebhookSettings,
+        ingest: IngestSettings | None = None,
+        endpoint: TokenEndpoint | None = None,
+    ) -> WebhookVerifier:
+        where = f"webhooks[{webhook.name}]"
+        wants_signature = webhook.auth in ("signature", "both")
+        if wants_signature and not webhook.public_keys:
+            if webhook.auth == "both":
+                raise ConfigError(f"{where}: auth is both but public_keys is empty")
+            if not webhook.allow_unsigned:
+                raise ConfigError(
+                    f"{where}: no public_keys; set them, set auth: token with OAuth clients, "
+                    "or set allow_unsigned: true to accept unauthenticated POSTs deliberately"
+                )
         keys = []
-        for index, encoded in enumerate(webhook.public_keys):
-            try:
-                keys.append(load_public_key(encoded))
-            except InvalidPublicKey as exc:
-                raise ConfigError(f"webhooks[{webhook.name}].public_keys[{index}]: {exc}") from exc
-        return cls(webhook.name, tuple(keys), webhook.timestamp_tolerance)
+        if wants_signature:
+            for index, encoded in enumerate(webhook.public_keys):
+                try:
+                    keys.append(load_public_key(encoded))
+                except InvalidPublicKey as exc:
+                    raise ConfigError(f"{where}.public_keys[{index}]: {exc}") from exc
+        bearer = build_bearer_verifier(webhook, ingest or IngestSettings(), endpoint)
+        return cls(webhook.name, tuple(keys), webhook.timestamp_tolerance, bearer)
+
+
+def build_authentication(
+    settings: Settings,
+) -> tuple[dict[str, WebhookVerifier], TokenEndpoint | None]:
+    """Every webhook's verifier and the built-in token endpoint (None when no webhook has
+    clients); ConfigError naming the setting if one is unusable."""
+    endpoint = build_token_endpoint(settings)
+    verifiers = {
+        webhook.name: WebhookVerifier.from_settings(webhook, settings.ingest, endpoint)
+        for webhook in settings.webhooks
+    }
+    return verifiers, endpoint
 
 
 def build_verifiers(settings: Settings) -> dict[str, WebhookVerifier]:
     """Every webhook's verifier; ConfigError naming the webhook if one is unusable."""
-    return {webhook.name: WebhookVerifier.from_settings(webhook) for webhook in settings.webhooks}
+    return build_authentication(settings)[0]
 
 
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -116,6 +173,9 @@ PUBLISHER = web.AppKey("publisher", RawBatchPublisher)
 ACKNOWLEDGE_HEALTH = web.AppKey("acknowledge_health", AcknowledgeHealth)
 BODY_LIMITS = web.AppKey("body_limits", BodyLimits)
 CPU_GATE = web.AppKey("cpu_gate", asyncio.Semaphore)
+IN_FLIGHT = web.AppKey("in_flight", InFlightBudget)
+RETRY_WATCH = web.AppKey("retry_watch", RetryWatch)
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 
 
 def create_app(
@@ -137,7 +197,10 @@ def create_app(
         middlewares=[_request_context, _json_errors, _head_size_limit],
         handler_args=_handler_args(ingest),
     )
-    app[WEBHOOKS] = build_verifiers(settings)
+    verifiers, endpoint = build_authentication(settings)
+    app[WEBHOOKS] = verifiers
+    app[IN_FLIGHT] = InFlightBudget(ingest.max_in_flight_bytes)
+    app[RETRY_WATCH] = RetryWatch()
     app[INGRESS_LIMITS] = IngressLimits(
         max_connections=ingest.max_connections,
         header_timeout_seconds=ingest.header_timeout_seconds,
@@ -167,7 +230,28 @@ def create_app(
     readiness.add_check("kafka", health.kafka_check)
     add_health_routes(app, readiness, peers)
     app.router.add_post("/webhooks/{name}", receive_batch)
+    if endpoint is not None:
+        app[TOKEN_ENDPOINT] = endpoint
+        app.router.add_post(TOKEN_PATH, token_endpoint)
+        app.router.add_get("/oauth/jwks", jwks_endpoint)
+    app.cleanup_ctx.append(_identity_providers)
     return app
+
+
+async def _identity_providers(app: web.Application) -> AsyncIterator[None]:
+    """An HTTP session for identity providers' JWKS, each fetched once before serving (a
+    failure is logged; the next token with an unknown kid tries again)."""
+    async with aiohttp.ClientSession() as session:
+        app[HTTP_SESSION] = session
+        caches = [
+            cache
+            for verifier in app[WEBHOOKS].values()
+            if verifier.bearer is not None
+            for cache in verifier.bearer.jwks_caches
+        ]
+        if caches:
+            await asyncio.gather(*(cache.refresh(session) for cache in caches))
+        yield
 
 
 def _handler_args(ingest: IngestSettings) -> dict[str, Any]:
@@ -283,7 +367,26 @@ async def _receive(request: web.Request, verifier: WebhookVerifier) -> tuple[str
     """(outcome label, response) for a POST to a known webhook."""
     name = verifier.name
     # Everything that can be refused from the head alone is, before any body byte is read:
-    # an unsigned gzip bomb to a signed webhook costs nothing.
+    # an unsigned gzip bomb to a signed webhook costs nothing, and neither does a bad token.
+    if verifier.bearer is not None:
+        try:
+            await verifier.bearer.verify(
+                request.headers.get("Authorization"), request.app[HTTP_SESSION]
+            )
+        except TokenRejected as exc:
+            return _token_refused(name, exc)
+        except TokenCheckUnavailable as exc:
+            abuse_log.error(
+                "cannot check bearer tokens; answered 503",
+                reason="jwks_unavailable",
+                error=str(exc),
+            )
+            metrics.INGEST_AUTH_FAILURES.labels(
+                STAGE_INGEST, name, "token", "jwks_unavailable"
+            ).inc()
+            response = error_response(503, "unavailable", "tokens cannot be checked now; retry")
+            response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            return "unavailable", _closing(response)
     signature: SignatureHeaders | None = None
     try:
         encoding = parse_content_encoding(request.headers.get("Content-Encoding"))
@@ -296,6 +399,44 @@ async def _receive(request: web.Request, verifier: WebhookVerifier) -> tuple[str
     except BodyRejected as exc:
         return _body_rejected(name, exc)
 
+    limits = request.app[BODY_LIMITS]
+    # The body and its batch stay in memory until Kafka answers: reserve them first.
+    length = request.content_length
+    # A compressed body may decode to max_ratio times its size (never past max_bytes); a
+    # chunked one is of unknown size.
+    if length is None:
+        reservation = limits.max_bytes
+    elif encoding is Encoding.IDENTITY:
+        reservation = length
+    else:
+        reservation = int(length * limits.max_ratio)
+    reservation = min(max(reservation, 1), limits.max_bytes)
+    budget = request.app[IN_FLIGHT]
+    if not budget.try_reserve(reservation):
+        abuse_log.warning(
+            "in-flight bytes at ingest.max_in_flight_bytes; answered 503",
+            reason="overloaded",
+            webhook=name,
+            in_flight_bytes=budget.reserved,
+        )
+        response = error_response(
+            503, "overloaded", "the ingress holds as many batches as it may; retry"
+        )
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return "overloaded", _closing(response)
+    try:
+        return await _receive_body(request, verifier, encoding, signature)
+    finally:
+        budget.release(reservation)
+
+
+async def _receive_body(
+    request: web.Request,
+    verifier: WebhookVerifier,
+    encoding: Encoding,
+    signature: SignatureHeaders | None,
+) -> tuple[str, web.Response]:
+    name = verifier.name
     limits = request.app[BODY_LIMITS]
     try:
         raw = await read_raw_body(request, limits)
@@ -316,6 +457,7 @@ async def _receive(request: web.Request, verifier: WebhookVerifier) -> tuple[str
     # twenty bombs at once, round-robin steps would delay every other request (and /healthz)
     # by twenty steps per loop turn; one at a time, by one. The total work is the same.
     digest: bytes | None = None
+    body_hash: bytes | None = None
     async with request.app[CPU_GATE]:
         turns = Turns()
         try:
@@ -324,6 +466,8 @@ async def _receive(request: web.Request, verifier: WebhookVerifier) -> tuple[str
             return _body_rejected(name, exc)
         if body and signature is not None:
             digest = await hash_cooperatively(signed_message_hash(signature), body, turns)
+            # For the retry watch: the same body re-sent with a new signed timestamp.
+            body_hash = await hash_cooperatively(hashlib.sha256(), body, turns)
     if not body:
         return "bad_request", error_response(400, "empty_body", "the request has no body")
 
@@ -340,17 +484,28 @@ async def _receive(request: web.Request, verifier: WebhookVerifier) -> tuple[str
         except SignatureRejected as exc:
             return _unauthorized(name, exc)
         signature_timestamp = verified.timestamp
+        if body_hash is not None:
+            request.app[RETRY_WATCH].observe(name, body_hash, signature_timestamp)
 
+    received_at_ms = time.time_ns() // 1_000_000
     batch = RawBatch(
         webhook=name,
         body=body,
-        received_at_ms=time.time_ns() // 1_000_000,
+        received_at_ms=received_at_ms,
         request_id=request[REQUEST_ID],
         signature_timestamp=signature_timestamp,
-        authenticated_by="signature" if verifier.keys else "none",
+        authenticated_by=verifier.authenticated_by,
         content_type=request.headers.get("Content-Type"),
+        delivery_delay_ms=(
+            received_at_ms - signature_timestamp * 1000 if signature_timestamp is not None else None
+        ),
     )
-    return await _publish(request, batch)
+    outcome, response = await _publish(request, batch)
+    if outcome == "accepted" and batch.delivery_delay_ms is not None:
+        metrics.INGEST_DELIVERY_DELAY_SECONDS.labels(STAGE_INGEST, name).observe(
+            max(0.0, batch.delivery_delay_ms / 1000)
+        )
+    return outcome, response
 
 
 async def _publish(request: web.Request, batch: RawBatch) -> tuple[str, web.Response]:
@@ -389,8 +544,18 @@ async def _publish(request: web.Request, batch: RawBatch) -> tuple[str, web.Resp
 
 def _unauthorized(name: str, exc: SignatureRejected) -> tuple[str, web.Response]:
     metrics.INGEST_VERIFICATION_FAILURES.labels(STAGE_INGEST, name, exc.code).inc()
+    metrics.INGEST_AUTH_FAILURES.labels(STAGE_INGEST, name, "signature", exc.code).inc()
     abuse_log.warning("rejected webhook request", reason=f"unauthorized:{exc.code}", webhook=name)
     return "unauthorized", error_response(401, exc.code, exc.message)
+
+
+def _token_refused(name: str, exc: TokenRejected) -> tuple[str, web.Response]:
+    metrics.INGEST_VERIFICATION_FAILURES.labels(STAGE_INGEST, name, exc.reason).inc()
+    metrics.INGEST_AUTH_FAILURES.labels(STAGE_INGEST, name, "token", exc.reason).inc()
+    abuse_log.warning(
+        "rejected webhook request", reason=f"unauthorized:token:{exc.reason}", webhook=name
+    )
+    return "unauthorized", bearer_challenge(exc)
 
 
 _BODY_OUTCOMES = {408: "timeout", 413: "too_large"}

@@ -27,6 +27,9 @@ CONTENT_TYPE_HEADER = "sgpipe-content-type"
 _SIGNATURE_TIMESTAMP = SIGNATURE_TIMESTAMP_HEADER
 _AUTHENTICATED_BY = AUTHENTICATED_BY_HEADER
 _CONTENT_TYPE = CONTENT_TYPE_HEADER
+# Arrival minus the signed timestamp, in milliseconds (signed batches only): how far into
+# SendGrid's 24-hour retry window the batch arrived.
+DELIVERY_DELAY_HEADER = "sgpipe-delivery-delay-ms"
 
 KafkaHeaders = list[tuple[str, bytes]]
 
@@ -43,8 +46,10 @@ class RawBatch:
     request_id: str
     # The signed X-Twilio-Email-Event-Webhook-Timestamp, kept to study retries and replays.
     signature_timestamp: int | None
-    authenticated_by: str  # "signature" or "none"
+    # What the request carried: "signature", "token", "both" or "none" (allow_unsigned).
+    authenticated_by: str
     content_type: str | None = None
+    delivery_delay_ms: int | None = None
 
 
 def raw_batch_headers(batch: RawBatch) -> KafkaHeaders:
@@ -59,6 +64,8 @@ def raw_batch_headers(batch: RawBatch) -> KafkaHeaders:
         headers.append((_SIGNATURE_TIMESTAMP, str(batch.signature_timestamp).encode()))
     if batch.content_type is not None:
         headers.append((_CONTENT_TYPE, batch.content_type.encode("utf-8", "replace")))
+    if batch.delivery_delay_ms is not None:
+        headers.append((DELIVERY_DELAY_HEADER, str(batch.delivery_delay_ms).encode()))
     return headers
 
 
@@ -84,6 +91,9 @@ def decode_raw_batch(value: bytes | None, headers: Sequence[tuple[str, bytes]]) 
                 fields[_CONTENT_TYPE].decode("utf-8", "replace")
                 if _CONTENT_TYPE in fields
                 else None
+            ),
+            delivery_delay_ms=(
+                int(fields[DELIVERY_DELAY_HEADER]) if DELIVERY_DELAY_HEADER in fields else None
             ),
         )
     except KeyError as exc:

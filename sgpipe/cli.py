@@ -26,6 +26,7 @@ import structlog
 
 from sgpipe.dlq.command import DlqHandler
 from sgpipe.dlq.command import add_commands as add_dlq_commands
+from sgpipe.oauth_command import add_commands as add_oauth_commands
 from sgpipe.runtime.errors import FatalStageError, describe
 from sgpipe.runtime.logs import (
     LEVELS,
@@ -370,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     from sgpipe.webhooks.command import add_commands as add_webhooks_commands
 
     add_webhooks_commands(commands, common)  # webhooks ..., sendgrid-emulator
+    add_oauth_commands(commands, common)  # oauth client create, oauth key create
 
     # Internal, not listed: the process that holds `sgpipe up`'s embedded ClickHouse.
     serve_clickhouse = commands.add_parser(

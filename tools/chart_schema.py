@@ -53,8 +53,10 @@ CHART_OWNED_SETTINGS = {
     ("kafka", "ssl_cafile"): "`secrets.kafkaCa` mounts the CA file and sets it",
     ("ingest", "health_peers"): "only `sgpipe up` fronts other processes' health endpoints",
     ("raw_auth", "keys"): "`secrets.rawAuthKeys` passes them from a Secret",
+    ("ingest", "oauth_signing_key_files"): "`secrets.oauthSigningKey` mounts the key and sets it",
+    ("ingest", "oauth_signing_keys"): "`secrets.oauthSigningKey` mounts the key",
 }
-WEBHOOK_CHART_OWNED = {"name", "public_keys"}
+WEBHOOK_CHART_OWNED = {"name", "public_keys", "oauth_clients"}
 # Where the settings' own comments speak of `sgpipe up`, the chart's reader needs another word.
 CHART_DESCRIPTIONS = {
     ("KafkaSettings", "bootstrap_servers"): "Required: the Kafka bootstrap servers, host:port,...",
@@ -307,7 +309,10 @@ def chart_values() -> Schema:
                 "Secret key holding SendGrid's verification public key(s), base64 DER;"
                 " comma-separated during a rotation."
             ),
-            "oauthClientSecret": secret("Secret key holding the webhook's OAuth client secret."),
+            "oauthClientsSecret": secret(
+                "Secret key holding the webhook's clients of the built-in OAuth token endpoint:"
+                " a JSON list of {client_id, secret_hash} (`sgpipe oauth client create`)."
+            ),
             "settings": ref("sgpipe.WebhookSettings", "The webhook's other sgpipe settings."),
         },
     )
@@ -366,6 +371,12 @@ def chart_values() -> Schema:
                         "raw_auth.keys as JSON [{id, secret}], the raw-record HMAC keys "
                         "(ingest, processor); required unless "
                         "config.raw_auth.allow_unauthenticated."
+                    ),
+                    "oauthSigningKey": secret(
+                        "The OAuth token endpoint's ES256 signing key, PEM (ingress only)."
+                    ),
+                    "oauthPreviousSigningKey": secret(
+                        "The previous signing key during a rotation: verifies, never signs."
                     ),
                 },
             ),
@@ -497,6 +508,25 @@ def chart_values() -> Schema:
                                     ),
                                     "stageNotReady": alert(
                                         "A pod's /readyz fails (sgpipe_ready == 0).", {}
+                                    ),
+                                    "retriesNearLimit": alert(
+                                        "Signed batches arrive hours after SendGrid signed"
+                                        " them: it is retrying, and drops them at 24 h.",
+                                        {
+                                            "hours": {
+                                                "type": "integer",
+                                                "description": "Delay that fires it: a"
+                                                " bucket of"
+                                                " sgpipe_ingest_delivery_delay_seconds.",
+                                                "enum": [1, 3, 6, 12, 20],
+                                            },
+                                            "window": duration("Look-back window"),
+                                        },
+                                    ),
+                                    "resignedRetries": alert(
+                                        "Informational: a body seen before arrived with a new"
+                                        " signature timestamp (retries are re-signed).",
+                                        {"window": duration("Look-back window")},
                                     ),
                                 },
                             ),

@@ -58,7 +58,8 @@ INGEST_REQUESTS: Final = Counter(
     "Webhook POSTs by outcome: accepted (2xx after the Kafka ack), unauthorized (401), "
     "unknown_webhook (404; webhook label 'unknown'), too_large (413), bad_request (400, 411, 415), "
     "timeout (408, body too slow), client_disconnected (gone before the body was complete), "
-    "unavailable (503 from Kafka, SendGrid retries).",
+    "unavailable (503 from Kafka, SendGrid retries), overloaded (503: ingest.max_in_flight_bytes "
+    "reached).",
     ["stage", "webhook", "outcome"],
     registry=REGISTRY,
 )
@@ -67,6 +68,45 @@ INGEST_VERIFICATION_FAILURES: Final = Counter(
     "Requests that failed authentication, by reason code (invalid_signature, missing_signature, "
     "stale_timestamp, invalid_token, ...).",
     ["stage", "webhook", "reason"],
+    registry=REGISTRY,
+)
+INGEST_AUTH_FAILURES: Final = Counter(
+    "sgpipe_ingest_auth_failures_total",
+    "Webhook POSTs refused by authentication, by method (signature, token) and reason "
+    "(missing_signature, invalid_signature, stale_timestamp, missing_token, expired, "
+    "not_yet_valid, wrong_issuer, wrong_audience, unknown_kid, disallowed_algorithm, "
+    "invalid_token_signature, malformed_token, jwks_unavailable).",
+    ["stage", "webhook", "method", "reason"],
+    registry=REGISTRY,
+)
+OAUTH_TOKEN_REQUESTS: Final = Counter(
+    "sgpipe_oauth_token_requests_total",
+    "Requests to the built-in token endpoint POST /oauth/token by outcome: issued, "
+    "invalid_client, invalid_request, unsupported_grant_type, busy (503: too many secret "
+    "checks at once).",
+    ["stage", "outcome"],
+    registry=REGISTRY,
+)
+INGEST_IN_FLIGHT_BYTES: Final = Gauge(
+    "sgpipe_ingest_in_flight_bytes",
+    "Bytes reserved by requests between the start of their body and Kafka's answer; at "
+    "ingest.max_in_flight_bytes further requests get 503 (outcome overloaded).",
+    ["stage"],
+    registry=REGISTRY,
+)
+INGEST_DELIVERY_DELAY_SECONDS: Final = Histogram(
+    "sgpipe_ingest_delivery_delay_seconds",
+    "Per accepted signed batch: arrival minus its signed timestamp. SendGrid retries for 24 h "
+    "and then drops a batch: a tail towards 86400 s means the limit is near.",
+    ["stage", "webhook"],
+    buckets=(1, 10, 60, 300, 900, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 20 * 3600, 24 * 3600),
+    registry=REGISTRY,
+)
+INGEST_REPEATED_BATCHES: Final = Counter(
+    "sgpipe_ingest_repeated_batches_total",
+    "Signed batches whose body was seen before in a bounded recent window, by whether the "
+    "signed timestamp was the same (a retry not re-signed) or new (re-signed).",
+    ["stage", "webhook", "timestamp"],
     registry=REGISTRY,
 )
 INGEST_REQUEST_SECONDS: Final = Histogram(

@@ -90,10 +90,11 @@ class KafkaSettings(_Section):
     ssl_cafile: Path | None = None
     # Real Kafka should run with idempotence; tansu (the embedded broker) cannot.
     enable_idempotence: bool = False
-    # The producer compresses on the event loop: gzip (level 9 in aiokafka) held the ingress's
-    # loop ~25-65 ms per 768 KB batch here, lz4 ~7 ms (zstd ~2-6 ms, but needs Kafka >= 2.1
-    # on every client of the events topic). lz4, zstd and snappy need cramjam (a dependency).
-    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "lz4"
+    # The producer compresses on the event loop, at aiokafka's fixed levels: per 768 KB batch
+    # here gzip (level 9) ~25-65 ms, lz4 (level 9, LZ4 HC) ~9 ms, zstd (3) ~3.6 ms, snappy
+    # ~0.5 ms with 12% more bytes than lz4 (bench/ingest.py). lz4, zstd and snappy need cramjam
+    # (a dependency); zstd needs Kafka >= 2.1 on every client.
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = "snappy"
     linger_ms: Annotated[int, Field(ge=0)] = 5
     # Must exceed SendGrid's 768 KB batches plus headers; the broker's message.max.bytes too.
     max_request_size: Annotated[int, Field(ge=1_048_576)] = 4 * 1_048_576
@@ -223,6 +224,22 @@ class RawAuthSettings(_Section):
         return keys
 
 
+# JWS algorithms a bearer token may be signed with: asymmetric only, so that a public key can
+# never serve as an HMAC secret ("none" and HS* are refused whatever a token's header says).
+JwtAlgorithm = Literal[
+    "RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"
+]
+ASYMMETRIC_JWT_ALGORITHMS: tuple[str, ...] = typing.get_args(JwtAlgorithm)
+
+
+class OAuthClientSettings(_Section):
+    """A client of the built-in token endpoint: its id and the hash of its secret."""
+
+    client_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9._~-]{1,128}$")]
+    # "scrypt$<log2 n>$<r>$<p>$<salt b64>$<hash b64>", from `sgpipe oauth client create`.
+    secret_hash: Annotated[str, Field(pattern=r"^(scrypt|pbkdf2-sha256)\$")]
+
+
 class WebhookSettings(_Section):
     """One SendGrid Event Webhook; each has its own URL, signing key pair and OAuth settings."""
 
@@ -235,6 +252,54 @@ class WebhookSettings(_Section):
     timestamp_tolerance: Annotated[int, Field(ge=0)] = 0
     # Accepting unauthenticated POSTs must be a deliberate choice.
     allow_unsigned: bool = False
+    # What a POST must carry: the ECDSA signature, an OAuth 2.0 bearer token, or both
+    # (docs/ingress.md, "Authentication"). Neither only with public_keys empty and
+    # allow_unsigned: true.
+    auth: Literal["signature", "token", "both"] = "signature"
+    # Clients of the built-in token endpoint (POST /oauth/token) that get tokens for this
+    # webhook: id and a slow hash of the secret (`sgpipe oauth client create`), never the
+    # secret. A JSON list in SGPIPE_WEBHOOKS__<NAME>__OAUTH_CLIENTS (from a Kubernetes Secret).
+    oauth_clients: tuple[OAuthClientSettings, ...] = ()
+    # The team's own identity provider: bearer JWTs whose `iss` is oauth_issuer and whose `aud`
+    # holds oauth_audience, signed by a key from oauth_jwks_url with an algorithm of
+    # oauth_algorithms (asymmetric only).
+    oauth_issuer: str | None = None
+    oauth_audience: str | None = None
+    oauth_jwks_url: str | None = None
+    oauth_algorithms: tuple[JwtAlgorithm, ...] = ("RS256", "ES256")
+
+    @field_validator("oauth_clients", mode="before")
+    @classmethod
+    def _parse_client_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else ()
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list of clients: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _idp_settings_together(self) -> WebhookSettings:
+        idp = {
+            "oauth_issuer": self.oauth_issuer,
+            "oauth_audience": self.oauth_audience,
+            "oauth_jwks_url": self.oauth_jwks_url,
+        }
+        given = [name for name, value in idp.items() if value]
+        if given and len(given) != len(idp):
+            missing = ", ".join(name for name in idp if name not in given)
+            raise ValueError(f"an identity provider needs {', '.join(idp)}; missing {missing}")
+        return self
+
+    @property
+    def accepts_tokens(self) -> bool:
+        return self.auth in ("token", "both")
+
+    @property
+    def requires_signature(self) -> bool:
+        return self.auth in ("signature", "both") and not (
+            self.auth == "signature" and not self.public_keys and self.allow_unsigned
+        )
 
     @field_validator("public_keys", mode="before")
     @classmethod
@@ -284,6 +349,24 @@ class IngestSettings(_Section):
     # metrics this ingress's /readyz and /metrics include. `sgpipe up` sets it, so that one
     # scrape of the ingress port covers every stage; separate deployments leave it empty.
     health_peers: tuple[str, ...] = ()
+    # Bytes of requests between the start of their body and Kafka's answer, summed over all
+    # requests. A request that would pass it is answered 503 with Retry-After at once (its
+    # body unread), so a slow or absent broker bounds memory instead of queueing batches.
+    max_in_flight_bytes: Annotated[int, Field(ge=1024)] = 64 * 1_048_576
+    # The built-in token endpoint (POST /oauth/token). Its ES256 signing keys, PEM: the first
+    # signs, all verify (rotation: add the new key second, then move it first, then drop the
+    # old one). Shared by every replica through config or a Secret; `sgpipe up` writes one per
+    # data dir. Files (a mounted Secret) and inline keys are both read, files first.
+    oauth_signing_key_files: tuple[Path, ...] = ()
+    oauth_signing_keys: tuple[SecretStr, ...] = ()
+    # The `iss` of the tokens the endpoint signs; the `aud` is "<issuer>/webhooks/<name>".
+    oauth_issuer: str = "sgpipe"
+    oauth_token_ttl_seconds: Annotated[int, Field(ge=60, le=86_400)] = 900
+    # Clock skew tolerated on exp/nbf/iat of every bearer token.
+    oauth_leeway_seconds: Annotated[int, Field(ge=0, le=300)] = 30
+    # An identity provider's JWKS is fetched at start and again on a token with an unknown
+    # `kid`, at most once per this many seconds (never once per request).
+    oauth_jwks_refresh_seconds: Annotated[float, Field(ge=1)] = 60.0
 
 
 class DeadLetterLimit(_Section):
@@ -540,7 +623,8 @@ def settings_warnings(settings: Settings) -> list[SettingsWarning]:
             {"webhook": webhook.name, "setting": f"webhooks[{webhook.name}].allow_unsigned"},
         )
         for webhook in settings.webhooks
-        if webhook.allow_unsigned
+        # Only a webhook that asks for neither a signature nor a token accepts anything.
+        if webhook.allow_unsigned and not webhook.requires_signature and not webhook.accepts_tokens
     ]
 
 

@@ -79,6 +79,7 @@ from sgpipe.up.layout import (
 )
 from sgpipe.up.leftovers import end_leftovers
 from sgpipe.up.logstream import LogStream
+from sgpipe.up.oauth_key import with_oauth_signing_key
 from sgpipe.up.report import (
     BrokerLocation,
     Drained,
@@ -170,7 +171,6 @@ async def run_up(
     Raises ConfigError or PreflightFailed (a busy port, the data dir in use) before anything
     is started; holds the data dir's lock until it returns.
     """
-    build_verifiers(settings)  # a bad key must stop us before anything starts
     data_dir = options.data_dir
     problems = check_data_dir(data_dir)
     if problems:
@@ -178,6 +178,8 @@ async def run_up(
     # A crash a moment ago is not a configuration problem: its children, still dying, must
     # not make the port check below fail (exit 2).
     await end_leftovers(data_dir)
+    settings = with_oauth_signing_key(settings, data_dir)  # tokens need a key; made once
+    build_verifiers(settings)  # a bad key must stop us before anything starts
     await _wait_for_dead_holders_children(data_dir)
     problems = check_up(settings, data_dir)
     if problems:

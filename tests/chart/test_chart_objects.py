@@ -198,7 +198,9 @@ def test_sgpipe_accepts_the_config_and_environment_each_pod_gets(rendered: Rende
             environ = {
                 variable["name"]: variable.get(
                     "value",
-                    SECRET_EXAMPLES.get(variable["name"], "secret-from-" + variable["name"]),
+                    {**SECRET_EXAMPLES, **SECRET_SAMPLES}.get(
+                        variable["name"], "secret-from-" + variable["name"]
+                    ),
                 )
                 for variable in container.get("env", [])
                 if variable["name"].startswith("SGPIPE_")
@@ -213,18 +215,26 @@ def test_sgpipe_accepts_the_config_and_environment_each_pod_gets(rendered: Rende
     )
 
 
-# Secrets the chart can already pass that sgpipe's Settings does not define yet (the ingress's
-# OAuth comes in a later issue). Each stays exempt only while Settings lacks it: see below.
-SETTINGS_NOT_YET_IN_SGPIPE = {
-    "SGPIPE_WEBHOOKS__MAIN__OAUTH__CLIENT_SECRET": ("webhooks[]", "oauth"),
+# Secrets the chart can pass that sgpipe's Settings does not define yet: none now. A name
+# stays here only while Settings lacks it.
+SETTINGS_NOT_YET_IN_SGPIPE: dict[str, tuple[str, str]] = {}
+# Secret values with a format: what `sgpipe oauth client create` puts in the Secret.
+SECRET_SAMPLES = {
+    "SGPIPE_WEBHOOKS__MAIN__OAUTH_CLIENTS": (
+        '[{"client_id": "sendgrid-main", "secret_hash": "scrypt$14$8$1$c2FsdHNhbHQ$aGFzaGhhc2g"}]'
+    ),
 }
 
 
-def test_exempt_settings_are_still_missing_from_sgpipe() -> None:
-    """When a webhook's Settings gain oauth, drop its exemption above."""
+def test_webhook_oauth_clients_reach_the_ingress_as_sgpipe_reads_them(everything: Rendered) -> None:
+    (container,) = containers(everything.deployment("ingest"))
+    (variable,) = [
+        v for v in container["env"] if v["name"] == "SGPIPE_WEBHOOKS__MAIN__OAUTH_CLIENTS"
+    ]
+    assert variable["valueFrom"]["secretKeyRef"] == {"name": "sgpipe-oauth", "key": "oauth-clients"}
     from sgpipe.runtime.settings import WebhookSettings
 
-    assert "oauth" not in WebhookSettings.model_fields
+    assert "oauth_clients" in WebhookSettings.model_fields
 
 
 def test_the_pii_hash_key_reaches_the_processor_as_sgpipe_reads_it(everything: Rendered) -> None:
@@ -263,7 +273,7 @@ def test_each_stage_gets_only_the_secrets_it_uses(everything: Rendered) -> None:
     kafka = {"SGPIPE_KAFKA__SASL_USERNAME", "SGPIPE_KAFKA__SASL_PASSWORD"}
     webhooks = {
         "SGPIPE_WEBHOOKS__MAIN__PUBLIC_KEYS",
-        "SGPIPE_WEBHOOKS__MAIN__OAUTH__CLIENT_SECRET",
+        "SGPIPE_WEBHOOKS__MAIN__OAUTH_CLIENTS",
         # A webhook named eu-west: sgpipe maps "_" back to "-" when it looks the name up.
         "SGPIPE_WEBHOOKS__EU_WEST__PUBLIC_KEYS",
     }
@@ -313,6 +323,41 @@ def test_kafka_ca_is_mounted_where_the_config_points(everything: Rendered) -> No
         assert mounted == config.kafka.ssl_cafile
 
 
+def test_oauth_signing_keys_are_mounted_in_the_ingress_only_where_the_config_points(
+    everything: Rendered,
+) -> None:
+    config = _config_file(everything)
+    assert [str(path) for path in config.ingest.oauth_signing_key_files] == [
+        "/etc/sgpipe/oauth/current.pem",
+        "/etc/sgpipe/oauth/previous.pem",
+    ]
+    for workload in workloads(everything):
+        spec = pod_spec(workload)
+        volumes = {volume["name"]: volume for volume in spec["volumes"]}
+        (container,) = containers(workload)
+        mounts = {mount["name"]: mount for mount in container["volumeMounts"]}
+        if workload["metadata"]["name"].endswith("-ingest"):
+            sources = volumes["oauth-signing-keys"]["projected"]["sources"]
+            mounted = {
+                Path(mounts["oauth-signing-keys"]["mountPath"]) / item["path"]: source["secret"]
+                for source in sources
+                for item in source["secret"]["items"]
+            }
+            assert mounted == {
+                Path("/etc/sgpipe/oauth/current.pem"): {
+                    "name": "sgpipe-oauth",
+                    "items": [{"key": "signing-key.pem", "path": "current.pem"}],
+                },
+                Path("/etc/sgpipe/oauth/previous.pem"): {
+                    "name": "sgpipe-oauth-old",
+                    "items": [{"key": "signing-key.pem", "path": "previous.pem"}],
+                },
+            }
+        else:
+            assert "oauth-signing-keys" not in volumes
+            assert "oauth-signing-keys" not in mounts
+
+
 # --- the migration hook ---------------------------------------------------------------------
 
 
@@ -346,8 +391,11 @@ def test_ingress_publishes_only_the_webhook_path_over_tls(everything: Rendered) 
     (ingress,) = everything.of_kind("Ingress")
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "sendgrid-events.example.com"
-    (path,) = rule["http"]["paths"]
+    # The token endpoint too: webhook main has OAuth clients (SendGrid fetches tokens there).
+    path, token_path = rule["http"]["paths"]
     assert path["path"] == "/webhooks" and path["pathType"] == "Prefix"
+    assert token_path["path"] == "/oauth/token" and token_path["pathType"] == "Exact"
+    assert token_path["backend"] == path["backend"]
     service = everything.get("Service", path["backend"]["service"]["name"])
     port_names = {port["name"] for port in service["spec"]["ports"]}
     assert path["backend"]["service"]["port"]["name"] in port_names
@@ -434,6 +482,8 @@ def test_alerts_use_metrics_and_labels_sgpipe_exports(everything: Rendered) -> N
         "SgpipeNoEventsAccepted",
         "SgpipeIngestRefusingBatches",
         "SgpipeStageNotReady",
+        "SgpipeSendGridRetriesNearLimit",
+        "SgpipeSendGridRetryResigned",
     }
     exported = _exported_metrics()
     # Labels Prometheus adds to every scraped series.
@@ -446,13 +496,20 @@ def test_alerts_use_metrics_and_labels_sgpipe_exports(everything: Rendered) -> N
         for metric in used:
             assert metric in exported, f"{name}: {metric} is not defined in metrics.py"
             labels = exported[metric] | target_labels
+            if any(used_metric.endswith("_bucket") for used_metric in used):
+                labels = labels | {"le"}  # a histogram's bucket bound
             for group in re.findall(r"by \(([^)]*)\)", expr):
                 for label in group.split(","):
                     assert label.strip() in labels, f"{name}: {metric} has no label {label}"
             for matcher in re.findall(r"(\w+)=~?\"", expr):
                 assert matcher in labels, f"{name}: {metric} has no label {matcher}"
-        assert alert["labels"]["severity"] in {"warning", "critical"}
+        assert alert["labels"]["severity"] in {"warning", "critical", "info"}
         assert alert["annotations"]["runbook_url"].startswith("https://")
+    # The retry-clock alert compares with a bucket the histogram has (12 h by default).
+    retries = alerts["SgpipeSendGridRetriesNearLimit"]["expr"]
+    (bound,) = re.findall(r'le="([0-9.]+)"', retries)
+    assert float(bound) == 12 * 3600
+    assert float(bound) in metrics.INGEST_DELIVERY_DELAY_SECONDS._upper_bounds
     no_events = alerts["SgpipeNoEventsAccepted"]["expr"]
     assert 'outcome="accepted"' in no_events and "[60m]" in no_events
 

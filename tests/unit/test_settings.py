@@ -417,6 +417,9 @@ def test_an_unsigned_webhook_is_warned_about() -> None:
         webhooks=(
             WebhookSettings(name="signed", public_keys=("K",)),
             WebhookSettings(name="open", allow_unsigned=True),
+            # Not open: each still requires a signature or a bearer token.
+            WebhookSettings(name="keyed", public_keys=("K",), allow_unsigned=True),
+            WebhookSettings(name="token", auth="token", allow_unsigned=True),
         )
     )
     assert settings_warnings(settings) == [

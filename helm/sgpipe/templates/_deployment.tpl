@@ -111,8 +111,14 @@ spec:
             {{- toYaml $root.Values.securityContext | nindent 12 }}
           volumeMounts:
             {{- include "sgpipe.volumeMounts" $root | nindent 12 }}
+            {{- if eq $component "ingest" }}
+            {{- include "sgpipe.oauthSigningKeyMount" $root | nindent 12 }}
+            {{- end }}
       volumes:
         {{- include "sgpipe.volumes" (dict "root" $root "configMap" (include "sgpipe.fullname" $root)) | nindent 8 }}
+        {{- if eq $component "ingest" }}
+        {{- include "sgpipe.oauthSigningKeyVolume" $root | nindent 8 }}
+        {{- end }}
       topologySpreadConstraints:
         {{- include "sgpipe.topologySpread" (dict "root" $root "component" $component "stageValues" $values) | trim | nindent 8 }}
       {{- with $values.nodeSelector }}

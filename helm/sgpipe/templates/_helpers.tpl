@@ -135,6 +135,18 @@ the mounted Kafka CA). Secrets never appear here; they come from Secrets as envi
 {{- $_ := set $kafka "ssl_cafile" (include "sgpipe.kafkaCaPath" .) }}
 {{- $_ := set $config "kafka" $kafka }}
 {{- end }}
+{{- $signing := list }}
+{{- if .Values.secrets.oauthSigningKey.name }}
+{{- $signing = append $signing "/etc/sgpipe/oauth/current.pem" }}
+{{- end }}
+{{- if .Values.secrets.oauthPreviousSigningKey.name }}
+{{- $signing = append $signing "/etc/sgpipe/oauth/previous.pem" }}
+{{- end }}
+{{- if $signing }}
+{{- $ingest := deepCopy (default dict $config.ingest) }}
+{{- $_ := set $ingest "oauth_signing_key_files" $signing }}
+{{- $_ := set $config "ingest" $ingest }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
@@ -159,8 +171,8 @@ Secrets as environment, each stage only the ones it uses: (dict "root" $ "stage"
 {{- if and .publicKeysSecret .publicKeysSecret.name }}
 {{ include "sgpipe.secretEnvVar" (dict "env" (include "sgpipe.webhookEnvName" (dict "name" .name "field" "PUBLIC_KEYS")) "ref" .publicKeysSecret) }}
 {{- end }}
-{{- if and (eq $stage "ingest") .oauthClientSecret .oauthClientSecret.name }}
-{{ include "sgpipe.secretEnvVar" (dict "env" (include "sgpipe.webhookEnvName" (dict "name" .name "field" "OAUTH__CLIENT_SECRET")) "ref" .oauthClientSecret) }}
+{{- if and (eq $stage "ingest") .oauthClientsSecret .oauthClientsSecret.name }}
+{{ include "sgpipe.secretEnvVar" (dict "env" (include "sgpipe.webhookEnvName" (dict "name" .name "field" "OAUTH_CLIENTS")) "ref" .oauthClientsSecret) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -196,6 +208,40 @@ Secrets as environment, each stage only the ones it uses: (dict "root" $ "stage"
     items:
       - key: {{ .root.Values.secrets.kafkaCa.key }}
         path: {{ .root.Values.secrets.kafkaCa.key }}
+{{- end }}
+{{- end }}
+
+{{/* The token endpoint's signing keys, ingress pods only: current.pem signs, both verify. */}}
+{{- define "sgpipe.oauthSigningKeyVolume" -}}
+{{- $current := .Values.secrets.oauthSigningKey }}
+{{- $previous := .Values.secrets.oauthPreviousSigningKey }}
+{{- if or $current.name $previous.name }}
+- name: oauth-signing-keys
+  projected:
+    defaultMode: 0400
+    sources:
+      {{- if $current.name }}
+      - secret:
+          name: {{ $current.name }}
+          items:
+            - key: {{ $current.key }}
+              path: current.pem
+      {{- end }}
+      {{- if $previous.name }}
+      - secret:
+          name: {{ $previous.name }}
+          items:
+            - key: {{ $previous.key }}
+              path: previous.pem
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "sgpipe.oauthSigningKeyMount" -}}
+{{- if or .Values.secrets.oauthSigningKey.name .Values.secrets.oauthPreviousSigningKey.name }}
+- name: oauth-signing-keys
+  mountPath: /etc/sgpipe/oauth
+  readOnly: true
 {{- end }}
 {{- end }}
 
