@@ -95,6 +95,7 @@ _NOT_IMPLEMENTED: Final = 48
 _CANNOT_DECOMPRESS: Final = 271
 _AUTHENTICATION_FAILED: Final = 516
 _READONLY: Final = 164
+_QUERY_IS_TOO_LARGE: Final = 393
 _STD_EXCEPTION: Final = 1001
 
 _DEFAULT_FORMAT: Final = "TabSeparated"
@@ -102,7 +103,11 @@ _WORKERS: Final = 8  # concurrent chdb calls; ClickHouse parallelises each query
 _READ_BYTES: Final = 256 * 1024
 _APPEND_BYTES: Final = 1024 * 1024  # batch network chunks before each hop to a chdb thread
 _HEAD_SCAN_BYTES: Final = 1024 * 1024  # ClickHouse's own max_query_size is 256 KiB
-_FORM_MAX_BYTES: Final = 64 * 1024 * 1024  # multipart forms (large bound parameters) are read whole
+# The default cap on a statement's text (URL `query`, body and multipart form together; not
+# the rows of an `INSERT ... FORMAT`, which are streamed). It is held in memory and copied into
+# the engine's parser a few times over: uncapped, a 100 MB body grew the process by 3.4 GB.
+# ClickHouse's own parser stops at `max_query_size` (256 KiB by default) anyway.
+MAX_QUERY_BYTES: Final = 1024 * 1024
 
 # URL parameters the HTTP layer itself consumes (or ClickHouse features not provided here)
 # and that must not become `SET` statements. `database` and `default_format` are also
@@ -296,6 +301,8 @@ def _http_status(error: EmbeddedQueryError) -> int:
         return 501
     if name in ("ACCESS_DENIED", "AUTHENTICATION_FAILED"):
         return 403
+    if name == "QUERY_IS_TOO_LARGE":
+        return 413
     return 500
 
 
@@ -514,7 +521,11 @@ async def _read_params(request: web.Request) -> _Params:
     if request.content_type == "multipart/form-data":
         # clickhouse-connect moves the query and large bound parameters into a form.
         fields: dict[str, str] = {}
-        for name, value in (await request.post()).items():
+        try:
+            form = await request.post()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise _query_too_large(request.app[_SERVER].max_query_bytes) from exc
+        for name, value in form.items():
             if not isinstance(value, str):
                 raise _clickhouse_error(
                     _NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "external data (temporary tables)"
@@ -523,6 +534,16 @@ async def _read_params(request: web.Request) -> _Params:
         params.update(fields)
     params.query_id = _query_id(params.query_id)
     return params
+
+
+def _query_too_large(limit: int) -> EmbeddedQueryError:
+    return _clickhouse_error(
+        _QUERY_IS_TOO_LARGE,
+        "QUERY_IS_TOO_LARGE",
+        f"the statement is larger than {limit} bytes (setting embedded.clickhouse_max_query_bytes, "
+        "SGPIPE_EMBEDDED__CLICKHOUSE_MAX_QUERY_BYTES); rows go as INSERT ... FORMAT data, "
+        "which is streamed and not limited",
+    )
 
 
 _PRINTABLE_QUERY_ID = re.compile(r"[\x20-\x7e]{1,256}")
@@ -826,8 +847,9 @@ class _StreamingInsert:
 class _Server:
     """Per-app state: the engine's connection string, engine facts, the chdb thread pool."""
 
-    def __init__(self, conn_str: str) -> None:
+    def __init__(self, conn_str: str, max_query_bytes: int = MAX_QUERY_BYTES) -> None:
         self.conn_str = conn_str
+        self.max_query_bytes = max_query_bytes
         self.info = _EngineInfo(frozenset(), "UTC", "chdb", StatementPolicy(frozenset()))
         self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="chdb-http")
 
@@ -871,9 +893,16 @@ class _Server:
                 # of the error.
                 await _drain(statement)
                 raise
-        parts = [head_bytes]
+        parts, size = [head_bytes], len(head_bytes)
         async for chunk in statement:
             parts.append(chunk)
+            size += len(chunk)
+            if size > self.max_query_bytes:
+                break
+        if size > self.max_query_bytes:
+            parts.clear()
+            await _drain(statement)  # so that a client sending the whole body first sees this
+            raise _query_too_large(self.max_query_bytes)
         sql_bytes = b"".join(parts)
         if not sql_bytes.strip():
             raise _clickhouse_error(_SYNTAX_ERROR, "SYNTAX_ERROR", "Empty query")
@@ -1159,6 +1188,7 @@ def create_http_app(
     *,
     allowed_origins: tuple[str, ...] = (),
     loopback: bool = True,
+    max_query_bytes: int = MAX_QUERY_BYTES,
 ) -> web.Application:
     """The aiohttp app implementing the subset of ClickHouse's HTTP interface that
     clickhouse-connect (sync and async) and simple BI tools use, for the engine that
@@ -1173,10 +1203,12 @@ def create_http_app(
     fresh context). Multipart forms (query and parameters as fields) are accepted; external
     data (temporary tables) is not. Requests from web pages are refused (`_browser_refusal`);
     ``loopback``: the server listens on a loopback address, so the Host must name one.
+    ``max_query_bytes``: a longer statement (forms included; not streamed insert rows) gets
+    413 QUERY_IS_TOO_LARGE.
     """
-    server = _Server(conn_str)
+    server = _Server(conn_str, max_query_bytes)
     app = web.Application(
-        client_max_size=_FORM_MAX_BYTES,
+        client_max_size=max_query_bytes,
         middlewares=[_refuse_browsers(frozenset(allowed_origins), loopback)],
     )
     app[_SERVER] = server
@@ -1266,10 +1298,12 @@ class EmbeddedClickHouse:
         credentials: EmbeddedCredentials,
         *,
         allowed_origins: tuple[str, ...] = (),
+        max_query_bytes: int = MAX_QUERY_BYTES,
     ) -> None:
         self._data_path = data_path
         self._credentials = credentials
         self._allowed_origins = allowed_origins
+        self._max_query_bytes = max_query_bytes
         self._engine: _Engine | None = None
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
@@ -1287,6 +1321,7 @@ class EmbeddedClickHouse:
                 self._credentials,
                 allowed_origins=self._allowed_origins,
                 loopback=host in _LOOPBACK_HOSTS,
+                max_query_bytes=self._max_query_bytes,
             )
             # No access log: it would log every request at info.
             runner = web.AppRunner(app, access_log=None)

@@ -330,6 +330,9 @@ class EmbeddedSettings(_Section):
     # refused, so a web page cannot use a browser to reach it (docs/security.md).
     # In the environment, a JSON list: SGPIPE_EMBEDDED__CLICKHOUSE_ALLOWED_ORIGINS='["https://..."]'.
     clickhouse_allowed_origins: tuple[str, ...] = ()
+    # The longest statement text the embedded ClickHouse takes (413 beyond it). Rows sent as
+    # `INSERT ... FORMAT` data are streamed and not limited by this.
+    clickhouse_max_query_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
 
 
 class LoggingSettings(_Section):

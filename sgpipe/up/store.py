@@ -41,6 +41,7 @@ async def serve_embedded_clickhouse(
         data_dir / CLICKHOUSE_DIR,
         credentials,
         allowed_origins=settings.embedded.clickhouse_allowed_origins,
+        max_query_bytes=settings.embedded.clickhouse_max_query_bytes,
     )
     url = await store.start(settings.embedded.host, settings.embedded.clickhouse_http_port)
     try:

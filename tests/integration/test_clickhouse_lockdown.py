@@ -26,6 +26,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
 
 from schemas import clickhouse_migrations  # noqa: E402
 from schemas.email_event import EmailEventCodec  # noqa: E402
+from sgpipe.embedded.clickhouse import MAX_QUERY_BYTES  # noqa: E402
 from sgpipe.embedded.clickhouse_policy import LOCKED_SETTINGS  # noqa: E402
 from sgpipe.embedded.credentials import EmbeddedUser  # noqa: E402
 from sgpipe.runtime.clickhouse import connect, with_credentials  # noqa: E402
@@ -255,6 +256,37 @@ def test_a_get_runs_read_only_whatever_its_parameters_say(served: Served) -> Non
     )  # a stricter readonly is still read-only
     assert (answer.status, answer.code) == (500, "164"), answer.body
     assert served.post("SELECT count() FROM got", served.writer).body == "0\n"
+
+
+@pytest.mark.hostile("clickhouse")
+def test_an_oversized_statement_gets_413_and_is_never_held_whole(served: Served) -> None:
+    # issue 15: a 100 MB POST by the reader grew the engine's process by 3.4 GB.
+    huge = "SELECT 1 -- " + "x" * (MAX_QUERY_BYTES * 8) + "\n"
+    for user in (served.reader, served.writer):
+        answer = served.post(huge, user)
+        assert (answer.status, answer.code) == (413, "393"), answer.body[:200]
+        assert "embedded.clickhouse_max_query_bytes" in answer.body
+    # As a multipart form field (clickhouse-connect's way for large parameters), too.
+    boundary = "sgpipe-boundary"
+    form = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="query"\r\n\r\n{huge}\r\n'
+        f"--{boundary}--\r\n"
+    ).encode()
+    answer = http_request(
+        served.query_url,
+        form,
+        {**basic_auth(served.reader), "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert (answer.status, answer.code) == (413, "393"), answer.body[:200]
+    # Rows are not statement text: a streamed insert larger than the cap is stored.
+    with closing(served.client()) as client:
+        client.command("CREATE TABLE big (a String) ENGINE = MergeTree ORDER BY a")
+    rows = "".join(f"{'y' * 1000}{i}\n" for i in range(2 * MAX_QUERY_BYTES // 1000))
+    answer = served.post("INSERT INTO big FORMAT TSV\n" + rows, served.writer)
+    assert answer.status == 200, answer.body
+    assert served.post("SELECT count() FROM big", served.writer).body == (
+        f"{2 * MAX_QUERY_BYTES // 1000}\n"
+    )
 
 
 # Column and alias names that are also keywords: ordinary names, for both users.
