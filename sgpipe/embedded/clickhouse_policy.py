@@ -297,6 +297,10 @@ _EXPLAINED_PARTS: Final = frozenset({"TableExpression", "TableIdentifier", "Iden
 _EXPLAIN_LINE = re.compile(r"^ *([A-Za-z_]+)")
 _TRAILING_FORMAT = re.compile(r" FORMAT ([A-Za-z_][A-Za-z0-9_]*)$")
 
+# The tree without the flag that only says how an expression was written (`a ? b : c` and
+# `x::T` format back as `if(a, b, c)` and `CAST(x, 'T')`). A JSON key never matches inside a
+# string value: there its quotes are escaped.
+_SAME_TREE: Final = "replaceRegexpAll({tree}, ',\"is_operator\":(?:true|false)', '')"
 # What the HTTP layer asks the engine, on the request's own handle (so the parser sees the
 # request's settings): the statement's syntax tree as JSON, whether the canonical text parses
 # to that very tree, and the canonical text, which is what runs. One round trip; the JSON has
@@ -304,8 +308,10 @@ _TRAILING_FORMAT = re.compile(r" FORMAT ([A-Za-z_][A-Za-z0-9_]*)$")
 # setting -- with an engine error before the check could say why it is refused.)
 STATEMENT_TREE_QUERY: Final = (
     "WITH parseQueryToJSON({statement:String}) AS tree, "
-    "formatQuerySingleLine({statement:String}) AS canonical "
-    "SELECT concat(tree, '\\n', toString(parseQueryToJSON(canonical) = tree), '\\n', canonical)"
+    "formatQuerySingleLine({statement:String}) AS canonical, "
+    f"{_SAME_TREE.format(tree='parseQueryToJSON(canonical)')} = {_SAME_TREE.format(tree='tree')}"
+    " AS same_tree "
+    "SELECT concat(tree, '\\n', toString(same_tree), '\\n', canonical)"
 )
 # For the statements the JSON form does not cover: the canonical text, then its EXPLAIN AST.
 CANONICAL_QUERY: Final = "SELECT formatQuerySingleLine({statement:String})"
