@@ -431,6 +431,9 @@ def check_statement(
             _check_settings(node)
         elif node_type == "TableIdentifier":
             _check_table(node, parameters or {})
+        elif node_type == "Identifier" and _names_denied_table(str(node.get("name", ""))):
+            # A table where an expression goes: `x IN system.stack_trace`, joinGet(t, ...).
+            raise StatementDenied(f"the system table {node.get('name')} is not readable here")
 
 
 def _check_kind(kind: object, *, readonly: bool) -> None:
@@ -493,9 +496,12 @@ def _check_table(node: dict[str, Any], parameters: Mapping[str, str]) -> None:
         if isinstance(part, dict) and part.get("type") == "QueryParameter":
             names.append(parameters.get(str(part.get("name")), ""))
     for name in names:
-        last = str(name or "").rsplit(".", 1)[-1].strip('`"').lower()
-        if last in DENIED_TABLES:
-            raise StatementDenied(f"the system table {last} is not readable here")
+        if _names_denied_table(str(name or "")):
+            raise StatementDenied(f"the system table {name} is not readable here")
+
+
+def _names_denied_table(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].strip('`"').lower() in DENIED_TABLES
 
 
 def _check_settings(node: dict[str, Any]) -> None:

@@ -450,6 +450,8 @@ HOSTILE: list[tuple[str, str, dict[str, str], frozenset[str]]] = [
     ("system_users", "SELECT * FROM system.users", {}, ACCESS_DENIED),
     ("system_stack_trace", "SELECT * FROM system.stack_trace", {}, ACCESS_DENIED),
     ("system_stack_trace_view", "SELECT * FROM view(SELECT thread_name FROM system.stack_trace)", {}, ACCESS_DENIED),
+    ("system_stack_trace_in", "SELECT 1 WHERE 'pytest' IN system.stack_trace", {}, ACCESS_DENIED),
+    ("system_stack_trace_database", "SELECT * FROM stack_trace", {"database": "system"}, ACCESS_DENIED),
     ("dialect", "SET dialect = 'kusto'", {}, CONSTRAINT),
     ("dialect_url_setting", "SELECT 1", {"dialect": "prql"}, CONSTRAINT),
     ("values_expressions", "SET input_format_values_interpret_expressions = 1", {}, CONSTRAINT),

@@ -151,6 +151,8 @@ DENIED = [
     ("BACKUP TABLE t TO File('x')", "any user"),
     ("SELECT * FROM system.stack_trace", "stack_trace"),
     ("SELECT * FROM stack_trace", "stack_trace"),
+    ("SELECT 1 WHERE 'x' IN system.stack_trace", "stack_trace"),
+    ("SELECT joinGet(system.stack_trace, 'x', 1)", "stack_trace"),
     ("EXPLAIN SELECT * FROM url('x')", "url()"),
 ]
 
