@@ -19,7 +19,9 @@ Who may do what (docs/security.md has the threat model):
   the allowed list, which is empty by default), a cross-site `Sec-Fetch-Site`, and, when
   serving on loopback, a `Host` that is not a loopback name (DNS rebinding). No CORS headers.
 * The engine starts with sgpipe's access control (`clickhouse_policy`), and every statement
-  is rendered by the engine's parser in canonical form, checked, and run in that form.
+  is parsed by the engine into its syntax tree, the tree checked (`check_statement`), and the
+  engine's canonical text of that tree run. A statement's text is capped
+  (`embedded.clickhouse_max_query_bytes`, 413 beyond); streamed insert rows are not.
 
 How a request runs:
 
@@ -307,6 +309,11 @@ def _http_status(error: EmbeddedQueryError) -> int:
 
 
 # --- SQL scanning ----------------------------------------------------------------------------
+# Only where an INSERT's inline rows start, so that they are streamed as data and never parsed
+# as SQL: the engine does not say it (parseQueryToJSON refuses inline data, chdb's streaming
+# insert takes the head and the rows apart). It decides nothing about what may run: the head
+# it finds is parsed and checked by the engine's syntax tree like any statement, and its
+# FORMAT must be the one the tree reports.
 
 
 def _tokens(buf: bytes) -> Iterator[re.Match[bytes] | None]:
