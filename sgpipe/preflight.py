@@ -63,7 +63,9 @@ def up_port_claims(settings: Settings) -> list[PortClaim]:
     claims = [PortClaim("ingest.port", settings.ingest.host, settings.ingest.port, "--port")]
     if settings.kafka.bootstrap_servers is None:
         claims.append(
-            PortClaim("embedded.kafka_port", settings.embedded.host, settings.embedded.kafka_port)
+            PortClaim(
+                "embedded.kafka_port", settings.embedded.host, settings.embedded.kafka_port or 0
+            )
         )
         if settings.embedded.broker_storage == "durable":
             # SeaweedFS's internal ports are chosen and checked by sgpipe.embedded.storage.
@@ -77,7 +79,7 @@ def up_port_claims(settings: Settings) -> list[PortClaim]:
             PortClaim(
                 "embedded.clickhouse_http_port",
                 settings.embedded.host,
-                settings.embedded.clickhouse_http_port,
+                settings.embedded.clickhouse_http_port or 0,
             )
         )
     return claims

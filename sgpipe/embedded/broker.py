@@ -38,6 +38,8 @@ from sgpipe.embedded.child import (
     ServedChild,
     accepts_connections,
     free_port,
+    port_in_use,
+    port_is_free,
     require_free_ports,
 )
 from sgpipe.embedded.retention import RetentionReport, RetentionSweeper
@@ -90,6 +92,7 @@ class EmbeddedBroker(ServedChild):
         cwd: Path | None = None,
     ) -> None:
         self.host = host
+        self.pinned = port != 0
         self.port = port or free_port(host)
         self._log_file = log_file or Path("/dev/null")
         self._storage_engine = storage_engine
@@ -108,10 +111,12 @@ class EmbeddedBroker(ServedChild):
 
     async def start(self, timeout: float = 15.0) -> str:
         """Start tansu and wait until it accepts connections; returns bootstrap servers."""
+        if not self.pinned and not port_is_free(self.host, self.port):
+            self.port = free_port(self.host)  # a chosen port taken meanwhile: choose again
         url = f"tcp://{self.host}:{self.port}"
         if await accepts_connections(self.host, self.port):
             # Maybe a broker orphaned by an earlier crash; never mistake it for ours.
-            raise PortInUse(f"embedded.kafka_port {self.port} on {self.host} is already in use")
+            raise PortInUse(port_in_use("embedded.kafka_port", self.host, self.port))
         require_free_ports(self.host, {"embedded.kafka_port": self.port})
         self._child = ChildProcess(
             "tansu",
@@ -219,7 +224,7 @@ class EmbeddedKafka:
                 await self.storage.start()
             self.broker = EmbeddedBroker(
                 self.settings.host,
-                self.settings.kafka_port,
+                self.settings.kafka_port or 0,
                 self.log_dir / "tansu.log",
                 storage_engine=self._storage_engine(),
                 env=self._broker_environment(),

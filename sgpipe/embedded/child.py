@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import structlog
 
-from sgpipe.runtime.settings import ConfigError
+from sgpipe.runtime.settings import ENV_PATH_SEPARATOR, ENV_PREFIX, ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -54,11 +54,24 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
+def port_in_use(name: str, host: str, port: int) -> str:
+    """What to tell about a taken port: for one a setting chose, that setting and its
+    variable, as the up-front check (sgpipe.preflight) says it."""
+    if "." not in name:  # an internal port sgpipe chose itself
+        return f"embedded service port {name} {port} on {host} is in use"
+    variable = ENV_PREFIX + name.upper().replace(".", ENV_PATH_SEPARATOR)
+    return f"{name} {port} on {host} is in use; set {name} or {variable}"
+
+
 def require_free_ports(host: str, ports: Mapping[str, int]) -> None:
-    """Raise PortInUse naming every port (by its purpose) that is taken."""
-    busy = [f"{name} {port}" for name, port in ports.items() if not port_is_free(host, port)]
+    """Raise PortInUse naming every port (by its purpose or setting) that is taken."""
+    busy = [
+        port_in_use(name, host, port)
+        for name, port in ports.items()
+        if not port_is_free(host, port)
+    ]
     if busy:
-        raise PortInUse(f"embedded service ports in use on {host}: {', '.join(busy)}")
+        raise PortInUse("; ".join(busy))
 
 
 async def accepts_connections(host: str, port: int) -> bool:

@@ -13,12 +13,15 @@ Who may do what (docs/security.md has the threat model):
 * Every query needs credentials (`sgpipe.embedded.credentials`): HTTP Basic, the
   `X-ClickHouse-User`/`X-ClickHouse-Key` headers or the `user`/`password` parameters, as
   ClickHouse takes them, compared in constant time; otherwise 516 AUTHENTICATION_FAILED.
-  The reader user's requests run with `readonly = 2`, set before anything of the client's.
+  The reader user's requests, and every GET, run with `readonly = 2`, set before anything of
+  the client's (a `readonly=0` in such a request is refused).
 * Browser requests are refused (403) before anything else: a foreign `Origin` (any not in
   the allowed list, which is empty by default), a cross-site `Sec-Fetch-Site`, and, when
   serving on loopback, a `Host` that is not a loopback name (DNS rebinding). No CORS headers.
 * The engine starts with sgpipe's access control (`clickhouse_policy`), and every statement
-  is rendered by the engine's parser in canonical form, checked, and run in that form.
+  is parsed by the engine into its syntax tree, the tree checked (`check_statement`), and the
+  engine's canonical text of that tree run. A statement's text is capped
+  (`embedded.clickhouse_max_query_bytes`, 413 beyond); streamed insert rows are not.
 
 How a request runs:
 
@@ -57,6 +60,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -71,11 +75,13 @@ from sgpipe.embedded.clickhouse_policy import (
     ACCESS_DENIED,
     CANONICAL_QUERY,
     LOCKDOWN_PROBE,
+    STATEMENT_TREE_QUERY,
+    Statement,
     StatementDenied,
     StatementPolicy,
     check_statement,
     escape_query_parameter,
-    statement_kind,
+    is_not_serializable,
     unlocked_settings_query,
     write_engine_config,
 )
@@ -90,6 +96,8 @@ _SYNTAX_ERROR: Final = 62
 _NOT_IMPLEMENTED: Final = 48
 _CANNOT_DECOMPRESS: Final = 271
 _AUTHENTICATION_FAILED: Final = 516
+_READONLY: Final = 164
+_QUERY_IS_TOO_LARGE: Final = 393
 _STD_EXCEPTION: Final = 1001
 
 _DEFAULT_FORMAT: Final = "TabSeparated"
@@ -97,7 +105,11 @@ _WORKERS: Final = 8  # concurrent chdb calls; ClickHouse parallelises each query
 _READ_BYTES: Final = 256 * 1024
 _APPEND_BYTES: Final = 1024 * 1024  # batch network chunks before each hop to a chdb thread
 _HEAD_SCAN_BYTES: Final = 1024 * 1024  # ClickHouse's own max_query_size is 256 KiB
-_FORM_MAX_BYTES: Final = 64 * 1024 * 1024  # multipart forms (large bound parameters) are read whole
+# The default cap on a statement's text (URL `query`, body and multipart form together; not
+# the rows of an `INSERT ... FORMAT`, which are streamed). It is held in memory and copied into
+# the engine's parser a few times over: uncapped, a 100 MB body grew the process by 3.4 GB.
+# ClickHouse's own parser stops at `max_query_size` (256 KiB by default) anyway.
+MAX_QUERY_BYTES: Final = 1024 * 1024
 
 # URL parameters the HTTP layer itself consumes (or ClickHouse features not provided here)
 # and that must not become `SET` statements. `database` and `default_format` are also
@@ -161,15 +173,12 @@ _NOT_FOUND_ERRORS: Final = frozenset(
         "UNKNOWN_TYPE_OF_QUERY",
     }
 )
-_RESULT_STATEMENTS: Final = frozenset(
-    {b"SELECT", b"WITH", b"SHOW", b"DESCRIBE", b"DESC", b"EXPLAIN", b"EXISTS", b"CHECK"}
-)
 # An INSERT whose data is not a FORMAT payload in the body: the engine parses it whole.
 # (`VALUES` data is a payload too: in format Values, so that it is never parsed as SQL.)
 _INSERT_WITHOUT_PAYLOAD: Final = frozenset({b"SELECT", b"WITH", b"INFILE"})
 # The part of an error from the canonical-form call that only names that call.
 _CANONICAL_SCOPE = re.compile(
-    r": In scope SELECT formatQuerySingleLine\(.*\)"
+    r": In scope (?:SELECT formatQuerySingleLine|WITH parseQueryToJSON)\(.*\)"
     r"(\.\s*\([A-Z0-9_]+\)(?:\s*\(version [^)]*\))?\s*)$",
     re.DOTALL,
 )
@@ -198,10 +207,6 @@ _TOKEN = re.compile(
 # After the FORMAT keyword: the format name, then ClickHouse's rule for where inline data
 # starts -- after the first newline if there is one, else after the blanks.
 _FORMAT_NAME = re.compile(rb"\s+([A-Za-z_][A-Za-z0-9_]*)[ \t\f]*(?:\r?\n)?")
-# An INSERT's canonical form ending in a FORMAT clause: its data was left out.
-_TRAILING_FORMAT = re.compile(r" FORMAT [A-Za-z_][A-Za-z0-9_]*$")
-# What may follow a SELECT's FORMAT clause.
-_TRAILING = re.compile(rb"\s*(?:;|(?i:SETTINGS)\b|\Z)")
 
 
 class LockdownError(RuntimeError):
@@ -298,10 +303,17 @@ def _http_status(error: EmbeddedQueryError) -> int:
         return 501
     if name in ("ACCESS_DENIED", "AUTHENTICATION_FAILED"):
         return 403
+    if name == "QUERY_IS_TOO_LARGE":
+        return 413
     return 500
 
 
 # --- SQL scanning ----------------------------------------------------------------------------
+# Only where an INSERT's inline rows start, so that they are streamed as data and never parsed
+# as SQL: the engine does not say it (parseQueryToJSON refuses inline data, chdb's streaming
+# insert takes the head and the rows apart). It decides nothing about what may run: the head
+# it finds is parsed and checked by the engine's syntax tree like any statement, and its
+# FORMAT must be the one the tree reports.
 
 
 def _tokens(buf: bytes) -> Iterator[re.Match[bytes] | None]:
@@ -363,40 +375,6 @@ def _scan_insert(buf: bytes, final: bool) -> _InsertHead | _Plain | None:
         if kind not in ("space", "comment"):
             previous = text.upper()
     return "plain" if final else None
-
-
-def _result_format(sql: bytes, default_format: str) -> str | None:
-    """The output format of a statement that returns a result set (its own trailing FORMAT
-    clause, else the default), or None for statements without one (DDL, INSERT, SET, ...).
-
-    clickhouse-connect's `command()` tells "empty result" from "no result" by the
-    X-ClickHouse-Format header, so it must be absent for the latter.
-    """
-    first: bytes | None = None
-    fmt: str | None = None
-    depth = 0
-    for match in _tokens(sql):
-        if match is None:
-            break
-        kind = match.lastgroup
-        if kind == "open":
-            depth += 1
-        elif kind == "close":
-            depth -= 1
-        elif kind == "word" and depth == 0:
-            word = match.group().upper()
-            if first is None:
-                first = word
-            elif word == b"FORMAT":
-                name = _FORMAT_NAME.match(sql, match.end())
-                # Only a trailing clause (`SELECT format FROM t` names a column).
-                if name is not None and _TRAILING.match(sql, name.end()):
-                    fmt = name.group(1).decode()
-    if first is None and sql.lstrip().startswith(b"("):
-        first = b"SELECT"
-    if first not in _RESULT_STATEMENTS:
-        return None
-    return fmt or default_format
 
 
 def _content_type(fmt: str) -> str:
@@ -550,7 +528,11 @@ async def _read_params(request: web.Request) -> _Params:
     if request.content_type == "multipart/form-data":
         # clickhouse-connect moves the query and large bound parameters into a form.
         fields: dict[str, str] = {}
-        for name, value in (await request.post()).items():
+        try:
+            form = await request.post()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise _query_too_large(request.app[_SERVER].max_query_bytes) from exc
+        for name, value in form.items():
             if not isinstance(value, str):
                 raise _clickhouse_error(
                     _NOT_IMPLEMENTED, "NOT_IMPLEMENTED", "external data (temporary tables)"
@@ -559,6 +541,16 @@ async def _read_params(request: web.Request) -> _Params:
         params.update(fields)
     params.query_id = _query_id(params.query_id)
     return params
+
+
+def _query_too_large(limit: int) -> EmbeddedQueryError:
+    return _clickhouse_error(
+        _QUERY_IS_TOO_LARGE,
+        "QUERY_IS_TOO_LARGE",
+        f"the statement is larger than {limit} bytes (setting embedded.clickhouse_max_query_bytes, "
+        "SGPIPE_EMBEDDED__CLICKHOUSE_MAX_QUERY_BYTES); rows go as INSERT ... FORMAT data, "
+        "which is streamed and not limited",
+    )
 
 
 _PRINTABLE_QUERY_ID = re.compile(r"[\x20-\x7e]{1,256}")
@@ -615,22 +607,28 @@ def _load_engine_info(conn_str: str) -> _EngineInfo:
 
 
 def _open_request_connection(
-    conn_str: str, params: _Params, settings: dict[str, str], *, readonly_user: bool
+    conn_str: str, params: _Params, settings: dict[str, str], *, readonly: bool
 ) -> _Connection:
-    """A fresh handle set up for one request: its user's limits, its database and settings,
-    nothing else."""
+    """A fresh handle set up for one request: its limits, its database and settings, nothing
+    else. ``readonly``: the request may not change data (the reader's, and any GET)."""
     conn = _connect(conn_str)
     try:
-        if readonly_user:
+        if readonly:
             # First, on its own: every SET after it, the client's included, is checked against
-            # it, and the engine never lets readonly be lowered again on this handle.
+            # it, and the engine never lets readonly be lowered again on this handle. Like
+            # ClickHouse, a GET never changes data (a browser may prefetch it), whoever asks.
+            if settings.get("readonly", "2") in ("0", ""):
+                raise _clickhouse_error(
+                    _READONLY,
+                    "READONLY",
+                    "this request runs read-only (a GET, or the read-only user): "
+                    "readonly=0 is not allowed; send writes as POST",
+                )
+            settings = {name: value for name, value in settings.items() if name != "readonly"}
             conn.query("SET readonly = 2", "TabSeparated")
         if params.database:
             conn.query(f"USE {_quote_identifier(params.database)}", "TabSeparated")
         assignments = [f"{name} = {_quote_string(value)}" for name, value in settings.items()]
-        if params.readonly and not readonly_user and "readonly" not in settings:
-            # Like ClickHouse: a GET must not change data (a browser may prefetch it).
-            assignments.append("readonly = 2")
         if assignments:
             conn.query("SET " + ", ".join(assignments), "TabSeparated")
     except BaseException:
@@ -639,51 +637,101 @@ def _open_request_connection(
     return conn
 
 
-def _canonical_statement(conn: _Connection, sql: str) -> str:
-    """``sql`` as the engine's parser renders it: exactly one statement, in canonical form.
+class _ParseCache:
+    """The engine's parse of recent statements, by statement text and the request's URL
+    settings (some settings change how text parses). Dashboards and the sink send the same
+    statements over and over; each parse is a round trip into the engine. Errors are not
+    kept; the policy check itself runs on every request."""
+
+    def __init__(self, size: int = 1024, max_statement: int = 16 * 1024) -> None:
+        self._entries: OrderedDict[tuple[str, tuple[tuple[str, str], ...]], Statement] = (
+            OrderedDict()
+        )
+        self._size, self._max_statement = size, max_statement
+        self._lock = threading.Lock()
+
+    def parsed(self, conn: _Connection, sql: str, settings: Mapping[str, str]) -> Statement:
+        if len(sql) > self._max_statement:
+            return _parsed_statement(conn, sql)
+        key = (sql, tuple(sorted(settings.items())))
+        with self._lock:
+            if (statement := self._entries.get(key)) is not None:
+                self._entries.move_to_end(key)
+                return statement
+        statement = _parsed_statement(conn, sql)
+        with self._lock:
+            self._entries[key] = statement
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return statement
+
+
+_PARSED: Final = _ParseCache()
+
+
+def _parsed_statement(conn: _Connection, sql: str) -> Statement:
+    """``sql`` as the engine's parser reads it: exactly one statement, its syntax tree and
+    its canonical text (which the engine confirmed parses to the same tree).
 
     Runs on the request's own handle, so the parser sees the same settings as the execution.
     Raises the engine's error (syntax error, "Multi-statements are not allowed", ...).
     """
+    bound = {"statement": escape_query_parameter(sql)}
     try:
-        result: _Result = conn.query(
-            CANONICAL_QUERY, "RawBLOB", params={"statement": escape_query_parameter(sql)}
-        )
+        try:
+            answer: _Result = conn.query(STATEMENT_TREE_QUERY, "RawBLOB", params=bound)
+            return Statement.from_tree_answer(answer.bytes().decode())
+        except RuntimeError as exc:
+            if _INLINE_DATA in str(exc):
+                raise _inline_rows_refused() from exc
+            if not is_not_serializable(exc):
+                raise
+        canonical = conn.query(CANONICAL_QUERY, "RawBLOB", params=bound).bytes().decode()
+        explained = conn.query(f"EXPLAIN AST {canonical}", "TabSeparatedRaw").bytes().decode()
+        return Statement.from_explain(canonical, explained)
     except RuntimeError as exc:
         error = _engine_error(exc)
         # Say what was wrong with the client's statement, not with our call.
         raise EmbeddedQueryError(_CANONICAL_SCOPE.sub(r"\1", str(error)), error.code) from exc
-    return result.bytes().decode()
+
+
+# The engine's parser keeps no inline rows in its tree: rows after an INSERT's FORMAT clause
+# that did not reach the streaming path would be dropped silently. Refuse instead.
+_INLINE_DATA: Final = "INSERT with inline data is not supported"
+
+
+def _inline_rows_refused() -> EmbeddedQueryError:
+    return _clickhouse_error(
+        _NOT_IMPLEMENTED,
+        "NOT_IMPLEMENTED",
+        "INSERT ... SELECT takes no FORMAT clause here (rows after it would be dropped); "
+        "inline rows go after INSERT ... FORMAT <format> or INSERT ... VALUES",
+    )
 
 
 def _checked_statement(
-    conn: _Connection, sql: str, policy: StatementPolicy, *, readonly_user: bool
-) -> str:
-    """The canonical form of ``sql`` if it passes the policy; raises ACCESS_DENIED if not."""
-    canonical = _canonical_statement(conn, sql)
+    conn: _Connection, sql: str, policy: StatementPolicy, *, readonly: bool, params: _Params
+) -> Statement:
+    """``sql`` parsed, if it passes the policy; raises ACCESS_DENIED if not."""
     try:
-        check_statement(canonical, policy, readonly=readonly_user)
+        statement = _PARSED.parsed(conn, sql, params.settings)
+        check_statement(statement, policy, readonly=readonly, parameters=params.bind)
     except StatementDenied as denied:
         raise _clickhouse_error(ACCESS_DENIED, "ACCESS_DENIED", str(denied)) from denied
-    return canonical
+    return statement
 
 
 def _run_query(
-    conn: _Connection, sql: str, params: _Params, policy: StatementPolicy, *, readonly_user: bool
+    conn: _Connection, sql: str, params: _Params, policy: StatementPolicy, *, readonly: bool
 ) -> _Outcome:
-    # What runs is the canonical form that was checked, never the client's text.
-    canonical = _checked_statement(conn, sql, policy, readonly_user=readonly_user)
-    if statement_kind(canonical) == "INSERT" and _TRAILING_FORMAT.search(canonical):
-        # The canonical form has no inline data: rows after an INSERT's FORMAT clause that
-        # did not reach the streaming path would be dropped silently. Refuse instead.
-        raise _clickhouse_error(
-            _NOT_IMPLEMENTED,
-            "NOT_IMPLEMENTED",
-            "INSERT ... SELECT takes no FORMAT clause here (rows after it would be dropped); "
-            "inline rows go after INSERT ... FORMAT <format> or INSERT ... VALUES",
-        )
-    fmt = _result_format(canonical.encode(), params.default_format)
-    result: _Result = conn.query(canonical, fmt or params.default_format, params=params.bind)
+    # What runs is the canonical form of the checked tree, never the client's text.
+    statement = _checked_statement(conn, sql, policy, readonly=readonly, params=params)
+    if statement.insert_format is not None:
+        raise _inline_rows_refused()
+    fmt = (statement.output_format or params.default_format) if statement.returns_rows else None
+    result: _Result = conn.query(
+        statement.canonical, fmt or params.default_format, params=params.bind
+    )
     body = result.bytes()
     summary = {
         "read_rows": str(result.storage_rows_read()),
@@ -712,16 +760,24 @@ def _insert_summary(result: _InsertResult) -> dict[str, str]:
 
 
 def _checked_insert_head(
-    conn: _Connection, sql: str, fmt: str, policy: StatementPolicy, *, readonly_user: bool
+    conn: _Connection,
+    sql: str,
+    fmt: str,
+    policy: StatementPolicy,
+    *,
+    readonly: bool,
+    params: _Params,
 ) -> str:
     """The canonical form of an INSERT head (without its FORMAT clause), checked."""
+    statement = _checked_statement(
+        conn, f"{sql} FORMAT {fmt}", policy, readonly=readonly, params=params
+    )
     suffix = f" FORMAT {fmt}"
-    canonical = _checked_statement(conn, sql + suffix, policy, readonly_user=readonly_user)
-    if not canonical.endswith(suffix):
+    if statement.insert_format != fmt or not statement.canonical.endswith(suffix):
         raise _clickhouse_error(
             ACCESS_DENIED, "ACCESS_DENIED", "an INSERT head this server cannot read"
         )
-    return canonical[: -len(suffix)]
+    return statement.canonical[: -len(suffix)]
 
 
 class _StreamingInsert:
@@ -740,13 +796,13 @@ class _StreamingInsert:
         settings: dict[str, str],
         policy: StatementPolicy,
         *,
-        readonly_user: bool,
+        readonly: bool,
     ) -> None:
         self._conn_str = conn_str
         self._params = params
         self._settings = settings
         self._policy = policy
-        self._readonly_user = readonly_user
+        self._readonly = readonly
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
         self._inserter: _Inserter | None = None
@@ -754,10 +810,18 @@ class _StreamingInsert:
     def begin(self, sql: str, fmt: str) -> None:
         with self._lock:
             self._conn = _open_request_connection(
-                self._conn_str, self._params, self._settings, readonly_user=self._readonly_user
+                self._conn_str,
+                self._params,
+                self._settings,
+                readonly=self._readonly or self._params.readonly,
             )
             head = _checked_insert_head(
-                self._conn, sql, fmt, self._policy, readonly_user=self._readonly_user
+                self._conn,
+                sql,
+                fmt,
+                self._policy,
+                readonly=self._readonly,
+                params=self._params,
             )
             self._inserter = self._conn.send_insert(head, fmt)
 
@@ -790,8 +854,9 @@ class _StreamingInsert:
 class _Server:
     """Per-app state: the engine's connection string, engine facts, the chdb thread pool."""
 
-    def __init__(self, conn_str: str) -> None:
+    def __init__(self, conn_str: str, max_query_bytes: int = MAX_QUERY_BYTES) -> None:
         self.conn_str = conn_str
+        self.max_query_bytes = max_query_bytes
         self.info = _EngineInfo(frozenset(), "UTC", "chdb", StatementPolicy(frozenset()))
         self._executor = ThreadPoolExecutor(_WORKERS, thread_name_prefix="chdb-http")
 
@@ -835,29 +900,36 @@ class _Server:
                 # of the error.
                 await _drain(statement)
                 raise
-        parts = [head_bytes]
+        parts, size = [head_bytes], len(head_bytes)
         async for chunk in statement:
             parts.append(chunk)
+            size += len(chunk)
+            if size > self.max_query_bytes:
+                break
+        if size > self.max_query_bytes:
+            parts.clear()
+            await _drain(statement)  # so that a client sending the whole body first sees this
+            raise _query_too_large(self.max_query_bytes)
         sql_bytes = b"".join(parts)
         if not sql_bytes.strip():
             raise _clickhouse_error(_SYNTAX_ERROR, "SYNTAX_ERROR", "Empty query")
         sql = _decode_sql(sql_bytes)
-        policy, readonly_user = self.info.policy, user.readonly
+        # The statement check reads with the user's allowlist; the engine's readonly=2 also
+        # covers any GET.
+        policy, reader = self.info.policy, user.readonly
         return await self._with_connection(
-            user,
             params,
-            lambda conn: _run_query(conn, sql, params, policy, readonly_user=readonly_user),
+            reader or params.readonly,
+            lambda conn: _run_query(conn, sql, params, policy, readonly=reader),
         )
 
     async def _with_connection(
-        self, user: EmbeddedUser, params: _Params, fn: Callable[[_Connection], _Outcome]
+        self, params: _Params, readonly: bool, fn: Callable[[_Connection], _Outcome]
     ) -> _Outcome:
         settings = self.engine_settings(params)
 
         def run() -> _Outcome:
-            conn = _open_request_connection(
-                self.conn_str, params, settings, readonly_user=user.readonly
-            )
+            conn = _open_request_connection(self.conn_str, params, settings, readonly=readonly)
             try:
                 return fn(conn)
             finally:
@@ -879,7 +951,7 @@ class _Server:
             params,
             self.engine_settings(params),
             self.info.policy,
-            readonly_user=user.readonly,
+            readonly=user.readonly,
         )
         try:
             await self._call(lambda: insert.begin(sql, head.fmt))
@@ -1123,6 +1195,7 @@ def create_http_app(
     *,
     allowed_origins: tuple[str, ...] = (),
     loopback: bool = True,
+    max_query_bytes: int = MAX_QUERY_BYTES,
 ) -> web.Application:
     """The aiohttp app implementing the subset of ClickHouse's HTTP interface that
     clickhouse-connect (sync and async) and simple BI tools use, for the engine that
@@ -1137,10 +1210,12 @@ def create_http_app(
     fresh context). Multipart forms (query and parameters as fields) are accepted; external
     data (temporary tables) is not. Requests from web pages are refused (`_browser_refusal`);
     ``loopback``: the server listens on a loopback address, so the Host must name one.
+    ``max_query_bytes``: a longer statement (forms included; not streamed insert rows) gets
+    413 QUERY_IS_TOO_LARGE.
     """
-    server = _Server(conn_str)
+    server = _Server(conn_str, max_query_bytes)
     app = web.Application(
-        client_max_size=_FORM_MAX_BYTES,
+        client_max_size=max_query_bytes,
         middlewares=[_refuse_browsers(frozenset(allowed_origins), loopback)],
     )
     app[_SERVER] = server
@@ -1230,10 +1305,12 @@ class EmbeddedClickHouse:
         credentials: EmbeddedCredentials,
         *,
         allowed_origins: tuple[str, ...] = (),
+        max_query_bytes: int = MAX_QUERY_BYTES,
     ) -> None:
         self._data_path = data_path
         self._credentials = credentials
         self._allowed_origins = allowed_origins
+        self._max_query_bytes = max_query_bytes
         self._engine: _Engine | None = None
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
@@ -1251,6 +1328,7 @@ class EmbeddedClickHouse:
                 self._credentials,
                 allowed_origins=self._allowed_origins,
                 loopback=host in _LOOPBACK_HOSTS,
+                max_query_bytes=self._max_query_bytes,
             )
             # No access log: it would log every request at info.
             runner = web.AppRunner(app, access_log=None)
@@ -1322,7 +1400,7 @@ def query_store(
         head = _scan_insert(sql_bytes, final=True)
         if isinstance(head, _InsertHead):
             # As over HTTP: the rows are data for the insert, never SQL.
-            insert = _StreamingInsert(engine.conn_str, params, {}, info.policy, readonly_user=False)
+            insert = _StreamingInsert(engine.conn_str, params, {}, info.policy, readonly=False)
             try:
                 insert.begin(_decode_sql(head.sql), head.fmt)
                 insert.append(sql_bytes[head.data_start :])
@@ -1330,9 +1408,9 @@ def query_store(
             finally:
                 insert.release()
             return b""
-        conn = _open_request_connection(engine.conn_str, params, {}, readonly_user=False)
+        conn = _open_request_connection(engine.conn_str, params, {}, readonly=False)
         try:
-            return _run_query(conn, sql, params, info.policy, readonly_user=False).body
+            return _run_query(conn, sql, params, info.policy, readonly=False).body
         finally:
             conn.close()
     except RuntimeError as exc:

@@ -14,27 +14,33 @@ that is needed to store and read email events, so:
    whatever the SQL looks like. `verify_lockdown` proves at every start that the file was
    loaded: chdb silently falls back to an all-powerful user when it cannot find it.
 
-2. **The engine's parser** (`check_statement`). A few ways out are not access-controlled in
-   local mode: the scalar function `file()`, `INTO OUTFILE`, `FROM INFILE`, `disk(...)` in
-   a table's settings (it creates directories and fetches URLs while parsing), and chdb's own
-   table functions (`python`, `eval`, `filesystem`, ...). Each statement is therefore first
-   rendered by the engine's own parser in canonical form (`formatQuerySingleLine`: one
-   statement, comments gone, keywords and quoting normalized) and that canonical text is
-   checked here -- statement kinds and table functions against allowlists, engines against an
-   allowlist, a short denylist of scalar functions -- and then it, not the client's text, is
-   what runs. Multi-statements fail to format, so they never run. Anything the checks cannot
-   read is refused.
+2. **The engine's syntax tree** (`check_statement`). A few ways out are not access-controlled
+   in local mode: the scalar function `file()`, `INTO OUTFILE`, `FROM INFILE`, `disk(...)` and
+   `disk`/`storage_policy` in a table's settings, and chdb's own table functions (`python`,
+   `eval`, `filesystem`, ...). So each statement is parsed by the engine itself
+   (`parseQueryToJSON`: its syntax tree as JSON; multi-statements are a syntax error) and the
+   tree is checked here (after the engine confirmed that the canonical text it formats parses
+   to the same tree) -- the root's statement kind and table functions against allowlists,
+   storage engines against an allowlist, table settings and a short list of scalar functions
+   against denylists, no INTO OUTFILE/FROM INFILE node -- and then that canonical text, not
+   the client's, is what runs. A column named
+   `engine`, `url` or `file` is an Identifier node, never a clause or a call. The few
+   statement kinds the JSON form lacks (DESCRIBE, EXISTS, SHOW CREATE) are read from the
+   engine's `EXPLAIN AST` and may name a table, nothing else. Anything unreadable is refused.
+   The engine's grants do not cover system tables in local mode, so the few no user may
+   read (`DENIED_TABLES`) are refused by name here.
 
 The reader user additionally runs every request with `readonly = 2` (see the HTTP layer).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 from xml.sax.saxutils import escape
 
 # --- layer 1: the engine's configuration ----------------------------------------------------
@@ -195,9 +201,9 @@ def unlocked_settings_query() -> str:
     return f"SELECT name FROM system.settings WHERE name IN ({names}) AND readonly = 0"
 
 
-# --- layer 2: statements, checked in the engine's canonical form -----------------------------
+# --- layer 2: statements, checked on the engine's own syntax tree ----------------------------
 
-# Table functions that only compute (the engine lists all others, and new ones, as denied).
+# Table functions that only compute; every other one (and any a newer engine adds) is refused.
 SAFE_TABLE_FUNCTIONS: Final = frozenset(
     {
         "numbers",
@@ -211,7 +217,7 @@ SAFE_TABLE_FUNCTIONS: Final = frozenset(
         "values",
         "view",
         "null",
-        "format",  # also the string function format('{}', x)
+        "format",
     }
 )
 # Scalar functions that reach the file system or the network without an access check in
@@ -219,29 +225,97 @@ SAFE_TABLE_FUNCTIONS: Final = frozenset(
 DENIED_SCALAR_FUNCTIONS: Final = frozenset({"file", "disk", "catboostevaluate"})
 # The LLM-calling functions (also off by a locked setting).
 _AI_FUNCTION = re.compile(r"^(?:ai|AI)[A-Z]")
+# Table settings that pick where a table's data lives (a disk, a storage policy, a
+# coordination path): only the engine's default disk exists here.
+DENIED_TABLE_SETTINGS: Final = frozenset({"disk", "storage_policy", "table_disk"})
+_DENIED_TABLE_SETTING_PARTS: Final = ("zookeeper", "remote_fs")
+_ALLOWED_ENGINES: Final = frozenset(name.lower() for name in (*TABLE_ENGINES, *DATABASE_ENGINES))
+# System tables no user reads: the stack of every engine thread (with the statements running
+# and addresses). In local mode the engine lets anyone read system tables whatever the grants
+# say (a REVOKE is loaded and ignored), so the check refuses the name -- in any database, as
+# the `database` parameter may make `system` the current one.
+DENIED_TABLES: Final = frozenset({"stack_trace"})
 
-# Statement kinds, by the canonical form's first keyword.
-_READ_KINDS: Final = frozenset(
-    {"SELECT", "WITH", "SHOW", "DESCRIBE", "EXISTS", "EXPLAIN", "SET", "USE"}
+# Statement kinds, by the type of the tree's root node, and how a refusal names them.
+_READ_STATEMENTS: Final = {
+    "SelectWithUnionQuery": "SELECT",
+    "ShowTablesQuery": "SHOW",
+    "ShowColumnsQuery": "SHOW COLUMNS",
+    "ShowIndexesQuery": "SHOW INDEXES",
+    "ExplainQuery": "EXPLAIN",
+    "SetQuery": "SET",
+    "UseQuery": "USE",
+    "DescribeQuery": "DESCRIBE",
+    "ExistsTableQuery": "EXISTS",
+    "ExistsDatabaseQuery": "EXISTS",
+    "ExistsViewQuery": "EXISTS",
+    "ShowCreateTableQuery": "SHOW CREATE",
+    "ShowCreateViewQuery": "SHOW CREATE",
+    "ShowCreateDatabaseQuery": "SHOW CREATE",
+    "ShowGrantsQuery": "SHOW GRANTS",
+    "ShowEngineQuery": "SHOW ENGINES",
+    "ShowFunctions": "SHOW FUNCTIONS",
+    "ShowSetting": "SHOW SETTING",
+}
+_WRITE_STATEMENTS: Final = {
+    **_READ_STATEMENTS,
+    "InsertQuery": "INSERT",
+    "CreateQuery": "CREATE",
+    "AlterQuery": "ALTER",
+    "DropQuery": "DROP",
+    "OptimizeQuery": "OPTIMIZE",
+    "RenameQuery": "RENAME",
+    "DeleteQuery": "DELETE",
+    "UpdateQuery": "UPDATE",
+    "CheckTableQuery": "CHECK",
+}
+# The statements that answer with a result set (and so take an output format).
+_ROW_STATEMENTS: Final = frozenset(
+    set(_READ_STATEMENTS) - {"SetQuery", "UseQuery"} | {"CheckTableQuery"}
 )
-_WRITE_KINDS: Final = _READ_KINDS | frozenset(
+# Statements `parseQueryToJSON` cannot serialize in this engine version. They are read from
+# `EXPLAIN AST` instead, where every node's type starts its line; such a statement may name
+# a table and settings, nothing else -- no function, subquery or literal (so no table
+# function and no INTO OUTFILE). An identifier containing a newline can only add lines, and
+# a line whose type is not listed is refused.
+_EXPLAINED_STATEMENTS: Final = frozenset(
     {
-        "INSERT",
-        "CREATE",
-        "ALTER",
-        "DROP",
-        "TRUNCATE",
-        "OPTIMIZE",
-        "RENAME",
-        "EXCHANGE",
-        "DELETE",
-        "UPDATE",
-        "CHECK",
+        "DescribeQuery",
+        "ExistsTableQuery",
+        "ExistsDatabaseQuery",
+        "ExistsViewQuery",
+        "ShowCreateTableQuery",
+        "ShowCreateViewQuery",
+        "ShowCreateDatabaseQuery",
+        "ShowGrantsQuery",
+        "ShowEngineQuery",
+        "ShowFunctions",
+        "ShowSetting",
     }
 )
-_CREATE_OBJECTS: Final = frozenset({"TABLE", "VIEW", "MATERIALIZED", "DATABASE"})
-_DROP_OBJECTS: Final = frozenset({"TABLE", "VIEW", "DATABASE"})
-_ALLOWED_ENGINES: Final = frozenset(name.lower() for name in (*TABLE_ENGINES, *DATABASE_ENGINES))
+_EXPLAINED_PARTS: Final = frozenset({"TableExpression", "TableIdentifier", "Identifier", "Set"})
+_EXPLAIN_LINE = re.compile(r"^ *([A-Za-z_]+)")
+_TRAILING_FORMAT = re.compile(r" FORMAT ([A-Za-z_][A-Za-z0-9_]*)$")
+
+# The tree without the flag that only says how an expression was written (`a ? b : c` and
+# `x::T` format back as `if(a, b, c)` and `CAST(x, 'T')`). A JSON key never matches inside a
+# string value: there its quotes are escaped.
+_SAME_TREE: Final = "replaceRegexpAll({tree}, ',\"is_operator\":(?:true|false)', '')"
+# What the HTTP layer asks the engine, on the request's own handle (so the parser sees the
+# request's settings): the statement's syntax tree as JSON, whether the canonical text parses
+# to that very tree, and the canonical text, which is what runs. One round trip; the JSON has
+# no raw newline. (Formatting back from the JSON instead fails on some trees -- a `disk(...)`
+# setting -- with an engine error before the check could say why it is refused.)
+STATEMENT_TREE_QUERY: Final = (
+    "WITH parseQueryToJSON({statement:String}) AS tree, "
+    "formatQuerySingleLine({statement:String}) AS canonical, "
+    f"{_SAME_TREE.format(tree='parseQueryToJSON(canonical)')} = {_SAME_TREE.format(tree='tree')}"
+    " AS same_tree "
+    "SELECT concat(tree, '\\n', toString(same_tree), '\\n', canonical)"
+)
+# For the statements the JSON form does not cover: the canonical text, then its EXPLAIN AST.
+CANONICAL_QUERY: Final = "SELECT formatQuerySingleLine({statement:String})"
+_NOT_SERIALIZABLE = "does not support JSON serialization"
 
 
 class StatementDenied(Exception):
@@ -256,8 +330,8 @@ class StatementPolicy:
     def from_engine(
         cls, table_functions: Iterable[str], functions: Iterable[str]
     ) -> StatementPolicy:
-        """The policy for this engine build: every table function it has but the safe ones,
-        the denied scalar functions, and the AI functions it has."""
+        """The policy for this engine build: every table function it has but the safe ones
+        (as a scalar call too), the denied scalar functions, and the AI functions it has."""
         denied = {name.lower() for name in table_functions} - SAFE_TABLE_FUNCTIONS
         denied |= DENIED_SCALAR_FUNCTIONS
         denied |= {name.lower() for name in functions if _AI_FUNCTION.match(name)}
@@ -265,118 +339,191 @@ class StatementPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class _Token:
-    kind: str  # word, identifier (quoted), string, number, punct
-    text: str  # words upper-cased; quoted identifiers unquoted
+class Statement:
+    """One statement as the engine parsed it: its syntax tree and the text that runs."""
 
-    def is_name(self) -> bool:
-        return self.kind in ("word", "identifier")
+    kind: str  # the root node's type, e.g. "SelectWithUnionQuery"
+    canonical: str  # formatted by the engine; parses to the checked tree; what runs
+    tree: dict[str, Any] | None  # parseQueryToJSON's tree; None for _EXPLAINED_STATEMENTS
+    explained: tuple[str, ...] = ()  # their EXPLAIN AST lines
+
+    @classmethod
+    def from_tree_answer(cls, answer: str) -> Statement:
+        """From the answer to STATEMENT_TREE_QUERY."""
+        tree_json, same_tree, canonical = answer.rstrip("\n").split("\n", 2)
+        if same_tree != "1":
+            raise StatementDenied("the statement's canonical form parses to another tree")
+        try:
+            tree = json.loads(tree_json)
+        except (ValueError, RecursionError) as exc:
+            raise StatementDenied("the statement's syntax tree could not be read") from exc
+        if not isinstance(tree, dict) or not isinstance(tree.get("type"), str):
+            raise StatementDenied("the statement's syntax tree could not be read")
+        return cls(tree["type"], canonical, tree)
+
+    @classmethod
+    def from_explain(cls, canonical: str, explain_ast: str) -> Statement:
+        """From a canonical statement and the engine's EXPLAIN AST of it."""
+        lines = tuple(line for line in explain_ast.splitlines() if line.strip())
+        root = _EXPLAIN_LINE.match(lines[0]) if lines else None
+        if root is None:
+            raise StatementDenied("the statement's syntax tree could not be read")
+        return cls(root.group(1), canonical, None, lines)
+
+    @property
+    def returns_rows(self) -> bool:
+        return self.kind in _ROW_STATEMENTS
+
+    @property
+    def output_format(self) -> str | None:
+        """The statement's own FORMAT clause, if it has one."""
+        if self.tree is None:
+            match = _TRAILING_FORMAT.search(self.canonical)
+            return match.group(1) if match else None
+        format_ast = self.tree.get("format_ast")
+        if isinstance(format_ast, dict) and isinstance(format_ast.get("name"), str):
+            return str(format_ast["name"])
+        return None
+
+    @property
+    def insert_format(self) -> str | None:
+        """An INSERT's FORMAT (VALUES is format Values): its data follows the statement."""
+        if self.kind != "InsertQuery" or self.tree is None:
+            return None
+        fmt = self.tree.get("format")
+        return fmt if isinstance(fmt, str) and fmt else None
 
 
-# The canonical form only: single-quoted strings and back-quoted identifiers with backslash
-# escapes, no comments. A quote that does not close is left to `bad` and refused.
-_CANONICAL_TOKEN = re.compile(
-    r"""
-      (?P<space>\s+)
-    | (?P<string>'(?:[^'\\]|\\.)*')
-    | (?P<identifier>`(?:[^`\\]|\\.)*`|"(?:[^"\\]|\\.)*")
-    | (?P<word>[A-Za-z_][A-Za-z0-9_$]*)
-    | (?P<number>[0-9][0-9A-Za-z_.]*)
-    | (?P<bad>['"`\\])
-    | (?P<punct>.)
-    """,
-    re.VERBOSE | re.DOTALL,
-)
-_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+def is_not_serializable(error: BaseException) -> bool:
+    """Did STATEMENT_TREE_QUERY fail only because the JSON form lacks this statement kind?"""
+    return _NOT_SERIALIZABLE in str(error)
 
 
-def _tokens(canonical: str) -> Iterator[_Token]:
-    for match in _CANONICAL_TOKEN.finditer(canonical):
-        kind, text = match.lastgroup, match.group()
-        if kind == "space":
-            continue
-        if kind == "bad":
-            raise StatementDenied("the statement's canonical form could not be read")
-        if kind == "word":
-            yield _Token("word", text.upper() if text.isascii() else text)
-        elif kind == "identifier":
-            yield _Token("identifier", _ESCAPE.sub(r"\1", text[1:-1]))
-        else:
-            assert kind is not None
-            yield _Token(kind, text)
+def check_statement(
+    statement: Statement,
+    policy: StatementPolicy,
+    *,
+    readonly: bool,
+    parameters: Mapping[str, str] | None = None,
+) -> None:
+    """Raise StatementDenied unless ``statement`` stays inside the data path.
 
-
-def statement_kind(canonical: str) -> str:
-    """The first keyword of a canonical statement ("" if it has none)."""
-    for token in _tokens(canonical):
-        return token.text if token.kind == "word" else ""
-    return ""
-
-
-def check_statement(canonical: str, policy: StatementPolicy, *, readonly: bool) -> None:
-    """Raise StatementDenied unless ``canonical`` -- one statement as the engine's
-    ``formatQuerySingleLine`` rendered it -- stays inside the data path.
-
-    ``readonly``: the reader's allowlist of statement kinds (reads and SET only).
+    ``readonly``: the read-only allowlist of statement kinds (reads and SET only).
+    ``parameters``: the values bound to the statement's `{name:Type}` placeholders.
     """
-    tokens = list(_tokens(canonical))
-    if not tokens or tokens[0].kind != "word":
-        raise StatementDenied("not a statement this server runs")
-    kind = tokens[0].text
-    allowed = _READ_KINDS if readonly else _WRITE_KINDS
-    if kind not in allowed:
-        who = "the read-only user" if readonly and kind in _WRITE_KINDS else "any user"
-        raise StatementDenied(f"{kind} statements are not allowed for {who}")
-    _check_statement_object(kind, tokens)
-    for index, token in enumerate(tokens):
-        following = tokens[index + 1] if index + 1 < len(tokens) else None
-        if token.kind == "word" and following is not None and following.kind == "word":
-            if (token.text, following.text) == ("INTO", "OUTFILE"):
-                raise StatementDenied("INTO OUTFILE is not allowed: results go to the client")
-            if (token.text, following.text) == ("FROM", "INFILE"):
-                raise StatementDenied("FROM INFILE is not allowed: send the data in the request")
-        if following is not None and following.text == "(":
-            if token.is_name() and token.text.lower() in policy.denied_functions:
-                raise StatementDenied(
-                    f"{token.text.lower()}() reaches outside the store and is not allowed"
-                )
-            if token.kind == "punct" and token.text == "}":
-                raise StatementDenied("a query parameter cannot name a function")
-        if token.kind == "word" and token.text == "ENGINE":
-            _check_engine(tokens[index + 1 : index + 3])
+    _check_kind(statement.kind, readonly=readonly)
+    if statement.tree is None:
+        _check_explained(statement)
+        return
+    if statement.kind == "ExplainQuery":
+        inner = statement.tree.get("query")
+        _check_kind(inner.get("type") if isinstance(inner, dict) else None, readonly=readonly)
+    _check_object(statement.tree)
+    for key, node in _nodes(statement.tree):
+        if "out_file" in node or node.get("is_into_outfile_with_stdout"):
+            raise StatementDenied("INTO OUTFILE is not allowed: results go to the client")
+        if "infile" in node:
+            raise StatementDenied("FROM INFILE is not allowed: send the data in the request")
+        node_type = node.get("type")
+        if node_type == "Function":
+            _check_function(key, node, policy)
+        elif node_type == "SetQuery":
+            _check_settings(node)
+        elif node_type == "TableIdentifier":
+            _check_table(node, parameters or {})
+        elif node_type == "Identifier" and _names_denied_table(str(node.get("name", ""))):
+            # A table where an expression goes: `x IN system.stack_trace`, joinGet(t, ...).
+            raise StatementDenied(f"the system table {node.get('name')} is not readable here")
 
 
-def _check_statement_object(kind: str, tokens: list[_Token]) -> None:
-    words = [token.text for token in tokens[1:5] if token.kind == "word"]
-    if kind == "CREATE":
-        rest = words[2:] if words[:2] == ["OR", "REPLACE"] else words
-        rest = rest[1:] if rest[:1] == ["TEMPORARY"] else rest
-        if not rest or rest[0] not in _CREATE_OBJECTS:
-            raise StatementDenied(
-                "CREATE is allowed for tables, views and databases only (no dictionaries, "
-                "functions, users or other objects)"
-            )
-    elif kind == "DROP":
-        rest = words[1:] if words[:1] == ["TEMPORARY"] else words
-        if not rest or rest[0] not in _DROP_OBJECTS:
-            raise StatementDenied("DROP is allowed for tables, views and databases only")
-    elif kind == "SET":
-        # `SET name = value, ...` only: not SET ROLE, SET DEFAULT ROLE, SET TRANSACTION.
-        if len(tokens) < 3 or not tokens[1].is_name() or tokens[2].text != "=":
-            raise StatementDenied("only SET name = value is allowed")
-        if tokens[1].kind == "word" and tokens[1].text in ("ROLE", "DEFAULT", "TRANSACTION"):
-            raise StatementDenied(f"SET {tokens[1].text} is not allowed")
+def _check_kind(kind: object, *, readonly: bool) -> None:
+    allowed = _READ_STATEMENTS if readonly else _WRITE_STATEMENTS
+    if not isinstance(kind, str) or kind not in allowed:
+        name = _WRITE_STATEMENTS.get(str(kind), str(kind))
+        who = "the read-only user" if readonly and kind in _WRITE_STATEMENTS else "any user"
+        raise StatementDenied(f"{name} statements are not allowed for {who}")
 
 
-def _check_engine(after: list[_Token]) -> None:
-    if len(after) == 2 and after[0].text == "=" and after[1].is_name():
-        if after[1].text.lower() in _ALLOWED_ENGINES:
-            return
+def _nodes(tree: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every node of the tree with the key it hangs under (iteratively: trees are deep)."""
+    stack: list[tuple[str, Any]] = [("", tree)]
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, dict):
+            yield key, value
+            stack.extend(value.items())
+        elif isinstance(value, list):
+            stack.extend((key, item) for item in value)
+
+
+def _check_object(tree: dict[str, Any]) -> None:
+    kind = tree["type"]
+    if kind == "CreateQuery" and (
+        tree.get("is_dictionary") or tree.get("attach") or tree.get("has_attach_from_path")
+    ):
         raise StatementDenied(
-            f"ENGINE = {after[1].text} is not allowed; allowed: "
-            + ", ".join((*TABLE_ENGINES, *DATABASE_ENGINES))
+            "CREATE is allowed for tables, views and databases only (no dictionaries, no ATTACH)"
         )
-    raise StatementDenied("an ENGINE clause this server cannot read")
+    if kind == "DropQuery" and (
+        tree.get("kind") not in ("Drop", "Truncate") or tree.get("is_dictionary")
+    ):
+        raise StatementDenied("DROP is allowed for tables, views and databases only")
+    if kind == "RenameQuery" and tree.get("dictionary"):
+        raise StatementDenied("RENAME is allowed for tables, views and databases only")
+
+
+def _check_function(key: str, node: dict[str, Any], policy: StatementPolicy) -> None:
+    name = node.get("name")
+    if not isinstance(name, str):
+        raise StatementDenied("a function this server cannot read")
+    lower = name.lower()
+    if node.get("kind") in ("TABLE_ENGINE", "DATABASE_ENGINE") or key == "engine":
+        if lower not in _ALLOWED_ENGINES:
+            raise StatementDenied(
+                f"ENGINE = {name} is not allowed; allowed: "
+                + ", ".join((*TABLE_ENGINES, *DATABASE_ENGINES))
+            )
+    elif key in ("table_function", "as_table_function"):
+        if lower not in SAFE_TABLE_FUNCTIONS:
+            raise StatementDenied(f"{lower}() reaches outside the store and is not allowed")
+    elif lower in policy.denied_functions:
+        raise StatementDenied(f"{lower}() reaches outside the store and is not allowed")
+
+
+def _check_table(node: dict[str, Any], parameters: Mapping[str, str]) -> None:
+    names = [node.get("name")]
+    for part in node.get("children") or ():
+        if isinstance(part, dict) and part.get("type") == "QueryParameter":
+            names.append(parameters.get(str(part.get("name")), ""))
+    for name in names:
+        if _names_denied_table(str(name or "")):
+            raise StatementDenied(f"the system table {name} is not readable here")
+
+
+def _names_denied_table(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].strip('`"').lower() in DENIED_TABLES
+
+
+def _check_settings(node: dict[str, Any]) -> None:
+    for change in node.get("changes") or ():
+        name = change.get("name") if isinstance(change, dict) else None
+        if not isinstance(name, str):
+            raise StatementDenied("a SETTINGS clause this server cannot read")
+        if name in DENIED_TABLE_SETTINGS or any(p in name for p in _DENIED_TABLE_SETTING_PARTS):
+            raise StatementDenied(
+                f"SETTINGS {name} is not allowed: tables keep their data on the default disk"
+            )
+
+
+def _check_explained(statement: Statement) -> None:
+    if statement.kind not in _EXPLAINED_STATEMENTS:
+        raise StatementDenied("a statement this server cannot read")
+    for line in statement.explained[1:]:
+        part = _EXPLAIN_LINE.match(line)
+        if part is None or part.group(1) not in _EXPLAINED_PARTS:
+            raise StatementDenied(
+                f"{_WRITE_STATEMENTS[statement.kind]} may name a table and settings only"
+            )
 
 
 def escape_query_parameter(text: str) -> str:
@@ -389,6 +536,3 @@ def escape_query_parameter(text: str) -> str:
         .replace("\r", "\\r")
         .replace("\0", "\\0")
     )
-
-
-CANONICAL_QUERY: Final = "SELECT formatQuerySingleLine({statement:String})"

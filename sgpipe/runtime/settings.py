@@ -435,8 +435,12 @@ class EmbeddedSettings(_Section):
     See docs/embedded.md for what is stored where under ``--data-dir``.
     """
 
-    kafka_port: Annotated[int, Field(ge=0, le=65535)] = 9092
-    clickhouse_http_port: Annotated[int, Field(ge=0, le=65535)] = 8123
+    # Unset: a free loopback port chosen at every start (never 9092/8123, the ports of a local
+    # Kafka or ClickHouse); `sgpipe up` records where they listen in <data-dir>/sgpipe-up.json,
+    # where `sgpipe query`, `forget`, `dlq` and `migrate` find them, and logs where BI tools
+    # connect. A port set here is pinned (0 is a free port too).
+    kafka_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    clickhouse_http_port: Annotated[int, Field(ge=0, le=65535)] | None = None
     # Embedded services listen here only; never expose them beyond the machine by default.
     host: str = "127.0.0.1"
     # durable: the broker's log lives in SeaweedFS (`weed mini`) under <data-dir>/broker and
@@ -459,6 +463,9 @@ class EmbeddedSettings(_Section):
     # refused, so a web page cannot use a browser to reach it (docs/security.md).
     # In the environment, a JSON list: SGPIPE_EMBEDDED__CLICKHOUSE_ALLOWED_ORIGINS='["https://..."]'.
     clickhouse_allowed_origins: tuple[str, ...] = ()
+    # The longest statement text the embedded ClickHouse takes (413 beyond it). Rows sent as
+    # `INSERT ... FORMAT` data are streamed and not limited by this.
+    clickhouse_max_query_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
 
 
 class SendGridSettings(_Section):

@@ -12,6 +12,7 @@ and the supervisor stays small.
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import structlog
@@ -26,6 +27,7 @@ async def serve_embedded_clickhouse(
     settings: Settings, data_dir: Path, stop: asyncio.Event
 ) -> None:
     """Serve until ``stop`` is set. ConfigError when the credentials file is missing or unsafe."""
+    from sgpipe.embedded.child import PortInUse, port_in_use
     from sgpipe.embedded.clickhouse import EmbeddedClickHouse
     from sgpipe.embedded.credentials import (
         CredentialsError,
@@ -41,8 +43,18 @@ async def serve_embedded_clickhouse(
         data_dir / CLICKHOUSE_DIR,
         credentials,
         allowed_origins=settings.embedded.clickhouse_allowed_origins,
+        max_query_bytes=settings.embedded.clickhouse_max_query_bytes,
     )
-    url = await store.start(settings.embedded.host, settings.embedded.clickhouse_http_port)
+    port = settings.embedded.clickhouse_http_port or 0  # unset: a free one, bound at once
+    try:
+        url = await store.start(settings.embedded.host, port)
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        # Taken between `sgpipe up`'s check and this bind: said as the check says it.
+        raise PortInUse(
+            port_in_use("embedded.clickhouse_http_port", settings.embedded.host, port)
+        ) from exc
     try:
         log.info(
             "embedded clickhouse serving",

@@ -368,6 +368,16 @@ class _Supervisor:
             await self._until_halted(clickhouse.ever_ready.wait())
             self.clickhouse_url = clickhouse.url
             self.clickhouse_port = clickhouse.port
+            # Its port is free-chosen unless embedded.clickhouse_http_port pins it: say it.
+            from sgpipe.embedded.credentials import credentials_file
+
+            log.info(
+                "BI tools connect to",
+                url=clickhouse.url,
+                user=self.credentials.reader.name if self.credentials else None,
+                database=self.settings.clickhouse.database,
+                password_in=str(credentials_file(self.data_dir)),
+            )
         else:
             log.info("sink writes to clickhouse", url=redact_url(str(self.clickhouse_url)))
         sink = await self._start_child("sink", "consuming")

@@ -26,6 +26,7 @@ from clickhouse_connect.driver.exceptions import DatabaseError  # noqa: E402
 
 from schemas import clickhouse_migrations  # noqa: E402
 from schemas.email_event import EmailEventCodec  # noqa: E402
+from sgpipe.embedded.clickhouse import MAX_QUERY_BYTES  # noqa: E402
 from sgpipe.embedded.clickhouse_policy import LOCKED_SETTINGS  # noqa: E402
 from sgpipe.embedded.credentials import EmbeddedUser  # noqa: E402
 from sgpipe.runtime.clickhouse import connect, with_credentials  # noqa: E402
@@ -240,6 +241,87 @@ def test_reader_cannot_lift_readonly_through_the_url(served: Served) -> None:
         assert reader.query("SELECT a FROM t").result_rows == [("kept",)]
 
 
+def test_a_get_runs_read_only_whatever_its_parameters_say(served: Served) -> None:
+    # issue 15: a writer's GET with readonly=0 ran INSERT and DROP.
+    with closing(served.client()) as client:
+        client.command("CREATE TABLE got (a String) ENGINE = MergeTree ORDER BY a")
+    for readonly in ("0", ""):
+        for sql in ("INSERT INTO got VALUES ('x')", "DROP TABLE got"):
+            answer = served.post(sql, served.writer, method="GET", params={"readonly": readonly})
+            assert (answer.status, answer.code) == (500, "164"), answer.body
+    answer = served.post("SELECT getSetting('readonly')", served.writer, method="GET")
+    assert answer.body == "2\n"
+    answer = served.post(
+        "DROP TABLE got", served.writer, method="GET", params={"readonly": "1"}
+    )  # a stricter readonly is still read-only
+    assert (answer.status, answer.code) == (500, "164"), answer.body
+    assert served.post("SELECT count() FROM got", served.writer).body == "0\n"
+
+
+@pytest.mark.hostile("clickhouse")
+def test_an_oversized_statement_gets_413_and_is_never_held_whole(served: Served) -> None:
+    # issue 15: a 100 MB POST by the reader grew the engine's process by 3.4 GB.
+    huge = "SELECT 1 -- " + "x" * (MAX_QUERY_BYTES * 8) + "\n"
+    for user in (served.reader, served.writer):
+        answer = served.post(huge, user)
+        assert (answer.status, answer.code) == (413, "393"), answer.body[:200]
+        assert "embedded.clickhouse_max_query_bytes" in answer.body
+    # As a multipart form field (clickhouse-connect's way for large parameters), too.
+    boundary = "sgpipe-boundary"
+    form = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="query"\r\n\r\n{huge}\r\n'
+        f"--{boundary}--\r\n"
+    ).encode()
+    answer = http_request(
+        served.query_url,
+        form,
+        {**basic_auth(served.reader), "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert (answer.status, answer.code) == (413, "393"), answer.body[:200]
+    # Rows are not statement text: a streamed insert larger than the cap is stored.
+    with closing(served.client()) as client:
+        client.command("CREATE TABLE big (a String) ENGINE = MergeTree ORDER BY a")
+    rows = "".join(f"{'y' * 1000}{i}\n" for i in range(2 * MAX_QUERY_BYTES // 1000))
+    answer = served.post("INSERT INTO big FORMAT TSV\n" + rows, served.writer)
+    assert answer.status == 200, answer.body
+    assert served.post("SELECT count() FROM big", served.writer).body == (
+        f"{2 * MAX_QUERY_BYTES // 1000}\n"
+    )
+
+
+# Column and alias names that are also keywords: ordinary names, for both users.
+KEYWORD_NAMES = ("engine", "url", "file", "settings", "format")
+
+
+@pytest.mark.parametrize("who", ["writer", "reader"])
+def test_keyword_like_names_are_ordinary_names(served: Served, who: str) -> None:
+    with closing(served.client()) as client:
+        client.command(
+            "CREATE TABLE IF NOT EXISTS kw (engine String, url String, file String, "
+            "settings String, format String) ENGINE = MergeTree ORDER BY engine"
+        )
+        client.command("TRUNCATE TABLE kw")
+        client.insert("kw", [["e", "u", "f", "s", "x"], ["e", "u2", "f", "s", "x"]])
+    user = served.writer if who == "writer" else served.reader
+    columns = ", ".join(KEYWORD_NAMES)
+    queries = {
+        # What Superset, Grafana and Metabase send to list tables.
+        "SELECT name, engine FROM system.tables WHERE database = currentDatabase() "
+        "AND name = 't' FORMAT TSV": "t\tMergeTree\n",
+        f"SELECT {columns} FROM kw WHERE engine = 'e' AND url = 'u' AND file = 'f' "
+        "AND settings = 's' AND format = 'x' FORMAT TSV": "e\tu\tf\ts\tx\n",
+        f"SELECT {columns}, count() AS n FROM kw GROUP BY {columns} ORDER BY {columns} "
+        "FORMAT TSV": "e\tu\tf\ts\tx\t1\ne\tu2\tf\ts\tx\t1\n",
+        "SELECT concat(url, '!') AS engine, 1 AS file, 2 AS settings, 3 AS format FROM kw "
+        "ORDER BY engine FORMAT TSV": "u!\t1\t2\t3\nu2!\t1\t2\t3\n",
+        "SELECT engine AS format FROM system.tables WHERE name = 'kw' "
+        "AND database = currentDatabase() GROUP BY format FORMAT TSV": "MergeTree\n",
+    }
+    for sql, expected in queries.items():
+        answer = served.post(sql, user)
+        assert (answer.status, answer.body) == (200, expected), sql
+
+
 # --- the hostile corpus ---------------------------------------------------------------------
 
 ACCESS_DENIED = frozenset({"497"})
@@ -324,7 +406,13 @@ HOSTILE: list[tuple[str, str, dict[str, str], frozenset[str]]] = [
     ("into_outfile", "SELECT 'x' INTO OUTFILE '{out}'", {}, ACCESS_DENIED),
     ("into_outfile_stdout", "SELECT 'x' INTO OUTFILE '{out}' AND STDOUT", {}, ACCESS_DENIED),
     ("local_disk", "CREATE TABLE k1 (a Int) ENGINE = MergeTree ORDER BY a SETTINGS disk = disk(type = 'local', path = '{out}/')", {}, ACCESS_DENIED),
-    ("named_disk", "CREATE TABLE k3 (a Int) ENGINE = MergeTree ORDER BY a SETTINGS disk = 'default'", {}, CONSTRAINT),
+    ("named_disk", "CREATE TABLE k3 (a Int) ENGINE = MergeTree ORDER BY a SETTINGS disk = 'default'", {}, ACCESS_DENIED),
+    ("tinylog_disk", "CREATE TABLE k4 (a Int) ENGINE = TinyLog SETTINGS disk = 'default'", {}, ACCESS_DENIED),
+    ("log_disk_local", "CREATE TABLE k5 (a Int) ENGINE = Log SETTINGS disk = disk(type = 'local', path = '{out}/')", {}, ACCESS_DENIED),
+    ("storage_policy", "CREATE TABLE k6 (a Int) ENGINE = MergeTree ORDER BY a SETTINGS storage_policy = 'default'", {}, ACCESS_DENIED),
+    ("storage_policy_alter", "ALTER TABLE t MODIFY SETTING storage_policy = 'default'", {}, ACCESS_DENIED),
+    ("show_create_into_outfile", "SHOW CREATE TABLE t INTO OUTFILE '{out}'", {}, ACCESS_DENIED),
+    ("describe_into_outfile", "DESCRIBE TABLE t INTO OUTFILE '{out}'", {}, ACCESS_DENIED),
     ("backup", "BACKUP TABLE t TO File('{out}')", {}, ACCESS_DENIED),
     ("restore", "RESTORE TABLE t FROM File('{out}')", {}, ACCESS_DENIED),
     ("attach_from_path", "ATTACH TABLE at FROM '{out}' (a String) ENGINE = MergeTree ORDER BY a", {}, ACCESS_DENIED),
@@ -360,6 +448,10 @@ HOSTILE: list[tuple[str, str, dict[str, str], frozenset[str]]] = [
     ("execute_as", "EXECUTE AS default SELECT 1", {}, ACCESS_DENIED),
     ("create_function", "CREATE FUNCTION f AS x -> x", {}, ACCESS_DENIED),
     ("system_users", "SELECT * FROM system.users", {}, ACCESS_DENIED),
+    ("system_stack_trace", "SELECT * FROM system.stack_trace", {}, ACCESS_DENIED),
+    ("system_stack_trace_view", "SELECT * FROM view(SELECT thread_name FROM system.stack_trace)", {}, ACCESS_DENIED),
+    ("system_stack_trace_in", "SELECT 1 WHERE 'pytest' IN system.stack_trace", {}, ACCESS_DENIED),
+    ("system_stack_trace_database", "SELECT * FROM stack_trace", {"database": "system"}, ACCESS_DENIED),
     ("dialect", "SET dialect = 'kusto'", {}, CONSTRAINT),
     ("dialect_url_setting", "SELECT 1", {"dialect": "prql"}, CONSTRAINT),
     ("values_expressions", "SET input_format_values_interpret_expressions = 1", {}, CONSTRAINT),

@@ -332,14 +332,12 @@ def test_an_insert_whose_rows_the_canonical_form_drops_is_refused(tmp_path: path
     try:
         info = _load_engine_info(engine.conn_str)
         params = _Params()
-        conn = _open_request_connection(engine.conn_str, params, {}, readonly_user=False)
+        conn = _open_request_connection(engine.conn_str, params, {}, readonly=False)
         try:
             conn.query("CREATE DATABASE d", "TSV")
             conn.query("CREATE TABLE d.t (n UInt8) ENGINE = MergeTree ORDER BY n", "TSV")
             with pytest.raises(EmbeddedQueryError, match="NOT_IMPLEMENTED"):
-                _run_query(
-                    conn, "INSERT INTO d.t VALUES (1)", params, info.policy, readonly_user=False
-                )
+                _run_query(conn, "INSERT INTO d.t VALUES (1)", params, info.policy, readonly=False)
             assert conn.query("SELECT count() FROM d.t", "TSV").bytes() == b"0\n"
         finally:
             conn.close()

@@ -52,9 +52,15 @@ def test_up_claims_only_the_embedded_services_it_will_start() -> None:
     embedded = up_port_claims(Settings())
     assert [(c.setting, c.port) for c in embedded] == [
         ("ingest.port", 8080),
-        ("embedded.kafka_port", 9092),
+        # Unset by default: free ports chosen when the services start (issue 19).
+        ("embedded.kafka_port", 0),
         ("embedded.storage_port", 0),  # 0: recorded or free, checked when the storage starts
-        ("embedded.clickhouse_http_port", 8123),
+        ("embedded.clickhouse_http_port", 0),
+    ]
+    pinned = Settings(embedded=EmbeddedSettings(kafka_port=19092, clickhouse_http_port=18123))
+    assert [(c.setting, c.port) for c in up_port_claims(pinned)][1::2] == [
+        ("embedded.kafka_port", 19092),
+        ("embedded.clickhouse_http_port", 18123),
     ]
     in_memory = Settings(embedded=EmbeddedSettings(broker_storage="memory"))
     assert "embedded.storage_port" not in [c.setting for c in up_port_claims(in_memory)]
