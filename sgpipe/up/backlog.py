@@ -48,12 +48,15 @@ class BacklogUnknown(Exception):
     """The backlog could not be counted (the broker is unreachable): ``str`` says why."""
 
 
-async def count_backlog(settings: Settings, timeout: float) -> Backlog:
+async def count_backlog(
+    settings: Settings, timeout: float, *, before_ms: int | None = None
+) -> Backlog:
     """Count the raw topic past the processor's committed offsets and the events topic past
-    the sink's, within ``timeout`` seconds. Raises BacklogUnknown."""
+    the sink's, within ``timeout`` seconds; with ``before_ms``, only records produced before
+    that time (what a previous run left, not what arrived since). Raises BacklogUnknown."""
     deadline = time.monotonic() + timeout
     try:
-        return await asyncio.wait_for(_count(settings, deadline), timeout)
+        return await asyncio.wait_for(_count(settings, deadline, before_ms), timeout)
     except TimeoutError as exc:
         raise BacklogUnknown(f"the broker did not answer within {timeout:g} s") from exc
     except KafkaConnectionError as exc:
@@ -62,7 +65,7 @@ async def count_backlog(settings: Settings, timeout: float) -> Backlog:
         raise BacklogUnknown(describe(exc)) from exc
 
 
-async def _count(settings: Settings, deadline: float) -> Backlog:
+async def _count(settings: Settings, deadline: float, before_ms: int | None) -> Backlog:
     kafka = settings.kafka
     groups = {
         kafka.topics.raw: settings.processor.group_id,
@@ -88,7 +91,7 @@ async def _count(settings: Settings, deadline: float) -> Backlog:
             for partition in partitions:
                 meta = committed.get(partition)
                 starts[partition] = meta.offset if meta is not None and meta.offset >= 0 else None
-        return await _read_to_end(reader, starts, kafka.topics.raw, deadline)
+        return await _read_to_end(reader, starts, kafka.topics.raw, deadline, before_ms)
     finally:
         # Bounded: this also runs when the count is cancelled for taking too long.
         with contextlib.suppress(Exception):
@@ -102,6 +105,7 @@ async def _read_to_end(
     starts: dict[TopicPartition, int | None],
     raw_topic: str,
     deadline: float,
+    before_ms: int | None = None,
 ) -> Backlog:
     if not starts:
         return Backlog()
@@ -118,6 +122,8 @@ async def _read_to_end(
     while pending and time.monotonic() < deadline - 0.5:
         polled = await reader.getmany(timeout_ms=_POLL_MS)
         for partition, records in polled.items():
+            if before_ms is not None:
+                records = [record for record in records if record.timestamp < before_ms]
             if partition.topic == raw_topic:
                 raw_batches += len(records)
                 raw_events += sum(_elements(record.value) for record in records)

@@ -285,6 +285,8 @@ class _Supervisor:
         self.demo_stop = asyncio.Event()
         self.demo_task: asyncio.Task[None] | None = None
         self.readiness = Readiness(metrics.STAGE_UP)
+        # What was acknowledged before this start is the backlog of an earlier run.
+        self.started_ms = int(time.time() * 1000)
 
     # --- the whole run ---------------------------------------------------------------------
 
@@ -713,7 +715,7 @@ class _Supervisor:
         count reads the topics past the groups' committed offsets, so it is repeated at a
         growing interval, not in a tight loop."""
         started = time.monotonic()
-        backlog, _ = await self._count_left()
+        backlog, _ = await self._count_left(before_ms=self.started_ms)
         if backlog is None or backlog.empty:
             return
         self._announce(
@@ -723,7 +725,7 @@ class _Supervisor:
         while True:
             await asyncio.sleep(interval)
             interval = min(interval * 2, BACKLOG_WATCH_MAX_SECONDS)
-            left, _ = await self._count_left()
+            left, _ = await self._count_left(before_ms=self.started_ms)
             if left is not None and left.empty:
                 self._announce(
                     "backlog drained",
@@ -733,11 +735,16 @@ class _Supervisor:
                 )
                 return
 
-    async def _count_left(self) -> tuple[Backlog | None, str | None]:
+    async def _count_left(
+        self, *, before_ms: int | None = None
+    ) -> tuple[Backlog | None, str | None]:
         if self.stage_base is None:
             return None, "the broker never started"
         try:
-            return await count_backlog(self.stage_base, BACKLOG_TIMEOUT_SECONDS), None
+            backlog = await count_backlog(
+                self.stage_base, BACKLOG_TIMEOUT_SECONDS, before_ms=before_ms
+            )
+            return backlog, None
         except BacklogUnknown as exc:
             return None, str(exc)
 

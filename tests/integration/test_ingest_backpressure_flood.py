@@ -19,6 +19,7 @@ import pytest
 from sgpipe.embedded.broker import EmbeddedBroker, free_port
 from tests.integration.kafka_tools import read_topic
 from tests.integration.processes import start_sgpipe, wait_for_status, write_config
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 from tests.sendgrid_vector import new_key_pair, sign
 
 pytestmark = pytest.mark.kafka
@@ -76,6 +77,7 @@ async def test_flood_with_the_broker_stopped_is_bounded_and_recovers(
                 "readiness_probe_interval_seconds": 0.5,
             },
             "logging": {"format": "json", "level": "warning"},
+            "raw_auth": RAW_AUTH_DOCUMENT,
         },
     )
     ingress = start_sgpipe(["ingest"], config, tmp_path / "ingest.log")

@@ -130,5 +130,7 @@ async def test_processor_publishes_events_dead_letters_and_commits(
 async def test_embedded_broker_refuses_a_port_already_in_use(kafka_bootstrap_servers: str) -> None:
     # Never mistake another broker (say, one orphaned by a crash) for the one we started.
     host, port = kafka_bootstrap_servers.split(":")
-    with pytest.raises(PortInUse, match="already in use"):
+    with pytest.raises(
+        PortInUse, match="is in use; set embedded.kafka_port or SGPIPE_EMBEDDED__KAFKA_PORT"
+    ):
         await EmbeddedBroker(host, int(port)).start()

@@ -217,8 +217,8 @@ def test_a_data_dir_in_use_is_one_line_naming_the_holder(tmp_path: Path) -> None
         pytest.param(
             [],
             {"SGPIPE_WEBHOOKS": '[{"name": "main"}]'},
-            "webhooks[main]: no public_keys; set them, or set allow_unsigned: true to accept "
-            "unauthenticated POSTs deliberately",
+            "webhooks[main]: no public_keys; set them, set auth: token with OAuth clients, or "
+            "set allow_unsigned: true to accept unauthenticated POSTs deliberately",
             id="webhook-without-keys",
         ),
     ],
