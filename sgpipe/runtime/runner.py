@@ -128,6 +128,7 @@ async def run_consumer_stage(
                 filter_step=stage.filter_step,
                 readiness=loop_readiness,
                 on_missing_topic=recreate_topics if kafka.create_topics else None,
+                before_steps=stage.before_steps,
             )
             consumer.subscribe([stage.topic], listener=loop.rebalance_listener())
             loops.append(loop)

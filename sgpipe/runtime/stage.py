@@ -7,8 +7,11 @@ the rest, in this order for every batch, and these orders are its guarantees:
 1. poll until ``batch_max_records`` or ``batch_max_seconds`` since the first buffered record;
 2. run the steps: ``transform`` each record (a pure step that raises makes that record poison:
    it is rejected, the others go on), then ``filter.select`` the outputs;
-3. admit the batch's dead letters to the ``DeadLetterBudget`` -- past the limit the stage stops
-   (fatal) before anything of the batch is written;
+3. admit the batch to the ``DeadLetterBudget`` (which counts source records with dead letters)
+   -- past the limit the stage **pauses** before anything of the batch is written: it holds the
+   batch (never written, never committed), stops fetching, and reports not ready
+   (``dead_letter_limit`` in ``/readyz``, ``sgpipe_dead_letter_limit_tripped``) until it is
+   restarted; a restart re-reads the held batch (docs/dead-letters.md);
 4. ``writer.write`` the outputs and wait for the acknowledgement;
 5. ``filter.written`` -- **remember after the ack**: a filter (the processor's dedup window)
    learns about outputs only once they are durable, so a failed write is never mistaken for
@@ -43,8 +46,14 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from schemas.dead_letter import DeadLetter
+from schemas.email_event import UnknownWriterSchema
 from sgpipe.runtime import metrics
-from sgpipe.runtime.dead_letters import DeadLetterBudget, Rejection, build_dead_letter
+from sgpipe.runtime.dead_letters import (
+    DeadLetterBudget,
+    Rejection,
+    SourceRecord,
+    build_dead_letter,
+)
 from sgpipe.runtime.errors import (
     ErrorClass,
     FatalStageError,
@@ -66,6 +75,10 @@ T_contra = TypeVar("T_contra", contravariant=True)
 # How long a draining consumer waits for more records before it calls its topic empty.
 _DRAIN_POLL_MS = 1000
 _IDLE_POLL_MS = 500
+# The dead-letter reason of a record naming a writer schema nobody here can find.
+UNKNOWN_SCHEMA = "unknown_schema"
+# The readiness check that fails while the dead-letter limit holds the stage paused.
+_LIMIT_CHECK = "dead_letter_limit"
 
 
 @dataclass(slots=True)
@@ -77,6 +90,9 @@ class Transformed(Generic[T]):
 
 
 Transform = Callable[[Message], Transformed[T]]
+# An asynchronous step run once on a batch before its pure steps (the sink fetches the writer
+# schemas the batch names from the registry). What it raises is classified like a write.
+BeforeSteps = Callable[[Sequence[Message]], Awaitable[None]]
 
 
 class Filter(Protocol[T]):
@@ -138,6 +154,8 @@ class Consumer(Protocol):
 
     async def seek_to_beginning(self, *partitions: TopicPartition) -> bool: ...
 
+    def pause(self, *partitions: TopicPartition) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class StageOptions:
@@ -187,6 +205,8 @@ class _Prepared(Generic[T]):
     info: BatchInfo
     outputs_written: bool = False
     dead_letters_written: bool = False
+    # Why the dead-letter limit refused the batch; None: within the limit.
+    held: str | None = None
 
 
 class StageLoop(Generic[T]):
@@ -203,8 +223,10 @@ class StageLoop(Generic[T]):
         filter_step: Filter[T] | None = None,
         readiness: Readiness | None = None,
         on_missing_topic: Callable[[], Awaitable[None]] | None = None,
+        before_steps: BeforeSteps | None = None,
     ) -> None:
         self._options = options
+        self._before_steps = before_steps
         self._consumer = consumer
         self._transform = transform
         self._writer = writer
@@ -221,6 +243,10 @@ class StageLoop(Generic[T]):
         # When the stage last had work it could not finish; None while it keeps up.
         self.busy_since: float | None = None
         self.readiness = readiness or Readiness(options.name)
+        # Why the stage is paused by the dead-letter limit; None while it consumes.
+        self.paused: str | None = None
+        self.readiness.set(_LIMIT_CHECK, True, "within the dead-letter limit")
+        metrics.DEAD_LETTER_LIMIT_TRIPPED.labels(self._stage).set(0)
         progress = Progress(options.stall_timeout_seconds)
         self.readiness.add_check("progress", lambda: progress.check(self.busy_since))
 
@@ -234,21 +260,39 @@ class StageLoop(Generic[T]):
         timeout) and, with ``drain``, keep consuming until a poll comes back empty.
 
         Raises FatalStageError (nothing of the failing batch committed) and, with ``drain``,
-        DrainIncomplete when records were left unwritten.
+        DrainIncomplete when records were left unwritten. Paused by the dead-letter limit, it
+        writes nothing more, not even on stop: the held batch stays uncommitted.
         """
         while not stop.is_set():
+            if self.paused is not None:
+                await self._hold(stop)
+                continue
             await self._poll(self._poll_timeout_ms(), stop)
             if self._buffer and self._due():
                 await self._flush(stop=stop)
 
         deadline = time.monotonic() + self._options.stop_timeout_seconds
         drained = not drain
-        while not self._buffer or await self._flush(deadline=deadline):
-            if drained or time.monotonic() >= deadline:
+        while self.paused is None and (not self._buffer or await self._flush(deadline=deadline)):
+            if drained or self.paused is not None or time.monotonic() >= deadline:
                 break
             drained = await self._poll(_DRAIN_POLL_MS, None) == 0
 
-        if self._buffer or not drained:
+        if self.paused is not None and self._buffer:
+            held = len(self._buffer)
+            self._clear_buffer()
+            if drain:
+                raise DrainIncomplete(
+                    f"{self._stage}: stopped paused by the dead-letter limit with {held} "
+                    "records held, not written"
+                )
+            log.warning(
+                "stopping paused by the dead-letter limit; the held records were not written "
+                "or committed, and are read again at the next start",
+                stage=self._stage,
+                records=held,
+            )
+        elif self._buffer or not drained:
             unwritten = len(self._buffer)
             self._clear_buffer()
             if drain:
@@ -261,6 +305,38 @@ class StageLoop(Generic[T]):
                 stage=self._stage,
                 records=unwritten,
             )
+
+    async def _hold(self, stop: asyncio.Event) -> None:
+        """One turn of a paused stage: poll with every owned partition paused, so nothing is
+        fetched but the consumer stays in its group (one that stops polling is dropped from it
+        after ``max_poll_interval_ms`` and its partitions -- the held batch -- handed to another
+        consumer). Whatever a poll still returns is ignored: nothing is committed while paused,
+        so it is read again after the restart."""
+        assigned = self._consumer.assignment()
+        if assigned:
+            self._consumer.pause(*assigned)
+        try:
+            await self._consumer.getmany(timeout_ms=_IDLE_POLL_MS)
+        except Exception as exc:  # noqa: BLE001 - nothing is consumed while paused
+            log.warning("poll while paused failed", stage=self._stage, error=describe(exc))
+            await sleep_unless_stopped(stop, self._options.retry_backoff_initial_seconds)
+
+    def _pause(self, reason: str) -> None:
+        self.paused = reason
+        self.readiness.set(
+            _LIMIT_CHECK,
+            False,
+            f"{reason}; paused, holding the batch unwritten and uncommitted: fix the cause "
+            "and restart the stage (docs/dead-letters.md)",
+        )
+        metrics.DEAD_LETTER_LIMIT_TRIPPED.labels(self._stage).set(1)
+        self.readiness.evaluate()  # refreshes the sgpipe_ready gauge now
+        log.error(
+            "dead-letter limit reached; the stage is paused until it is restarted",
+            stage=self._stage,
+            error=reason,
+            records_held=len(self._buffer),
+        )
 
     async def _poll(self, timeout_ms: int, stop: asyncio.Event | None) -> int:
         max_records = max(1, self._options.batch_max_records - len(self._buffer))
@@ -432,11 +508,16 @@ class StageLoop(Generic[T]):
         """One attempt at the buffered batch: steps (once per batch), write, dead letters,
         commit. Returns the records committed; raises what a write or the commit raises."""
         async with self._lock:
-            if not self._buffer:
+            if not self._buffer or self.paused is not None:
                 return 0
             prepared = self._prepared
             if prepared is None:
+                if self._before_steps is not None:
+                    await self._before_steps(self._buffer)
                 prepared = self._prepared = self._prepare(self._buffer)
+            if prepared.held is not None:
+                self._pause(prepared.held)
+                return 0
             if not prepared.outputs_written:
                 if prepared.outputs:
                     await self._writer.write(prepared.outputs, prepared.info)
@@ -463,6 +544,8 @@ class StageLoop(Generic[T]):
         dead_letters: list[DeadLetter] = []
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         ranges: dict[tuple[str, int], tuple[int, int]] = {}
+        # Per source record, whether it had dead letters: what the dead-letter limit counts.
+        outcomes: dict[SourceRecord, bool] = {}
         for record in records:
             try:
                 transformed = self._transform(record)
@@ -471,6 +554,7 @@ class StageLoop(Generic[T]):
                     self._fail(exc, f"processing {record.topic}/{record.partition}/{record.offset}")
                 transformed = Transformed(rejections=[_rejection_for(exc)])
             outputs.extend(transformed.outputs)
+            outcomes[(record.topic, record.partition, record.offset)] = bool(transformed.rejections)
             for rejection in transformed.rejections:
                 dead_letters.append(
                     build_dead_letter(
@@ -492,13 +576,13 @@ class StageLoop(Generic[T]):
             dropped = before - len(outputs)
             if dropped:
                 metrics.DUPLICATES_DROPPED.labels(self._stage).inc(dropped)
-        if dead_letters:
+        # Past the limit, the batch is held (never written) and the stage pauses.
+        held = self._budget.admit(outcomes)
+        if dead_letters and held is None:
             metrics.ERRORS.labels(self._stage, ErrorClass.POISON).inc(len(dead_letters))
             reasons = Counter(letter.reason for letter in dead_letters)
             log.info("dead-lettering records", stage=self._stage, reasons=dict(reasons))
-        # Raises DeadLetterLimitExceeded before anything of this batch is written.
-        self._budget.admit(before + len(dead_letters), len(dead_letters))
-        return _Prepared(outputs, dead_letters, offsets, BatchInfo(ranges))
+        return _Prepared(outputs, dead_letters, offsets, BatchInfo(ranges), held=held)
 
     async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         try:
@@ -547,6 +631,8 @@ class StageLoop(Generic[T]):
 def _rejection_for(exc: Exception) -> Rejection:
     if isinstance(exc, InvalidMessage):
         return Rejection(exc.reason, exc.detail)
+    if isinstance(exc, UnknownWriterSchema):
+        return Rejection(UNKNOWN_SCHEMA, str(exc))
     # A pure step is deterministic: what raised for this record will always raise for it.
     return Rejection("processing_error", describe(exc))
 
@@ -586,7 +672,9 @@ class ConsumerStage(Generic[T]):
 
     ``writer`` is built with the stage's Kafka producer (which the runtime starts, shares with
     the dead-letter writer, and stops); ``filter_step`` is stateful, so a stage builds a fresh
-    declaration per run. ``writes_dead_letters`` False is for a stage that reads the
+    declaration per run. ``before_steps``: an asynchronous step run on each batch before its
+    pure steps (a retriable failure holds the batch and is retried). ``writes_dead_letters``
+    False is for a stage that reads the
     dead-letter topic: a dead letter of its own would come back to it, so a rejection stops
     it (fatal, nothing of the batch committed) instead. ``ready_without_partitions`` is for a
     stage that runs next to another in every replica of a process and whose topic may have
@@ -600,5 +688,6 @@ class ConsumerStage(Generic[T]):
     transform: Transform[T]
     writer: Callable[[Any], Writer[T]]
     filter_step: Filter[T] | None = None
+    before_steps: BeforeSteps | None = None
     writes_dead_letters: bool = True
     ready_without_partitions: bool = False
