@@ -82,17 +82,30 @@ class DeadLetterBudget:
 
     def admit(self, outcomes: Mapping[SourceRecord, bool]) -> str | None:
         new = {record: dead for record, dead in outcomes.items() if record not in self._window}
+        reason = self._refusal(new) if any(new.values()) else None
+        if reason is not None:
+            return reason
+        for record, dead in new.items():
+            self._window[record] = dead
+            self._with_dead_letters += dead
+        while len(self._window) > self._limit.window_records:
+            _, dead = self._window.popitem(last=False)
+            self._with_dead_letters -= dead
+        return None
+
+    def _refusal(self, new: Mapping[SourceRecord, bool]) -> str | None:
+        """Why the window with ``new`` added is past the limit; None if it is not. Only a
+        batch that made dead letters is ever refused: holding a clean one protects nothing."""
         seen = len(self._window) + len(new)
         with_dead_letters = self._with_dead_letters + sum(new.values())
         limit = self._limit
-        if with_dead_letters and limit.max_count and with_dead_letters > limit.max_count:
+        if limit.max_count and with_dead_letters > limit.max_count:
             return (
                 f"{self._stage}: {with_dead_letters} of the last {seen} source records had dead "
                 f"letters, over dead_letters.max_count ({limit.max_count})"
             )
         if (
-            with_dead_letters
-            and limit.max_ratio < 1
+            limit.max_ratio < 1
             and seen >= limit.min_records
             and with_dead_letters > limit.max_ratio * seen
         ):
@@ -100,10 +113,4 @@ class DeadLetterBudget:
                 f"{self._stage}: {with_dead_letters} of the last {seen} source records had dead "
                 f"letters, over dead_letters.max_ratio ({limit.max_ratio:g})"
             )
-        for record, dead in new.items():
-            self._window[record] = dead
-            self._with_dead_letters += dead
-        while len(self._window) > limit.window_records:
-            _, dead = self._window.popitem(last=False)
-            self._with_dead_letters -= dead
         return None
