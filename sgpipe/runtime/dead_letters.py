@@ -18,6 +18,11 @@ from schemas.dead_letter import DeadLetter
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.settings import DeadLetterLimit
 
+# Room for the consumed record's own headers in its dead letter: half the headroom the producer
+# keeps next to a record's value (sgpipe.runtime.kafka.RECORD_HEADROOM_BYTES); the rest is for
+# the dead letter's own headers (the detail is capped at 1 KB).
+MAX_CONTEXT_HEADER_BYTES = 32_768
+
 
 @dataclass(frozen=True, slots=True)
 class Rejection:
@@ -38,12 +43,23 @@ def build_dead_letter(
     topic is left out, and the detail says where the original still is."""
     payload = message.value or b"" if rejection.payload is None else rejection.payload
     detail = rejection.detail
+    where = f"{message.topic}/{message.partition}/{message.offset}"
     if len(payload) > max_payload_bytes:
-        detail = (
-            f"{detail} (payload of {len(payload)} bytes omitted: read it at "
-            f"{message.topic}/{message.partition}/{message.offset})"
-        )
+        detail = f"{detail} (payload of {len(payload)} bytes omitted: read it at {where})"
         payload = b""
+    context: list[tuple[str, bytes]] = []
+    room = MAX_CONTEXT_HEADER_BYTES
+    for name, value in message.headers:
+        size = len(name.encode("utf-8", "replace")) + len(value or b"")
+        if size > room:
+            break
+        room -= size
+        context.append((name, value))
+    if len(context) < len(message.headers):
+        # The record's headers ride along for replay; a record can carry more than a dead
+        # letter has room for next to its payload, and an oversized letter would fail to send.
+        left_out = len(message.headers) - len(context)
+        detail = f"{detail} ({left_out} headers omitted: read them at {where})"
     return DeadLetter(
         reason=rejection.reason,
         detail=detail,
@@ -53,7 +69,7 @@ def build_dead_letter(
         original_partition=message.partition,
         original_offset=message.offset,
         event_index=rejection.event_index,
-        context_headers=tuple(message.headers),
+        context_headers=tuple(context),
     )
 
 

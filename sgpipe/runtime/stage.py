@@ -548,11 +548,9 @@ class StageLoop(Generic[T]):
         outcomes: dict[SourceRecord, bool] = {}
         for record in records:
             try:
-                transformed = self._transform(record)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if step_error_class(exc) is ErrorClass.FATAL:
-                    self._fail(exc, f"processing {record.topic}/{record.partition}/{record.offset}")
-                transformed = Transformed(rejections=[_rejection_for(exc)])
+                transformed = run_steps(self._transform, record)
+            except Exception as exc:  # noqa: BLE001 - only what stops the stage gets here
+                self._fail(exc, f"processing {record.topic}/{record.partition}/{record.offset}")
             outputs.extend(transformed.outputs)
             outcomes[(record.topic, record.partition, record.offset)] = bool(transformed.rejections)
             for rejection in transformed.rejections:
@@ -626,6 +624,18 @@ class StageLoop(Generic[T]):
             self._prepared = None
             for partition in revoked:
                 self._positions.pop(partition, None)
+
+
+def run_steps(transform: Transform[T], record: Message) -> Transformed[T]:
+    """What a stage's pure steps make of one record: the transform's outputs and rejections,
+    or, when it raises, a rejection of the whole record (a pure step is deterministic: it would
+    raise again). Raises only what says the stage cannot go on (``step_error_class``)."""
+    try:
+        return transform(record)
+    except Exception as exc:
+        if step_error_class(exc) is ErrorClass.FATAL:
+            raise
+        return Transformed(rejections=[_rejection_for(exc)])
 
 
 def _rejection_for(exc: Exception) -> Rejection:
