@@ -29,6 +29,7 @@ from sgpipe.runtime.metrics import STAGE_SINK
 from sgpipe.runtime.runner import run_consumer_stages
 from sgpipe.runtime.schema_registry import (
     SchemaRegistryClient,
+    WriterSchemas,
     fetch_unknown_schemas,
     open_event_codec_retrying,
 )
@@ -46,7 +47,7 @@ def sink_stage(
     settings: Settings,
     clickhouse_url: str | None = None,
     codec: EmailEventCodec | None = None,
-    registry: SchemaRegistryClient | None = None,
+    registry: WriterSchemas | None = None,
 ) -> ConsumerStage[dict[str, Any]]:
     """``clickhouse_url`` overrides ``clickhouse.url`` (the embedded store's address);
     ``codec`` knows the registry ids of the Confluent format (``open_event_codec``);

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -166,8 +166,14 @@ async def open_event_codec_retrying(
     return opened[-1]
 
 
+class WriterSchemas(Protocol):
+    """Where a consumer finds the writer schema of a registry id (``SchemaRegistryClient``)."""
+
+    async def schema(self, schema_id: int) -> str: ...
+
+
 async def fetch_unknown_schemas(
-    codec: EmailEventCodec, registry: SchemaRegistryClient, payloads: Iterable[bytes | None]
+    codec: EmailEventCodec, registry: WriterSchemas, payloads: Iterable[bytes | None]
 ) -> int:
     """Teach ``codec`` the writer schemas of the Confluent-framed ``payloads`` it has not
     seen; a consuming stage calls this before decoding a batch. Returns how many it fetched.
