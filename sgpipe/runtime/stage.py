@@ -75,6 +75,11 @@ T_contra = TypeVar("T_contra", contravariant=True)
 # How long a draining consumer waits for more records before it calls its topic empty.
 _DRAIN_POLL_MS = 1000
 _IDLE_POLL_MS = 500
+# One record may make at most this many dead letters (one per bad element of a raw batch);
+# beyond, the whole record is one: a signed body of 2,000,000 zeros is one dead letter, not
+# two million records on the dead-letter topic and rows in ClickHouse.
+MAX_REJECTIONS_PER_RECORD = 1000
+TOO_MANY_INVALID_ELEMENTS = "too_many_invalid_elements"
 # The dead-letter reason of a record naming a writer schema nobody here can find.
 UNKNOWN_SCHEMA = "unknown_schema"
 # The readiness check that fails while the dead-letter limit holds the stage paused.
@@ -514,7 +519,10 @@ class StageLoop(Generic[T]):
             if prepared is None:
                 if self._before_steps is not None:
                     await self._before_steps(self._buffer)
-                prepared = self._prepared = self._prepare(self._buffer)
+                # In a worker thread: one hostile record can take a pure step many seconds
+                # (2,000,000 elements: ~25 s), and the event loop must keep heartbeating to
+                # the group meanwhile -- a consumer dropped from it re-reads the batch forever.
+                prepared = self._prepared = await asyncio.to_thread(self._prepare, self._buffer)
             if prepared.held is not None:
                 self._pause(prepared.held)
                 return 0
@@ -629,13 +637,25 @@ class StageLoop(Generic[T]):
 def run_steps(transform: Transform[T], record: Message) -> Transformed[T]:
     """What a stage's pure steps make of one record: the transform's outputs and rejections,
     or, when it raises, a rejection of the whole record (a pure step is deterministic: it would
-    raise again). Raises only what says the stage cannot go on (``step_error_class``)."""
+    raise again). More than ``MAX_REJECTIONS_PER_RECORD`` rejections become one of the whole
+    record. Raises only what says the stage cannot go on (``step_error_class``)."""
     try:
-        return transform(record)
+        result = transform(record)
     except Exception as exc:
         if step_error_class(exc) is ErrorClass.FATAL:
             raise
         return Transformed(rejections=[_rejection_for(exc)])
+    if len(result.rejections) > MAX_REJECTIONS_PER_RECORD:
+        counts = Counter(rejection.reason for rejection in result.rejections)
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
+        result.rejections = [
+            Rejection(
+                TOO_MANY_INVALID_ELEMENTS,
+                f"{len(result.rejections)} of its elements were rejected ({reasons}); the "
+                "record is kept whole instead of as one dead letter per element",
+            )
+        ]
+    return result
 
 
 def _rejection_for(exc: Exception) -> Rejection:
