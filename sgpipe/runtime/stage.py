@@ -66,6 +66,7 @@ from sgpipe.runtime.health import Progress, Readiness
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.retry import Backoff, sleep_unless_stopped
 from sgpipe.runtime.settings import DeadLetterLimit, StageSettings
+from sgpipe.runtime.unreadable import UNREADABLE_ERRORS, Unreadable
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +81,8 @@ _IDLE_POLL_MS = 500
 # two million records on the dead-letter topic and rows in ClickHouse.
 MAX_REJECTIONS_PER_RECORD = 1000
 TOO_MANY_INVALID_ELEMENTS = "too_many_invalid_elements"
+# The dead-letter reason of a record the Kafka client cannot parse (sgpipe.runtime.unreadable).
+UNREADABLE_RECORD = "unreadable_record"
 # The dead-letter reason of a record naming a writer schema nobody here can find.
 UNKNOWN_SCHEMA = "unknown_schema"
 # The readiness check that fails while the dead-letter limit holds the stage paused.
@@ -161,6 +164,8 @@ class Consumer(Protocol):
 
     def pause(self, *partitions: TopicPartition) -> None: ...
 
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class StageOptions:
@@ -229,9 +234,11 @@ class StageLoop(Generic[T]):
         readiness: Readiness | None = None,
         on_missing_topic: Callable[[], Awaitable[None]] | None = None,
         before_steps: BeforeSteps | None = None,
+        find_unreadable: Callable[[], Awaitable[Unreadable | None]] | None = None,
     ) -> None:
         self._options = options
         self._before_steps = before_steps
+        self._find_unreadable = find_unreadable
         self._consumer = consumer
         self._transform = transform
         self._writer = writer
@@ -358,6 +365,9 @@ class StageLoop(Generic[T]):
             self._forget_written()
             await self._consumer.seek_to_beginning(*partitions)
             return 0
+        except UNREADABLE_ERRORS as exc:
+            # A record the client cannot parse: record content, never fatal.
+            return await self._step_over_unreadable(exc, stop)
         except Exception as exc:  # noqa: BLE001 - classified below
             if classify(exc) is not ErrorClass.RETRIABLE:
                 self._fail(exc, "polling failed")
@@ -379,6 +389,69 @@ class StageLoop(Generic[T]):
             metrics.RECORDS_CONSUMED.labels(self._stage).inc(received)
         self._update_lag()
         return received
+
+    async def _step_over_unreadable(self, exc: Exception, stop: asyncio.Event | None) -> int:
+        """Find the record the client cannot read (sgpipe.runtime.unreadable), buffer the
+        readable ones before it, dead-letter it (with where it is: the client never had its
+        bytes) and seek past it. Anything failing on the way is retried at the next poll."""
+        found = None
+        if self._find_unreadable is not None:
+            try:
+                found = await self._find_unreadable()
+            except Exception as error:  # noqa: BLE001 - retried at the next poll
+                log.warning(
+                    "could not locate an unreadable record",
+                    stage=self._stage,
+                    error=describe(error),
+                )
+        if found is None:
+            log.warning("poll met a record it cannot read; retrying", error=describe(exc))
+            if stop is not None:
+                await sleep_unless_stopped(stop, self._options.retry_backoff_initial_seconds)
+            return 0
+        where = found.partition
+        letter = DeadLetter(
+            reason=UNREADABLE_RECORD,
+            detail=(
+                f"the Kafka client cannot read the record at offset {found.first} "
+                f"({found.error}); offsets {found.first}..{found.resume - 1} were stepped "
+                f"over: read them at {where.topic}/{where.partition} with another client"
+            ),
+            stage=self._stage,
+            payload=b"",
+            original_topic=where.topic,
+            original_partition=where.partition,
+            original_offset=found.first,
+        )
+        try:
+            await self._dead_letter_writer.write([letter])
+        except FatalStageError as error:
+            # The dead-letter sink reads the dead-letter topic and cannot write to it: the
+            # record stays on the topic, said here (the record is unreadable to it either way).
+            log.error("stepping over an unreadable record", stage=self._stage, error=str(error))
+        except Exception as error:  # noqa: BLE001 - the next poll meets it again
+            log.warning(
+                "could not dead-letter an unreadable record; retrying",
+                stage=self._stage,
+                error=describe(error),
+            )
+            return 0
+        metrics.DEAD_LETTERS.labels(self._stage, UNREADABLE_RECORD).inc()
+        log.warning(
+            "stepped over records the Kafka client cannot read",
+            stage=self._stage,
+            topic=where.topic,
+            partition=where.partition,
+            first=found.first,
+            resume=found.resume,
+            error=found.error,
+        )
+        if found.readable and not self._buffer:
+            self._buffer_started = time.monotonic()
+        self._buffer.extend(_message(record) for record in found.readable)
+        self._consumer.seek(where, found.resume)
+        self._positions[where] = found.resume
+        return len(found.readable)
 
     async def _reset_out_of_range(self, exc: OffsetOutOfRangeError) -> None:
         # The committed offset is past the end of the log (the broker lost or deleted data):

@@ -100,6 +100,9 @@ class FakeConsumer:
     def pause(self, *partitions: TopicPartition) -> None:
         self.paused.update(partitions)
 
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.position = offset
+
     def redeliver(self) -> None:
         """What a new owner of the partition does: read on from the committed offset."""
         self.position = self.committed
