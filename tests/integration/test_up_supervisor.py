@@ -454,6 +454,56 @@ def test_huge_and_hostile_signed_batches_neither_stall_the_ingress_nor_stop_anyt
         stop_pipeline(running)
 
 
+def test_past_the_dead_letter_limit_the_processor_pauses_and_the_ingress_keeps_acknowledging(
+    tmp_path: Path,
+) -> None:
+    """A bad deploy, simulated by a strict limit: the processor pauses (not ready, the batch
+    held) instead of exiting into a restart loop, and nothing else stops: the ingress keeps
+    acknowledging into the durable broker. The documented way out -- fix the cause (here:
+    switch the ratio off, the data really is bad) and restart -- dead-letters the held batch
+    and writes what queued behind it."""
+    key = WebhookKey.generate()
+    strict = {"dead_letters": {"min_records": 1, "window_records": 10, "max_ratio": 0.5}}
+    running = up(tmp_path, key, processor=strict)  # the durable broker
+    url = f"{running.base_url}/webhooks/main"
+    zeros = zeros_body(3)
+    try:
+        # With the durable broker the ingress serves before the stages are ready.
+        wait_until(lambda: get(f"{running.base_url}/readyz")[0] == 200, 90, "every stage ready")
+        assert post(url, zeros, key.headers(zeros)) == 200
+        wait_for_metric(running, "sgpipe_dead_letter_limit_tripped", 1, stage="process")
+        held = events_body("held", 2)
+        assert post(url, held, key.headers(held)) == 200  # acknowledged while paused
+        status, body = get(f"{running.base_url}/readyz")
+        assert status == 503
+        failing = json.loads(body)["checks"]
+        failing = {name: check["detail"] for name, check in failing.items() if not check["ok"]}
+        assert list(failing) == ["process.dead_letter_limit"], failing
+        assert failing["process.dead_letter_limit"].startswith(
+            "process: 1 of the last 1 source records had dead letters, over "
+            "dead_letters.max_ratio (0.5); paused"
+        )
+        assert running.process.poll() is None
+        text = scrape(running)
+        assert metric(text, "sgpipe_up_child_restarts_total", stage="up", child="process") == 0
+        assert metric(text, "sgpipe_dead_letters_total", stage="process") == 0
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=120) == 0, running.log.read_text()
+    finally:
+        stop_pipeline(running)
+
+    resumed = up(tmp_path, key, processor={"dead_letters": {"max_ratio": 1.0}})
+    try:
+        resumed.wait_for(
+            "SELECT reason, count() FROM dead_letters FINAL GROUP BY reason", "not_an_object\t3\n"
+        )
+        resumed.wait_for("SELECT count() FROM email_events FINAL", "2\n")
+        status, body = get(f"{resumed.base_url}/readyz")
+        assert status == 200, body
+    finally:
+        stop_pipeline(resumed)
+
+
 # --- stopping with the broker dead -----------------------------------------------------------
 
 
