@@ -6,7 +6,8 @@ the rest, in this order for every batch, and these orders are its guarantees:
 
 1. poll until ``batch_max_records`` or ``batch_max_seconds`` since the first buffered record;
 2. run the steps: ``transform`` each record (a pure step that raises makes that record poison:
-   it is rejected, the others go on), then ``filter.select`` the outputs;
+   it is rejected, the others go on), then ``filter.select`` the outputs -- in a worker thread,
+   so that a record that takes seconds does not stop the consumer's heartbeats;
 3. admit the batch to the ``DeadLetterBudget`` (which counts source records with dead letters)
    -- past the limit the stage **pauses** before anything of the batch is written: it holds the
    batch (never written, never committed), stops fetching, and reports not ready
@@ -21,6 +22,8 @@ the rest, in this order for every batch, and these orders are its guarantees:
 
 Retriable failures of 4, 6 and 7 are retried with capped backoff, holding the batch (the
 steps are not re-run); fatal ones stop the stage with FatalStageError and nothing committed.
+Whatever a record holds, it is at worst poison: a record the Kafka client itself cannot parse
+is dead-lettered and stepped over too (``sgpipe.runtime.unreadable``).
 Before partitions are revoked in a rebalance the buffer is flushed; if that fails, the
 revoked records are dropped from the buffer uncommitted, for their new owner to read.
 """
@@ -777,11 +780,11 @@ class ConsumerStage(Generic[T]):
     the dead-letter writer, and stops); ``filter_step`` is stateful, so a stage builds a fresh
     declaration per run. ``before_steps``: an asynchronous step run on each batch before its
     pure steps (a retriable failure holds the batch and is retried). ``writes_dead_letters``
-    False is for a stage that reads the
-    dead-letter topic: a dead letter of its own would come back to it, so a rejection stops
-    it (fatal, nothing of the batch committed) instead. ``ready_without_partitions`` is for a
-    stage that runs next to another in every replica of a process and whose topic may have
-    fewer partitions than there are replicas: owning none is then normal, not unreadiness.
+    False is for a stage that reads the dead-letter topic: a dead letter of its own would come
+    back to it, so a rejection stops it (fatal, nothing of the batch committed) instead.
+    ``ready_without_partitions`` is for a stage that runs next to another in every replica of
+    a process and whose topic may have fewer partitions than there are replicas: owning none
+    is then normal, not unreadiness.
     """
 
     name: str
