@@ -39,6 +39,7 @@ from sgpipe.runtime.stage import (
     StageOptions,
     Transformed,
 )
+from sgpipe.runtime.unreadable import Unreadable
 
 TOPIC = "raw"
 PARTITION = TopicPartition(TOPIC, 0)
@@ -843,3 +844,43 @@ async def test_a_record_naming_an_unknown_writer_schema_is_dead_lettered_not_fat
         ("unknown_schema", 1)
     ]
     assert writer.written == [[b"v2", b"v2"]]
+
+
+# --- records the Kafka client cannot read ------------------------------------------------------
+
+
+def unreadable_at(consumer: FakeConsumer, first: int, resume: int) -> Callable[[], Any]:
+    """A ``find_unreadable`` over the fake log: the records from the position up to ``first``
+    are readable, ``first``..``resume - 1`` are not."""
+
+    async def find() -> Unreadable:
+        readable = consumer.log[consumer.position : first]
+        return Unreadable(PARTITION, first, resume, readable, "UnicodeDecodeError: 0xff")
+
+    return find
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["dead-lettered", "dead-letter-sink"])
+async def test_a_record_the_client_cannot_read_is_stepped_over_not_fatal(refused: bool) -> None:
+    consumer = FakeConsumer(records(b"a", b"b", b"?", b"?", b"c"))
+    consumer.poll_errors = [UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")]
+    letters: Any = RefusedDeadLetters("test") if refused else RecordingDeadLetters()
+    writer = RecordingWriter()
+    loop = StageLoop(
+        options(),
+        consumer,
+        echo,
+        writer,
+        letters,
+        find_unreadable=unreadable_at(consumer, 2, 4),
+    )
+    await run_until(loop, lambda: consumer.committed == 5)
+    assert [value for batch in writer.written for value in batch] == [b"a", b"b", b"c"]
+    if not refused:
+        (letter,) = letters.written
+        assert (letter.reason, letter.original_offset, letter.payload) == (
+            "unreadable_record",
+            2,
+            b"",
+        )
+        assert "offsets 2..3 were stepped over" in letter.detail
