@@ -218,6 +218,8 @@ class _Prepared(Generic[T]):
     info: BatchInfo
     outputs_written: bool = False
     dead_letters_written: bool = False
+    # Per source record, whether it had dead letters: what the dead-letter limit counts.
+    outcomes: dict[SourceRecord, bool] = field(default_factory=dict)
     # Why the dead-letter limit refused the batch; None: within the limit.
     held: str | None = None
 
@@ -595,10 +597,12 @@ class StageLoop(Generic[T]):
             if prepared is None:
                 if self._before_steps is not None:
                     await self._before_steps(self._buffer)
-                # In a worker thread: one hostile record can take a pure step many seconds
-                # (2,000,000 elements: ~25 s), and the event loop must keep heartbeating to
-                # the group meanwhile -- a consumer dropped from it re-reads the batch forever.
-                prepared = self._prepared = await asyncio.to_thread(self._prepare, self._buffer)
+                # The pure steps in a worker thread: one hostile record can take them many
+                # seconds (2,000,000 elements: ~25 s), and the event loop must keep heartbeating
+                # to the group meanwhile -- a consumer dropped from it re-reads the batch
+                # forever. The filter and the budget hold state: they stay on the loop.
+                stepped = await asyncio.to_thread(self._run_steps, self._buffer)
+                prepared = self._prepared = self._select_and_admit(stepped)
             if prepared.held is not None:
                 self._pause(prepared.held)
                 return 0
@@ -623,7 +627,9 @@ class StageLoop(Generic[T]):
             self._clear_buffer()
             return committed
 
-    def _prepare(self, records: Sequence[Message]) -> _Prepared[T]:
+    def _run_steps(self, records: Sequence[Message]) -> _Prepared[T]:
+        """The pure steps of a batch and its dead letters (no shared state: a worker thread
+        runs this)."""
         outputs: list[T] = []
         dead_letters: list[DeadLetter] = []
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
@@ -652,19 +658,24 @@ class StageLoop(Generic[T]):
             offsets[TopicPartition(record.topic, record.partition)] = OffsetAndMetadata(
                 record.offset + 1, ""
             )
-        before = len(outputs)
+        return _Prepared(outputs, dead_letters, offsets, BatchInfo(ranges), outcomes=outcomes)
+
+    def _select_and_admit(self, prepared: _Prepared[T]) -> _Prepared[T]:
+        """The filter step, then the dead-letter limit: past it, the batch is held (never
+        written) and the stage pauses."""
+        before = len(prepared.outputs)
         if self._filter is not None:
-            outputs = self._filter.select(outputs)
-            dropped = before - len(outputs)
+            prepared.outputs = self._filter.select(prepared.outputs)
+            dropped = before - len(prepared.outputs)
             if dropped:
                 metrics.DUPLICATES_DROPPED.labels(self._stage).inc(dropped)
-        # Past the limit, the batch is held (never written) and the stage pauses.
-        held = self._budget.admit(outcomes)
-        if dead_letters and held is None:
+        prepared.held = self._budget.admit(prepared.outcomes)
+        dead_letters = prepared.dead_letters
+        if dead_letters and prepared.held is None:
             metrics.ERRORS.labels(self._stage, ErrorClass.POISON).inc(len(dead_letters))
             reasons = Counter(letter.reason for letter in dead_letters)
             log.info("dead-lettering records", stage=self._stage, reasons=dict(reasons))
-        return _Prepared(outputs, dead_letters, offsets, BatchInfo(ranges), held=held)
+        return prepared
 
     async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         try:
