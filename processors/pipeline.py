@@ -92,11 +92,14 @@ def process_raw_record(
         except SerializationError as exc:
             result.rejections.append(Rejection("serialization_error", str(exc), element, index))
             continue
-        if len(encoded) > max_record_bytes:
+        key = normalized.key.encode("utf-8")
+        # The key counts too: a record over the producer's limit would fail the whole batch.
+        if len(encoded) + len(key) > max_record_bytes:
             result.rejections.append(
                 Rejection(
                     "event_too_large",
-                    f"the encoded event is {len(encoded)} bytes, over {max_record_bytes}",
+                    f"the encoded event and its key are {len(encoded) + len(key)} bytes, "
+                    f"over {max_record_bytes}",
                     element,
                     index,
                 )
@@ -107,7 +110,7 @@ def process_raw_record(
                 normalized.sg_event_id,
                 normalized.event,
                 encoded,
-                normalized.key.encode("utf-8"),
+                key,
                 normalized.coercion_errors,
             )
         )

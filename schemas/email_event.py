@@ -40,6 +40,8 @@ SCHEMA_HEADER_VALUE = b"io.sgpipe.v1.EmailEvent"
 # A normalized event: Avro field name -> value; fields left out take their schema default.
 EmailEventRecord = dict[str, Any]
 
+# How many unreadable registry ids a codec remembers (then it forgets them all and asks again).
+_MAX_UNREADABLE_SCHEMA_IDS = 10_000
 _VERSION_FILE = re.compile(r"^email_event\.v(\d+)\.avsc$")
 _DECODE_ERRORS = (
     ValueError,
@@ -57,11 +59,15 @@ class SerializationError(ValueError):
 
 
 class UnknownWriterSchema(Exception):
-    """A well-framed record names a writer schema this process does not know.
+    """A record names a writer schema this process does not know: a single-object fingerprint
+    of no released version (a newer sgpipe wrote it, or the bytes only look framed), or a
+    Confluent registry id that was not fetched (``schema_id`` is set: a consumer with a
+    registry fetches it with ``sgpipe.runtime.schema_registry`` and decodes again) or that the
+    registry does not know.
 
-    Not poison: a newer sgpipe wrote it (upgrade this consumer; never dead-letter it), or, in
-    the Confluent format, the registry id was not fetched yet (``schema_id`` is set: fetch
-    it with ``sgpipe.runtime.schema_registry`` and decode again).
+    Record content, so poison, never fatal: anyone who can produce to the events topic can
+    write ``00`` and four bytes. The dead-letter limit is what pauses a sink that meets
+    nothing else (a newer sgpipe deployed before its consumers were upgraded).
     """
 
     def __init__(
@@ -135,6 +141,8 @@ class EmailEventCodec:
         self._read_current = compile_reader(json.loads(self.current.text))
         self._by_fingerprint = {version.fingerprint: version.schema for version in versions}
         self._by_schema_id: dict[int, dict[str, Any]] = {}
+        # Registry ids known not to lead to a readable schema, and why.
+        self._unreadable_schema_ids: dict[int, str] = {}
         self.confluent_schema_id = confluent_schema_id
         if confluent_schema_id is None:
             self._prefix = SINGLE_OBJECT_MAGIC + self.fingerprint
@@ -182,8 +190,9 @@ class EmailEventCodec:
             schema_id = int.from_bytes(payload[1:5], "big")
             known = self._by_schema_id.get(schema_id)
             if known is None:
+                why = self._unreadable_schema_ids.get(schema_id, "not fetched")
                 raise UnknownWriterSchema(
-                    f"EmailEvent written with schema registry id {schema_id}, not fetched yet",
+                    f"EmailEvent written with schema registry id {schema_id}: {why}",
                     schema_id=schema_id,
                 )
             return known, payload[5:]
@@ -199,7 +208,16 @@ class EmailEventCodec:
             for payload in payloads
             if payload is not None and payload[:1] == CONFLUENT_MAGIC and len(payload) >= 5
             if (schema_id := int.from_bytes(payload[1:5], "big")) not in self._by_schema_id
+            and schema_id not in self._unreadable_schema_ids
         }
+
+    def add_unreadable_schema(self, schema_id: int, why: str) -> None:
+        """Remember that registry id ``schema_id`` leads to no readable schema (the registry
+        does not know it, or holds no EmailEvent under it): its records are poison, and it
+        is not asked for again. Bounded: ids come from record bytes, so from anyone."""
+        if len(self._unreadable_schema_ids) >= _MAX_UNREADABLE_SCHEMA_IDS:
+            self._unreadable_schema_ids.clear()
+        self._unreadable_schema_ids[schema_id] = why
 
     def add_registry_schema(self, schema_id: int, schema_text: str) -> None:
         """Learn the writer schema a registry holds under ``schema_id``. A schema equal to a

@@ -98,5 +98,8 @@ def decode_raw_batch(value: bytes | None, headers: Sequence[tuple[str, bytes]]) 
         )
     except KeyError as exc:
         raise InvalidRawBatch(f"raw batch header {exc.args[0]} is missing") from exc
+    except (TypeError, AttributeError) as exc:
+        # A header present without a value (Kafka allows a null header value).
+        raise InvalidRawBatch(f"raw batch header has no value: {exc}") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRawBatch(f"raw batch header is malformed: {exc}") from exc

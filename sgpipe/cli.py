@@ -50,7 +50,7 @@ DEFAULT_DATA_DIR = Path("sgpipe-data")
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
-# A stage stopped itself (wrong credentials, schema mismatch, dead-letter limit): a person
+# A stage stopped itself (wrong credentials, schema mismatch, a broken deploy): a person
 # must act; Kubernetes restarts it and the restarts surface the message.
 EXIT_FATAL = 3
 EXIT_INTERRUPTED = 130

@@ -1,8 +1,14 @@
 """The sink, declared: normalized Avro events -> ClickHouse ``email_events``.
 
-Step: decode each record (an undecodable one is rejected, to the dead-letter topic); writer:
-a column-oriented insert per batch (``sink.batch_max_records`` / ``sink.batch_max_seconds``).
-The runtime commits a batch's offsets only after ClickHouse accepted its insert.
+Steps: with a schema registry (``kafka.events_format: confluent``), fetch the writer schemas a
+batch names that are not known yet (registry unreachable: retried, holding the batch); then
+decode each record. Whatever a record's bytes, it becomes a row or a rejection (to the
+dead-letter topic), never a stop: bytes in no known framing or damaged Avro
+(``undecodable_event``), a writer schema nobody here knows (``unknown_schema``: a fingerprint
+of no released version, a registry id with no registry configured or one the registry does
+not know), a value its column cannot hold (``unwritable_event``). Writer: a column-oriented
+insert per batch (``sink.batch_max_records`` / ``sink.batch_max_seconds``). The runtime
+commits a batch's offsets only after ClickHouse accepted its insert.
 
 ``run_sink`` (``sgpipe sink``) also runs the dead-letter sink (``sinks.dead_letters``), so that
 one Deployment keeps both tables current, behind one health endpoint.
@@ -11,37 +17,66 @@ one Deployment keeps both tables current, behind one health endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Sequence
 from typing import Any
 
-from schemas.email_event import EmailEventCodec, SerializationError
+from schemas.email_event import EmailEventCodec, SerializationError, UnknownWriterSchema
 from sgpipe.runtime.dead_letters import Rejection
 from sgpipe.runtime.kafka import max_record_bytes
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.metrics import STAGE_SINK
 from sgpipe.runtime.runner import run_consumer_stages
-from sgpipe.runtime.schema_registry import open_event_codec_retrying
+from sgpipe.runtime.schema_registry import (
+    SchemaRegistryClient,
+    WriterSchemas,
+    fetch_unknown_schemas,
+    open_event_codec_retrying,
+)
 from sgpipe.runtime.settings import Settings
-from sgpipe.runtime.stage import ConsumerStage, StageOptions, Transformed
+from sgpipe.runtime.stage import UNKNOWN_SCHEMA, ConsumerStage, StageOptions, Transformed
 from sinks.clickhouse import ClickHouseWriter
 from sinks.dead_letters import dead_letter_stage
+from sinks.rows import out_of_range
+
+# Said of a Confluent-framed record when nothing could look its id up.
+_NO_REGISTRY = " (no schema registry is configured: kafka.events_format is not confluent)"
 
 
 def sink_stage(
-    settings: Settings, clickhouse_url: str | None = None, codec: EmailEventCodec | None = None
+    settings: Settings,
+    clickhouse_url: str | None = None,
+    codec: EmailEventCodec | None = None,
+    registry: WriterSchemas | None = None,
 ) -> ConsumerStage[dict[str, Any]]:
     """``clickhouse_url`` overrides ``clickhouse.url`` (the embedded store's address);
-    ``codec`` knows the registry ids of the Confluent format (``open_event_codec``).
+    ``codec`` knows the registry ids of the Confluent format (``open_event_codec``);
+    ``registry`` (open for as long as the stage runs) fetches the ids it does not know.
 
     Records of any released schema version decode (to the current one). A record naming a
-    writer schema this version does not know raises UnknownWriterSchema out of the step: not
-    poison, a newer sgpipe wrote it; the runtime stops the stage until it is upgraded."""
+    writer schema no one here knows is dead-lettered (``unknown_schema``): a newer sgpipe may
+    have written it, but so may anyone who can produce to the topic; a deploy that puts a newer
+    processor before its sinks trips the dead-letter limit, which pauses the sink."""
     codec = codec or EmailEventCodec()
 
     def transform(message: Message) -> Transformed[dict[str, Any]]:
         try:
-            return Transformed([codec.decode(message.value or b"")])
+            record = codec.decode(message.value or b"")
         except SerializationError as exc:
             return Transformed(rejections=[Rejection("undecodable_event", str(exc))])
+        except UnknownWriterSchema as exc:
+            detail = str(exc)
+            if exc.schema_id is not None and registry is None:
+                detail += _NO_REGISTRY
+            return Transformed(rejections=[Rejection(UNKNOWN_SCHEMA, detail)])
+        problem = out_of_range(record)
+        if problem is not None:
+            return Transformed(rejections=[Rejection("unwritable_event", problem)])
+        return Transformed([record])
+
+    async def fetch_writer_schemas(messages: Sequence[Message]) -> None:
+        if registry is not None:
+            await fetch_unknown_schemas(codec, registry, (message.value for message in messages))
 
     def writer(producer: Any) -> ClickHouseWriter:
         return ClickHouseWriter(settings.clickhouse, clickhouse_url, stage=STAGE_SINK)
@@ -57,6 +92,7 @@ def sink_stage(
         ),
         transform=transform,
         writer=writer,
+        before_steps=fetch_writer_schemas if registry is not None else None,
     )
 
 
@@ -80,12 +116,21 @@ async def run_sink(
     codec = await open_event_codec_retrying(settings, STAGE_SINK, section, stop)
     if codec is None:
         return
-    await run_consumer_stages(
-        [sink_stage(settings, clickhouse_url, codec), dead_letter_stage(settings, clickhouse_url)],
-        settings,
-        stop,
-        health_host=section.health_host,
-        health_port=section.health_port if health_port == -1 else health_port,
-        drain=drain,
-        ready=ready,
-    )
+    async with contextlib.AsyncExitStack() as stack:
+        registry = None
+        if settings.kafka.events_format == "confluent":
+            registry = await stack.enter_async_context(
+                SchemaRegistryClient(settings.schema_registry)
+            )
+        await run_consumer_stages(
+            [
+                sink_stage(settings, clickhouse_url, codec, registry),
+                dead_letter_stage(settings, clickhouse_url),
+            ],
+            settings,
+            stop,
+            health_host=section.health_host,
+            health_port=section.health_port if health_port == -1 else health_port,
+            drain=drain,
+            ready=ready,
+        )

@@ -4,21 +4,24 @@ A stage's steps say *why* a record (or one element of it) is poison with a ``Rej
 runtime turns it into a ``DeadLetter`` (``schemas.dead_letter``) carrying the reason, the
 detail, the stage, the source topic/partition/offset and the original bytes and headers, and
 writes it before the source offset is committed. ``DeadLetterBudget`` is the circuit breaker:
-past its limit the stage stops (fatal) instead of dead-lettering every record after a bad
-deploy (arroyo's ``DlqLimit``).
+past its limit the stage pauses (holds the batch, reports not ready) instead of dead-lettering
+every record after a bad deploy (arroyo's ``DlqLimit``; docs/dead-letters.md).
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from schemas.dead_letter import DeadLetter
-from sgpipe.runtime.errors import DeadLetterLimitExceeded
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.settings import DeadLetterLimit
+
+# Room for the consumed record's own headers in its dead letter: half the headroom the producer
+# keeps next to a record's value (sgpipe.runtime.kafka.RECORD_HEADROOM_BYTES); the rest is for
+# the dead letter's own headers (the detail is capped at 1 KB).
+MAX_CONTEXT_HEADER_BYTES = 32_768
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +46,25 @@ def build_dead_letter(
     topic is left out, and the detail says where the original still is."""
     payload = message.value or b"" if rejection.payload is None else rejection.payload
     detail = rejection.detail
+    where = f"{message.topic}/{message.partition}/{message.offset}"
     if len(payload) > max_payload_bytes:
-        detail = (
-            f"{detail} (payload of {len(payload)} bytes omitted: read it at "
-            f"{message.topic}/{message.partition}/{message.offset})"
-        )
+        detail = f"{detail} (payload of {len(payload)} bytes omitted: read it at {where})"
         payload = b""
+    # The headers kept for replay: the record's, or those the rejection names instead.
+    headers = tuple(message.headers) if rejection.headers is None else tuple(rejection.headers)
+    context: list[tuple[str, bytes]] = []
+    room = MAX_CONTEXT_HEADER_BYTES
+    for name, value in headers:
+        size = len(name.encode("utf-8", "replace")) + len(value or b"")
+        if size > room:
+            break
+        room -= size
+        context.append((name, value))
+    if len(context) < len(headers):
+        # The record's headers ride along for replay; a record can carry more than a dead
+        # letter has room for next to its payload, and an oversized letter would fail to send.
+        left_out = len(headers) - len(context)
+        detail = f"{detail} ({left_out} headers omitted: read them at {where})"
     return DeadLetter(
         reason=rejection.reason,
         detail=detail,
@@ -58,62 +74,64 @@ def build_dead_letter(
         original_partition=message.partition,
         original_offset=message.offset,
         event_index=rejection.event_index,
-        context_headers=tuple(message.headers) if rejection.headers is None else rejection.headers,
+        context_headers=tuple(context),
     )
 
 
-class DeadLetterBudget:
-    """Counts outcomes over a sliding window and refuses a batch that would pass the limit.
+# A source record, by where it is: (topic, partition, offset).
+SourceRecord = tuple[str, int, int]
 
-    ``admit(outcomes, dead_letters)`` is called with a batch's counts *before* anything of
-    it is written; it raises DeadLetterLimitExceeded (and counts nothing) when the window,
-    this batch included, holds more than ``max_count`` dead letters, or at least
-    ``min_records`` outcomes of which more than ``max_ratio`` are dead letters.
+
+class DeadLetterBudget:
+    """Counts source records with and without dead letters over a window of the last
+    ``window_records`` distinct ones, and refuses a batch that would cross the limit
+    (``DeadLetterLimit``).
+
+    ``admit({source record: had dead letters})`` is called with a batch *before* anything of it
+    is written. Within the limit it returns None and the batch's records join the window; past
+    it, it returns the reason (one line for people) and counts nothing, so the same batch is
+    judged the same way when it comes again. A record already in the window (a batch re-read
+    after a rebalance) is not counted twice.
     """
 
-    def __init__(
-        self, limit: DeadLetterLimit, *, stage: str, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, limit: DeadLetterLimit, *, stage: str) -> None:
         self._limit = limit
         self._stage = stage
-        self._clock = clock
-        self._window: deque[tuple[float, int, int]] = deque()
-        self._outcomes = 0
-        self._dead = 0
+        # Oldest first: source record -> whether it had dead letters.
+        self._window: OrderedDict[SourceRecord, bool] = OrderedDict()
+        self._with_dead_letters = 0
 
-    def admit(self, outcomes: int, dead_letters: int) -> None:
-        if dead_letters == 0:
-            self._add(outcomes, 0)
-            return
-        now = self._clock()
-        self._expire(now)
-        total, dead = self._outcomes + outcomes, self._dead + dead_letters
+    def admit(self, outcomes: Mapping[SourceRecord, bool]) -> str | None:
+        new = {record: dead for record, dead in outcomes.items() if record not in self._window}
+        reason = self._refusal(new) if any(new.values()) else None
+        if reason is not None:
+            return reason
+        for record, dead in new.items():
+            self._window[record] = dead
+            self._with_dead_letters += dead
+        while len(self._window) > self._limit.window_records:
+            _, dead = self._window.popitem(last=False)
+            self._with_dead_letters -= dead
+        return None
+
+    def _refusal(self, new: Mapping[SourceRecord, bool]) -> str | None:
+        """Why the window with ``new`` added is past the limit; None if it is not. Only a
+        batch that made dead letters is ever refused: holding a clean one protects nothing."""
+        seen = len(self._window) + len(new)
+        with_dead_letters = self._with_dead_letters + sum(new.values())
         limit = self._limit
-        window = f"{limit.window_seconds:g} s"
-        if limit.max_count and dead > limit.max_count:
-            raise DeadLetterLimitExceeded(
-                f"{self._stage}: {dead} dead letters in {window}, over the limit of "
-                f"{limit.max_count}; stopping instead of dead-lettering everything (a bad "
-                "deploy?); nothing of this batch was written or committed"
+        if limit.max_count and with_dead_letters > limit.max_count:
+            return (
+                f"{self._stage}: {with_dead_letters} of the last {seen} source records had dead "
+                f"letters, over dead_letters.max_count ({limit.max_count})"
             )
-        if limit.max_ratio < 1 and total >= limit.min_records and dead > limit.max_ratio * total:
-            raise DeadLetterLimitExceeded(
-                f"{self._stage}: {dead} of {total} records in {window} were dead letters, "
-                f"over the limit of {limit.max_ratio:.0%}; stopping instead of dead-lettering "
-                "everything (a bad deploy?); nothing of this batch was written or committed"
+        if (
+            limit.max_ratio < 1
+            and seen >= limit.min_records
+            and with_dead_letters > limit.max_ratio * seen
+        ):
+            return (
+                f"{self._stage}: {with_dead_letters} of the last {seen} source records had dead "
+                f"letters, over dead_letters.max_ratio ({limit.max_ratio:g})"
             )
-        self._add(outcomes, dead_letters, now)
-
-    def _add(self, outcomes: int, dead_letters: int, now: float | None = None) -> None:
-        now = self._clock() if now is None else now
-        self._expire(now)
-        self._window.append((now, outcomes, dead_letters))
-        self._outcomes += outcomes
-        self._dead += dead_letters
-
-    def _expire(self, now: float) -> None:
-        horizon = now - self._limit.window_seconds
-        while self._window and self._window[0][0] < horizon:
-            _, outcomes, dead = self._window.popleft()
-            self._outcomes -= outcomes
-            self._dead -= dead
+        return None

@@ -3,10 +3,12 @@
 * **retriable** -- the infrastructure is unavailable for now (broker or ClickHouse down, a
   timeout, a leader election): back off, keep the batch, retry; the stall shows in
   ``/readyz`` and ``sgpipe_errors_total{error_class="retriable"}``.
-* **poison** -- this record can never succeed (it does not parse, a pure step rejected it):
-  dead-letter it with its reason and move on.
+* **poison** -- this record can never succeed (it does not parse, names a writer schema nobody
+  knows, a pure step rejected it): dead-letter it with its reason and move on. Whatever bytes
+  and headers a record carries, it is never more than poison: only the environment is fatal.
 * **fatal** -- nothing will succeed until a person acts (wrong credentials, a table that does
-  not match the contract, a broker that rejects our configuration, a bug): stop the stage
+  not match the contract, a broker that rejects our configuration, a bug, never a record's
+  content): stop the stage
   with a clear message and exit code 3, without committing, so Kubernetes restarts it and
   the restarts surface the problem.
 
@@ -48,10 +50,6 @@ class InvalidMessage(ValueError):
 
 class FatalStageError(RuntimeError):
     """The stage must stop: ``str(exc)`` is the one line an operator reads."""
-
-
-class DeadLetterLimitExceeded(FatalStageError):
-    """Too many dead letters: a bad deploy, not bad data (see DeadLetterLimit)."""
 
 
 # --- Kafka -------------------------------------------------------------------------------------
@@ -149,9 +147,9 @@ def clickhouse_error_code(exc: BaseException) -> int | None:
 
 def classify(exc: BaseException) -> ErrorClass:
     """The class of ``exc``; see the module docstring. Never raises."""
-    if isinstance(exc, InvalidMessage):
+    if isinstance(exc, InvalidMessage | UnknownWriterSchema):
         return ErrorClass.POISON
-    if isinstance(exc, FatalStageError | UnknownWriterSchema):
+    if isinstance(exc, FatalStageError):
         return ErrorClass.FATAL
     if isinstance(exc, SchemaRegistryError):
         # Unreachable, 5xx or 429: transient. 401/403 (credentials), 409/422 (an
@@ -174,9 +172,10 @@ def step_error_class(exc: BaseException) -> ErrorClass:
     """The class of an exception raised by a pure step for one record.
 
     A pure step is deterministic, so whatever it raises for a record it will always raise
-    for it: poison -- except for the errors that say the *stage* cannot go on (a record
-    written by a newer sgpipe, an explicit fatal error, memory exhaustion)."""
-    if isinstance(exc, FatalStageError | UnknownWriterSchema | MemoryError):
+    for it: poison -- a record naming an unknown writer schema included (its bytes came from
+    whoever could produce to the topic) -- except for the errors that say the *stage* cannot
+    go on (an explicit fatal error, memory exhaustion)."""
+    if isinstance(exc, FatalStageError | MemoryError):
         return ErrorClass.FATAL
     return ErrorClass.POISON
 

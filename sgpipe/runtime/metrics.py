@@ -235,6 +235,13 @@ RETRIES: Final = Counter(
     ["stage"],
     registry=REGISTRY,
 )
+DEAD_LETTER_LIMIT_TRIPPED: Final = Gauge(
+    "sgpipe_dead_letter_limit_tripped",
+    "1 while the dead-letter limit holds the stage paused (it consumes nothing until it is "
+    "restarted), else 0.",
+    ["stage"],
+    registry=REGISTRY,
+)
 LAST_COMMIT: Final = Gauge(
     "sgpipe_last_commit_timestamp_seconds",
     "Unix time of the stage's last successful offset commit.",

@@ -33,11 +33,13 @@ from sgpipe.runtime.kafka import (
     DeadLetterTopicWriter,
     create_consumer,
     create_producer,
+    create_reader,
     ensure_topics,
 )
 from sgpipe.runtime.retry import Backoff, sleep_unless_stopped
 from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.stage import ConsumerStage, DeadLetterWriter, StageLoop, Writer
+from sgpipe.runtime.unreadable import Unreadable, find_unreadable
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +121,18 @@ async def run_consumer_stage(
 
         def new_consumer() -> Any:
             consumer = create_consumer(kafka, group_id=stage.group_id)
+
+            async def locate_unreadable() -> Unreadable | None:
+                positions = {tp: await consumer.position(tp) for tp in consumer.assignment()}
+                reader = create_reader(kafka)
+                await reader.start()
+                try:
+                    return await find_unreadable(reader, positions)
+                finally:
+                    await close_quietly(
+                        stage.name, "the reader of an unreadable record", reader.stop
+                    )
+
             loop = StageLoop(
                 stage.options,
                 consumer,
@@ -128,6 +142,8 @@ async def run_consumer_stage(
                 filter_step=stage.filter_step,
                 readiness=loop_readiness,
                 on_missing_topic=recreate_topics if kafka.create_topics else None,
+                before_steps=stage.before_steps,
+                find_unreadable=locate_unreadable,
             )
             consumer.subscribe([stage.topic], listener=loop.rebalance_listener())
             loops.append(loop)

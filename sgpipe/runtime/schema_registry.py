@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Final
+from collections.abc import Iterable
+from typing import Any, Final, Protocol
 from urllib.parse import quote
 
 import aiohttp
 
-from schemas.email_event import EmailEventCodec, current_schema, schema_versions
+from schemas.email_event import (
+    EmailEventCodec,
+    SerializationError,
+    current_schema,
+    schema_versions,
+)
 from sgpipe.runtime.retry import Backoff
 from sgpipe.runtime.runner import retry_until_started
 from sgpipe.runtime.schema_registry_errors import SchemaRegistryError
@@ -160,12 +166,36 @@ async def open_event_codec_retrying(
     return opened[-1]
 
 
+class WriterSchemas(Protocol):
+    """Where a consumer finds the writer schema of a registry id (``SchemaRegistryClient``)."""
+
+    async def schema(self, schema_id: int) -> str: ...
+
+
 async def fetch_unknown_schemas(
-    codec: EmailEventCodec, registry: SchemaRegistryClient, payloads: list[bytes | None]
+    codec: EmailEventCodec, registry: WriterSchemas, payloads: Iterable[bytes | None]
 ) -> int:
     """Teach ``codec`` the writer schemas of the Confluent-framed ``payloads`` it has not
-    seen; a consuming stage calls this before decoding a batch. Returns how many it fetched."""
+    seen; a consuming stage calls this before decoding a batch. Returns how many it fetched.
+
+    An id the registry does not know (404), or under which it holds no EmailEvent schema, is
+    remembered as unreadable: its records are poison (the bytes came from whoever produced
+    them). Any other failure raises SchemaRegistryError: unreachable or 5xx is retriable (the
+    batch is held and retried), a refusal of our credentials fatal."""
     unknown = codec.unknown_schema_ids(payloads)
+    fetched = 0
     for schema_id in sorted(unknown):
-        codec.add_registry_schema(schema_id, await registry.schema(schema_id))
-    return len(unknown)
+        try:
+            text = await registry.schema(schema_id)
+        except SchemaRegistryError as exc:
+            if exc.status != 404:
+                raise
+            codec.add_unreadable_schema(schema_id, "the schema registry does not know this id")
+            continue
+        try:
+            codec.add_registry_schema(schema_id, text)
+        except SerializationError as exc:
+            codec.add_unreadable_schema(schema_id, str(exc))
+            continue
+        fetched += 1
+    return fetched

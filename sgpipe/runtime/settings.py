@@ -370,19 +370,37 @@ class IngestSettings(_Section):
 
 
 class DeadLetterLimit(_Section):
-    """A circuit breaker on dead letters (arroyo's DlqLimit): past it the stage stops with a
-    fatal error instead of dead-lettering everything after a bad deploy.
+    """A circuit breaker on dead letters (arroyo's DlqLimit): past it the stage *pauses* instead
+    of dead-lettering everything after a bad deploy -- it stops consuming, holds the batch that
+    crossed the limit (neither written nor committed) and reports not ready; it does not exit.
+    Restarting the stage (after fixing the deploy) resumes it (docs/dead-letters.md).
 
-    Counted over a sliding window of ``window_seconds``: the stage stops when the window holds
-    more than ``max_count`` dead letters, or when, with at least ``min_records`` outcomes in
-    it, more than ``max_ratio`` of them were dead letters. ``max_count: 0`` and
-    ``max_ratio: 1.0`` switch the respective check off.
+    Counted over *source records*, not dead letters: a raw batch with any number of
+    dead-lettered elements counts once. The window is the last ``window_records`` distinct
+    source records before a batch, plus the batch: the limit is crossed when more than
+    ``max_count`` of them had dead letters, or when there are at least ``min_records`` of them
+    and more than ``max_ratio`` had dead letters. ``max_count: 0`` and ``max_ratio: 1.0``
+    switch the respective check off.
     """
 
     max_ratio: Annotated[float, Field(gt=0, le=1)] = 0.5
-    min_records: Annotated[int, Field(ge=1)] = 100
-    max_count: Annotated[int, Field(ge=0)] = 10_000
-    window_seconds: Annotated[float, Field(gt=0)] = 60.0
+    min_records: Annotated[int, Field(ge=1)] = 20
+    max_count: Annotated[int, Field(ge=0)] = 0
+    window_records: Annotated[int, Field(ge=1)] = 100
+
+    @model_validator(mode="after")
+    def _window_holds_the_limits(self) -> DeadLetterLimit:
+        if self.min_records > self.window_records:
+            raise ValueError(
+                f"dead_letters.min_records ({self.min_records}) is larger than "
+                f"dead_letters.window_records ({self.window_records})"
+            )
+        if self.max_count >= self.window_records:
+            raise ValueError(
+                f"dead_letters.max_count ({self.max_count}) must be below "
+                f"dead_letters.window_records ({self.window_records}), or 0 (off)"
+            )
+        return self
 
 
 class StageSettings(_Section):

@@ -6,9 +6,13 @@ the rest, in this order for every batch, and these orders are its guarantees:
 
 1. poll until ``batch_max_records`` or ``batch_max_seconds`` since the first buffered record;
 2. run the steps: ``transform`` each record (a pure step that raises makes that record poison:
-   it is rejected, the others go on), then ``filter.select`` the outputs;
-3. admit the batch's dead letters to the ``DeadLetterBudget`` -- past the limit the stage stops
-   (fatal) before anything of the batch is written;
+   it is rejected, the others go on), then ``filter.select`` the outputs -- in a worker thread,
+   so that a record that takes seconds does not stop the consumer's heartbeats;
+3. admit the batch to the ``DeadLetterBudget`` (which counts source records with dead letters)
+   -- past the limit the stage **pauses** before anything of the batch is written: it holds the
+   batch (never written, never committed), stops fetching, and reports not ready
+   (``dead_letter_limit`` in ``/readyz``, ``sgpipe_dead_letter_limit_tripped``) until it is
+   restarted; a restart re-reads the held batch (docs/dead-letters.md);
 4. ``writer.write`` the outputs and wait for the acknowledgement;
 5. ``filter.written`` -- **remember after the ack**: a filter (the processor's dedup window)
    learns about outputs only once they are durable, so a failed write is never mistaken for
@@ -18,6 +22,8 @@ the rest, in this order for every batch, and these orders are its guarantees:
 
 Retriable failures of 4, 6 and 7 are retried with capped backoff, holding the batch (the
 steps are not re-run); fatal ones stop the stage with FatalStageError and nothing committed.
+Whatever a record holds, it is at worst poison: a record the Kafka client itself cannot parse
+is dead-lettered and stepped over too (``sgpipe.runtime.unreadable``).
 Before partitions are revoked in a rebalance the buffer is flushed; if that fails, the
 revoked records are dropped from the buffer uncommitted, for their new owner to read.
 """
@@ -43,8 +49,14 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from schemas.dead_letter import DeadLetter
+from schemas.email_event import UnknownWriterSchema
 from sgpipe.runtime import metrics
-from sgpipe.runtime.dead_letters import DeadLetterBudget, Rejection, build_dead_letter
+from sgpipe.runtime.dead_letters import (
+    DeadLetterBudget,
+    Rejection,
+    SourceRecord,
+    build_dead_letter,
+)
 from sgpipe.runtime.errors import (
     ErrorClass,
     FatalStageError,
@@ -58,6 +70,7 @@ from sgpipe.runtime.messages import Message
 from sgpipe.runtime.progress import ProgressLog
 from sgpipe.runtime.retry import Backoff, sleep_unless_stopped
 from sgpipe.runtime.settings import DeadLetterLimit, StageSettings
+from sgpipe.runtime.unreadable import UNREADABLE_ERRORS, Unreadable
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +80,17 @@ T_contra = TypeVar("T_contra", contravariant=True)
 # How long a draining consumer waits for more records before it calls its topic empty.
 _DRAIN_POLL_MS = 1000
 _IDLE_POLL_MS = 500
+# One record may make at most this many dead letters (one per bad element of a raw batch);
+# beyond, the whole record is one: a signed body of 2,000,000 zeros is one dead letter, not
+# two million records on the dead-letter topic and rows in ClickHouse.
+MAX_REJECTIONS_PER_RECORD = 1000
+TOO_MANY_INVALID_ELEMENTS = "too_many_invalid_elements"
+# The dead-letter reason of a record the Kafka client cannot parse (sgpipe.runtime.unreadable).
+UNREADABLE_RECORD = "unreadable_record"
+# The dead-letter reason of a record naming a writer schema nobody here can find.
+UNKNOWN_SCHEMA = "unknown_schema"
+# The readiness check that fails while the dead-letter limit holds the stage paused.
+_LIMIT_CHECK = "dead_letter_limit"
 
 
 @dataclass(slots=True)
@@ -78,6 +102,9 @@ class Transformed(Generic[T]):
 
 
 Transform = Callable[[Message], Transformed[T]]
+# An asynchronous step run once on a batch before its pure steps (the sink fetches the writer
+# schemas the batch names from the registry). What it raises is classified like a write.
+BeforeSteps = Callable[[Sequence[Message]], Awaitable[None]]
 
 
 class Filter(Protocol[T]):
@@ -139,6 +166,10 @@ class Consumer(Protocol):
 
     async def seek_to_beginning(self, *partitions: TopicPartition) -> bool: ...
 
+    def pause(self, *partitions: TopicPartition) -> None: ...
+
+    def seek(self, partition: TopicPartition, offset: int) -> None: ...
+
 
 @dataclass(frozen=True, slots=True)
 class StageOptions:
@@ -190,6 +221,10 @@ class _Prepared(Generic[T]):
     info: BatchInfo
     outputs_written: bool = False
     dead_letters_written: bool = False
+    # Per source record, whether it had dead letters: what the dead-letter limit counts.
+    outcomes: dict[SourceRecord, bool] = field(default_factory=dict)
+    # Why the dead-letter limit refused the batch; None: within the limit.
+    held: str | None = None
 
 
 class StageLoop(Generic[T]):
@@ -206,8 +241,12 @@ class StageLoop(Generic[T]):
         filter_step: Filter[T] | None = None,
         readiness: Readiness | None = None,
         on_missing_topic: Callable[[], Awaitable[None]] | None = None,
+        before_steps: BeforeSteps | None = None,
+        find_unreadable: Callable[[], Awaitable[Unreadable | None]] | None = None,
     ) -> None:
         self._options = options
+        self._before_steps = before_steps
+        self._find_unreadable = find_unreadable
         self._consumer = consumer
         self._transform = transform
         self._writer = writer
@@ -226,6 +265,10 @@ class StageLoop(Generic[T]):
         self._progress = ProgressLog(options.progress_log_seconds)
         self._lag: int | None = None
         self.readiness = readiness or Readiness(options.name)
+        # Why the stage is paused by the dead-letter limit; None while it consumes.
+        self.paused: str | None = None
+        self.readiness.set(_LIMIT_CHECK, True, "within the dead-letter limit")
+        metrics.DEAD_LETTER_LIMIT_TRIPPED.labels(self._stage).set(0)
         progress = Progress(options.stall_timeout_seconds)
         self.readiness.add_check("progress", lambda: progress.check(self.busy_since))
 
@@ -239,21 +282,39 @@ class StageLoop(Generic[T]):
         timeout) and, with ``drain``, keep consuming until a poll comes back empty.
 
         Raises FatalStageError (nothing of the failing batch committed) and, with ``drain``,
-        DrainIncomplete when records were left unwritten.
+        DrainIncomplete when records were left unwritten. Paused by the dead-letter limit, it
+        writes nothing more, not even on stop: the held batch stays uncommitted.
         """
         while not stop.is_set():
+            if self.paused is not None:
+                await self._hold(stop)
+                continue
             await self._poll(self._poll_timeout_ms(), stop)
             if self._buffer and self._due():
                 await self._flush(stop=stop)
 
         deadline = time.monotonic() + self._options.stop_timeout_seconds
         drained = not drain
-        while not self._buffer or await self._flush(deadline=deadline):
-            if drained or time.monotonic() >= deadline:
+        while self.paused is None and (not self._buffer or await self._flush(deadline=deadline)):
+            if drained or self.paused is not None or time.monotonic() >= deadline:
                 break
             drained = await self._poll(_DRAIN_POLL_MS, None) == 0
 
-        if self._buffer or not drained:
+        if self.paused is not None and self._buffer:
+            held = len(self._buffer)
+            self._clear_buffer()
+            if drain:
+                raise DrainIncomplete(
+                    f"{self._stage}: stopped paused by the dead-letter limit with {held} "
+                    "records held, not written"
+                )
+            log.warning(
+                "stopping paused by the dead-letter limit; the held records were not written "
+                "or committed, and are read again at the next start",
+                stage=self._stage,
+                records=held,
+            )
+        elif self._buffer or not drained:
             unwritten = len(self._buffer)
             self._clear_buffer()
             if drain:
@@ -266,6 +327,38 @@ class StageLoop(Generic[T]):
                 stage=self._stage,
                 records=unwritten,
             )
+
+    async def _hold(self, stop: asyncio.Event) -> None:
+        """One turn of a paused stage: poll with every owned partition paused, so nothing is
+        fetched but the consumer stays in its group (one that stops polling is dropped from it
+        after ``max_poll_interval_ms`` and its partitions -- the held batch -- handed to another
+        consumer). Whatever a poll still returns is ignored: nothing is committed while paused,
+        so it is read again after the restart."""
+        assigned = self._consumer.assignment()
+        if assigned:
+            self._consumer.pause(*assigned)
+        try:
+            await self._consumer.getmany(timeout_ms=_IDLE_POLL_MS)
+        except Exception as exc:  # noqa: BLE001 - nothing is consumed while paused
+            log.warning("poll while paused failed", stage=self._stage, error=describe(exc))
+            await sleep_unless_stopped(stop, self._options.retry_backoff_initial_seconds)
+
+    def _pause(self, reason: str) -> None:
+        self.paused = reason
+        self.readiness.set(
+            _LIMIT_CHECK,
+            False,
+            f"{reason}; paused, holding the batch unwritten and uncommitted: fix the cause "
+            "and restart the stage (docs/dead-letters.md)",
+        )
+        metrics.DEAD_LETTER_LIMIT_TRIPPED.labels(self._stage).set(1)
+        self.readiness.evaluate()  # refreshes the sgpipe_ready gauge now
+        log.error(
+            "dead-letter limit reached; the stage is paused until it is restarted",
+            stage=self._stage,
+            error=reason,
+            records_held=len(self._buffer),
+        )
 
     async def _poll(self, timeout_ms: int, stop: asyncio.Event | None) -> int:
         max_records = max(1, self._options.batch_max_records - len(self._buffer))
@@ -282,6 +375,9 @@ class StageLoop(Generic[T]):
             self._forget_written()
             await self._consumer.seek_to_beginning(*partitions)
             return 0
+        except UNREADABLE_ERRORS as exc:
+            # A record the client cannot parse: record content, never fatal.
+            return await self._step_over_unreadable(exc, stop)
         except Exception as exc:  # noqa: BLE001 - classified below
             if classify(exc) is not ErrorClass.RETRIABLE:
                 self._fail(exc, "polling failed")
@@ -303,6 +399,69 @@ class StageLoop(Generic[T]):
             metrics.RECORDS_CONSUMED.labels(self._stage).inc(received)
         self._update_lag()
         return received
+
+    async def _step_over_unreadable(self, exc: Exception, stop: asyncio.Event | None) -> int:
+        """Find the record the client cannot read (sgpipe.runtime.unreadable), buffer the
+        readable ones before it, dead-letter it (with where it is: the client never had its
+        bytes) and seek past it. Anything failing on the way is retried at the next poll."""
+        found = None
+        if self._find_unreadable is not None:
+            try:
+                found = await self._find_unreadable()
+            except Exception as error:  # noqa: BLE001 - retried at the next poll
+                log.warning(
+                    "could not locate an unreadable record",
+                    stage=self._stage,
+                    error=describe(error),
+                )
+        if found is None:
+            log.warning("poll met a record it cannot read; retrying", error=describe(exc))
+            if stop is not None:
+                await sleep_unless_stopped(stop, self._options.retry_backoff_initial_seconds)
+            return 0
+        where = found.partition
+        letter = DeadLetter(
+            reason=UNREADABLE_RECORD,
+            detail=(
+                f"the Kafka client cannot read the record at offset {found.first} "
+                f"({found.error}); offsets {found.first}..{found.resume - 1} were stepped "
+                f"over: read them at {where.topic}/{where.partition} with another client"
+            ),
+            stage=self._stage,
+            payload=b"",
+            original_topic=where.topic,
+            original_partition=where.partition,
+            original_offset=found.first,
+        )
+        try:
+            await self._dead_letter_writer.write([letter])
+        except FatalStageError as error:
+            # The dead-letter sink reads the dead-letter topic and cannot write to it: the
+            # record stays on the topic, said here (the record is unreadable to it either way).
+            log.error("stepping over an unreadable record", stage=self._stage, error=str(error))
+        except Exception as error:  # noqa: BLE001 - the next poll meets it again
+            log.warning(
+                "could not dead-letter an unreadable record; retrying",
+                stage=self._stage,
+                error=describe(error),
+            )
+            return 0
+        metrics.DEAD_LETTERS.labels(self._stage, UNREADABLE_RECORD).inc()
+        log.warning(
+            "stepped over records the Kafka client cannot read",
+            stage=self._stage,
+            topic=where.topic,
+            partition=where.partition,
+            first=found.first,
+            resume=found.resume,
+            error=found.error,
+        )
+        if found.readable and not self._buffer:
+            self._buffer_started = time.monotonic()
+        self._buffer.extend(_message(record) for record in found.readable)
+        self._consumer.seek(where, found.resume)
+        self._positions[where] = found.resume
+        return len(found.readable)
 
     async def _reset_out_of_range(self, exc: OffsetOutOfRangeError) -> None:
         # The committed offset is past the end of the log (the broker lost or deleted data):
@@ -443,11 +602,21 @@ class StageLoop(Generic[T]):
         """One attempt at the buffered batch: steps (once per batch), write, dead letters,
         commit. Returns the records committed; raises what a write or the commit raises."""
         async with self._lock:
-            if not self._buffer:
+            if not self._buffer or self.paused is not None:
                 return 0
             prepared = self._prepared
             if prepared is None:
-                prepared = self._prepared = self._prepare(self._buffer)
+                if self._before_steps is not None:
+                    await self._before_steps(self._buffer)
+                # The pure steps in a worker thread: one hostile record can take them many
+                # seconds (2,000,000 elements: ~25 s), and the event loop must keep heartbeating
+                # to the group meanwhile -- a consumer dropped from it re-reads the batch
+                # forever. The filter and the budget hold state: they stay on the loop.
+                stepped = await asyncio.to_thread(self._run_steps, self._buffer)
+                prepared = self._prepared = self._select_and_admit(stepped)
+            if prepared.held is not None:
+                self._pause(prepared.held)
+                return 0
             if not prepared.outputs_written:
                 if prepared.outputs:
                     await self._writer.write(prepared.outputs, prepared.info)
@@ -472,19 +641,22 @@ class StageLoop(Generic[T]):
                 log.info("wrote", stage=self._stage, output=self._writer.output, **progress)
             return committed
 
-    def _prepare(self, records: Sequence[Message]) -> _Prepared[T]:
+    def _run_steps(self, records: Sequence[Message]) -> _Prepared[T]:
+        """The pure steps of a batch and its dead letters (no shared state: a worker thread
+        runs this)."""
         outputs: list[T] = []
         dead_letters: list[DeadLetter] = []
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
         ranges: dict[tuple[str, int], tuple[int, int]] = {}
+        # Per source record, whether it had dead letters: what the dead-letter limit counts.
+        outcomes: dict[SourceRecord, bool] = {}
         for record in records:
             try:
-                transformed = self._transform(record)
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if step_error_class(exc) is ErrorClass.FATAL:
-                    self._fail(exc, f"processing {record.topic}/{record.partition}/{record.offset}")
-                transformed = Transformed(rejections=[_rejection_for(exc)])
+                transformed = run_steps(self._transform, record)
+            except Exception as exc:  # noqa: BLE001 - only what stops the stage gets here
+                self._fail(exc, f"processing {record.topic}/{record.partition}/{record.offset}")
             outputs.extend(transformed.outputs)
+            outcomes[(record.topic, record.partition, record.offset)] = bool(transformed.rejections)
             for rejection in transformed.rejections:
                 dead_letters.append(
                     build_dead_letter(
@@ -500,19 +672,24 @@ class StageLoop(Generic[T]):
             offsets[TopicPartition(record.topic, record.partition)] = OffsetAndMetadata(
                 record.offset + 1, ""
             )
-        before = len(outputs)
+        return _Prepared(outputs, dead_letters, offsets, BatchInfo(ranges), outcomes=outcomes)
+
+    def _select_and_admit(self, prepared: _Prepared[T]) -> _Prepared[T]:
+        """The filter step, then the dead-letter limit: past it, the batch is held (never
+        written) and the stage pauses."""
+        before = len(prepared.outputs)
         if self._filter is not None:
-            outputs = self._filter.select(outputs)
-            dropped = before - len(outputs)
+            prepared.outputs = self._filter.select(prepared.outputs)
+            dropped = before - len(prepared.outputs)
             if dropped:
                 metrics.DUPLICATES_DROPPED.labels(self._stage).inc(dropped)
-        if dead_letters:
+        prepared.held = self._budget.admit(prepared.outcomes)
+        dead_letters = prepared.dead_letters
+        if dead_letters and prepared.held is None:
             metrics.ERRORS.labels(self._stage, ErrorClass.POISON).inc(len(dead_letters))
             reasons = Counter(letter.reason for letter in dead_letters)
             log.info("dead-lettering records", stage=self._stage, reasons=dict(reasons))
-        # Raises DeadLetterLimitExceeded before anything of this batch is written.
-        self._budget.admit(before + len(dead_letters), len(dead_letters))
-        return _Prepared(outputs, dead_letters, offsets, BatchInfo(ranges))
+        return prepared
 
     async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
         try:
@@ -558,9 +735,35 @@ class StageLoop(Generic[T]):
                 self._positions.pop(partition, None)
 
 
+def run_steps(transform: Transform[T], record: Message) -> Transformed[T]:
+    """What a stage's pure steps make of one record: the transform's outputs and rejections,
+    or, when it raises, a rejection of the whole record (a pure step is deterministic: it would
+    raise again). More than ``MAX_REJECTIONS_PER_RECORD`` rejections become one of the whole
+    record. Raises only what says the stage cannot go on (``step_error_class``)."""
+    try:
+        result = transform(record)
+    except Exception as exc:
+        if step_error_class(exc) is ErrorClass.FATAL:
+            raise
+        return Transformed(rejections=[_rejection_for(exc)])
+    if len(result.rejections) > MAX_REJECTIONS_PER_RECORD:
+        counts = Counter(rejection.reason for rejection in result.rejections)
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
+        result.rejections = [
+            Rejection(
+                TOO_MANY_INVALID_ELEMENTS,
+                f"{len(result.rejections)} of its elements were rejected ({reasons}); the "
+                "record is kept whole instead of as one dead letter per element",
+            )
+        ]
+    return result
+
+
 def _rejection_for(exc: Exception) -> Rejection:
     if isinstance(exc, InvalidMessage):
         return Rejection(exc.reason, exc.detail)
+    if isinstance(exc, UnknownWriterSchema):
+        return Rejection(UNKNOWN_SCHEMA, str(exc))
     # A pure step is deterministic: what raised for this record will always raise for it.
     return Rejection("processing_error", describe(exc))
 
@@ -600,11 +803,13 @@ class ConsumerStage(Generic[T]):
 
     ``writer`` is built with the stage's Kafka producer (which the runtime starts, shares with
     the dead-letter writer, and stops); ``filter_step`` is stateful, so a stage builds a fresh
-    declaration per run. ``writes_dead_letters`` False is for a stage that reads the
-    dead-letter topic: a dead letter of its own would come back to it, so a rejection stops
-    it (fatal, nothing of the batch committed) instead. ``ready_without_partitions`` is for a
-    stage that runs next to another in every replica of a process and whose topic may have
-    fewer partitions than there are replicas: owning none is then normal, not unreadiness.
+    declaration per run. ``before_steps``: an asynchronous step run on each batch before its
+    pure steps (a retriable failure holds the batch and is retried). ``writes_dead_letters``
+    False is for a stage that reads the dead-letter topic: a dead letter of its own would come
+    back to it, so a rejection stops it (fatal, nothing of the batch committed) instead.
+    ``ready_without_partitions`` is for a stage that runs next to another in every replica of
+    a process and whose topic may have fewer partitions than there are replicas: owning none
+    is then normal, not unreadiness.
     """
 
     name: str
@@ -614,5 +819,6 @@ class ConsumerStage(Generic[T]):
     transform: Transform[T]
     writer: Callable[[Any], Writer[T]]
     filter_step: Filter[T] | None = None
+    before_steps: BeforeSteps | None = None
     writes_dead_letters: bool = True
     ready_without_partitions: bool = False

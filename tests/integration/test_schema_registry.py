@@ -28,9 +28,10 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from pydantic import SecretStr
 
 from processors.stage import run_processor
-from schemas.email_event import EmailEventCodec, schema_versions
+from schemas.email_event import EmailEventCodec, UnknownWriterSchema, schema_versions
 from schemas.raw_batch import RawBatch
 from sgpipe.embedded.broker import free_port
+from sgpipe.runtime.errors import ErrorClass, classify
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
 from sgpipe.runtime.schema_registry import (
     SchemaRegistryClient as SgpipeRegistryClient,
@@ -290,3 +291,25 @@ async def test_processor_writes_confluent_framing_that_confluent_and_the_sink_re
         assert sorted(json.dumps(json_form(row), sort_keys=True) for row in rows) == sorted(
             json.dumps(expected_record(name), sort_keys=True) for name in names
         )
+
+
+async def test_an_id_the_registry_does_not_know_is_remembered_as_unreadable() -> None:
+    """A record's registry id comes from its bytes: one the registry does not know (404) makes
+    its records poison, and is not asked for again; an unreachable registry is retriable."""
+    unknown = b"\x00" + (424242).to_bytes(4, "big") + b"garbage"
+    async with registry_server() as registry:
+        settings = SchemaRegistrySettings(
+            url=registry.url, username=USER, password=SecretStr(PASSWORD)
+        )
+        codec = EmailEventCodec()
+        async with SgpipeRegistryClient(settings) as client:
+            assert await fetch_unknown_schemas(codec, client, [unknown]) == 0
+            assert await fetch_unknown_schemas(codec, client, [unknown]) == 0
+        assert registry.requests == ["GET /schemas/ids/424242"]
+        with pytest.raises(UnknownWriterSchema, match="the schema registry does not know this id"):
+            codec.decode(unknown)
+    closed = SchemaRegistrySettings(url=f"http://127.0.0.1:{free_port()}", timeout_seconds=2)
+    async with SgpipeRegistryClient(closed) as client:
+        with pytest.raises(SchemaRegistryError) as down:
+            await fetch_unknown_schemas(EmailEventCodec(), client, [unknown])
+    assert classify(down.value) is ErrorClass.RETRIABLE

@@ -211,6 +211,7 @@ def test_stages_serve_health_readiness_and_metrics_as_records_flow(
             "dead_letters.assigned",
             "dead_letters.destination",
             "dead_letters.progress",
+            "dead_letters.dead_letter_limit",
         }
         _, sink_metrics = http_get(f"{sink_url}/metrics")
         assert metric(sink_metrics, "sgpipe_records_consumed_total", stage="dead_letters") == 2

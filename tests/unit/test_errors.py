@@ -13,7 +13,6 @@ from schemas.email_event import UnknownWriterSchema
 from sgpipe.runtime.errors import (
     CLICKHOUSE_FATAL_CODES,
     CLICKHOUSE_RETRIABLE_CODES,
-    DeadLetterLimitExceeded,
     ErrorClass,
     FatalStageError,
     InvalidMessage,
@@ -93,10 +92,10 @@ def server_error(code: int, name: str) -> ch.DatabaseError:
         pytest.param(TimeoutError(), RETRIABLE, id="asyncio-timeout"),
         pytest.param(OSError(errno.EHOSTUNREACH, "unreachable"), RETRIABLE, id="os-network"),
         pytest.param(FatalStageError("stop"), FATAL, id="fatal-stage"),
-        pytest.param(DeadLetterLimitExceeded("too many"), FATAL, id="dead-letter-limit"),
         pytest.param(TypeError("a bug"), FATAL, id="bug"),
         # The event contract and its registry.
-        pytest.param(UnknownWriterSchema("written by a newer sgpipe"), FATAL, id="newer-writer"),
+        # Record content, whatever it names: poison, never fatal.
+        pytest.param(UnknownWriterSchema("an unknown writer schema"), POISON, id="unknown-writer"),
         pytest.param(SchemaRegistryError("down"), RETRIABLE, id="registry-unreachable"),
         pytest.param(SchemaRegistryError("5xx", status=503), RETRIABLE, id="registry-5xx"),
         pytest.param(SchemaRegistryError("busy", status=429), RETRIABLE, id="registry-429"),
@@ -147,7 +146,7 @@ def test_describe_is_one_short_line() -> None:
         (ValueError("this record breaks the step"), POISON),
         (KeyError("a bug this record triggers"), POISON),
         (InvalidMessage("x", "y"), POISON),
-        (UnknownWriterSchema("written by a newer sgpipe"), FATAL),
+        (UnknownWriterSchema("bytes that look framed with an unknown schema"), POISON),
         (FatalStageError("stop"), FATAL),
         (MemoryError(), FATAL),
     ],

@@ -682,7 +682,7 @@ def test_encoding_starts_with_magic_and_little_endian_fingerprint() -> None:
     assert CODEC.decode(payload)["custom_args"] == {"plan": "pro"}
 
 
-def test_decode_refuses_an_unknown_fingerprint_as_not_poison() -> None:
+def test_decode_names_an_unknown_fingerprint_apart_from_damaged_bytes() -> None:
     payload = CODEC.encode(sample_event())
     foreign = payload[:2] + bytes.fromhex("8a8f25cce724dd63") + payload[10:]
     with pytest.raises(UnknownWriterSchema, match="8a8f25cce724dd63") as caught:

@@ -26,7 +26,8 @@ from schemas.dead_letter import DeadLetter
 from schemas.email_event import UnknownWriterSchema
 from sgpipe.runtime import metrics
 from sgpipe.runtime.dead_letters import Rejection
-from sgpipe.runtime.errors import DeadLetterLimitExceeded, FatalStageError, InvalidMessage
+from sgpipe.runtime.errors import FatalStageError, InvalidMessage
+from sgpipe.runtime.health import Readiness
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.runner import RefusedDeadLetters
 from sgpipe.runtime.settings import DeadLetterLimit
@@ -38,6 +39,7 @@ from sgpipe.runtime.stage import (
     StageOptions,
     Transformed,
 )
+from sgpipe.runtime.unreadable import Unreadable
 
 TOPIC = "raw"
 PARTITION = TopicPartition(TOPIC, 0)
@@ -66,6 +68,7 @@ class FakeConsumer:
     commits: list[int] = field(default_factory=list)
     poll_errors: list[BaseException] = field(default_factory=list)
     seeks: int = 0
+    paused: set[TopicPartition] = field(default_factory=set)
 
     async def getmany(
         self, *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
@@ -73,7 +76,7 @@ class FakeConsumer:
         if self.poll_errors:
             raise self.poll_errors.pop(0)
         pending = self.log[self.position :]
-        if not pending:
+        if not pending or PARTITION in self.paused:
             await asyncio.sleep(min(timeout_ms, 20) / 1000)
             return {}
         taken = pending[: max_records or len(pending)]
@@ -94,6 +97,12 @@ class FakeConsumer:
         self.seeks += 1
         self.position = 0
         return True
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        self.paused.update(partitions)
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        self.position = offset
 
     def redeliver(self) -> None:
         """What a new owner of the partition does: read on from the committed offset."""
@@ -158,6 +167,21 @@ def options(**overrides: Any) -> StageOptions:
     }
     values.update(overrides)
     return StageOptions(**values)
+
+
+def echo_or_zero(message: Message) -> Transformed[bytes]:
+    """``echo``, with b"0" poison."""
+    if message.value == b"0":
+        raise InvalidMessage("zero", "the value is zero")
+    return Transformed([message.value or b""])
+
+
+async def wait_for_condition(condition: Callable[[], bool], what: str, limit: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + limit
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {limit} s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def echo(message: Message) -> Transformed[bytes]:
@@ -389,54 +413,163 @@ async def test_too_big_a_payload_is_left_out_of_the_dead_letter_with_its_origin(
     assert "payload of 3 bytes omitted: read it at raw/0/0" in letter.detail
 
 
-# --- the dead-letter limit -------------------------------------------------------------------
+# --- the dead-letter limit: counted per source record, pauses instead of stopping ------------
 
 
-async def test_the_dead_letter_ratio_limit_stops_the_stage_before_writing_the_batch() -> None:
-    consumer = FakeConsumer(records(b"a", b"bad", b"bad", b"bad"))
-    writer = RecordingWriter()
+def explode(message: Message) -> Transformed[bytes]:
+    """A transform that splits a record like the processor splits a raw batch: each comma-
+    separated element is an output, or a rejection when it is "0" (``[0,0,...]``)."""
+    result: Transformed[bytes] = Transformed()
+    for index, element in enumerate((message.value or b"").split(b",")):
+        if element == b"0":
+            result.rejections.append(Rejection("not_an_object", "a zero", element, index))
+        else:
+            result.outputs.append(element)
+    return result
+
+
+async def test_a_batch_of_101_bad_elements_counts_once_and_is_dead_lettered() -> None:
+    # The issue's case: one raw batch of 101 zeros, the defaults (max_ratio 0.5 once
+    # min_records source records were seen). Mutation caught: counting dead letters (elements)
+    # instead of source records -- 101 of 101 is over the ratio, the stage pauses.
+    zeros = b",".join([b"0"] * 101)
+    consumer = FakeConsumer(records(zeros, b"a,b"))
     letters = RecordingDeadLetters()
+    writer = RecordingWriter()
     loop = StageLoop(
-        options(dead_letters=DeadLetterLimit(max_ratio=0.5, min_records=4, max_count=0)),
+        options(dead_letters=DeadLetterLimit(max_ratio=0.5, min_records=1)),
         consumer,
-        echo,
+        explode,
         writer,
         letters,
+        readiness=Readiness("test"),
     )
+    await run_until(loop, lambda: consumer.committed == 2)
+    assert loop.paused is None
+    assert len(letters.written) == 101 and writer.written == [[b"a", b"b"]]
+    assert consumer.commits == [2]
 
-    with pytest.raises(DeadLetterLimitExceeded, match="3 of 4 records"):
-        await run_until(loop, lambda: False, limit=2)
 
+async def test_past_the_limit_the_stage_pauses_holds_the_batch_and_is_not_ready() -> None:
+    consumer = FakeConsumer(records(b"a", b"0", b"0", b"0", b"b"))
+    writer = RecordingWriter()
+    letters = RecordingDeadLetters()
+    readiness = Readiness("test")
+    loop = StageLoop(
+        options(dead_letters=DeadLetterLimit(max_ratio=0.5, min_records=4, window_records=10)),
+        consumer,
+        echo_or_zero,
+        writer,
+        letters,
+        readiness=readiness,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(loop.run(stop))
+    await wait_for_condition(lambda: loop.paused is not None, "the stage to pause")
+    # It keeps running (no FatalStageError), consumes nothing more, writes and commits nothing.
+    await asyncio.sleep(0.1)
+    assert not task.done()
+    assert consumer.paused == {PARTITION}
+    assert writer.written == [] and letters.written == [] and consumer.commits == []
+    checks = readiness.evaluate()
+    ok, detail = checks["dead_letter_limit"]
+    assert not ok and not readiness.ready
+    assert detail.startswith("test: 3 of the last 5 source records had dead letters, over ")
+    assert "restart the stage" in detail
+    assert sample("sgpipe_dead_letter_limit_tripped", stage="test") == 1
+    # A stop while paused writes nothing of the held batch either, and returns normally.
+    stop.set()
+    await asyncio.wait_for(task, timeout=10)
     assert writer.written == [] and letters.written == [] and consumer.commits == []
 
 
-async def test_the_dead_letter_count_limit_stops_the_stage() -> None:
-    consumer = FakeConsumer(records(b"bad", b"a", b"bad", b"a", b"bad"))
+async def test_a_paused_stage_draining_on_stop_reports_the_held_records() -> None:
+    consumer = FakeConsumer(records(b"0", b"0"))
     loop = StageLoop(
-        options(batch_max_records=2, dead_letters=DeadLetterLimit(max_ratio=1.0, max_count=2)),
+        options(dead_letters=DeadLetterLimit(max_ratio=0.5, min_records=1, window_records=10)),
         consumer,
-        echo,
+        echo_or_zero,
         RecordingWriter(),
         RecordingDeadLetters(),
     )
-    with pytest.raises(DeadLetterLimitExceeded, match="3 dead letters"):
-        await run_until(loop, lambda: False, limit=2)
-    # The first two batches (two dead letters in all) were committed; the third was not.
+    with pytest.raises(DrainIncomplete, match="paused by the dead-letter limit with 2 records"):
+        await run_until(loop, lambda: loop.paused is not None, drain=True)
+    assert consumer.commits == []
+
+
+async def test_a_restarted_stage_resumes_with_the_held_batch() -> None:
+    # The documented way out: fix the cause, restart the stage. What was held was never
+    # committed, so the restarted stage reads it again and writes it.
+    consumer = FakeConsumer(records(b"a", b"0", b"0", b"0"))
+    limit = DeadLetterLimit(max_ratio=0.5, min_records=4, window_records=10)
+    paused = StageLoop(
+        options(dead_letters=limit),
+        consumer,
+        echo_or_zero,
+        RecordingWriter(),
+        RecordingDeadLetters(),
+    )
+    await run_until(paused, lambda: paused.paused is not None)
+    assert paused.paused is not None and consumer.commits == []
+
+    # The fixed deploy: zeros are events now.
+    consumer.redeliver()
+    consumer.paused.clear()
+    writer = RecordingWriter()
+    letters = RecordingDeadLetters()
+    fixed = StageLoop(options(dead_letters=limit), consumer, echo, writer, letters)
+    await run_until(fixed, lambda: consumer.committed == 4)
+    assert fixed.paused is None
+    assert writer.written == [[b"a", b"0", b"0", b"0"]] and letters.written == []
+    assert sample("sgpipe_dead_letter_limit_tripped", stage="test") == 0
+
+    # Not fixed, but the operator switched the limit off: the held batch is dead-lettered.
+    consumer.position = consumer.committed = 0
+    letters = RecordingDeadLetters()
+    relaxed = StageLoop(
+        options(dead_letters=DeadLetterLimit(max_ratio=1.0)),
+        consumer,
+        echo_or_zero,
+        RecordingWriter(),
+        letters,
+    )
+    await run_until(relaxed, lambda: consumer.committed == 4)
+    assert [letter.original_offset for letter in letters.written] == [1, 2, 3]
+
+
+async def test_the_dead_letter_count_limit_pauses_the_stage() -> None:
+    consumer = FakeConsumer(records(b"0", b"a", b"0", b"a", b"0"))
+    loop = StageLoop(
+        options(
+            batch_max_records=2,
+            dead_letters=DeadLetterLimit(max_ratio=1.0, max_count=2, min_records=1),
+        ),
+        consumer,
+        echo_or_zero,
+        RecordingWriter(),
+        RecordingDeadLetters(),
+    )
+    await run_until(loop, lambda: loop.paused is not None)
+    assert loop.paused == "test: 3 of the last 5 source records had dead letters, over " + (
+        "dead_letters.max_count (2)"
+    )
+    # The first two batches (two records with dead letters in all) were committed; the
+    # third was not.
     assert consumer.commits == [2, 4]
 
 
-async def test_a_ratio_under_the_minimum_sample_does_not_stop_the_stage() -> None:
-    consumer = FakeConsumer(records(b"bad", b"bad"))
+async def test_a_ratio_under_the_minimum_sample_does_not_pause_the_stage() -> None:
+    consumer = FakeConsumer(records(b"0", b"0"))
     letters = RecordingDeadLetters()
     loop = StageLoop(
-        options(dead_letters=DeadLetterLimit(max_ratio=0.5, min_records=100, max_count=0)),
+        options(dead_letters=DeadLetterLimit(max_ratio=0.5, min_records=3, window_records=10)),
         consumer,
-        echo,
+        echo_or_zero,
         RecordingWriter(),
         letters,
     )
     await run_until(loop, lambda: bool(consumer.commits))
-    assert len(letters.written) == 2 and consumer.commits == [2]
+    assert len(letters.written) == 2 and consumer.commits == [2] and loop.paused is None
 
 
 # --- fatal errors --------------------------------------------------------------------------
@@ -692,17 +825,62 @@ async def test_a_stop_meets_its_deadline_even_when_a_write_hangs() -> None:
     assert consumer.commits == []
 
 
-async def test_a_record_from_a_newer_writer_stops_the_stage_instead_of_dead_lettering() -> None:
+async def test_a_record_naming_an_unknown_writer_schema_is_dead_lettered_not_fatal() -> None:
+    # Record content is never fatal: anyone who can produce to the topic can write bytes that
+    # look framed with a schema nobody knows. Mutation caught: UnknownWriterSchema fatal again
+    # in step_error_class.
     def decode(message: Message) -> Transformed[bytes]:
         if message.value == b"v9":
             raise UnknownWriterSchema("written by a newer sgpipe")
         return Transformed([message.value or b""])
 
-    consumer = FakeConsumer(records(b"v2", b"v9"))
+    consumer = FakeConsumer(records(b"v2", b"v9", b"v2"))
     letters = RecordingDeadLetters()
     writer = RecordingWriter()
-    with pytest.raises(FatalStageError, match="processing raw/0/1"):
-        await run_until(
-            StageLoop(options(), consumer, decode, writer, letters), lambda: False, limit=2
+    await run_until(
+        StageLoop(options(), consumer, decode, writer, letters), lambda: consumer.committed == 3
+    )
+    assert [(letter.reason, letter.original_offset) for letter in letters.written] == [
+        ("unknown_schema", 1)
+    ]
+    assert writer.written == [[b"v2", b"v2"]]
+
+
+# --- records the Kafka client cannot read ------------------------------------------------------
+
+
+def unreadable_at(consumer: FakeConsumer, first: int, resume: int) -> Callable[[], Any]:
+    """A ``find_unreadable`` over the fake log: the records from the position up to ``first``
+    are readable, ``first``..``resume - 1`` are not."""
+
+    async def find() -> Unreadable:
+        readable = consumer.log[consumer.position : first]
+        return Unreadable(PARTITION, first, resume, readable, "UnicodeDecodeError: 0xff")
+
+    return find
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["dead-lettered", "dead-letter-sink"])
+async def test_a_record_the_client_cannot_read_is_stepped_over_not_fatal(refused: bool) -> None:
+    consumer = FakeConsumer(records(b"a", b"b", b"?", b"?", b"c"))
+    consumer.poll_errors = [UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")]
+    letters: Any = RefusedDeadLetters("test") if refused else RecordingDeadLetters()
+    writer = RecordingWriter()
+    loop = StageLoop(
+        options(),
+        consumer,
+        echo,
+        writer,
+        letters,
+        find_unreadable=unreadable_at(consumer, 2, 4),
+    )
+    await run_until(loop, lambda: consumer.committed == 5)
+    assert [value for batch in writer.written for value in batch] == [b"a", b"b", b"c"]
+    if not refused:
+        (letter,) = letters.written
+        assert (letter.reason, letter.original_offset, letter.payload) == (
+            "unreadable_record",
+            2,
+            b"",
         )
-    assert letters.written == [] and writer.written == [] and consumer.commits == []
+        assert "offsets 2..3 were stepped over" in letter.detail
