@@ -10,15 +10,17 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from aiokafka.admin import NewTopic
 
 from processors.stage import run_processor
 from schemas.dead_letter import ORIGINAL_OFFSET_HEADER, REASON_HEADER
-from schemas.raw_batch import RawBatch, raw_batch_headers
+from schemas.raw_batch import RawBatch
 from sgpipe.runtime.kafka import create_admin
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
+from tests.raw_auth_support import signed_raw_batch_headers
 
 pytestmark = pytest.mark.kafka
 
@@ -34,15 +36,22 @@ class NotUtf8(str):
 
 async def main():
     servers, topic, good = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    headers = [(name, value.encode()) for name, value in good["headers"]]
+    signed = {
+        which: [(n, v.encode()) for n, v in good[f"{which}_headers"]]
+        for which in ("first", "after")
+    }
     producer = AIOKafkaProducer(bootstrap_servers=servers)
     await producer.start()
     try:
-        await producer.send_and_wait(topic, good["first"].encode(), headers=headers, partition=0)
+        await producer.send_and_wait(
+            topic, good["first"].encode(), headers=signed["first"], partition=0
+        )
         await producer.send_and_wait(
             topic, b"unreadable", headers=[(NotUtf8("k"), b"v")], partition=0
         )
-        await producer.send_and_wait(topic, good["after"].encode(), headers=headers, partition=0)
+        await producer.send_and_wait(
+            topic, good["after"].encode(), headers=signed["after"], partition=0
+        )
     finally:
         await producer.stop()
 
@@ -67,12 +76,13 @@ async def test_a_record_with_a_header_key_that_is_not_utf8_is_dead_lettered_and_
         )
     finally:
         await admin.close()
-    batch = RawBatch("main", b"", 1_700_000_000_000, "req", None, "signature")
-    good = {
-        "headers": [(name, value.decode()) for name, value in raw_batch_headers(batch)],
-        "first": body("before"),
-        "after": body("after"),
-    }
+    good: dict[str, Any] = {"first": body("before"), "after": body("after")}
+    for which in ("first", "after"):
+        # Signed as the ingress would: the processor verifies each record's HMAC first.
+        headers = signed_raw_batch_headers(
+            RawBatch("main", good[which].encode(), 1_700_000_000_000, "req", None, "signature")
+        )
+        good[which + "_headers"] = [(name, value.decode()) for name, value in headers]
     produced = subprocess.run(
         [sys.executable, "-c", PRODUCE, kafka_bootstrap_servers, topics.raw, json.dumps(good)],
         env={**os.environ, "AIOKAFKA_NO_EXTENSIONS": "1"},
@@ -94,7 +104,7 @@ async def test_a_record_with_a_header_key_that_is_not_utf8_is_dead_lettered_and_
         await asyncio.wait_for(processor, timeout=60)
     assert sorted(record.key for record in events) == [b"after", b"before"]
     (letter,) = letters
-    headers = dict(letter.headers)
-    assert headers[REASON_HEADER] == b"unreadable_record"
-    assert headers[ORIGINAL_OFFSET_HEADER] == b"1"
+    letter_headers = dict(letter.letter_headers)
+    assert letter_headers[REASON_HEADER] == b"unreadable_record"
+    assert letter_headers[ORIGINAL_OFFSET_HEADER] == b"1"
     assert letter.value == b""

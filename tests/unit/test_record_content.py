@@ -31,6 +31,7 @@ from schemas.dead_letter import (
     dead_letter_headers,
 )
 from schemas.email_event import CONFLUENT_MAGIC, SINGLE_OBJECT_MAGIC, EmailEventCodec
+from schemas.raw_auth import sign_raw_record
 from schemas.raw_batch import (
     FORMAT_HEADER,
     FORMAT_SENDGRID_JSON_V1,
@@ -46,8 +47,9 @@ from sgpipe.runtime.stage import ConsumerStage, Transformed, run_steps
 from sinks.dead_letters import dead_letter_stage
 from sinks.rows import to_columns
 from sinks.stage import sink_stage
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT, TEST_RAW_AUTH_KEY
 
-SETTINGS = Settings()
+SETTINGS = Settings.model_validate({"raw_auth": RAW_AUTH_DOCUMENT})
 RECORD_LIMIT = max_record_bytes(SETTINGS.kafka)
 CODEC = EmailEventCodec()
 EXAMPLES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -179,17 +181,33 @@ DEAD_LETTER_SINK = dead_letter_stage(SETTINGS)
     value=st.one_of(st.none(), raw_bodies),
     record_headers=raw_headers,
     key=st.none() | st.binary(max_size=8),
+    signed=st.booleans(),
 )
 @example(value=b"[" + b",".join([b"0"] * 101) + b"]", record_headers=raw_batch_headers(
-    [b"main", b"1700000000000", b"req", b"signature"]), key=None)  # fmt: skip
+    [b"main", b"1700000000000", b"req", b"signature"]), key=None, signed=True)  # fmt: skip
 @example(value=b'[{"event":"open","sg_event_id":"\\ud800"}]', record_headers=raw_batch_headers(
-    [b"main", b"1700000000000", b"req", b"signature"]), key=None)  # fmt: skip
-@example(value=b"[]", record_headers=raw_batch_headers([b"\xff", None, b"x", b"y"]), key=None)
+    [b"main", b"1700000000000", b"req", b"signature"]), key=None, signed=True)  # fmt: skip
+@example(value=b"[]", record_headers=raw_batch_headers([b"\xff", None, b"x", b"y"]), key=None,
+         signed=True)  # fmt: skip
+@example(value=b"[0]", record_headers=raw_batch_headers([b"main", b"1", b"r", b"s"]), key=None,
+         signed=False)  # fmt: skip
 def test_the_processor_makes_every_raw_record_events_or_dead_letters(
-    value: bytes | None, record_headers: list[tuple[str, bytes | None]], key: bytes | None
+    value: bytes | None,
+    record_headers: list[tuple[str, bytes | None]],
+    key: bytes | None,
+    signed: bool,
 ) -> None:
+    # Signed with the processor's key (as the ingress does), so that what follows the HMAC
+    # check sees the arbitrary content too; unsigned, it must be an unauthenticated dead letter.
+    if signed:
+        record_headers = list(
+            sign_raw_record(TEST_RAW_AUTH_KEY, value, record_headers)  # type: ignore[arg-type]
+        )
     record = message(value, record_headers, key)
     result = outcome(PROCESSOR, record)
+    if not signed:
+        assert not result.outputs
+        assert [r.reason for r in result.rejections] == ["unauthenticated_raw_record"]
     for event in result.outputs:
         # What the events topic takes: value and key within the record limit.
         assert len(event.value) + len(event.key) <= RECORD_LIMIT
@@ -240,9 +258,9 @@ def test_an_event_whose_key_would_push_it_over_the_record_limit_is_dead_lettered
     # About 3 MB encoded (the id is in the event and in raw), within the 4 MB limit on its own.
     message_id = "m" * 1_500_000
     body = json.dumps([{"event": "open", "sg_event_id": "e", "sg_message_id": message_id}])
-    record = message(
-        body.encode(), raw_batch_headers([b"main", b"1700000000000", b"req", b"signature"])
-    )
+    headers = raw_batch_headers([b"main", b"1700000000000", b"req", b"signature"])
+    signed = sign_raw_record(TEST_RAW_AUTH_KEY, body.encode(), headers)  # type: ignore[arg-type]
+    record = message(body.encode(), list(signed))
     result = outcome(PROCESSOR, record)
     assert result.outputs == []
     (rejection,) = result.rejections
@@ -252,10 +270,13 @@ def test_an_event_whose_key_would_push_it_over_the_record_limit_is_dead_lettered
 
 def test_a_record_with_more_headers_than_a_dead_letter_holds_keeps_what_fits() -> None:
     huge = [(f"h{index}", b"x" * 20_000) for index in range(4)]
-    record = message(b"not json", [*raw_batch_headers([b"main", b"1", b"r", b"s"]), *huge])
+    headers = [*raw_batch_headers([b"main", b"1", b"r", b"s"]), *huge]
+    signed = sign_raw_record(TEST_RAW_AUTH_KEY, b"not json", headers)  # type: ignore[arg-type]
+    record = message(b"not json", list(signed))
     (rejection,) = outcome(PROCESSOR, record).rejections
+    assert rejection.reason == "invalid_json"
     letter = build_dead_letter(record, rejection, stage="process", max_payload_bytes=RECORD_LIMIT)
     names = [name for name, _ in letter.context_headers]
     assert names == [FORMAT_HEADER, WEBHOOK_HEADER, RECEIVED_AT_HEADER, REQUEST_ID_HEADER,
                      "sgpipe-authenticated-by", "h0"]  # fmt: skip
-    assert "(3 headers omitted: read them at topic/3/7)" in letter.detail
+    assert "(4 headers omitted: read them at topic/3/7)" in letter.detail
