@@ -104,7 +104,7 @@ async def test_a_record_with_a_header_key_that_is_not_utf8_is_dead_lettered_and_
         await asyncio.wait_for(processor, timeout=60)
     assert sorted(record.key for record in events) == [b"after", b"before"]
     (letter,) = letters
-    letter_headers = dict(letter.letter_headers)
+    letter_headers = dict(letter.headers)
     assert letter_headers[REASON_HEADER] == b"unreadable_record"
     assert letter_headers[ORIGINAL_OFFSET_HEADER] == b"1"
     assert letter.value == b""
