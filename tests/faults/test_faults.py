@@ -133,6 +133,39 @@ async def running_pipeline(
         await asyncio.to_thread(context.__exit__, None, None, None)
 
 
+async def wait_until_consuming(pipeline: Pipeline, stage: Stage, timeout: float = 90.0) -> None:
+    """Wait until the current ``stage`` process logged that it consumes (started, migrated)."""
+    deadline = time.monotonic() + timeout
+    started = pipeline.processes.current[stage]
+    while not any(
+        entry.get("stage") == stage for entry in log_events(started.output(), "consuming")
+    ):
+        if time.monotonic() >= deadline or started.process.poll() is not None:
+            raise AssertionError(
+                f"sgpipe {stage} not consuming within {timeout:.0f} s:\n{started.output()[-3000:]}"
+            )
+        await asyncio.sleep(0.1)
+
+
+async def wait_for_stored_rows(pipeline: Pipeline, minimum: int, timeout: float = 90.0) -> int:
+    """Wait until ``email_events`` holds at least ``minimum`` rows: events flow end to end."""
+    deadline = time.monotonic() + timeout
+    query = f"SELECT count() FROM {pipeline.database}.email_events"
+    rows = 0
+    while time.monotonic() < deadline:
+        try:
+            rows = int((await asyncio.to_thread(pipeline.clickhouse.query, query)).strip())
+        except (OSError, ValueError):
+            rows = 0  # the sink has not created the table yet
+        if rows >= minimum:
+            return rows
+        await asyncio.sleep(0.1)
+    raise AssertionError(
+        f"{pipeline.database}.email_events did not reach {minimum} rows in {timeout:.0f} s "
+        f"(has {rows}):\n{pipeline.processes.logs()}"
+    )
+
+
 def _answers(clickhouse: ClickHouseUnderTest) -> bool:
     try:
         return clickhouse.query("SELECT 1").strip() == "1"
@@ -338,15 +371,20 @@ async def test_memory_broker_restarted_empty(
     await broker.start_async()
     restarted: list[float] = []
 
-    async def faults() -> None:
-        await asyncio.sleep(4)
-        broker.kill_broker()
-        while not (broker.restarts()["broker"] == 1 and broker.alive()):
-            await asyncio.sleep(0.05)
-        restarted.append(time.monotonic())
-
     try:
         async with running_pipeline(broker, clickhouse, tmp_path, unique_name) as pipeline:
+
+            async def faults() -> None:
+                # The broker dies once events flow end to end: the sink has read and stored
+                # some, so every consumer holds a position in the log that is about to vanish
+                # (with the sink still starting, the restart would test nothing of it).
+                await wait_for_stored_rows(pipeline, minimum=200)
+                broker.kill_broker()
+                while not (broker.restarts()["broker"] == 1 and broker.alive()):
+                    await asyncio.sleep(0.05)
+                restarted.append(time.monotonic())
+
+            await wait_until_consuming(pipeline, "sink")
             await run_faults(
                 pipeline,
                 Stream(seed=109, seconds=14),
