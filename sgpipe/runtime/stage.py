@@ -306,6 +306,7 @@ class StageLoop(Generic[T]):
 
     async def _poll(self, timeout_ms: int, stop: asyncio.Event | None) -> int:
         max_records = max(1, self._options.batch_max_records - len(self._buffer))
+        epoch = self._epoch
         try:
             polled = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         except OffsetOutOfRangeError as exc:
@@ -331,6 +332,10 @@ class StageLoop(Generic[T]):
             log.warning("poll failed; retrying", stage=self._stage, error=describe(exc))
             if stop is not None:
                 await sleep_unless_stopped(stop, self._options.retry_backoff_initial_seconds)
+            return 0
+        if epoch != self._epoch:
+            # A rebalance ran while this poll waited: what it returns may come from partitions
+            # revoked meanwhile. The new assignment reads them again from the last commit.
             return 0
         received = 0
         for partition, records in polled.items():

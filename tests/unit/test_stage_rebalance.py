@@ -356,3 +356,25 @@ async def test_a_log_shorter_than_the_position_read_is_read_again_from_its_begin
         "sgpipe_offset_resets_total", {"stage": "lost-log-test"}
     )
     assert (after or 0) - (before or 0) == 1
+
+
+async def test_records_returned_by_a_poll_a_rebalance_interrupted_are_not_kept() -> None:
+    # aiokafka may hand out records of the old assignment while the revocation runs. Mutation
+    # caught: dropping the epoch check after `getmany` in StageLoop._poll.
+    consumer = GroupConsumer(assigned={P0})
+    consumer.append(P0, b"a0")
+    loop = StageLoop(options(), consumer, echo, RecordingWriter(), RecordingDeadLetters())
+    plain_getmany = consumer.getmany
+
+    async def getmany_during_a_rebalance(
+        *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
+    ) -> dict[TopicPartition, list[FakeRecord]]:
+        polled = await plain_getmany(timeout_ms=timeout_ms, max_records=max_records)
+        await loop.rebalance_listener().on_partitions_revoked([P0])
+        return polled
+
+    consumer.getmany = getmany_during_a_rebalance  # type: ignore[method-assign]
+    assert await loop._poll(0, None) == 0
+    await loop.rebalance_listener().on_partitions_assigned([P0])
+    assert await loop.flush_and_commit() == 0
+    assert consumer.committed == {}
