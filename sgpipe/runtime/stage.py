@@ -259,6 +259,8 @@ class StageLoop(Generic[T]):
         # partitions: never committed, even when they are assigned back (after a broker that
         # lost its log, those offsets would point into a new log, past records nobody read).
         self._epoch = 0
+        # Set by each revocation (then replaced): a commit in flight stops waiting for it.
+        self._revocation = asyncio.Event()
         self._lock = asyncio.Lock()
         # When the stage last had work it could not finish; None while it keeps up.
         self.busy_since: float | None = None
@@ -605,7 +607,7 @@ class StageLoop(Generic[T]):
         if not committable:
             return
         try:
-            await self._consumer.commit(committable)
+            committed = await self._commit_unless_revoked(committable)
         except (*GROUP_MOVED_ON, IllegalStateError) as exc:
             # IllegalStateError: the partitions were taken away in the instant between the
             # ownership check and the call (the same rejoin, seen from the client's side).
@@ -618,7 +620,36 @@ class StageLoop(Generic[T]):
                 error=describe(exc),
             )
             return
+        if not committed:
+            log.warning(
+                "partitions revoked while committing; the commit is abandoned", stage=self._stage
+            )
+            return
         metrics.LAST_COMMIT.labels(self._stage).set(time.time())
+
+    async def _commit_unless_revoked(
+        self, offsets: dict[TopicPartition, OffsetAndMetadata]
+    ) -> bool:
+        """Commit, unless a revocation comes first (False): during a rebalance the broker
+        answers a member's commit only after the group's JoinGroup completed (requests on
+        one connection are served in order), which can take as long as the slowest member
+        takes to rejoin; a stop must not wait for that, and the outcome no longer matters
+        (the partitions' next owner re-reads what is not committed)."""
+        revoked = self._revocation
+        commit = asyncio.ensure_future(self._consumer.commit(offsets))
+        waiting = asyncio.ensure_future(revoked.wait())
+        try:
+            await asyncio.wait({commit, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            if not commit.done():
+                commit.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await commit
+        if commit.cancelled():
+            return False
+        commit.result()  # raises what the commit raised
+        return True
 
     async def _recreate_topics(self) -> None:
         if self._on_missing_topic is None:
@@ -646,6 +677,8 @@ class StageLoop(Generic[T]):
         their records leave the buffer uncommitted and their offsets are never committed
         until they are assigned to this stage again (then read again from the last commit)."""
         metrics.REBALANCES.labels(self._stage).inc()
+        self._revocation.set()
+        self._revocation = asyncio.Event()
         self._revoked |= revoked
         abandoned = self._abandon(revoked)
         for partition in revoked:

@@ -55,6 +55,8 @@ class GroupConsumer:
     commit_errors: list[BaseException] = field(default_factory=list)
     poll_errors: list[BaseException] = field(default_factory=list)
     seeks: list[TopicPartition] = field(default_factory=list)
+    # While set, a commit hangs until it is cleared (a broker busy with a JoinGroup).
+    commits_hang: bool = False
 
     def append(self, partition: TopicPartition, *values: bytes) -> None:
         log = self.logs.setdefault(partition, [])
@@ -83,6 +85,8 @@ class GroupConsumer:
                 raise IllegalStateError(f"Partition {partition} is not assigned")
         if self.commit_errors:
             raise self.commit_errors.pop(0)
+        while self.commits_hang:
+            await asyncio.sleep(0.005)
         for partition, offset in offsets.items():
             self.committed[partition] = offset.offset
 
@@ -377,4 +381,24 @@ async def test_records_returned_by_a_poll_a_rebalance_interrupted_are_not_kept()
     assert await loop._poll(0, None) == 0
     await loop.rebalance_listener().on_partitions_assigned([P0])
     assert await loop.flush_and_commit() == 0
+    assert consumer.committed == {}
+
+
+async def test_a_commit_stuck_behind_a_rebalance_is_abandoned_when_the_partitions_are_revoked() -> (
+    None
+):
+    # During a rebalance the broker answers a member's commit only once the group's JoinGroup
+    # completed; a SIGTERM'd sink waited out its whole stop deadline there. Mutation caught:
+    # awaiting consumer.commit directly in StageLoop._commit.
+    consumer = GroupConsumer(assigned={P0}, commits_hang=True)
+    consumer.append(P0, b"a0")
+    writer = RecordingWriter()
+    loop = StageLoop(options(), consumer, echo, writer, RecordingDeadLetters())
+    assert await loop._poll(0, None) == 1
+    flush = asyncio.ensure_future(loop.flush_and_commit())
+    await until(lambda: writer.written != [], "the batch written, its commit hanging")
+    await loop.rebalance_listener().on_partitions_revoked([P0])
+    # It returns (nothing committed) instead of waiting for the rebalance to complete.
+    assert await asyncio.wait_for(flush, 5) == 0
+    consumer.commits_hang = False
     assert consumer.committed == {}
