@@ -18,12 +18,19 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
+from aiokafka.errors import CommitFailedError, NoOffsetForPartitionError
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from processors.stage import run_processor
 from schemas.email_event import EmailEventCodec
 from schemas.raw_batch import RawBatch, raw_batch_headers
-from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
+from sgpipe.runtime.kafka import (
+    OutgoingRecord,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+    send_all,
+)
 from sgpipe.runtime.metrics import REGISTRY
 from sgpipe.runtime.settings import Settings
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
@@ -219,3 +226,59 @@ async def test_processors_joining_and_leaving_crash_nobody_and_lose_nothing(
     finally:
         await reader.stop()
     assert sum(committed) == BATCHES, committed
+
+
+async def test_a_member_the_coordinator_forgot_sends_no_group_less_commit(
+    kafka_bootstrap_servers: str, unique_name: str
+) -> None:
+    # The cause of issue 21's ~998 lost events: after the memory broker came back empty, the
+    # sink's heartbeat was refused (UnknownMemberId), aiokafka reset its generation to -1, and
+    # the sink's last batch of the lost log was committed meanwhile -- a group-less commit,
+    # which tansu stored for the now empty group. After its rejoin the sink resumed at that
+    # offset of the new log and skipped every record below it. Mutation caught: creating a
+    # plain AIOKafkaConsumer in sgpipe.runtime.kafka.create_consumer.
+    settings = Settings.model_validate(document(kafka_bootstrap_servers, unique_name))
+    await ensure_topics(settings.kafka)
+    topic = settings.kafka.topics.raw
+    producer = create_producer(settings.kafka)
+    await producer.start()
+    try:
+        await send_all(producer, [raw_record(settings, unique_name, batch) for batch in range(8)])
+    finally:
+        await producer.stop()
+    consumer = create_consumer(settings.kafka, group_id=settings.processor.group_id)
+    consumer.subscribe([topic])
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 30
+        read: dict[TopicPartition, int] = {}
+        while sum(read.values()) < 8 and time.monotonic() < deadline:
+            try:
+                polled = await consumer.getmany(timeout_ms=200)
+            except NoOffsetForPartitionError as exc:  # a new group: auto_offset_reset="none"
+                await consumer.seek_to_beginning(*exc.args)
+                continue
+            for partition, records in polled.items():
+                read[partition] = records[-1].offset + 1
+        assert sum(read.values()) == 8, read
+        coordinator = consumer._coordinator
+        sent_generations: list[int] = []
+        send_request = coordinator._send_req
+
+        async def recording(request: Any) -> Any:
+            if type(request).__name__.startswith("OffsetCommitRequest"):
+                sent_generations.append(request._consumer_group_generation_id)
+            return await send_request(request)
+
+        coordinator._send_req = recording
+        offsets = {partition: OffsetAndMetadata(offset, "") for partition, offset in read.items()}
+        await consumer.commit(offsets)  # a member's commit
+        # What a heartbeat answered with UnknownMemberId does, until the rejoin completes.
+        coordinator.reset_generation()
+        with pytest.raises(CommitFailedError):
+            await consumer.commit(offsets)
+    finally:
+        await consumer.stop()
+    assert sent_generations and all(generation >= 0 for generation in sent_generations), (
+        sent_generations
+    )
