@@ -336,9 +336,11 @@ class StageLoop(Generic[T]):
                 await sleep_unless_stopped(stop, self._options.retry_backoff_initial_seconds)
             return 0
         if epoch != self._epoch:
-            # A rebalance ran while this poll waited: what it returns may come from partitions
-            # revoked meanwhile. The new assignment reads them again from the last commit.
-            return 0
+            # A rebalance ran while this poll waited: keep only what comes from partitions
+            # held now (aiokafka has already moved their position past it); records of a
+            # partition revoked meanwhile are read again by its next owner.
+            owned = set(self._owned(list(polled)))
+            polled = {partition: polled[partition] for partition in polled if partition in owned}
         received = 0
         for partition, records in polled.items():
             if not records:

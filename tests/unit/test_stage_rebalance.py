@@ -362,26 +362,33 @@ async def test_a_log_shorter_than_the_position_read_is_read_again_from_its_begin
     assert (after or 0) - (before or 0) == 1
 
 
-async def test_records_returned_by_a_poll_a_rebalance_interrupted_are_not_kept() -> None:
-    # aiokafka may hand out records of the old assignment while the revocation runs. Mutation
-    # caught: dropping the epoch check after `getmany` in StageLoop._poll.
-    consumer = GroupConsumer(assigned={P0})
+async def test_a_poll_a_rebalance_interrupted_keeps_only_what_the_stage_still_owns() -> None:
+    # aiokafka may hand out records of a partition revoked while the poll waited (dropped:
+    # its next owner reads them), and records of the new assignment it has already moved
+    # past (kept: dropping them would skip them). Mutations caught: keeping every record
+    # (P1 is committed behind its new owner's back), or dropping every record of an
+    # interrupted poll (P0's record is never written).
+    consumer = GroupConsumer(assigned={P0, P1})
     consumer.append(P0, b"a0")
-    loop = StageLoop(options(), consumer, echo, RecordingWriter(), RecordingDeadLetters())
+    consumer.append(P1, b"a1")
+    writer = RecordingWriter()
+    loop = StageLoop(options(), consumer, echo, writer, RecordingDeadLetters())
     plain_getmany = consumer.getmany
 
     async def getmany_during_a_rebalance(
         *partitions: TopicPartition, timeout_ms: int = 0, max_records: int | None = None
     ) -> dict[TopicPartition, list[FakeRecord]]:
         polled = await plain_getmany(timeout_ms=timeout_ms, max_records=max_records)
-        await loop.rebalance_listener().on_partitions_revoked([P0])
+        await loop.rebalance_listener().on_partitions_revoked([P0, P1])
+        consumer.assigned = {P0}
+        await loop.rebalance_listener().on_partitions_assigned([P0])
         return polled
 
     consumer.getmany = getmany_during_a_rebalance  # type: ignore[method-assign]
-    assert await loop._poll(0, None) == 0
-    await loop.rebalance_listener().on_partitions_assigned([P0])
-    assert await loop.flush_and_commit() == 0
-    assert consumer.committed == {}
+    assert await loop._poll(0, None) == 1
+    assert await loop.flush_and_commit() == 1
+    assert writer.written == [[b"a0"]]
+    assert consumer.committed == {P0: 1}
 
 
 async def test_a_commit_stuck_behind_a_rebalance_is_abandoned_when_the_partitions_are_revoked() -> (
