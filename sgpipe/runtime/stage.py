@@ -379,9 +379,10 @@ class StageLoop(Generic[T]):
         # stage read up to lost its log under us: a broker that came back empty and had the
         # topic re-created at offset 0. Kafka answers OffsetOutOfRange then; tansu answers an
         # empty fetch, and the consumer would wait, unnoticed, for the new log to grow past
-        # the old position and go on from there, skipping every record before it (the ~998
-        # acknowledged events tests/faults' memory-broker restart lost). Start the new log at
-        # its beginning, and never commit what was read from the old one.
+        # the old position and go on from there, skipping every record before it: what turned
+        # a stale commit into the ~998 acknowledged events tests/faults' memory-broker restart
+        # lost (issue 21). Start the new log at its beginning, and never commit what was read
+        # from the old one.
         lost = []
         for partition in self._owned(list(self._positions)):
             highwater = self._consumer.highwater(partition)

@@ -224,9 +224,10 @@ async def test_a_batch_read_before_a_rejoin_is_not_committed_after_it() -> None:
     # A broker that restarted empty: the member is forgotten, rejoins and gets the same
     # partitions back, now a new log. The write in flight from the old log may finish, but
     # committing its offsets would point the group past records of the new log that nobody
-    # read (tansu answers a fetch beyond the end with nothing, not out-of-range): what the
-    # 998 events acknowledged after tests/faults' memory broker restart were lost to.
-    # Mutation caught: ignoring the batch's epoch in StageLoop._commit.
+    # read (tansu answers a fetch beyond the end with nothing, not out-of-range) -- the
+    # stale commit behind issue 21's ~998 lost events, there sent before the rejoin (see
+    # tests/integration/test_rebalance.py), here after it. Mutation caught: ignoring the
+    # batch's epoch in StageLoop._commit.
     consumer = GroupConsumer()
     consumer.append(P0, *[b"old-%d" % i for i in range(5)])
     writer = GatedWriter()
@@ -329,11 +330,12 @@ async def test_the_group_moving_on_under_a_poll_is_a_rejoin_not_a_crash() -> Non
 
 
 async def test_a_log_shorter_than_the_position_read_is_read_again_from_its_beginning() -> None:
-    # The ~998 acknowledged events of tests/faults' memory-broker restart: the broker came back
-    # empty, the topic was re-created at offset 0, and tansu answers a fetch past the new end
-    # with nothing (not OffsetOutOfRange). The consumer, still a member, waited at its old
-    # position for the new log to grow past it and went on from there: every record before it
-    # was skipped. Mutation caught: not calling `_reset_lost_logs` in StageLoop._poll.
+    # The broker came back empty, the topic was re-created at offset 0, and tansu answers a
+    # fetch past the new end with nothing (not OffsetOutOfRange) while reporting the new
+    # highwater. A consumer still at its old position waited for the new log to grow past it
+    # and went on from there, every record before it skipped (with a stale commit, this is how
+    # tests/faults' memory-broker restart lost ~998 acknowledged events). Mutation caught: not
+    # calling `_reset_lost_logs` in StageLoop._poll.
     before = metrics.REGISTRY.get_sample_value(
         "sgpipe_offset_resets_total", {"stage": "lost-log-test"}
     )
