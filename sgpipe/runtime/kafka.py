@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeAlias, TypeVar
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, UnknownMemberIdError
 from aiokafka.structs import ConsumerRecord
 
 from schemas.dead_letter import DeadLetter, dead_letter_headers
@@ -90,14 +90,50 @@ def create_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
     return AIOKafkaAdminClient(**_connection_options(settings))
 
 
+class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
+    """An AIOKafkaConsumer whose commits always carry a group membership.
+
+    When the coordinator forgets a member (a session that expired, a broker that restarted
+    empty), aiokafka resets the member's generation to -1 and its id to "" until it rejoins;
+    a commit sent meanwhile is a *group-less* commit, which a broker accepts when the group
+    has no active member. tansu did exactly that after restarting empty: the sink's last
+    batch of the lost log was committed into the new one, the sink resumed there after its
+    rejoin, and every record the new log had below that offset was skipped (issue 21's ~998
+    acknowledged events). This refuses such a commit before it is sent -- as the coordinator
+    itself would refuse a forgotten member's, with UnknownMemberIdError, which aiokafka
+    reports as CommitFailedError: a rejoin, for the stage.
+
+    aiokafka has no public hook for it: the check wraps the group coordinator's request
+    builder, the last step before the request leaves (nothing is awaited in between).
+    """
+
+    async def start(self) -> None:
+        await super().start()
+        coordinator = getattr(self, "_coordinator", None)
+        send_commit = getattr(coordinator, "_do_commit_offsets", None)
+        if coordinator is None or send_commit is None:  # no group (group_id None)
+            return
+
+        async def commit_as_member(assignment: Any, offsets: Any) -> Any:
+            if coordinator.generation < 0 or not coordinator.member_id:
+                raise UnknownMemberIdError(
+                    f"{coordinator.group_id}: not a member of the group (rejoining); "
+                    "a commit now would be a group-less one"
+                )
+            return await send_commit(assignment, offsets)
+
+        coordinator._do_commit_offsets = commit_as_member
+
+
 def create_consumer(settings: KafkaSettings, *, group_id: str) -> AIOKafkaConsumer[bytes, bytes]:
-    """Offsets are committed by the stage after its output is durable, never automatically.
+    """Offsets are committed by the stage after its output is durable, never automatically,
+    and only by a current member of the group (``GroupMemberConsumer``).
 
     ``auto_offset_reset="none"``: the stage loop resets by itself, so that a committed offset
     found out of range (the broker lost or deleted data) is logged and counted, and always
     reset to the earliest offset. The caller subscribes, with the loop's rebalance listener.
     """
-    return AIOKafkaConsumer(
+    return GroupMemberConsumer(
         **_connection_options(settings),
         group_id=group_id,
         enable_auto_commit=False,

@@ -208,6 +208,14 @@ OFFSET_RESETS: Final = Counter(
     ["stage"],
     registry=REGISTRY,
 )
+REBALANCES: Final = Counter(
+    "sgpipe_rebalances_total",
+    "Consumer group rebalances this stage took part in (each revocation of its partitions: a "
+    "consumer joined, left, died or timed out, or the group coordinator forgot this member). "
+    "Records read and not yet committed were left to the partitions' next owner.",
+    ["stage"],
+    registry=REGISTRY,
+)
 FLUSH_RECORDS: Final = Histogram(
     "sgpipe_flush_records",
     "Records per write (flush) of the stage.",

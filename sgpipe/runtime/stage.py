@@ -24,8 +24,25 @@ Retriable failures of 4, 6 and 7 are retried with capped backoff, holding the ba
 steps are not re-run); fatal ones stop the stage with FatalStageError and nothing committed.
 Whatever a record holds, it is at worst poison: a record the Kafka client itself cannot parse
 is dead-lettered and stepped over too (``sgpipe.runtime.unreadable``).
-Before partitions are revoked in a rebalance the buffer is flushed; if that fails, the
-revoked records are dropped from the buffer uncommitted, for their new owner to read.
+
+Rebalances (a consumer joining, leaving, dying or timing out) are routine, never a crash:
+
+* when partitions are revoked, their records are dropped from the buffer at once, uncommitted
+  (a write already in flight may finish, but its offsets for them are never committed): the
+  partition's next owner -- maybe this stage again -- re-reads them from the last commit, and
+  the processor's dedup window and ClickHouse's insert tokens / ReplacingMergeTree absorb the
+  overlap. Waiting for a flush instead would hold the whole group's rebalance for as long as
+  a write hangs, and committing then could land offsets of a log the broker no longer has;
+* a commit only names partitions the consumer holds now and that were not revoked since their
+  records were read, filtered right before the call;
+* a commit refused because the group moved on (``GROUP_MOVED_ON``) drops the batch's offsets
+  (its outputs were written; the next owner re-reads and the overlap is absorbed) and the
+  stage goes on polling, which rejoins the group;
+* the stage never seeks or reads the position of a partition it does not hold;
+* a partition whose log ends below what the stage read from it (a broker that lost the log
+  and re-created the topic at offset 0, answering fetches past the end with nothing instead
+  of OffsetOutOfRange) is read again from its beginning, like an out-of-range offset, and
+  nothing read from the old log is committed.
 """
 
 from __future__ import annotations
@@ -42,8 +59,12 @@ import structlog
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import (
     CommitFailedError,
+    IllegalGenerationError,
+    IllegalStateError,
     NoOffsetForPartitionError,
     OffsetOutOfRangeError,
+    RebalanceInProgressError,
+    UnknownMemberIdError,
     UnknownTopicOrPartitionError,
 )
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
@@ -76,6 +97,16 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
+
+# What the consumer raises when the group moved on without this member (a rebalance, a
+# session that expired, a coordinator that forgot it): the member rejoins by polling on,
+# nothing is wrong with the stage. aiokafka wraps the last three in CommitFailedError.
+GROUP_MOVED_ON: tuple[type[BaseException], ...] = (
+    CommitFailedError,
+    IllegalGenerationError,
+    UnknownMemberIdError,
+    RebalanceInProgressError,
+)
 
 # How long a draining consumer waits for more records before it calls its topic empty.
 _DRAIN_POLL_MS = 1000
@@ -219,6 +250,8 @@ class _Prepared(Generic[T]):
     dead_letters: list[DeadLetter]
     offsets: dict[TopicPartition, OffsetAndMetadata]
     info: BatchInfo
+    # The stage's assignment epoch when the batch was read (see StageLoop._epoch).
+    epoch: int
     outputs_written: bool = False
     dead_letters_written: bool = False
     # Per source record, whether it had dead letters: what the dead-letter limit counts.
@@ -259,6 +292,17 @@ class StageLoop(Generic[T]):
         self._buffer_started = 0.0
         self._prepared: _Prepared[T] | None = None
         self._positions: dict[TopicPartition, int] = {}
+        # Revoked and not assigned again since: never committed, even if a write in flight
+        # when they were revoked completes (aiokafka still lists them as assigned until the
+        # rebalance completes).
+        self._revoked: set[TopicPartition] = set()
+        # Counts revocations and lost logs (``_abandon``). aiokafka revokes everything at each
+        # rebalance, so a batch read in an earlier epoch holds only records of abandoned
+        # partitions: never committed, even when they are assigned back (after a broker that
+        # lost its log, those offsets would point into a new log, past records nobody read).
+        self._epoch = 0
+        # Set by each revocation (then replaced): a commit in flight stops waiting for it.
+        self._revocation = asyncio.Event()
         self._lock = asyncio.Lock()
         # When the stage last had work it could not finish; None while it keeps up.
         self.busy_since: float | None = None
@@ -273,7 +317,7 @@ class StageLoop(Generic[T]):
         self.readiness.add_check("progress", lambda: progress.check(self.busy_since))
 
     def rebalance_listener(self) -> ConsumerRebalanceListener:
-        return _FlushOnRevoke(self)
+        return _AbandonOnRevoke(self)
 
     # --- the loop ------------------------------------------------------------------------------
 
@@ -362,6 +406,7 @@ class StageLoop(Generic[T]):
 
     async def _poll(self, timeout_ms: int, stop: asyncio.Event | None) -> int:
         max_records = max(1, self._options.batch_max_records - len(self._buffer))
+        epoch = self._epoch
         try:
             polled = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         except OffsetOutOfRangeError as exc:
@@ -371,9 +416,14 @@ class StageLoop(Generic[T]):
         except NoOffsetForPartitionError as exc:
             # A new group (or a partition never committed): start at the beginning. Also what
             # a broker that restarted empty looks like: its acknowledgements are void.
-            partitions = [p for p in exc.args if isinstance(p, TopicPartition)]
+            partitions = self._owned([p for p in exc.args if isinstance(p, TopicPartition)])
             self._forget_written()
-            await self._consumer.seek_to_beginning(*partitions)
+            if partitions:  # with none, aiokafka would rewind every assigned partition
+                await self._consumer.seek_to_beginning(*partitions)
+            return 0
+        except GROUP_MOVED_ON as exc:
+            # Reported by the group coordinator through the poll: the next poll rejoins.
+            log.warning("the group moved on; rejoining", stage=self._stage, error=describe(exc))
             return 0
         except UNREADABLE_ERRORS as exc:
             # A record the client cannot parse: record content, never fatal.
@@ -386,6 +436,12 @@ class StageLoop(Generic[T]):
             if stop is not None:
                 await sleep_unless_stopped(stop, self._options.retry_backoff_initial_seconds)
             return 0
+        if epoch != self._epoch:
+            # A rebalance ran while this poll waited: keep only what comes from partitions
+            # held now (aiokafka has already moved their position past it); records of a
+            # partition revoked meanwhile are read again by its next owner.
+            owned = set(self._owned(list(polled)))
+            polled = {partition: polled[partition] for partition in polled if partition in owned}
         received = 0
         for partition, records in polled.items():
             if not records:
@@ -397,6 +453,7 @@ class StageLoop(Generic[T]):
             received += len(records)
         if received:
             metrics.RECORDS_CONSUMED.labels(self._stage).inc(received)
+        await self._reset_lost_logs()
         self._update_lag()
         return received
 
@@ -468,7 +525,7 @@ class StageLoop(Generic[T]):
         # start again at the earliest offset, never skip ahead. Duplicates are absorbed by
         # ClickHouse; skipped events would be lost.
         offsets = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
-        partitions = [p for p in offsets if isinstance(p, TopicPartition)]
+        partitions = self._owned([p for p in offsets if isinstance(p, TopicPartition)])
         for partition in partitions:
             metrics.OFFSET_RESETS.labels(self._stage).inc()
             log.warning(
@@ -481,11 +538,45 @@ class StageLoop(Generic[T]):
         if partitions:
             await self._consumer.seek_to_beginning(*partitions)
 
+    async def _reset_lost_logs(self) -> None:
+        # A partition whose end (the highwater of the last fetch) is below the position this
+        # stage read up to lost its log under us: a broker that came back empty and had the
+        # topic re-created at offset 0. Kafka answers OffsetOutOfRange then; tansu answers an
+        # empty fetch, and the consumer would wait, unnoticed, for the new log to grow past
+        # the old position and go on from there, skipping every record before it: what turned
+        # a stale commit into the ~998 acknowledged events tests/faults' memory-broker restart
+        # lost (issue 21). Start the new log at its beginning, and never commit what was read
+        # from the old one.
+        lost = []
+        for partition in self._owned(list(self._positions)):
+            highwater = self._consumer.highwater(partition)
+            if highwater is not None and highwater < self._positions[partition]:
+                lost.append(partition)
+                metrics.OFFSET_RESETS.labels(self._stage).inc()
+                log.warning(
+                    "partition's log is shorter than what was read from it (the broker lost "
+                    "it); resetting to the earliest offset",
+                    stage=self._stage,
+                    topic=partition.topic,
+                    partition=partition.partition,
+                    position=self._positions[partition],
+                    highwater=highwater,
+                )
+        if lost:
+            self._abandon(set(lost))
+            self._forget_written()
+            await self._consumer.seek_to_beginning(*lost)
+
     def _forget_written(self) -> None:
         # A filter that kept trusting the lost writes would drop the redelivered copies of
         # acknowledged events as duplicates: acknowledged, never stored.
         if self._filter is not None:
             self._filter.forget()
+
+    def _owned(self, partitions: Sequence[TopicPartition]) -> list[TopicPartition]:
+        """Those of ``partitions`` the consumer holds now and that were not revoked."""
+        assigned = self._consumer.assignment()
+        return [p for p in partitions if p in assigned and p not in self._revoked]
 
     def _update_lag(self) -> None:
         oldest_ms = self._buffer[0].timestamp_ms if self._buffer else None
@@ -493,7 +584,10 @@ class StageLoop(Generic[T]):
             max(time.time() - oldest_ms / 1000, 0.0) if oldest_ms else 0.0
         )
         lag: int | None = None
-        for partition, position in self._positions.items():
+        # aiokafka asserts on the highwater of a partition it does not hold: ask only for
+        # those held now (a rebalance may have moved the others since they were polled).
+        for partition in self._owned(list(self._positions)):
+            position = self._positions[partition]
             highwater = self._consumer.highwater(partition)
             if highwater is not None:
                 behind = max(highwater - position, 0)
@@ -612,7 +706,12 @@ class StageLoop(Generic[T]):
                 # seconds (2,000,000 elements: ~25 s), and the event loop must keep heartbeating
                 # to the group meanwhile -- a consumer dropped from it re-reads the batch
                 # forever. The filter and the budget hold state: they stay on the loop.
-                stepped = await asyncio.to_thread(self._run_steps, self._buffer)
+                epoch = self._epoch
+                stepped = await asyncio.to_thread(self._run_steps, self._buffer, epoch)
+                if epoch != self._epoch:
+                    # A rebalance abandoned partitions while the steps ran: the buffer is not
+                    # what was stepped. Nothing is written; the next flush steps what is left.
+                    return 0
                 prepared = self._prepared = self._select_and_admit(stepped)
             if prepared.held is not None:
                 self._pause(prepared.held)
@@ -633,7 +732,7 @@ class StageLoop(Generic[T]):
                     for letter in prepared.dead_letters:
                         metrics.DEAD_LETTERS.labels(self._stage, letter.reason).inc()
                 prepared.dead_letters_written = True
-            await self._commit(prepared.offsets)
+            await self._commit(prepared.offsets, prepared.epoch)
             committed = len(self._buffer)
             self._clear_buffer()
             progress = self._progress.record(committed, self._lag)
@@ -641,7 +740,7 @@ class StageLoop(Generic[T]):
                 log.info("wrote", stage=self._stage, output=self._writer.output, **progress)
             return committed
 
-    def _run_steps(self, records: Sequence[Message]) -> _Prepared[T]:
+    def _run_steps(self, records: Sequence[Message], epoch: int) -> _Prepared[T]:
         """The pure steps of a batch and its dead letters (no shared state: a worker thread
         runs this)."""
         outputs: list[T] = []
@@ -672,7 +771,9 @@ class StageLoop(Generic[T]):
             offsets[TopicPartition(record.topic, record.partition)] = OffsetAndMetadata(
                 record.offset + 1, ""
             )
-        return _Prepared(outputs, dead_letters, offsets, BatchInfo(ranges), outcomes=outcomes)
+        return _Prepared(
+            outputs, dead_letters, offsets, BatchInfo(ranges), epoch, outcomes=outcomes
+        )
 
     def _select_and_admit(self, prepared: _Prepared[T]) -> _Prepared[T]:
         """The filter step, then the dead-letter limit: past it, the batch is held (never
@@ -691,15 +792,65 @@ class StageLoop(Generic[T]):
             log.info("dead-lettering records", stage=self._stage, reasons=dict(reasons))
         return prepared
 
-    async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    async def _commit(self, offsets: dict[TopicPartition, OffsetAndMetadata], epoch: int) -> None:
+        """Commit ``offsets`` (of a batch read in ``epoch``) of the partitions still owned
+        since; a refusal because the group moved on is a rejoin, not a failure (see the
+        module docstring)."""
+        owned = set(self._owned(list(offsets))) if epoch == self._epoch else set()
+        committable = {partition: offsets[partition] for partition in offsets if partition in owned}
+        if len(committable) < len(offsets):
+            log.info(
+                "not committing partitions this stage no longer owns; their next owner "
+                "re-reads them",
+                stage=self._stage,
+                partitions=sorted(f"{p.topic}/{p.partition}" for p in offsets if p not in owned),
+            )
+        if not committable:
+            return
         try:
-            await self._consumer.commit(offsets)
-        except CommitFailedError as exc:
-            # The group rebalanced while we wrote: the new owner re-reads these records, and
-            # the duplicates are absorbed downstream.
-            log.warning("commit failed after a rebalance", stage=self._stage, error=describe(exc))
+            committed = await self._commit_unless_revoked(committable)
+        except (*GROUP_MOVED_ON, IllegalStateError) as exc:
+            # IllegalStateError: the partitions were taken away in the instant between the
+            # ownership check and the call (the same rejoin, seen from the client's side).
+            # The group rebalanced while we wrote: the batch was written, its offsets are not
+            # committed; the next owner of its partitions re-reads them and the duplicates
+            # are absorbed downstream. Polling on rejoins the group.
+            log.warning(
+                "commit refused: the group moved on; rejoining",
+                stage=self._stage,
+                error=describe(exc),
+            )
+            return
+        if not committed:
+            log.warning(
+                "partitions revoked while committing; the commit is abandoned", stage=self._stage
+            )
             return
         metrics.LAST_COMMIT.labels(self._stage).set(time.time())
+
+    async def _commit_unless_revoked(
+        self, offsets: dict[TopicPartition, OffsetAndMetadata]
+    ) -> bool:
+        """Commit, unless a revocation comes first (False): during a rebalance the broker
+        answers a member's commit only after the group's JoinGroup completed (requests on
+        one connection are served in order), which can take as long as the slowest member
+        takes to rejoin; a stop must not wait for that, and the outcome no longer matters
+        (the partitions' next owner re-reads what is not committed)."""
+        revoked = self._revocation
+        commit = asyncio.ensure_future(self._consumer.commit(offsets))
+        waiting = asyncio.ensure_future(revoked.wait())
+        try:
+            await asyncio.wait({commit, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+            if not commit.done():
+                commit.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await commit
+        if commit.cancelled():
+            return False
+        commit.result()  # raises what the commit raised
+        return True
 
     async def _recreate_topics(self) -> None:
         if self._on_missing_topic is None:
@@ -722,17 +873,52 @@ class StageLoop(Generic[T]):
         self._buffer = []
         self._prepared = None
 
-    async def discard_revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self._lock:
-            self._buffer = [
-                record
-                for record in self._buffer
-                if TopicPartition(record.topic, record.partition) not in revoked
-            ]
-            # Steps are re-run for what stays; nothing of it was committed.
+    def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Abandon the revoked partitions, at once and without waiting for a write in flight:
+        their records leave the buffer uncommitted and their offsets are never committed
+        until they are assigned to this stage again (then read again from the last commit)."""
+        metrics.REBALANCES.labels(self._stage).inc()
+        self._revocation.set()
+        self._revocation = asyncio.Event()
+        self._revoked |= revoked
+        abandoned = self._abandon(revoked)
+        for partition in revoked:
+            with contextlib.suppress(KeyError):  # no lag was reported for it yet
+                metrics.CONSUMER_LAG.remove(self._stage, str(partition.partition))
+        log.info(
+            "partitions revoked; their uncommitted records are left to their next owner",
+            stage=self._stage,
+            partitions=sorted(f"{p.topic}/{p.partition}" for p in revoked),
+            records_abandoned=abandoned,
+        )
+
+    def _abandon(self, partitions: set[TopicPartition]) -> int:
+        """Drop the buffered records of ``partitions`` and start a new epoch, so that no batch
+        read before -- a write in flight included -- is ever committed. Returns the number
+        of records dropped."""
+        self._epoch += 1
+        kept = [
+            record
+            for record in self._buffer
+            if TopicPartition(record.topic, record.partition) not in partitions
+        ]
+        abandoned = len(self._buffer) - len(kept)
+        if abandoned:
+            self._buffer = kept
+            # The steps are run again for what stays (a write in flight keeps its own copy).
             self._prepared = None
-            for partition in revoked:
-                self._positions.pop(partition, None)
+        for partition in partitions:
+            self._positions.pop(partition, None)
+        return abandoned
+
+    def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """``assigned`` are this stage's again; the consumer reads them from the last commit."""
+        self._revoked -= assigned
+        log.info(
+            "partitions assigned",
+            stage=self._stage,
+            partitions=sorted(f"{p.topic}/{p.partition}" for p in assigned),
+        )
 
 
 def run_steps(transform: Transform[T], record: Message) -> Transformed[T]:
@@ -780,21 +966,18 @@ def _message(record: Any) -> Message:
     )
 
 
-class _FlushOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+class _AbandonOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    """aiokafka calls these from its group coordinator: before a rejoin (``revoked``: what
+    this member held) and after it (``assigned``). Neither waits for the stage's writes."""
+
     def __init__(self, loop: StageLoop[Any]) -> None:
         self._loop = loop
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
-        try:
-            await self._loop.flush_and_commit()
-        except Exception as exc:  # noqa: BLE001 - the new owner re-reads what we could not write
-            log.warning(
-                "flush before revoke failed; records will be redelivered", error=describe(exc)
-            )
-            await self._loop.discard_revoked(set(revoked))
+        self._loop.partitions_revoked(set(revoked))
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
-        return None
+        self._loop.partitions_assigned(set(assigned))
 
 
 @dataclass(frozen=True)

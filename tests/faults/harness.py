@@ -261,6 +261,23 @@ class StageProcesses:
         self.history.append(started)
         return started
 
+    def start_replica(self, stage: Stage) -> StageProcess:
+        """Another process of ``stage`` beside the current one (a replica, a scale-out):
+        not ``current``, so the single-process helpers leave it alone; ``kill_all`` and
+        ``logs`` include it."""
+        number = sum(1 for started in self.history if started.stage == stage) + 1
+        log = self.directory / f"{stage}-{number}.log"
+        with log.open("wb") as output:
+            process = subprocess.Popen(
+                [*SGPIPE, stage, "--config", str(self.config)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        started = StageProcess(stage, process, log)
+        self.history.append(started)
+        return started
+
     def start_all(self) -> None:
         for stage in STAGES:
             self.start(stage)

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -31,11 +32,13 @@ from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.simulator.simulation import SimulationSummary
 from tests.faults.harness import (
+    SERVICE_TIMEOUT,
     BackgroundLoop,
     BrokerUnderTest,
     ClickHouseUnderTest,
     FaultScript,
     Stage,
+    StageProcess,
     StageProcesses,
     Stream,
     log_events,
@@ -48,6 +51,9 @@ from tests.faults.ledger import Ledger, LedgerReport, refusals, unacceptable_ref
 from tests.promise_report import REPORT, FaultOutcome
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+
+# What a stage logs when a rebalance takes its partitions (sgpipe/runtime/stage.py).
+REVOKED = "partitions revoked; their uncommitted records are left to their next owner"
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +112,12 @@ async def pipeline(
 
 @asynccontextmanager
 async def running_pipeline(
-    broker: BrokerUnderTest, clickhouse: ClickHouseUnderTest, tmp_path: Path, suffix: str
+    broker: BrokerUnderTest,
+    clickhouse: ClickHouseUnderTest,
+    tmp_path: Path,
+    suffix: str,
+    *,
+    partitions: int | None = None,
 ) -> AsyncIterator[Pipeline]:
     # A test that failed half-way may have left a service down: the next one starts healthy.
     if not broker.alive():
@@ -123,6 +134,8 @@ async def running_pipeline(
         ingest_port=free_port(),
         public_key=public_key_base64(private_key),
     )
+    if partitions is not None:
+        document["kafka"]["topics"]["partitions"] = partitions
     context = stage_processes(tmp_path / "stages", document)
     processes = await asyncio.to_thread(context.__enter__)
     try:
@@ -131,6 +144,55 @@ async def running_pipeline(
         )
     finally:
         await asyncio.to_thread(context.__exit__, None, None, None)
+
+
+async def wait_until_consuming(pipeline: Pipeline, stage: Stage, timeout: float = 90.0) -> None:
+    """Wait until the current ``stage`` process logged that it consumes (started, migrated)."""
+    await wait_until_logged(
+        pipeline.processes.current[stage],
+        "consuming",
+        lambda entry: entry.get("stage") == stage,
+        f"sgpipe {stage} consuming",
+        timeout,
+    )
+
+
+async def wait_until_logged(
+    started: StageProcess,
+    event: str,
+    matches: Callable[[dict[str, Any]], bool],
+    what: str,
+    timeout: float = 90.0,
+) -> None:
+    """Wait until ``started`` logged ``event`` with an entry that ``matches``; fail naming
+    ``what`` if it exits or the deadline passes first."""
+    deadline = time.monotonic() + timeout
+    while not any(matches(entry) for entry in log_events(started.output(), event)):
+        if time.monotonic() >= deadline or started.process.poll() is not None:
+            raise AssertionError(
+                f"not within {timeout:.0f} s: {what} (exit {started.process.poll()}):\n"
+                f"{started.output()[-3000:]}"
+            )
+        await asyncio.sleep(0.1)
+
+
+async def wait_for_stored_rows(pipeline: Pipeline, minimum: int, timeout: float = 90.0) -> int:
+    """Wait until ``email_events`` holds at least ``minimum`` rows: events flow end to end."""
+    deadline = time.monotonic() + timeout
+    query = f"SELECT count() FROM {pipeline.database}.email_events"
+    rows = 0
+    while time.monotonic() < deadline:
+        try:
+            rows = int((await asyncio.to_thread(pipeline.clickhouse.query, query)).strip())
+        except (OSError, ValueError):
+            rows = 0  # the sink has not created the table yet
+        if rows >= minimum:
+            return rows
+        await asyncio.sleep(0.1)
+    raise AssertionError(
+        f"{pipeline.database}.email_events did not reach {minimum} rows in {timeout:.0f} s "
+        f"(has {rows}):\n{pipeline.processes.logs()}"
+    )
 
 
 def _answers(clickhouse: ClickHouseUnderTest) -> bool:
@@ -148,10 +210,12 @@ async def run_faults(
     name: str,
     injected: int,
     expected: Callable[[Ledger], set[str]] | None = None,
+    stop_replicas: Sequence[StageProcess] = (),
 ) -> tuple[SimulationSummary, LedgerReport]:
     """Stream while ``faults`` runs, then check the promise; records the outcome for the
     run's closing summary. ``expected``: which acknowledged events must be stored, once the
-    stream ended (all of them unless the configuration documents a loss)."""
+    stream ended (all of them unless the configuration documents a loss). ``stop_replicas``:
+    processes beside the current ones that must still run and stop cleanly too."""
     options = stream.options(pipeline.processes.webhook_url, pipeline.private_key)
     summary = await stream_with_faults(options, pipeline.ledger, faults)
     must_be_stored = (
@@ -182,6 +246,14 @@ async def run_faults(
     assert report.holds(), report.describe() + "\n" + pipeline.processes.logs()
     assert report.acknowledged == report.sent  # every unique event was acknowledged in the end
     pipeline.processes.assert_running()
+    for replica in stop_replicas:
+        assert replica.process.poll() is None, (
+            f"a {replica.stage} replica exited:\n" + (replica.output()[-4000:])
+        )
+        replica.process.terminate()
+    for replica in stop_replicas:
+        code = await asyncio.to_thread(replica.process.wait, 90)
+        assert code == 0, f"a {replica.stage} replica stopped with {code}:\n{replica.output()}"
     # Stop deadlines hold after the faults: every stage stops by itself, cleanly.
     codes = await asyncio.to_thread(pipeline.processes.stop_all)
     assert codes == {"ingest": 0, "process": 0, "sink": 0}, pipeline.processes.logs()
@@ -338,15 +410,20 @@ async def test_memory_broker_restarted_empty(
     await broker.start_async()
     restarted: list[float] = []
 
-    async def faults() -> None:
-        await asyncio.sleep(4)
-        broker.kill_broker()
-        while not (broker.restarts()["broker"] == 1 and broker.alive()):
-            await asyncio.sleep(0.05)
-        restarted.append(time.monotonic())
-
     try:
         async with running_pipeline(broker, clickhouse, tmp_path, unique_name) as pipeline:
+
+            async def faults() -> None:
+                # The broker dies once events flow end to end: the sink has read and stored
+                # some, so every consumer holds a position in the log that is about to vanish
+                # (with the sink still starting, the restart would test nothing of it).
+                await wait_for_stored_rows(pipeline, minimum=200)
+                broker.kill_broker()
+                while not (broker.restarts()["broker"] == 1 and broker.alive()):
+                    await asyncio.sleep(0.05)
+                restarted.append(time.monotonic())
+
+            await wait_until_consuming(pipeline, "sink")
             await run_faults(
                 pipeline,
                 Stream(seed=109, seconds=14),
@@ -358,3 +435,68 @@ async def test_memory_broker_restarted_empty(
             assert pipeline.ledger.acknowledged_between(restarted[0]), "nothing after restart"
     finally:
         await broker.stop_async()
+
+
+async def test_replicas_joining_and_leaving_mid_stream(
+    durable_broker: BrokerUnderTest,
+    clickhouse: ClickHouseUnderTest,
+    tmp_path: Path,
+    unique_name: str,
+) -> None:
+    """Scale-out and scale-in as Kubernetes replicas or KEDA do them (issue 16): two
+    processors and two sinks consume; a third of each joins, takes partitions, and leaves --
+    once with SIGTERM, once with kill -9 (its membership then times out). Every acknowledged
+    event is stored exactly once (FINAL and the dedup view), and the survivors ride every
+    rebalance out: still running, never restarted, a clean stop at the end."""
+    async with running_pipeline(
+        durable_broker, clickhouse, tmp_path, unique_name, partitions=4
+    ) as pipeline:
+        processes = pipeline.processes
+        # The replicas start once the first sink has migrated the database (one at a time).
+        await wait_until_consuming(pipeline, "sink")
+        survivors = [processes.current["process"], processes.current["sink"]]
+        survivors += [processes.start_replica("process"), processes.start_replica("sink")]
+        for replica in survivors[2:]:
+            await wait_until_logged(
+                replica, "consuming", lambda e: True, f"the second {replica.stage} consuming"
+            )
+        leavers: list[StageProcess] = []
+
+        async def join_and_leave(stage: Stage) -> None:
+            for leave in ("SIGTERM", "kill -9"):
+                third = processes.start_replica(stage)
+                leavers.append(third)
+                await wait_until_logged(
+                    third,
+                    "partitions assigned",
+                    lambda entry: entry.get("stage") == stage and bool(entry.get("partitions")),
+                    f"a third {stage} owning partitions",
+                )
+                if leave == "SIGTERM":
+                    third.process.terminate()
+                    code = await asyncio.to_thread(third.process.wait, SERVICE_TIMEOUT)
+                    assert code == 0, third.output()
+                else:
+                    third.process.kill()
+                    await asyncio.to_thread(third.process.wait, SERVICE_TIMEOUT)
+
+        async def faults() -> None:
+            await asyncio.gather(join_and_leave("process"), join_and_leave("sink"))
+
+        await run_faults(
+            pipeline,
+            Stream(seed=110, seconds=16),
+            faults,
+            name="replicas join and leave (SIGTERM, kill -9)",
+            injected=4,
+            stop_replicas=survivors[2:],
+        )
+        assert [third.process.returncode for third in leavers].count(0) == 2, processes.logs()
+        for survivor in survivors:
+            # One process for its whole life: it took part in the rebalances, never crashed.
+            text = survivor.output()
+            revocations = [
+                entry for entry in log_events(text, REVOKED) if entry.get("stage") == survivor.stage
+            ]
+            assert len(revocations) >= 2, text[-3000:]
+            assert not log_events(text, "stage stopped on a fatal error"), text[-3000:]

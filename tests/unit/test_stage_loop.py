@@ -292,6 +292,7 @@ async def test_events_whose_write_failed_before_a_rebalance_are_written_when_red
     await loop.rebalance_listener().on_partitions_revoked([PARTITION])
     assert consumer.commits == []
     consumer.redeliver()
+    await loop.rebalance_listener().on_partitions_assigned([PARTITION])
 
     await run_until(loop, lambda: bool(consumer.commits))
 
@@ -664,14 +665,17 @@ async def test_drain_that_cannot_write_raises_and_commits_nothing() -> None:
     assert consumer.position == 2  # it stopped polling once a batch could not be written
 
 
-async def test_flush_before_revoke_commits_the_buffer() -> None:
+async def test_a_revocation_abandons_the_buffer_without_writing_or_committing_it() -> None:
+    # The revoked records are left to the partition's next owner (tests/unit/
+    # test_stage_rebalance.py has the rest of the rebalance contract).
     consumer = FakeConsumer(records(b"5", b"6"))
     writer = RecordingWriter()
     loop = StageLoop(options(), consumer, echo, writer, RecordingDeadLetters())
     await loop._poll(0, None)
     await loop.rebalance_listener().on_partitions_revoked([PARTITION])
-    assert writer.written == [[b"5", b"6"]]
-    assert consumer.commits == [2]
+    assert await loop.flush_and_commit() == 0
+    assert writer.written == []
+    assert consumer.commits == []
 
 
 # --- the consumer's edge cases -----------------------------------------------------------
