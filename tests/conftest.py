@@ -20,7 +20,6 @@ from hypothesis import HealthCheck, settings
 from sgpipe.embedded.broker import EmbeddedBroker
 from tests.promise_report import REPORT
 
-
 # --- Hypothesis profiles ------------------------------------------------------------------------
 # Each property test sets its own example budget (@settings(max_examples=...)); the profiles set
 # how they run. `dev` (the default) is Hypothesis's own behaviour without the per-example
