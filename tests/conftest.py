@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import Generator, Iterator
 from typing import Any
@@ -79,6 +80,10 @@ def pytest_runtest_makereport(
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    # The shared ClickHouse of this process (a worker's, under xdist), if a test started it.
+    shared = sys.modules.get("tests.integration.shared_clickhouse")
+    if shared is not None:
+        shared.stop_shared_clickhouse()
     # An xdist worker: its record goes to the controller with the worker's other output.
     workeroutput: dict[str, Any] | None = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:

@@ -185,6 +185,16 @@ def shared_clickhouse() -> SharedClickHouse:
         return _shared
 
 
+def stop_shared_clickhouse() -> None:
+    """Stop this process's shared engine if it was started (the end of a test session; an
+    exit without it still stops the child, whose stdin then closes)."""
+    global _shared
+    with _lock:
+        if _shared is not None:
+            _stop(_shared.process, _shared.data_dir)
+            _shared = None
+
+
 def _start() -> SharedClickHouse:
     data_dir = Path(tempfile.mkdtemp(prefix="sgpipe-shared-clickhouse-"))
     credentials = load_or_create_credentials(data_dir)
