@@ -390,8 +390,9 @@ def _run_until_signal(
     body: Callable[[asyncio.Event], Awaitable[None]], *, stage: str | None = None
 ) -> int:
     """Run ``body`` until it returns; the first SIGINT/SIGTERM sets its ``stop``, a second one
-    cancels it. With ``stage``, a stop ends with one ``stop report`` line: what the stop
-    committed and wrote (`sgpipe up` reads it from its children)."""
+    (or a SIGQUIT, `sgpipe up`'s "stop at once") cancels it. With ``stage``, a stop ends with
+    one ``stop report`` line: what the stop committed and wrote (`sgpipe up` reads it from its
+    children)."""
     import asyncio
     import signal
     import time
@@ -417,9 +418,18 @@ def _run_until_signal(
                 before, stopping_since = stop_counters(stage), time.monotonic()
             stop.set()
 
+        def on_stop_at_once() -> None:
+            # SIGQUIT is "now" in one delivery: what `sgpipe up` sends on its own second signal.
+            # Two signals sent back to back could be handled apart on a busy machine, the first
+            # starting a drain that writes what a stop at once must leave unwritten.
+            log.warning("stop at once (SIGQUIT): stopping without draining")
+            stop.set()
+            main_task.cancel()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal)
+        loop.add_signal_handler(signal.SIGQUIT, on_stop_at_once)
         await body(stop)
         if stage is not None and stop.is_set():
             _log_stop_report(stage, before, stop_counters(stage), stopping_since)
