@@ -8,7 +8,12 @@ DATA_DIR ?= sgpipe-data
 # What `make up` runs; tests/integration/test_front_door.py runs exactly this (print-up-args).
 UP_ARGS = up --config $(CONFIG) --data-dir $(DATA_DIR)
 
-.PHONY: up print-up-args test lint typecheck unit clean chart-schema browser
+# pytest-xdist workers for `make test`. The suite mostly waits (brokers, engines, subprocesses),
+# so more workers than cores pays on a 2-core machine; override with `make test WORKERS=n`.
+WORKERS ?= 4
+PYTEST_ARGS = -n $(WORKERS) --dist loadgroup --durations=15
+
+.PHONY: up print-up-args test test-under-load lint typecheck unit clean chart-schema browser
 
 $(BIN)/sgpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +36,15 @@ typecheck: $(BIN)/sgpipe
 	$(BIN)/mypy
 
 test: lint typecheck browser
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Exactly `make test`, with two processes spinning on the CPU beside it (the 2-core machine
+# made busy): the suite must stay green under load. The hogs are killed whatever happens.
+test-under-load: $(BIN)/sgpipe
+	@$(BIN)/python -c 'while 1: pass' & hog1=$$!; \
+	$(BIN)/python -c 'while 1: pass' & hog2=$$!; \
+	trap 'kill $$hog1 $$hog2 2>/dev/null' EXIT INT TERM; \
+	$(MAKE) test
 
 # The report's test opens it in headless Chromium: Debian's package, installed when missing (as
 # root with apt-get, as CI runs); elsewhere that one test is skipped with this reason.

@@ -3,48 +3,36 @@
 Every command reports a failure to start as one line and exits 2 (configuration, a busy port,
 a data dir in use); anything else that escapes a command is one ``error=...`` log line and
 exit 1 (its traceback only at ``--log-level debug``). Exit codes are listed in ``--help``.
+
+It starts at once: this module imports only the standard library and the parsers of the
+command groups; a command imports what it needs (pydantic for the settings, structlog,
+aiokafka, chdb) when it runs, so ``--version``, ``--help`` and a usage error never pay for
+them (bench/cli_start.py measures it; tests/unit/test_cli.py checks the imports).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
-import signal
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlencode, urlsplit
+from typing import TYPE_CHECKING, Any
 
-import structlog
-
-from sgpipe.dlq.command import DlqHandler
 from sgpipe.dlq.command import add_commands as add_dlq_commands
-from sgpipe.oauth_command import add_commands as add_oauth_commands
-from sgpipe.runtime.errors import FatalStageError, describe
-from sgpipe.runtime.logs import (
-    LEVELS,
-    Format,
-    Level,
-    configure_logging,
-    report_fatal,
-)
-from sgpipe.runtime.metrics import STAGE_INGEST, STAGE_PROCESS, STAGE_SINK, stop_counters
-from sgpipe.runtime.settings import (
-    ConfigError,
-    Settings,
-    read_settings,
-    settings_warnings,
-)
 from sgpipe.simulator.command import add_commands as add_simulator_commands
 
-log = structlog.get_logger("sgpipe")
+if TYPE_CHECKING:
+    import asyncio
+
+    from sgpipe.dlq.command import DlqHandler
+    from sgpipe.runtime.logs import Format, Level
+    from sgpipe.runtime.settings import Settings
+
+# The names of sgpipe.runtime.logs.LEVELS (a unit test keeps them equal), spelled here so
+# that building the parser does not import the logging stack.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 DEFAULT_DATA_DIR = Path("sgpipe-data")
 
@@ -59,11 +47,21 @@ EXIT_INTERRUPTED = 130
 # because the name is put into the request, never the SQL.
 _FORMAT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]*$")
 
-Command = Callable[[argparse.Namespace, Settings], int]
+Command = Callable[[argparse.Namespace, "Settings"], int]
+
+
+def _log() -> Any:
+    import structlog
+
+    return structlog.get_logger("sgpipe")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Only now, with a command to run: the settings, logging and error types.
+    from sgpipe.runtime.logs import configure_logging
+    from sgpipe.runtime.settings import ConfigError, read_settings, settings_warnings
+
     environ = os.environ
     # Until the settings are read, log as the flags (or their variables) say: a configuration
     # error is then reported in the format the operator asked for.
@@ -75,10 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = loaded.settings
     configure_logging(settings.logging.level, settings.logging.format)
     for warning in loaded.warnings:
-        log.warning(warning.event, **warning.fields)
+        _log().warning(warning.event, **warning.fields)
     if args.serves_webhooks:
         for warning in settings_warnings(settings):
-            log.warning(warning.event, **warning.fields)
+            _log().warning(warning.event, **warning.fields)
     command: Command = args.command
     try:
         return command(args, settings)
@@ -89,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report_start_failure(problems: Sequence[str]) -> int:
+    from sgpipe.runtime.logs import report_fatal
+
     for problem in problems:
         report_fatal(problem, exit_code=EXIT_CONFIG)
     return EXIT_CONFIG
@@ -96,7 +96,10 @@ def _report_start_failure(problems: Sequence[str]) -> int:
 
 def _report_escaped(exc: Exception, settings: Settings) -> int:
     from sgpipe.preflight import PreflightFailed
+    from sgpipe.runtime.errors import FatalStageError, describe
+    from sgpipe.runtime.settings import ConfigError
 
+    log = _log()
     if isinstance(exc, ConfigError):
         return _report_start_failure(exc.problems)
     if isinstance(exc, PreflightFailed):
@@ -172,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--version", action="version", version=f"%(prog)s {_version()}", help="print the version"
+        "--version",
+        action=_PrintVersion,
+        nargs=0,
+        default=argparse.SUPPRESS,
+        help="print the version",
     )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
@@ -186,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     options.add_argument(
         "--log-level",
-        choices=list(LEVELS),
+        choices=list(LOG_LEVELS),
         help="log this level and above (default: logging.level, info)",
     )
     options.add_argument(
@@ -371,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     from sgpipe.webhooks.command import add_commands as add_webhooks_commands
 
     add_webhooks_commands(commands, common)  # webhooks ..., sendgrid-emulator
+    from sgpipe.oauth_command import add_commands as add_oauth_commands
+
     add_oauth_commands(commands, common)  # oauth client create, oauth key create
 
     # Internal, not listed: the process that holds `sgpipe up`'s embedded ClickHouse.
@@ -388,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _top(args: argparse.Namespace, settings: Settings) -> int:
+    from sgpipe.runtime.logs import report_fatal
     from sgpipe.top import TopError, describe_sources, metrics_urls_from_data_dir, run_top
 
     try:
@@ -411,6 +421,8 @@ def _top(args: argparse.Namespace, settings: Settings) -> int:
 def _report(args: argparse.Namespace, settings: Settings) -> int:
     from sgpipe.report import ReportError, fetch_report_data, parse_since, render_html
     from sgpipe.runtime.clickhouse import connect
+    from sgpipe.runtime.logs import report_fatal
+    from sgpipe.runtime.settings import ConfigError
     from sgpipe.store import StoreUnavailable, open_store
 
     try:
@@ -459,10 +471,27 @@ def _add_data_dir(parser: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
+    from importlib import metadata
+
     try:
         return metadata.version("sgpipe")
     except metadata.PackageNotFoundError:
         return "unknown (not installed)"
+
+
+class _PrintVersion(argparse.Action):
+    """argparse's ``version`` action, with the version looked up only when asked for."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        # On stdout, as argparse's own version action prints it.
+        sys.stdout.write(f"{parser.prog} {_version()}\n")
+        parser.exit()
 
 
 # --- commands --------------------------------------------------------------------------------
@@ -472,8 +501,16 @@ def _run_until_signal(
     body: Callable[[asyncio.Event], Awaitable[None]], *, stage: str | None = None
 ) -> int:
     """Run ``body`` until it returns; the first SIGINT/SIGTERM sets its ``stop``, a second one
-    cancels it. With ``stage``, a stop ends with one ``stop report`` line: what the stop
-    committed and wrote (`sgpipe up` reads it from its children)."""
+    (or a SIGQUIT, `sgpipe up`'s "stop at once") cancels it. With ``stage``, a stop ends with
+    one ``stop report`` line: what the stop committed and wrote (`sgpipe up` reads it from its
+    children)."""
+    import asyncio
+    import signal
+    import time
+
+    from sgpipe.runtime.metrics import stop_counters
+
+    log = _log()
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -492,9 +529,18 @@ def _run_until_signal(
                 before, stopping_since = stop_counters(stage), time.monotonic()
             stop.set()
 
+        def on_stop_at_once() -> None:
+            # SIGQUIT is "now" in one delivery: what `sgpipe up` sends on its own second signal.
+            # Two signals sent back to back could be handled apart on a busy machine, the first
+            # starting a drain that writes what a stop at once must leave unwritten.
+            log.warning("stop at once (SIGQUIT): stopping without draining")
+            stop.set()
+            main_task.cancel()
+
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal)
+        loop.add_signal_handler(signal.SIGQUIT, on_stop_at_once)
         await body(stop)
         if stage is not None and stop.is_set():
             _log_stop_report(stage, before, stop_counters(stage), stopping_since)
@@ -512,11 +558,13 @@ def _log_stop_report(
     """What happened between the stop signal and the end: records committed, records written
     per output, dead letters, batches acknowledged (the ingress's requests in flight); and the
     process's totals, for a supervisor that counts from an earlier moment."""
+    import time
+
     done = {key: int(after[key] - before.get(key, 0.0)) for key in after}
     written = {
         key.split(":", 1)[1]: count for key, count in done.items() if key.startswith("written:")
     }
-    log.info(
+    _log().info(
         "stop report",
         stage=stage,
         committed=done["committed"],
@@ -529,6 +577,8 @@ def _log_stop_report(
 
 
 def _require_kafka(settings: Settings) -> None:
+    from sgpipe.runtime.settings import ConfigError
+
     if settings.kafka.bootstrap_servers is None:
         raise ConfigError(
             "kafka.bootstrap_servers must be set (or SGPIPE_KAFKA__BOOTSTRAP_SERVERS); "
@@ -537,8 +587,12 @@ def _require_kafka(settings: Settings) -> None:
 
 
 def _up(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import signal
+
     from sgpipe.up import UpOptions, run_up
 
+    log = _log()
     # Before anything is created: every file `sgpipe up` and its children (inheriting it)
     # write holds events, addresses or secrets -- owner only (docs/security.md).
     os.umask(0o077)
@@ -582,6 +636,7 @@ def _program() -> str:
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.server import run_ingress
     from sgpipe.preflight import PortClaim, PreflightFailed, check_ports
+    from sgpipe.runtime.metrics import STAGE_INGEST
     from sgpipe.runtime.raw_auth import require_raw_auth
 
     _require_kafka(settings)
@@ -595,6 +650,7 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:
     from processors.stage import run_processor
+    from sgpipe.runtime.metrics import STAGE_PROCESS
     from sgpipe.runtime.raw_auth import require_raw_auth
 
     _require_kafka(settings)
@@ -607,6 +663,8 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sink(args: argparse.Namespace, settings: Settings) -> int:
+    from sgpipe.runtime.metrics import STAGE_SINK
+    from sgpipe.runtime.settings import ConfigError
     from sinks.stage import run_sink
 
     _require_kafka(settings)
@@ -632,6 +690,9 @@ def _query(args: argparse.Namespace, settings: Settings) -> int:
     """Through ClickHouse's HTTP interface when a server is configured or `sgpipe up` serves
     the data dir (as the data dir's writer user); otherwise straight from the embedded data
     path, holding its lock."""
+    from sgpipe.runtime.logs import report_fatal
+    from sgpipe.runtime.settings import ConfigError
+
     fmt = args.format or ("PrettyCompact" if sys.stdout.isatty() else "TabSeparated")
     if not _FORMAT_NAME.match(fmt):
         raise ConfigError(f"--format {fmt!r} is not a format name (e.g. TSVWithNames)")
@@ -665,6 +726,8 @@ def _with_store(handler: DlqHandler) -> Command:
     cannot be reached is reported as one line and exit 1, as `sgpipe query` does."""
 
     def command(args: argparse.Namespace, settings: Settings) -> int:
+        from sgpipe.runtime.logs import report_fatal
+
         try:
             return handler(args, settings, _store_runner(args.data_dir, settings))
         except QueryFailed as exc:
@@ -687,7 +750,10 @@ def _as_embedded_writer(settings: Settings, data_dir: Path) -> Settings:
 
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from sgpipe.migrate import run_migrate
+    from sgpipe.runtime.logs import report_fatal
     from sgpipe.runtime.migrations import MigrationError
     from sgpipe.store import StoreUnavailable
 
@@ -705,8 +771,12 @@ def _migrate(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _forget(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from sgpipe.forget import Forgetter, person
     from sgpipe.runtime.clickhouse import connect
+    from sgpipe.runtime.logs import report_fatal
+    from sgpipe.runtime.settings import ConfigError
     from sgpipe.store import StoreUnavailable, open_store
 
     address = args.email.strip()
@@ -777,6 +847,10 @@ def _running_store_url(data_dir: Path) -> str | None:
 def _query_http(url: str, settings: Settings, sql: str, fmt: str) -> bytes:
     """POST the SQL to ClickHouse's HTTP interface; ``default_format`` applies unless the SQL
     has its own FORMAT, as with clickhouse-client. The output is passed through untouched."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import unquote, urlencode, urlsplit
+
     parts = urlsplit(url)
     secure = parts.scheme == "https"
     port = parts.port or (8443 if secure else 8123)

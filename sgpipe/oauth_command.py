@@ -15,9 +15,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sgpipe.runtime.settings import ConfigError, Settings
+if TYPE_CHECKING:
+    from sgpipe.runtime.settings import Settings
 
 EXIT_OK = 0
 SECRET_KEY_CLIENTS = "oauth-clients"
@@ -81,6 +82,7 @@ def add_commands(
 
 def client_create(args: argparse.Namespace, settings: Settings) -> int:
     from ingest.oauth import hash_client_secret, new_client_credentials
+    from sgpipe.runtime.settings import ConfigError
 
     webhook = settings.webhook(args.webhook)
     if webhook is None:
@@ -148,6 +150,8 @@ def add_client_to_file(path: Path, webhook: str, entry: dict[str, str]) -> None:
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
     from ruamel.yaml.util import load_yaml_guess_indent
 
+    from sgpipe.runtime.settings import ConfigError
+
     text = path.read_text(encoding="utf-8")
     # The file's own indentation ("  - name" or "- name"), so that only the new lines change.
     _, sequence_indent, dash_offset = load_yaml_guess_indent(text)
@@ -196,6 +200,7 @@ def key_create_command(args: argparse.Namespace, settings: Settings) -> int:
 def write_signing_key(path: Path, *, force: bool = False) -> None:
     """A new ES256 key to ``path``, mode 0600 from its creation (never readable by others)."""
     from ingest.oauth import generate_signing_key_pem
+    from sgpipe.runtime.settings import ConfigError
 
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     try:

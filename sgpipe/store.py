@@ -21,9 +21,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.settings import ClickHouseSettings, ConfigError, Settings
-from sgpipe.up import CLICKHOUSE_DIR, state_file
+from sgpipe.up.layout import CLICKHOUSE_DIR, state_file
 
 
 class StoreUnavailable(Exception):
@@ -52,7 +51,10 @@ def running_store_url(data_dir: Path) -> str | None:
 
 def as_embedded_writer(settings: ClickHouseSettings, data_dir: Path) -> ClickHouseSettings:
     """``settings`` with the data dir's writer credentials (the embedded store needs them)."""
+    # Here, not at the top: clickhouse-connect is not needed to find a running store, and
+    # `sgpipe query` must start at once (sgpipe/cli.py).
     from sgpipe.embedded.credentials import CredentialsError, load_credentials
+    from sgpipe.runtime.clickhouse import with_credentials
 
     try:
         writer = load_credentials(data_dir).writer
@@ -86,6 +88,7 @@ async def _served_here(
     from sgpipe.embedded.clickhouse import EmbeddedClickHouse
     from sgpipe.embedded.credentials import CredentialsError, load_or_create_credentials
     from sgpipe.preflight import lock_data_dir
+    from sgpipe.runtime.clickhouse import with_credentials
 
     data_path = data_dir / CLICKHOUSE_DIR
     if not create and not data_path.is_dir():

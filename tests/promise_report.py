@@ -1,7 +1,10 @@
 """The closing words of `make test` (issue 7, "Done means"): what this run did to break
 sgpipe's promise and what it found.
 
-Tests record here as they run (one pytest process, so a module-level record is enough):
+Tests record here as they run, in a module-level record of their pytest process. Under
+pytest-xdist each worker holds its own record: ``tests/conftest.py`` ships it to the controller
+(``to_json`` in the worker's ``workeroutput``) when the worker ends, and the controller merges
+it (``merge_json``) before printing, so the closing words count every worker's tests:
 
 * fault tests: each fault injected, with the events acknowledged, lost and duplicated;
 * hostile corpora: every passed test item marked ``@pytest.mark.hostile("<corpus>")``
@@ -15,8 +18,9 @@ just before the final counts. Timings are printed, never asserted.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,32 @@ class PromiseReport:
 
     def record_broker(self, throughput: BrokerThroughput) -> None:
         self.broker = throughput
+
+    def to_json(self) -> str:
+        """This process's record, for the controller of an xdist run."""
+        return json.dumps(
+            {
+                "faults": [asdict(outcome) for outcome in self.faults],
+                "hostile_inputs": dict(self.hostile_inputs),
+                "healthz_worst_seconds": self.healthz_worst_seconds,
+                "healthz_probes": self.healthz_probes,
+                "broker": asdict(self.broker) if self.broker is not None else None,
+            }
+        )
+
+    def merge_json(self, text: str) -> None:
+        """Adds a worker's record (``to_json``) to this one."""
+        worker = json.loads(text)
+        self.faults.extend(FaultOutcome(**outcome) for outcome in worker["faults"])
+        self.hostile_inputs.update(worker["hostile_inputs"])
+        worst = worker["healthz_worst_seconds"]
+        if worst is not None and (
+            self.healthz_worst_seconds is None or worst > self.healthz_worst_seconds
+        ):
+            self.healthz_worst_seconds = worst
+            self.healthz_probes = worker["healthz_probes"]
+        if worker["broker"] is not None:
+            self.broker = BrokerThroughput(**worker["broker"])
 
     def empty(self) -> bool:
         return not (self.faults or self.hostile_inputs or self.healthz_worst_seconds or self.broker)

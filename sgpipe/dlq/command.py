@@ -13,7 +13,6 @@ other order could mark letters replayed that never reached the raw topic.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import re
@@ -22,12 +21,9 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
-
-import structlog
+from typing import TYPE_CHECKING, Any, Final
 
 from sgpipe.dlq import SqlRunner
-from sgpipe.runtime.settings import ConfigError, Settings
 
 if TYPE_CHECKING:
     from processors.authenticate import RawRecordAuthenticator
@@ -35,8 +31,16 @@ if TYPE_CHECKING:
     from sgpipe.dlq.letters import ElementForecast, Outcome, StoredLetter
     from sgpipe.dlq.report import ReplayLine
     from sgpipe.dlq.store import DeadLetterStore, LetterFilter
+    from sgpipe.runtime.settings import Settings
 
-log = structlog.get_logger("sgpipe")
+
+def _log() -> Any:
+    # structlog (and pydantic's settings) are imported when a dlq command runs, not when the
+    # CLI builds its parser: `sgpipe --help` starts at once (sgpipe/cli.py).
+    import structlog
+
+    return structlog.get_logger("sgpipe")
+
 
 # Letters read (and replayed) per round trip: bounds the memory a replay holds in payloads.
 PAGE_LETTERS: Final = 200
@@ -47,7 +51,7 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 # (args, settings, run_sql) -> exit code
-DlqHandler = Callable[[argparse.Namespace, Settings, SqlRunner], int]
+DlqHandler = Callable[[argparse.Namespace, "Settings", SqlRunner], int]
 
 
 def add_commands(
@@ -151,7 +155,7 @@ def dlq_list(args: argparse.Namespace, settings: Settings, run_sql: SqlRunner) -
 
 
 def _no_table(store: DeadLetterStore) -> None:
-    log.warning(
+    _log().warning(
         "no dead_letters table yet: `sgpipe sink` (or `sgpipe up`) creates it", table=store.table
     )
 
@@ -160,6 +164,8 @@ def _no_table(store: DeadLetterStore) -> None:
 
 
 def dlq_replay(args: argparse.Namespace, settings: Settings, run_sql: SqlRunner) -> int:
+    import asyncio
+
     from sgpipe.dlq import report
     from sgpipe.dlq.store import DeadLetterStore, LetterFilter
 
@@ -200,6 +206,7 @@ def _kafka_for_replay(settings: Settings, data_dir: Path) -> str:
     `sgpipe up` on ``data_dir`` (its embedded broker, found through its state file)."""
     if settings.kafka.bootstrap_servers:
         return settings.kafka.bootstrap_servers
+    from sgpipe.runtime.settings import ConfigError
     from sgpipe.up import state_file
 
     try:
@@ -298,7 +305,7 @@ async def _replay(
                     [OutgoingRecord(kafka.topics.raw, r.value, headers=r.headers) for r in records],
                 )
                 store.mark_replayed([record.letter for record in records])
-                log.info("replayed dead letters", letters=len(records), topic=kafka.topics.raw)
+                _log().info("replayed dead letters", letters=len(records), topic=kafka.topics.raw)
     finally:
         if producer is not None:
             await producer.stop()
@@ -318,6 +325,8 @@ async def _observe(
     wait: float,
 ) -> dict[DeadLetterOrigin, Outcome]:
     """Outcomes of the replayed letters, as ClickHouse shows them, for up to ``wait`` s."""
+    import asyncio
+
     from sgpipe.dlq.letters import observed_outcome
 
     deadline = time.monotonic() + wait

@@ -276,10 +276,17 @@ async def retry_until_started(
 ) -> bool:
     """Run ``attempt`` until it succeeds (True) or ``stop`` is set (False). Retriable
     failures are logged once per attempt and retried with backoff; others raise
-    FatalStageError with one line saying what failed."""
+    FatalStageError with one line saying what failed.
+
+    A stop cancels the attempt in progress: a stage asked to stop while it starts (its
+    migrations, a consumer's first join) stops at once instead of finishing its start first,
+    which on a busy machine outlasted the stop deadline (issue 21). Every attempt is safe to
+    cancel: a half-applied migration is applied again from its start, a client whose start
+    was cancelled is closed."""
     while not stop.is_set():
         try:
-            await attempt()
+            if not await _unless_stopped(attempt(), stop):
+                return False
         except Exception as exc:  # noqa: BLE001 - classified below
             if isinstance(exc, FatalStageError):
                 raise
@@ -297,6 +304,24 @@ async def retry_until_started(
         backoff.reset()
         return True
     return False
+
+
+async def _unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
+    """Await ``work``; True once it is done, False (it cancelled) if ``stop`` is set first."""
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not task.done():
+            task.cancel()
+            # Its cleanup runs now; what it raises on the way out is the cancellation's doing.
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # the attempt's error, if it failed
+    return True
 
 
 async def start_client(

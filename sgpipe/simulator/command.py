@@ -7,7 +7,6 @@ handlers, so that other commands do not pay for them.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import signal
 import sys
@@ -15,10 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
-
-import structlog
-
-from sgpipe.runtime.logs import report_fatal
 
 if TYPE_CHECKING:
     from sgpipe.simulator.simulation import SimulationOptions, SimulationProgress, SimulationSummary
@@ -92,6 +87,10 @@ def add_commands(
 
 
 def keys_generate(args: argparse.Namespace, settings: object) -> int:
+    # Imported when the command runs, not when the CLI builds its parser (sgpipe/cli.py).
+    import structlog
+
+    from sgpipe.runtime.logs import report_fatal
     from sgpipe.simulator.keys import (
         KeyFileError,
         generate_private_key,
@@ -116,6 +115,8 @@ def keys_generate(args: argparse.Namespace, settings: object) -> int:
 
 
 def simulate_command(args: argparse.Namespace, settings: object) -> int:
+    from sgpipe.runtime.logs import report_fatal
+
     try:
         options = _options(args)
     except ValueError as exc:
@@ -184,6 +185,8 @@ def _run(
 ) -> SimulationSummary | None:
     """Run to the end; the first Ctrl-C stops generating and lets posts in flight finish,
     a second one abandons them (no summary then)."""
+    import asyncio
+
     from sgpipe.simulator.simulation import simulate
 
     async def runner() -> SimulationSummary:

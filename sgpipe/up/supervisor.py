@@ -23,7 +23,7 @@ Stop (SIGTERM, Ctrl-C): the ingress first, then the processor and the sink (one 
 other, each draining its topic, with the in-memory broker; together otherwise), then ClickHouse
 and the broker; every child has a deadline, then SIGKILL. The last line says what the stop
 wrote and what is left unwritten where. A second signal stops at once: the stages get their
-own "stop at once" (two signals), SIGKILL after ``AT_ONCE_GRACE_SECONDS``, and the last line
+own "stop at once" (SIGQUIT), SIGKILL after ``AT_ONCE_GRACE_SECONDS``, and the last line
 counts the acknowledged batches and events not yet written and says where they are.
 """
 
@@ -679,10 +679,11 @@ class _Supervisor:
         if self.demo_task is not None:
             self.demo_task.cancel()
         stages = [child for name in STAGES if (child := self.children.get(name)) is not None]
-        # Two distinct signals: each stage's own "second signal" path, stop without writing.
+        # SIGQUIT, each stage's "stop at once": one delivery, so that a busy machine cannot
+        # split it into a first signal (a drain, which writes) and a late second one.
         await asyncio.gather(
             *(
-                child.stop(AT_ONCE_GRACE_SECONDS, signals=(signal.SIGTERM, signal.SIGINT))
+                child.stop(AT_ONCE_GRACE_SECONDS, signals=(signal.SIGQUIT,))
                 for child in stages
                 if child.running
             )

@@ -43,6 +43,11 @@ CUSTOM_KINDS = {
 ACCEPTED_CHECKOV_FINDINGS = {"CKV_K8S_35", "CKV_K8S_43", "CKV_K8S_15"}
 
 
+# One xdist worker runs this module (make test: --dist loadgroup): its module-scoped fixture
+# (the rendered scenarios) is then set up once, not once per worker.
+pytestmark = pytest.mark.xdist_group("chart-checks")
+
+
 @pytest.fixture(scope="module")
 def rendered_scenarios() -> dict[str, Rendered]:
     return {name: render(scenario(name)) for name in SCENARIOS}

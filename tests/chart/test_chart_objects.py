@@ -40,6 +40,11 @@ STAGE_PORTS = {
 CONFIG_PATH = "/etc/sgpipe/sgpipe.yaml"
 
 
+# One xdist worker runs this module (make test: --dist loadgroup): its module-scoped fixture
+# (the rendered chart) is then set up once, not once per worker.
+pytestmark = pytest.mark.xdist_group("chart-objects")
+
+
 @pytest.fixture(scope="module")
 def default() -> Rendered:
     return render(scenario("default-values.yaml"))

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
@@ -455,15 +456,23 @@ async def stream_with_faults(
 ) -> SimulationSummary:
     """Run the simulator and ``faults`` side by side; returns the simulator's summary once
     every planned POST was acknowledged or given up on. A failing fault script stops the
-    simulation."""
+    simulation.
+
+    The stream lasts ``options.duration_seconds`` *and* until the fault script is done: on a
+    busy machine the faults wait for what they need (events flowing, the fault observed, the
+    restart done) for as long as that takes, and the traffic they are injected into goes on
+    meanwhile instead of ending under them."""
+    stop = asyncio.Event()
+    endless = dataclasses.replace(options, events=None, duration_seconds=None)
     simulation = asyncio.create_task(
-        simulate(options, on_post=ledger.on_post, on_acknowledged=ledger.on_acknowledged)
+        simulate(endless, stop=stop, on_post=ledger.on_post, on_acknowledged=ledger.on_acknowledged)
     )
     try:
-        await faults()
+        await asyncio.gather(faults(), asyncio.sleep(options.duration_seconds or 0.0))
     except BaseException:
         simulation.cancel()
         raise
+    stop.set()
     return await simulation
 
 

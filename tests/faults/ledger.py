@@ -53,8 +53,10 @@ class Ledger:
     # copies of an event are acknowledged again, possibly on the other side of a fault.
     acknowledged: dict[str, list[float]] = field(default_factory=dict)
     posts_acknowledged: int = 0
+    posts_planned: int = 0
 
     def on_post(self, post: PlannedPost) -> None:
+        self.posts_planned += 1
         self.sent.update(event_ids(post.body))
 
     def on_acknowledged(self, post: PlannedPost) -> None:

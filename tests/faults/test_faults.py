@@ -18,7 +18,10 @@ topics, groups and database); a test that breaks one of them restores it before 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -51,6 +54,11 @@ from tests.faults.ledger import Ledger, LedgerReport, refusals, unacceptable_ref
 from tests.promise_report import REPORT, FaultOutcome
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
+# The fault tests run on two xdist workers (make test: --dist loadgroup), each with its own
+# module-scoped broker and ClickHouse: two pipelines under faults at a time at most, on a
+# 2-core machine, while the longest group still fits the suite's time.
+FAULTS_A = pytest.mark.xdist_group("faults-a")
+FAULTS_B = pytest.mark.xdist_group("faults-b")
 
 # What a stage logs when a rebalance takes its partitions (sgpipe/runtime/stage.py).
 REVOKED = "partitions revoked; their uncommitted records are left to their next owner"
@@ -265,112 +273,211 @@ def _stored_ids(pipeline: Pipeline) -> set[str]:
     return set(pipeline.clickhouse.rows_by_event(pipeline.database, "email_events", final=True))
 
 
-async def restart_stage_after_kill(pipeline: Pipeline, stage: Stage, down_seconds: float) -> None:
+# --- waiting on what a fault needs, never on the clock -----------------------------------------
+# Each wait has a deadline and says what it waited for when it expires. The stream goes on
+# until the fault script is done (stream_with_faults), so a slow machine only makes it longer.
+
+FAULT_WAIT_SECONDS = 120.0
+
+
+async def wait_for(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + FAULT_WAIT_SECONDS
+    while not await asyncio.to_thread(condition):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {FAULT_WAIT_SECONDS} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+def stored_rows(pipeline: Pipeline) -> int:
+    """Rows in the pipeline's email_events so far (0 before the sink created it)."""
+    database = pipeline.database
+    try:
+        if not pipeline.clickhouse.has_relation(database, "email_events"):
+            return 0
+        return int(pipeline.clickhouse.query(f"SELECT count() FROM {database}.email_events"))
+    except OSError:
+        return 0
+
+
+async def events_flowing(pipeline: Pipeline, moment: str) -> None:
+    """Wait until events acknowledged from now on reach ClickHouse: every stage is up and
+    working (none is still starting), so the next fault hits a running pipeline."""
+    acknowledged = pipeline.ledger.posts_acknowledged
+    stored = await asyncio.to_thread(stored_rows, pipeline)
+    await wait_for(
+        lambda: (
+            pipeline.ledger.posts_acknowledged > acknowledged and stored_rows(pipeline) > stored
+        ),
+        f"events acknowledged and stored end to end {moment}",
+    )
+
+
+async def kill_and_restart(pipeline: Pipeline, stage: Stage) -> None:
+    """kill -9 (returns once the process is gone: the fault happened), restart at once."""
     await asyncio.to_thread(pipeline.processes.kill, stage)
-    await asyncio.sleep(down_seconds)
     await asyncio.to_thread(pipeline.processes.start, stage)
+
+
+async def posts_in_flight_to_the_frozen_ingress(pipeline: Pipeline) -> None:
+    """With the ingress frozen (SIGSTOP), wait until two POSTs were planned since: the first
+    of them has been sent and sits unanswered, accepted by the kernel."""
+    planned = pipeline.ledger.posts_planned
+    await wait_for(
+        lambda: pipeline.ledger.posts_planned >= planned + 2,
+        "two POSTs in flight to the frozen ingress",
+    )
+
+
+async def ingress_refuses(pipeline: Pipeline) -> None:
+    """The ingress reports the broker's outage: /readyz stops answering 200."""
+
+    def not_ready() -> bool:
+        url = f"http://127.0.0.1:{pipeline.processes.ingest_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return int(response.status) != 200
+        except (OSError, urllib.error.HTTPError):
+            return True
+
+    await wait_for(not_ready, "the ingress to report the broker down (/readyz not 200)")
+
+
+def sink_met_the_outage(pipeline: Pipeline) -> bool:
+    sink_logs = "".join(p.output() for p in pipeline.processes.history if p.stage == "sink")
+    return bool(log_events(sink_logs, "write failed; retrying"))
 
 
 # --- the faults ------------------------------------------------------------------------------
 
 
+@FAULTS_A
 async def test_processor_killed_twice_mid_stream(pipeline: Pipeline) -> None:
     async def faults() -> None:
-        await asyncio.sleep(3)
-        await restart_stage_after_kill(pipeline, "process", 1.0)
-        await asyncio.sleep(3)
-        await restart_stage_after_kill(pipeline, "process", 0.2)
+        await events_flowing(pipeline, "before the first kill")
+        await kill_and_restart(pipeline, "process")
+        await events_flowing(pipeline, "through the restarted processor")
+        await kill_and_restart(pipeline, "process")
+        await events_flowing(pipeline, "through the processor restarted twice")
 
     await run_faults(pipeline, Stream(seed=101), faults, name="processor kill -9 x2", injected=2)
     killed = [p for p in pipeline.processes.history if p.stage == "process"][:2]
     assert [p.process.returncode for p in killed] == [-9, -9]
 
 
+@FAULTS_B
 async def test_sink_killed_twice_mid_stream(pipeline: Pipeline) -> None:
     async def faults() -> None:
-        await asyncio.sleep(3)
-        await restart_stage_after_kill(pipeline, "sink", 1.0)
-        await asyncio.sleep(3)
-        await restart_stage_after_kill(pipeline, "sink", 0.2)
+        await events_flowing(pipeline, "before the first kill")
+        await kill_and_restart(pipeline, "sink")
+        await events_flowing(pipeline, "through the restarted sink")
+        await kill_and_restart(pipeline, "sink")
+        # Stopped only once it runs again: a stop during its start is another test's subject.
+        await events_flowing(pipeline, "through the sink restarted twice")
 
     await run_faults(pipeline, Stream(seed=102), faults, name="sink kill -9 x2", injected=2)
     killed = [p for p in pipeline.processes.history if p.stage == "sink"][:2]
     assert [p.process.returncode for p in killed] == [-9, -9]
 
 
+@FAULTS_B
 async def test_broker_killed_and_restarted_by_its_supervisor(
     pipeline: Pipeline, durable_broker: BrokerUnderTest
 ) -> None:
     before = durable_broker.restarts()["broker"]
 
     async def faults() -> None:
-        await asyncio.sleep(3)
+        await events_flowing(pipeline, "before the kill")
         durable_broker.kill_broker()
+        await wait_for(
+            lambda: durable_broker.restarts()["broker"] == before + 1 and durable_broker.alive(),
+            "the supervisor to restart tansu",
+        )
+        await events_flowing(pipeline, "through the restarted broker")
 
     await run_faults(pipeline, Stream(seed=103), faults, name="tansu kill -9", injected=1)
     assert durable_broker.restarts()["broker"] == before + 1
 
 
+@FAULTS_B
 async def test_broker_stopped_for_seconds_then_restarted_on_its_data_dir(
     pipeline: Pipeline, durable_broker: BrokerUnderTest
 ) -> None:
     async def faults() -> None:
-        await asyncio.sleep(3)
+        await events_flowing(pipeline, "before the stop")
         await durable_broker.stop_async()  # tansu, then SeaweedFS
-        await asyncio.sleep(4)
+        await ingress_refuses(pipeline)
         await durable_broker.start_async()  # same data dir, same ports
+        await events_flowing(pipeline, "through the restarted broker")
 
     summary, _ = await run_faults(
-        pipeline, Stream(seed=104), faults, name="broker stopped 4 s", injected=1
+        pipeline,
+        Stream(seed=104),
+        faults,
+        name="broker stopped until the ingress refused",
+        injected=1,
     )
     # The outage was felt: the ingress refused batches meanwhile (and SendGrid retried them).
     assert refusals(summary.responses), summary.responses
 
 
+@FAULTS_A
 async def test_storage_killed_and_restarted_by_its_supervisor(
     pipeline: Pipeline, durable_broker: BrokerUnderTest
 ) -> None:
     before = durable_broker.restarts()["storage"]
 
     async def faults() -> None:
-        await asyncio.sleep(3)
+        await events_flowing(pipeline, "before the kill")
         durable_broker.kill_storage()
+        await wait_for(
+            lambda: durable_broker.restarts()["storage"] == before + 1,
+            "the supervisor to restart SeaweedFS",
+        )
+        await events_flowing(pipeline, "through the restarted storage")
 
     await run_faults(pipeline, Stream(seed=105), faults, name="weed kill -9", injected=1)
     assert durable_broker.restarts()["storage"] == before + 1
 
 
+@FAULTS_B
 async def test_clickhouse_unavailable_for_seconds(pipeline: Pipeline) -> None:
     async def faults() -> None:
-        await asyncio.sleep(3)
+        # The sink writing first: a sink still starting would not meet the outage.
+        await events_flowing(pipeline, "before ClickHouse goes down")
         await pipeline.clickhouse.stop_async()
-        await asyncio.sleep(6)
+        await wait_for(lambda: sink_met_the_outage(pipeline), "the sink to report ClickHouse down")
         await pipeline.clickhouse.start_async()  # same port, same data path
+        await events_flowing(pipeline, "once ClickHouse is back")
 
     summary, _ = await run_faults(
-        pipeline, Stream(seed=106), faults, name="ClickHouse down 6 s", injected=1
+        pipeline,
+        Stream(seed=106),
+        faults,
+        name="ClickHouse down until the sink felt it",
+        injected=1,
     )
     # ClickHouse's outage is the sink's problem only: the ingress kept acknowledging.
     assert refusals(summary.responses) == {}, summary.responses
-    sink_logs = "".join(p.output() for p in pipeline.processes.history if p.stage == "sink")
-    assert log_events(sink_logs, "write failed; retrying"), "the sink never met the outage"
+    assert sink_met_the_outage(pipeline), "the sink never met the outage"
 
 
+@FAULTS_A
 async def test_ingress_restarted_with_requests_in_flight(pipeline: Pipeline) -> None:
     processes = pipeline.processes
     stop_codes: list[int] = []
 
     async def faults() -> None:
-        await asyncio.sleep(3)
+        await events_flowing(pipeline, "before the freeze")
         # Frozen, the ingress leaves the simulator's POSTs in flight (accepted by the kernel,
         # unanswered); SIGTERM arrives while they wait, then it runs again and stops.
         processes.freeze("ingest")
-        await asyncio.sleep(1.0)
-        stopping = asyncio.create_task(asyncio.to_thread(processes.terminate, "ingest"))
-        await asyncio.sleep(0.1)
+        await posts_in_flight_to_the_frozen_ingress(pipeline)
+        ingress = processes.current["ingest"].process
+        ingress.send_signal(signal.SIGTERM)  # pending once sent: delivered when it runs again
         processes.thaw("ingest")
-        stop_codes.append(await stopping)
+        stop_codes.append(await asyncio.to_thread(ingress.wait, SERVICE_TIMEOUT))
         await asyncio.to_thread(processes.start, "ingest")
+        await events_flowing(pipeline, "through the restarted ingress")
 
     summary, _ = await run_faults(
         pipeline, Stream(seed=107), faults, name="ingress SIGTERM, requests in flight", injected=1
@@ -379,14 +486,16 @@ async def test_ingress_restarted_with_requests_in_flight(pipeline: Pipeline) -> 
     assert refusals(summary.responses), summary.responses  # the restart was felt
 
 
+@FAULTS_B
 async def test_ingress_killed_with_requests_in_flight(pipeline: Pipeline) -> None:
     processes = pipeline.processes
 
     async def faults() -> None:
-        await asyncio.sleep(3)
+        await events_flowing(pipeline, "before the freeze")
         processes.freeze("ingest")
-        await asyncio.sleep(1.0)
-        await restart_stage_after_kill(pipeline, "ingest", 0.2)
+        await posts_in_flight_to_the_frozen_ingress(pipeline)
+        await kill_and_restart(pipeline, "ingest")
+        await events_flowing(pipeline, "through the restarted ingress")
 
     summary, _ = await run_faults(
         pipeline, Stream(seed=108), faults, name="ingress kill -9, requests in flight", injected=1
@@ -395,6 +504,7 @@ async def test_ingress_killed_with_requests_in_flight(pipeline: Pipeline) -> Non
     assert refusals(summary.responses).get("connection error", 0) >= 1, summary.responses
 
 
+@FAULTS_A
 async def test_memory_broker_restarted_empty(
     background: BackgroundLoop,
     clickhouse: ClickHouseUnderTest,

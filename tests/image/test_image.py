@@ -80,6 +80,11 @@ def test_dockerfile_shape() -> None:
         assert f"org.opencontainers.image.{label}=" in labels
 
 
+# One xdist worker runs this module (make test: --dist loadgroup): its module-scoped fixture
+# (the wheel and virtualenv built like the image's, ~30 s) is then set up once, not once per worker.
+pytestmark = pytest.mark.xdist_group("image-wheel")
+
+
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
     """(wheel, virtualenv) built like the image's: from the filtered build context, by the

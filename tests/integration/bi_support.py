@@ -19,6 +19,7 @@ from sgpipe.simulator.dataset import simulated_posts, sink_records
 from sinks.clickhouse import insert_settings
 from sinks.rows import to_columns
 from tests.integration.clickhouse_tools import clickhouse_client, served_clickhouse
+from tests.integration.shared_clickhouse import shared_clickhouse
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "clickhouse"
 # The migration files as released, before placeholders were added to them.
@@ -87,10 +88,13 @@ class Store:
 async def store(
     tmp_path: Path, database: str = "sgpipe", *, migrate: bool = True
 ) -> AsyncIterator[Store]:
-    """The real engine served on a free port; migrated unless ``migrate`` is False."""
+    """The real engine served on a free port (the process's shared one, emptied for this
+    test; its users' credentials in ``tmp_path / "ch-credentials"``), with ``database``
+    created: as every shipped migration leaves it (copied from a template migrated once per
+    process, tests/integration/shared_clickhouse.py), or empty if ``migrate`` is False."""
     async with served_clickhouse(tmp_path / "ch") as url, clickhouse_client(url) as client:
         if migrate:
-            await apply_migrations(client, database)
+            shared_clickhouse().create_migrated(database)
         else:
             await client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
         yield Store(url, client, database)

@@ -1,5 +1,5 @@
-"""Test-side ClickHouse helpers: the embedded engine served over HTTP on a free port, and rows
-read back as dicts."""
+"""Test-side ClickHouse helpers: the embedded engine served over HTTP on a free port (the
+process's shared one, emptied for each test), and rows read back as dicts."""
 
 from __future__ import annotations
 
@@ -10,25 +10,24 @@ from typing import Any
 
 from clickhouse_connect.driver.asyncclient import AsyncClient
 
-from sgpipe.embedded.clickhouse import EmbeddedClickHouse
-from sgpipe.embedded.credentials import load_or_create_credentials
 from sgpipe.runtime.clickhouse import connect
 from sgpipe.runtime.settings import ClickHouseSettings
+from tests.integration.shared_clickhouse import shared_clickhouse
 
 
 @asynccontextmanager
 async def served_clickhouse(data_path: Path) -> AsyncIterator[str]:
-    """The real engine (chdb) on ``data_path``, served on 127.0.0.1; yields its URL with the
-    writer's credentials in it (the embedded endpoint requires them), as a `clickhouse.url`
-    setting would carry them."""
-    credentials = load_or_create_credentials(data_path.parent / f"{data_path.name}-credentials")
-    store = EmbeddedClickHouse(data_path, credentials)
-    url = await store.start(port=0)
-    writer = credentials.writer
+    """A ClickHouse for this test, served on 127.0.0.1: the process's shared engine
+    (tests/integration/shared_clickhouse.py) with no database left from earlier tests; yields
+    its URL with the writer's credentials in it (the embedded endpoint requires them), as a
+    `clickhouse.url` setting would carry them. The users' credentials file is also put where an
+    engine of ``data_path`` would have kept it (``<data_path>-credentials``)."""
+    shared = shared_clickhouse().clean_engine()
+    shared.copy_credentials_to(data_path.parent / f"{data_path.name}-credentials")
     try:
-        yield url.replace("://", f"://{writer.name}:{writer.password}@", 1)
+        yield shared.writer_url
     finally:
-        await store.stop()
+        shared.clean_engine()
 
 
 @asynccontextmanager

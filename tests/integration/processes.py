@@ -1,7 +1,8 @@
 """Running sgpipe commands as real processes in tests, and a ClickHouse server for them.
 
-The ClickHouse server is the embedded engine served over ClickHouse's HTTP interface from a
-background thread of the test process, so a stage process reaches it like any server.
+The ClickHouse server is the embedded engine served over ClickHouse's HTTP interface by the
+test process's shared engine process (tests/integration/shared_clickhouse.py), so a stage
+process reaches it like any server.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,7 +31,7 @@ TIMEOUT = 30.0
 @dataclass
 class ServedClickHouse:
     base_url: str
-    loop: asyncio.AbstractEventLoop
+    loop: asyncio.AbstractEventLoop | None  # the engine's loop, None for the shared engine
     user: str
     password: str
 
@@ -53,24 +53,19 @@ class ServedClickHouse:
 
 @contextmanager
 def served_clickhouse(data_path: Path) -> Iterator[ServedClickHouse]:
-    from sgpipe.embedded.clickhouse import EmbeddedClickHouse
-    from sgpipe.embedded.credentials import load_or_create_credentials
+    """A ClickHouse server for this test's stage processes: the test process's shared engine
+    (tests/integration/shared_clickhouse.py) with no database left from earlier tests. Its
+    users' credentials file is also put where an engine of ``data_path`` would have kept it
+    (``<data_path>-credentials``)."""
+    from tests.integration.shared_clickhouse import shared_clickhouse
 
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    # The embedded endpoint needs credentials; stages get the writer's in their URL.
-    credentials = load_or_create_credentials(data_path.parent / f"{data_path.name}-credentials")
-    writer = credentials.writer
-    store = EmbeddedClickHouse(data_path, credentials)
+    shared = shared_clickhouse().clean_engine()
+    shared.copy_credentials_to(data_path.parent / f"{data_path.name}-credentials")
+    writer = shared.credentials.writer
     try:
-        url = asyncio.run_coroutine_threadsafe(store.start(port=0), loop).result(TIMEOUT)
-        yield ServedClickHouse(url, loop, writer.name, writer.password)
+        yield ServedClickHouse(shared.base_url, None, writer.name, writer.password)
     finally:
-        asyncio.run_coroutine_threadsafe(store.stop(), loop).result(TIMEOUT)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(TIMEOUT)
-        loop.close()
+        shared.clean_engine()
 
 
 @dataclass

@@ -44,7 +44,9 @@ from tests.integration.clickhouse_server import (  # noqa: E402
     serve,
 )
 
-pytestmark = pytest.mark.clickhouse
+# One xdist worker runs this module (make test: --dist loadgroup): its module-scoped fixture
+# (an engine of its own) is then set up once, not once per worker.
+pytestmark = [pytest.mark.clickhouse, pytest.mark.xdist_group("clickhouse-lockdown")]
 
 CANARY = "CANARY-7f3a9c-not-for-your-eyes"
 

@@ -28,7 +28,9 @@ from tests.ingress_corpus import MARKER, HostileCase, Target, hostile_cases, ser
 from tests.promise_report import REPORT
 from tests.raw_http import exchange, http_request
 
-pytestmark = pytest.mark.kafka
+# One xdist worker runs this module (make test: --dist loadgroup): its module-scoped fixture
+# (the ingress process and its watchers) is then set up once, not once per worker.
+pytestmark = [pytest.mark.kafka, pytest.mark.xdist_group("ingress-hostile")]
 
 CASES = hostile_cases()
 START_TIMEOUT = 60.0

@@ -4,11 +4,14 @@ become settings."""
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 from importlib import metadata
 
 import pytest
 
-from sgpipe.cli import build_parser, main
+from sgpipe.cli import LOG_LEVELS, build_parser, main
+from sgpipe.runtime.logs import LEVELS
 
 COMMANDS = ["up", "ingest", "process", "sink", "query"]
 
@@ -71,3 +74,47 @@ def test_flags_parse_into_the_names_the_settings_use() -> None:
     )
     query = build_parser().parse_args(["query", "--format", "JSONEachRow", "SELECT 1"])
     assert (query.format, query.sql) == ("JSONEachRow", "SELECT 1")
+
+
+# --- a CLI that starts at once (issue 21; bench/cli_start.py measures it) -------------------
+
+# What a command imports when it runs, never when the parser is built: each costs tenths of a
+# second to import (pydantic for the settings, structlog, aiokafka, chdb, the HTTP stacks).
+HEAVY_MODULES = (
+    "aiohttp",
+    "aiokafka",
+    "asyncio",
+    "chdb",
+    "clickhouse_connect",
+    "fastavro",
+    "pydantic",
+    "pydantic_settings",
+    "structlog",
+)
+
+
+def modules_loaded_by(code: str) -> list[str]:
+    """Which of HEAVY_MODULES a fresh interpreter has loaded after running ``code``."""
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120
+    )
+    return done.stdout.split()
+
+
+def test_importing_the_cli_and_building_its_parser_imports_no_heavy_module() -> None:
+    assert modules_loaded_by("from sgpipe.cli import build_parser\nbuild_parser()") == []
+
+
+def test_printing_the_version_imports_no_heavy_module() -> None:
+    code = (
+        "import contextlib, io\nfrom sgpipe.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.suppress(SystemExit):\n"
+        "    main(['--version'])\n"
+        "assert out.getvalue().startswith('sgpipe '), out.getvalue()"
+    )
+    assert modules_loaded_by(code) == []
+
+
+def test_the_parser_offers_exactly_the_log_levels_logging_knows() -> None:
+    assert list(LOG_LEVELS) == list(LEVELS)

@@ -1,4 +1,5 @@
-"""Reaching Kafka at start: retried until a deadline, fatal errors at once, a stop ends it."""
+"""Reaching Kafka at start: retried until a deadline, fatal errors at once, a stop ends it --
+also in the middle of an attempt."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from sgpipe.runtime.errors import FatalStageError
+from sgpipe.runtime.retry import Backoff
+from sgpipe.runtime.runner import retry_until_started
 from sgpipe.runtime.settings import KafkaSettings
 from sgpipe.runtime.startup import StartTimeout, retry_kafka_at_start
 
@@ -67,3 +70,47 @@ async def test_a_stop_ends_the_wait() -> None:
         attempt, SETTINGS, action="test", deadline=time.monotonic() + 30, stop=stop
     )
     assert result is None
+
+
+# --- a stage asked to stop while it starts stops at once (issue 21) --------------------------
+
+
+async def test_a_stop_during_a_start_attempt_cancels_it_and_ends_the_start() -> None:
+    # A start that would take as long as it likes (migrations or a group join on a busy
+    # machine): the stop must not wait for it.
+    stop = asyncio.Event()
+    began, cleaned_up = asyncio.Event(), asyncio.Event()
+
+    async def attempt() -> None:
+        began.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cleaned_up.set()
+
+    starting = asyncio.create_task(
+        retry_until_started("sink", "migrating", attempt, stop, Backoff())
+    )
+    await asyncio.wait_for(began.wait(), 10)
+    stop.set()
+    assert await asyncio.wait_for(starting, 10) is False
+    assert cleaned_up.is_set()  # the attempt's own cleanup ran (a client is closed)
+
+
+async def test_an_attempt_that_finishes_is_a_start_and_its_errors_still_count() -> None:
+    stop = asyncio.Event()
+    attempts: list[int] = []
+
+    async def attempt() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise KafkaConnectionError("refused")  # retriable: retried
+
+    assert await retry_until_started("sink", "starting", attempt, stop, Backoff(0.01)) is True
+    assert len(attempts) == 2
+
+    async def fatal() -> None:
+        raise SaslAuthenticationFailed()
+
+    with pytest.raises(FatalStageError, match="^sink: starting failed: SaslAuthentication"):
+        await retry_until_started("sink", "starting", fatal, stop, Backoff())
