@@ -1,0 +1,167 @@
+"""The whole processor stage (consume -> process -> produce -> commit) against its core function,
+CPU per event, measured in the same run.
+
+The stage: ``run_processor`` with the default settings (lz4, linger 5 ms, 6 partitions, the
+dedup window) against a tansu broker on ``memory://`` (the session-style broker of the tests),
+draining a raw topic of SendGrid-sized batches (768 KB, distinct events). The baseline:
+``process_raw_record`` of the same raw records in the same process (split, parse, normalize,
+encode: what any processor must do). Both are CPU time of this process (``time.process_time``:
+the broker's own CPU and other processes competing for the cores do not count), the stage and
+the baseline taking turns, the best of the rounds kept. Issue 16's target: stage <= 1.5x core.
+
+Run: ``.venv/bin/python -m bench.processor_stage [--batches N] [--rounds N]``. Prints figures;
+asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from bench.bench_hot_paths import SENDGRID_MAX_BATCH_BYTES, synthetic_batch
+from processors.pipeline import process_raw_record
+from processors.stage import run_processor
+from schemas.email_event import EmailEventCodec
+from schemas.raw_batch import RawBatch, raw_batch_headers
+from sgpipe.embedded.broker import EmbeddedBroker
+from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
+from sgpipe.runtime.messages import Message
+from sgpipe.runtime.metrics import REGISTRY, STAGE_PROCESS
+from sgpipe.runtime.settings import Settings
+
+BATCHES = 12
+ROUNDS = 3
+
+
+@dataclass(frozen=True)
+class StageFigures:
+    events: int
+    stage_us_per_event: float  # best round
+    core_us_per_event: float  # best round
+
+    @property
+    def ratio(self) -> float:
+        return self.stage_us_per_event / self.core_us_per_event
+
+
+def raw_batches(count: int) -> list[RawBatch]:
+    return [
+        RawBatch(
+            "bench",
+            synthetic_batch(SENDGRID_MAX_BATCH_BYTES, seed=100 + index),
+            1_700_000_000_000,
+            f"req-{index}",
+            1_700_000_000,
+            "signature",
+        )
+        for index in range(count)
+    ]
+
+
+def stage_settings(servers: str) -> Settings:
+    suffix = uuid.uuid4().hex[:10]
+    return Settings.model_validate(
+        {
+            "kafka": {
+                "bootstrap_servers": servers,
+                "session_timeout_ms": 1000,
+                "heartbeat_interval_ms": 200,
+                "topics": {
+                    "raw": f"raw-{suffix}",
+                    "events": f"events-{suffix}",
+                    "dead_letter": f"dlq-{suffix}",
+                },
+            },
+            "processor": {"group_id": f"processor-{suffix}"},
+        }
+    )
+
+
+def produced_events() -> float:
+    return (
+        REGISTRY.get_sample_value(
+            "sgpipe_records_produced_total", {"stage": STAGE_PROCESS, "output": "events"}
+        )
+        or 0.0
+    )
+
+
+async def stop_once_produced(stop: asyncio.Event, expected: float) -> None:
+    while produced_events() < expected:
+        await asyncio.sleep(0.05)
+    stop.set()
+
+
+async def one_stage_run(servers: str, batches: list[RawBatch], events: int) -> float:
+    """CPU seconds of this process while the stage turns a fresh raw topic of ``batches`` into
+    ``events`` acknowledged events, then drains and commits."""
+    settings = stage_settings(servers)
+    await ensure_topics(settings.kafka)
+    producer = create_producer(settings.kafka)
+    await producer.start()
+    try:
+        await send_all(
+            producer,
+            [
+                OutgoingRecord(settings.kafka.topics.raw, b.body, headers=raw_batch_headers(b))
+                for b in batches
+            ],
+        )
+    finally:
+        await producer.stop()
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(stop_once_produced(stop, produced_events() + events))
+    started = time.process_time()
+    try:
+        await run_processor(settings, stop, drain=True, health_port=None)
+    finally:
+        watcher.cancel()
+    return time.process_time() - started
+
+
+def one_core_run(messages: list[Message], codec: EmailEventCodec) -> tuple[float, int]:
+    started = time.process_time()
+    events = sum(len(process_raw_record(message, codec).events) for message in messages)
+    return time.process_time() - started, events
+
+
+async def measure(batches: int = BATCHES, rounds: int = ROUNDS) -> StageFigures:
+    raw = raw_batches(batches)
+    messages = [
+        Message("raw", 0, offset, 0, None, b.body, raw_batch_headers(b))
+        for offset, b in enumerate(raw)
+    ]
+    codec = EmailEventCodec()
+    broker = EmbeddedBroker()
+    servers = await broker.start()
+    try:
+        stage_times, core_times = [], []
+        events = 0
+        for _ in range(rounds):
+            core_seconds, events = one_core_run(messages, codec)
+            core_times.append(core_seconds)
+            stage_times.append(await one_stage_run(servers, raw, events))
+    finally:
+        await broker.stop()
+    return StageFigures(events, min(stage_times) / events * 1e6, min(core_times) / events * 1e6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=BATCHES, help="768 KB raw batches")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    arguments = parser.parse_args()
+    figures = asyncio.run(measure(arguments.batches, arguments.rounds))
+    print(f"{figures.events:,} events in {arguments.batches} raw batches of 768 KB")
+    print(f"core (process_raw_record): {figures.core_us_per_event:6.1f} µs CPU/event = 1x")
+    print(
+        f"whole processor stage:     {figures.stage_us_per_event:6.1f} µs CPU/event = "
+        f"{figures.ratio:.2f}x (target <= 1.5x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
