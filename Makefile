@@ -8,7 +8,7 @@ DATA_DIR ?= sgpipe-data
 # What `make up` runs; tests/integration/test_front_door.py runs exactly this (print-up-args).
 UP_ARGS = up --config $(CONFIG) --data-dir $(DATA_DIR)
 
-.PHONY: up print-up-args test lint typecheck unit clean chart-schema
+.PHONY: up print-up-args test lint typecheck unit clean chart-schema bench
 
 $(BIN)/sgpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ typecheck: $(BIN)/sgpipe
 
 test: lint typecheck
 	$(BIN)/pytest
+
+# Stage benchmarks and bench/e2e.py, < 10 min on 2 cores: one table (figure, baseline measured in
+# the same run, ratio, target), also bench/results/<commit>.json (compare: python -m bench.compare).
+bench: $(BIN)/sgpipe
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # Regenerates helm/sgpipe/values.schema.json and the chart README's values table (a test fails
 # when they are stale, e.g. after a setting was added to sgpipe/runtime/settings.py).
