@@ -169,6 +169,19 @@ def e2e(seconds: float, rate: float) -> list[Figure]:
             None,
         ),
     ]
+    p50 = fixed["latency_p50_ms"]
+    figures.append(
+        Figure(
+            "e2e",
+            f"2xx -> row visible p50, ms ({rate:g} ev/s)",
+            p50 if p50 is not None else float("nan"),
+            "ms",
+            fixed["sampler_floor_ms"],
+            "the visibility query's own round trip",
+            "",
+            None,
+        )
+    )
     for phase, limit_ms, label in ((fixed, 1_000, f"{rate:g} ev/s"), (flat, None, "flat out")):
         p99 = phase["latency_p99_ms"]
         figures.append(
