@@ -13,7 +13,7 @@ UP_ARGS = up --config $(CONFIG) --data-dir $(DATA_DIR)
 WORKERS ?= 4
 PYTEST_ARGS = -n $(WORKERS) --dist loadgroup --durations=15
 
-.PHONY: up print-up-args test test-under-load lint typecheck unit clean chart-schema browser
+.PHONY: up print-up-args test test-under-load lint typecheck unit clean chart-schema browser bench
 
 $(BIN)/sgpipe: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ browser:
 	  else \
 	    echo "chromium is missing: the report's browser test will be skipped (apt-get install chromium)"; \
 	  fi; }
+
+# Stage benchmarks and bench/e2e.py, < 10 min on 2 cores: one table (figure, baseline measured in
+# the same run, ratio, target), also bench/results/<commit>.json (compare: python -m bench.compare).
+bench: $(BIN)/sgpipe
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # Regenerates helm/sgpipe/values.schema.json and the chart README's values table (a test fails
 # when they are stale, e.g. after a setting was added to sgpipe/runtime/settings.py).

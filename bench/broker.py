@@ -122,12 +122,17 @@ async def measure(label: str, settings: EmbeddedSettings, small: int, large: int
     return figures
 
 
-async def main(small: int, large: int, memory_limits: list[int]) -> None:
+async def measure_all(small: int, large: int, memory_limits: list[int]) -> list[Figures]:
+    """In-memory first (the baseline), then durable with each GOMEMLIMIT."""
     runs = [("memory", EmbeddedSettings(kafka_port=0, broker_storage="memory"))]
     for limit in memory_limits:
         label = f"durable, GOMEMLIMIT {limit} MiB" if limit else "durable, no GOMEMLIMIT"
         runs.append((label, EmbeddedSettings(kafka_port=0, storage_memory_limit_mib=limit)))
-    results = [await measure(label, settings, small, large) for label, settings in runs]
+    return [await measure(label, settings, small, large) for label, settings in runs]
+
+
+async def main(small: int, large: int, memory_limits: list[int]) -> None:
+    results = await measure_all(small, large, memory_limits)
     baseline = results[0]
     print(f"{small} messages of 1 KB, {large} of 768 KB, acks=all, one partition each")
     print("ratios against memory:// measured in the same run")

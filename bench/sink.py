@@ -170,6 +170,20 @@ async def over_http(
         server.wait(60)
 
 
+def embedded_figures(events: int) -> tuple[int, float, float]:
+    """Rows, rows/s through the sink and rows/s of one bulk insert, on the embedded store (what
+    `make bench` runs: the store of `sgpipe up`)."""
+    values = encoded_events(events)
+    codec = EmailEventCodec()
+    columns = to_columns([codec.decode(value) for value in values])
+    root = Path(tempfile.mkdtemp(prefix="sgpipe-bench-sink-"))
+    try:
+        sink, bulk = asyncio.run(embedded(root, values, columns))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return len(values), sink, bulk
+
+
 def main(argv: Sequence[str]) -> None:
     if argv[:1] == ["--serve"]:
         asyncio.run(serve_forever(Path(argv[1])))

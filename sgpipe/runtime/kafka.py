@@ -7,8 +7,10 @@ here assumes the embedded broker.
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
@@ -185,16 +187,86 @@ async def _wait_for_topics(admin: AIOKafkaAdminClient, names: list[str]) -> None
     raise KafkaError(f"topics {names} were not created within 30 s")
 
 
+# Records above this size are sent one by one (``producer.send``): aiokafka checks them
+# against the request limit (MessageSizeTooLargeError, as for any record) and gives them a batch
+# of their own. Everything smaller goes into per-partition batches.
+BULK_RECORD_MAX_BYTES = 262_144
+
+
+def partition_for_key(key: bytes, partition_count: int) -> int:
+    """The partition of a keyed record: ``zlib.crc32(key) % partition_count``.
+
+    Same key -> same partition for as long as the partition count is unchanged (what consumers
+    may rely on: docs/consuming.md). CRC-32 rather than Kafka's murmur2: it runs in C, where
+    aiokafka's murmur2 is pure Python and was half of the processor's produce cost; nothing
+    downstream computes partitions itself, so the choice of hash is free.
+    """
+    return zlib.crc32(key) % partition_count
+
+
 async def send_all(
     producer: AIOKafkaProducer[bytes, bytes], records: Sequence[OutgoingRecord]
 ) -> None:
-    """Send every record and wait until each is acknowledged; raises the first failure."""
-    pending = [
-        await producer.send(record.topic, record.value, key=record.key, headers=record.headers)
-        for record in records
-    ]
+    """Send every record and wait until each is acknowledged; raises the first failure.
+
+    In bulk: each record's partition is chosen once (``partition_for_key``; records without a
+    key all go to one partition per call, chosen at random), the records of a partition are
+    appended to aiokafka batches (``create_batch``, several when one fills up) and each batch is
+    submitted with ``send_batch``: one future per batch, not per record, and no per-record
+    partitioner. A batch is written with the producer's acks (``all``), so awaiting every
+    batch's future is awaiting every record's acknowledgement. Within a partition, records keep
+    their order.
+    """
+    by_partition: dict[tuple[str, int], list[OutgoingRecord]] = {}
+    partitions_by_topic: dict[str, list[int]] = {}
+    # Unkeyed records of one call share one partition, chosen at random per call (fewer,
+    # fuller batches; Kafka's sticky partitioner does the same).
+    unkeyed_partition: dict[str, int] = {}
+    for record in records:
+        partitions = partitions_by_topic.get(record.topic)
+        if partitions is None:
+            partitions = sorted(await producer.partitions_for(record.topic))
+            partitions_by_topic[record.topic] = partitions
+        if record.key is None:
+            index = unkeyed_partition.setdefault(record.topic, random.randrange(len(partitions)))
+        else:
+            index = partition_for_key(record.key, len(partitions))
+        by_partition.setdefault((record.topic, partitions[index]), []).append(record)
+
+    pending: list[asyncio.Future[Any]] = []
+    for (topic, partition), partition_records in by_partition.items():
+        batch = producer.create_batch()
+        for record in partition_records:
+            headers = record.headers or []
+            if len(record.value) > BULK_RECORD_MAX_BYTES:
+                if batch.record_count():
+                    pending.append(await _submit(producer, batch, topic, partition))
+                    batch = producer.create_batch()
+                pending.append(
+                    await producer.send(
+                        topic, record.value, key=record.key, headers=headers, partition=partition
+                    )
+                )
+            elif not batch.append(
+                timestamp=None, key=record.key, value=record.value, headers=headers
+            ):
+                # Full: submit it and start the next one (a first record always fits).
+                pending.append(await _submit(producer, batch, topic, partition))
+                batch = producer.create_batch()
+                batch.append(timestamp=None, key=record.key, value=record.value, headers=headers)
+        if batch.record_count():
+            pending.append(await _submit(producer, batch, topic, partition))
     if pending:
         await asyncio.gather(*pending)
+
+
+async def _submit(
+    producer: AIOKafkaProducer[bytes, bytes], batch: Any, topic: str, partition: int
+) -> asyncio.Future[Any]:
+    # Closed first, so that no other ``producer.send`` appends to it while it waits to go out.
+    batch.close()
+    future: asyncio.Future[Any] = await producer.send_batch(batch, topic, partition=partition)
+    return future
 
 
 # Room left in a Kafka request for a record's headers and the batch framing.

@@ -333,8 +333,10 @@ class StageLoop(Generic[T]):
             if self.paused is not None:
                 await self._hold(stop)
                 continue
-            await self._poll(self._poll_timeout_ms(), stop)
-            if self._buffer and self._due():
+            received = await self._poll(self._poll_timeout_ms(), stop)
+            # An empty poll means the input is idle: waiting out batch_max_seconds would only
+            # delay what is buffered (issue 16), so it is written now.
+            if self._buffer and (received == 0 or self._due()):
                 await self._flush(stop=stop)
 
         deadline = time.monotonic() + self._options.stop_timeout_seconds
