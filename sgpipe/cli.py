@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _top(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from sgpipe.runtime.logs import report_fatal
     from sgpipe.top import TopError, describe_sources, metrics_urls_from_data_dir, run_top
 
@@ -419,6 +421,8 @@ def _top(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _report(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from sgpipe.report import ReportError, fetch_report_data, parse_since, render_html
     from sgpipe.runtime.clickhouse import connect
     from sgpipe.runtime.logs import report_fatal

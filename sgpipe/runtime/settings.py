@@ -425,6 +425,9 @@ class StageSettings(_Section):
     dead_letters: DeadLetterLimit = DeadLetterLimit()
     # At most one "wrote" line per this many seconds (records, rate, lag); 0: none.
     progress_log_seconds: Annotated[float, Field(ge=0)] = 30.0
+    # Write what is buffered as soon as a poll finds the input idle, instead of waiting out
+    # batch_max_seconds (low rates are not delayed). false: batch strictly by size and time.
+    flush_when_idle: bool = True
 
 
 class ProcessorSettings(StageSettings):

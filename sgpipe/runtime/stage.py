@@ -216,6 +216,7 @@ class StageOptions:
     dead_letters: DeadLetterLimit
     max_dead_letter_payload_bytes: int
     progress_log_seconds: float = 30.0
+    flush_when_idle: bool = True
 
     @classmethod
     def from_settings(
@@ -232,6 +233,7 @@ class StageOptions:
             dead_letters=section.dead_letters,
             max_dead_letter_payload_bytes=max_dead_letter_payload_bytes,
             progress_log_seconds=section.progress_log_seconds,
+            flush_when_idle=section.flush_when_idle,
         )
 
 
@@ -336,7 +338,8 @@ class StageLoop(Generic[T]):
             received = await self._poll(self._poll_timeout_ms(), stop)
             # An empty poll means the input is idle: waiting out batch_max_seconds would only
             # delay what is buffered (issue 16), so it is written now.
-            if self._buffer and (received == 0 or self._due()):
+            idle = received == 0 and self._options.flush_when_idle
+            if self._buffer and (idle or self._due()):
                 await self._flush(stop=stop)
 
         deadline = time.monotonic() + self._options.stop_timeout_seconds

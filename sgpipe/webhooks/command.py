@@ -10,7 +10,6 @@ found a difference; 2 usage (no API key, `--oauth` before the ingress has OAuth)
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -271,6 +270,8 @@ def _run(
     settings: Settings,
     body: Callable[[WebhooksClient], Awaitable[int]],
 ) -> int:
+    import asyncio
+
     from sgpipe.webhooks.client import SendGridApiError
 
     async def run() -> int:
@@ -467,6 +468,8 @@ def _test(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _connect(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from sgpipe.webhooks.connect import (
         connect_webhook,
         kubernetes_secret,
@@ -591,6 +594,7 @@ def _check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _emulator(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
     import signal
 
     from sgpipe.webhooks.emulator import EmulatorConfig, EmulatorState, serve

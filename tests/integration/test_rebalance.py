@@ -23,7 +23,7 @@ from aiokafka.structs import OffsetAndMetadata, TopicPartition
 
 from processors.stage import run_processor
 from schemas.email_event import EmailEventCodec
-from schemas.raw_batch import RawBatch, raw_batch_headers
+from schemas.raw_batch import RawBatch
 from sgpipe.runtime.kafka import (
     OutgoingRecord,
     create_consumer,
@@ -35,6 +35,7 @@ from sgpipe.runtime.metrics import REGISTRY
 from sgpipe.runtime.settings import Settings
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import StageProcess, start_sgpipe, write_config
+from tests.raw_auth_support import RAW_AUTH_DOCUMENT, signed_raw_batch_headers
 
 pytestmark = pytest.mark.kafka
 
@@ -64,6 +65,7 @@ def document(bootstrap_servers: str, suffix: str) -> dict[str, Any]:
             "retry_backoff_max_seconds": 0.5,
         },
         "logging": {"format": "json"},
+        "raw_auth": RAW_AUTH_DOCUMENT,
     }
 
 
@@ -91,7 +93,10 @@ def raw_record(settings: Settings, suffix: str, batch: int) -> OutgoingRecord:
     )
     # Spread over every partition, so that each member owns some while the group changes.
     return OutgoingRecord(
-        settings.kafka.topics.raw, raw.body, key=b"%d" % batch, headers=raw_batch_headers(raw)
+        settings.kafka.topics.raw,
+        raw.body,
+        key=b"%d" % batch,
+        headers=signed_raw_batch_headers(raw),
     )
 
 

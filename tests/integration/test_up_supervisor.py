@@ -61,7 +61,12 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 MEMORY = {"kafka_port": 0, "clickhouse_http_port": 0, "broker_storage": "memory"}
 # The processor holds raw batches until the stop (60 s or 1000 records), so that a stop has
 # something to write, or to leave behind, that the test knows exactly.
-HOLD_RAW_BATCHES = {"batch_max_seconds": 60.0, "batch_max_records": 1000, "dedup_window": 0}
+HOLD_RAW_BATCHES = {
+    "batch_max_seconds": 60.0,
+    "batch_max_records": 1000,
+    "flush_when_idle": False,
+    "dedup_window": 0,
+}
 # Three batches of 2, 3 and 5 events.
 BATCH_SIZES = (2, 3, 5)
 
