@@ -4,7 +4,7 @@ Registered by ``add_commands``; the handlers import the client, aiohttp and ruam
 when they run, so that other commands do not pay for them.
 
 Exit codes: 0 done; 1 SendGrid refused or failed, a test batch was not accepted, or `check`
-found a difference; 2 usage (no API key, `--oauth` before the ingress has OAuth).
+found a difference; 2 usage (no API key, a bad flag).
 """
 
 from __future__ import annotations
@@ -126,7 +126,10 @@ def add_commands(
     )
     connect.add_argument("--friendly-name", help="SendGrid's label (default: sgpipe NAME)")
     connect.add_argument(
-        "--oauth", action="store_true", help="also set up OAuth to the ingress's token endpoint"
+        "--oauth",
+        action="store_true",
+        help="also make SendGrid fetch OAuth tokens from the ingress's /oauth/token with a new "
+        "client (its secret's hash goes to the config)",
     )
     connect.add_argument(
         "--kubernetes-secret",
@@ -480,15 +483,6 @@ def _connect(args: argparse.Namespace, settings: Settings) -> int:
         webhook_name_of,
     )
 
-    if args.oauth:
-        # The ingress has no OAuth token endpoint yet (issue 18); SendGrid would then fetch
-        # tokens from nowhere and every batch would fail.
-        report_fatal(
-            "webhooks connect --oauth: this ingress has no OAuth token endpoint yet; "
-            "connect without --oauth (signature verification still protects the webhook)",
-            exit_code=EXIT_USAGE,
-        )
-        return EXIT_USAGE
     if webhook_name_of(args.public_url) != args.name:
         report_fatal(
             f"--public-url must end in /webhooks/{args.name} (the ingress's path for "
@@ -534,6 +528,9 @@ def _connect(args: argparse.Namespace, settings: Settings) -> int:
             if wrote:
                 lines.append(f"wrote the public key to {config_file} (webhooks[{args.name}])")
                 report["changes"].append(f"config:{config_file}")
+        if args.oauth:
+            lines += await _connect_oauth(args, settings, client, result.webhook, config_file)
+            report["changes"] += [line for line in lines if line.startswith("oauth:")]
         if not report["changes"]:
             lines.append(f"nothing to change: {result.webhook.id} is set up for {args.name}")
         status = 0
@@ -563,6 +560,47 @@ def _connect(args: argparse.Namespace, settings: Settings) -> int:
         return status
 
     return _run(args, settings, body)
+
+
+async def _connect_oauth(
+    args: argparse.Namespace,
+    settings: Settings,
+    client: WebhooksClient,
+    webhook: EventWebhook,
+    config_file: Path | None,
+) -> list[str]:
+    """``connect --oauth``: SendGrid fetches tokens from the ingress's built-in endpoint with a
+    client the ingress knows; the new client's hash goes to the config file (or a Secret)."""
+    from sgpipe.oauth_command import add_client_to_file
+    from sgpipe.oauth_command import kubernetes_secret as oauth_secret
+    from sgpipe.webhooks.connect import connect_oauth, token_url_for
+
+    declared = settings.webhook(args.name)
+    known = [c.client_id for c in declared.oauth_clients] if declared is not None else []
+    token_url = token_url_for(args.public_url)
+    done = await connect_oauth(client, webhook, token_url, known)
+    if done.client_id is None or done.secret_hash is None:
+        return []
+    entry = {"client_id": done.client_id, "secret_hash": done.secret_hash}
+    if args.kubernetes_secret:
+        clients = [{"client_id": c, "secret_hash": h} for c, h in _declared_clients(declared)]
+        print(oauth_secret(f"{args.kubernetes_secret}-oauth", args.name, [*clients, entry]), end="")
+        where = f"the Secret {args.kubernetes_secret}-oauth printed above"
+    else:
+        assert config_file is not None
+        add_client_to_file(config_file, args.name, entry)
+        where = f"{config_file} (webhooks[{args.name}].oauth_clients, the secret's hash only)"
+    return [
+        f"oauth: SendGrid now fetches tokens from {token_url} as client {done.client_id}",
+        f"oauth: the client is in {where}; restart the ingress to accept its tokens "
+        "(set auth: both on the webhook to require them)",
+    ]
+
+
+def _declared_clients(declared: Any) -> list[tuple[str, str]]:
+    if declared is None:
+        return []
+    return [(c.client_id, c.secret_hash) for c in declared.oauth_clients]
 
 
 def _check(args: argparse.Namespace, settings: Settings) -> int:

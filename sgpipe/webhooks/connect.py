@@ -159,6 +159,52 @@ async def connect_webhook(
     return ConnectResult(webhook, key, changes)
 
 
+def token_url_for(public_url: str) -> str:
+    """The built-in token endpoint beside the webhook URL: ``https://HOST/webhooks/NAME`` ->
+    ``https://HOST/oauth/token`` (the ingress serves both)."""
+    base, _, _ = public_url.rstrip("/").rpartition("/webhooks/")
+    return f"{base}/oauth/token"
+
+
+@dataclass(frozen=True)
+class OAuthSetUp:
+    """What ``connect_oauth`` did: a new client (its id and secret, shown once) or nothing."""
+
+    webhook: EventWebhook
+    client_id: str | None = None
+    client_secret: str | None = None
+    secret_hash: str | None = None
+
+
+async def connect_oauth(
+    client: WebhooksClient,
+    webhook: EventWebhook,
+    token_url: str,
+    known_client_ids: Sequence[str],
+) -> OAuthSetUp:
+    """Make SendGrid authenticate to ``webhook`` with OAuth client credentials from the
+    ingress's token endpoint at ``token_url``. Idempotent: when SendGrid already uses a client
+    the ingress knows, at that URL, nothing changes. Otherwise a new client is created (its
+    secret stored by SendGrid, only its hash by sgpipe) and set on SendGrid's side."""
+    if webhook.oauth_client_id in known_client_ids and webhook.oauth_token_url == token_url:
+        return OAuthSetUp(webhook)
+    from ingest.oauth import hash_client_secret, new_client_credentials
+
+    client_id, secret = new_client_credentials()
+    updated = await client.update(
+        webhook.id,
+        EventWebhookRequest.model_validate(
+            {
+                "url": webhook.url,
+                "oauth_client_id": client_id,
+                "oauth_client_secret": secret,
+                "oauth_token_url": token_url,
+            }
+        ),
+    )
+    return OAuthSetUp(updated, client_id, secret, hash_client_secret(secret))
+
+
 # --- watching the ingress ------------------------------------------------------------------
 
 

@@ -14,8 +14,10 @@ import pytest
 import yaml
 from aiohttp import web
 
+from ingest.oauth import verify_client_secret
 from sgpipe.cli import main
 from sgpipe.runtime.logs import configure_logging
+from sgpipe.runtime.settings import load_settings
 from sgpipe.webhooks.client import SERVERS, base_url_for
 from sgpipe.webhooks.emulator import EmulatorConfig
 from sgpipe.webhooks.fields import EVENT_FIELDS
@@ -296,21 +298,36 @@ def test_connect_prints_a_kubernetes_secret_instead(cli: Cli) -> None:
     assert secret["stringData"] == {"main": key}
 
 
-def test_connect_oauth_is_refused_until_the_ingress_has_it(cli: Cli, tmp_path: Path) -> None:
-    (tmp_path / "c.yaml").write_text("webhooks: []\n")
-    code, out, err = cli(
-        "connect",
-        "--name",
-        "main",
-        "--public-url",
-        "https://hooks.example/webhooks/main",
-        "--config",
-        str(tmp_path / "c.yaml"),
-        "--oauth",
-    )
-    assert code == 2
-    assert len((out + err).strip().splitlines()) == 1 and "no OAuth token endpoint" in out + err
-    assert cli.emulator.exchanges == []  # nothing was changed on SendGrid's side
+def test_connect_oauth_gives_sendgrid_a_client_of_the_ingress_once(
+    cli: Cli, tmp_path: Path
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("webhooks:\n  - name: main  # the one SendGrid posts to\n")
+    url = "https://hooks.example/webhooks/main"
+    argv = ("connect", "--name", "main", "--public-url", url, "--config", str(config))
+    code, out, err = cli(*argv, "--oauth", "--skip-test")
+    assert code == 0, err
+    assert "oauth: SendGrid now fetches tokens from https://hooks.example/oauth/token" in out
+
+    # SendGrid holds the client's secret; sgpipe's config only its hash, which verifies it.
+    [stored] = cli.emulator.state.webhooks("")
+    assert stored.oauth_token_url == "https://hooks.example/oauth/token"
+    assert stored.oauth_client_secret
+    text = config.read_text()
+    assert "# the one SendGrid posts to" in text and stored.oauth_client_secret not in text
+    [client] = yaml.safe_load(text)["webhooks"][0]["oauth_clients"]
+    assert client["client_id"] == stored.oauth_client_id
+    assert verify_client_secret(stored.oauth_client_secret, client["secret_hash"])
+    settings = load_settings(config, {})  # the ingress can load it
+    assert [c.client_id for c in settings.webhooks[0].oauth_clients] == [client["client_id"]]
+
+    # A second run, with the config that now names the client, changes nothing.
+    changes_before = [e for e in cli.emulator.exchanges if e.method != "GET"]
+    code, out, err = cli(*argv, "--oauth", "--skip-test", "--json")
+    assert code == 0, err
+    assert json.loads(out)["changes"] == []
+    assert config.read_text() == text
+    assert [e for e in cli.emulator.exchanges if e.method != "GET"] == changes_before
 
 
 def test_connect_reports_a_test_batch_that_never_arrives(cli: Cli, tmp_path: Path) -> None:
