@@ -18,10 +18,11 @@ URL with a password in a message, a field or a traceback is written with ``***``
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any, Literal, TextIO
+from typing import Any, Literal, TextIO, cast
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -58,7 +59,7 @@ def configure_logging(
     again (the CLI configures logging before it has read the settings, then with them).
     """
     global _json_output, _stream
-    _stream = stream if stream is not None else sys.stderr
+    _stream = stream if stream is not None else cast(TextIO, _CurrentStderr())
     _json_output = renders_json(output, _stream)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
@@ -167,6 +168,24 @@ def _only_with_exc_info(render: Processor) -> Processor:
         return event_dict
 
     return processor
+
+
+class _CurrentStderr(io.TextIOBase):
+    """Whatever ``sys.stderr`` is at each write. structlog caches a logger with the stream it
+    was configured with; a fixed ``sys.stderr`` object would outlive a replacement of it (a
+    test's captured stream, closed afterwards: every later line then fails to write)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
 
 
 def renders_json(output: Format, stream: TextIO | None = None) -> bool:
