@@ -22,7 +22,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
@@ -93,10 +93,35 @@ class Progress:
         return True, "progressing"
 
 
-@dataclass(frozen=True, slots=True)
+# A peer that is busy (a stage stepping a huge record holds the GIL for seconds) may miss the
+# timeout while it is well: its last answer stands for this long before it counts as
+# unreachable, so that the fronting /readyz does not flap on a loaded machine. A peer that is
+# down (connection refused) is unreachable at once.
+PEER_ANSWER_FRESH_SECONDS = 15.0
+
+
+@dataclass(slots=True)
 class _PeerSource:
     current: Callable[[], tuple[str, ...]]
     timeout_seconds: float
+    # peer -> (monotonic time, its last /readyz answer)
+    last_answers: dict[str, tuple[float, tuple[int, str]]] = field(default_factory=dict)
+
+    def remember(
+        self, peers: Sequence[str], answers: Sequence[tuple[int, str] | BaseException]
+    ) -> list[tuple[int, str] | BaseException]:
+        """``answers``, with a timed-out peer's last answer put in when it is fresh enough."""
+        now = time.monotonic()
+        kept: list[tuple[int, str] | BaseException] = []
+        for peer, answer in zip(peers, answers, strict=True):
+            if isinstance(answer, tuple):
+                self.last_answers[peer] = (now, answer)
+            elif isinstance(answer, TimeoutError) and peer in self.last_answers:
+                at, last = self.last_answers[peer]
+                if now - at <= PEER_ANSWER_FRESH_SECONDS:
+                    answer = last
+            kept.append(answer)
+        return kept
 
 
 HEALTH_READINESS: web.AppKey[tuple[Readiness, ...]] = web.AppKey("sgpipe_readiness")
@@ -171,7 +196,9 @@ async def _readyz(request: web.Request) -> web.Response:
     source = request.app[HEALTH_PEERS]
     peers = source.current()
     if peers:
-        answers = await _gather_peers(peers, "/readyz", source.timeout_seconds)
+        answers = source.remember(
+            peers, await _gather_peers(peers, "/readyz", source.timeout_seconds)
+        )
         for peer, result in zip(peers, answers, strict=True):
             checks.update(_peer_checks(peer, result))
     ready = bool(checks) and all(check["ok"] for check in checks.values())

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from sgpipe.runtime import metrics
+from sgpipe.runtime import health, metrics
 from sgpipe.runtime.health import Progress, Readiness, create_health_app, serve_health
 from sgpipe.runtime.runner import bound_port
 
@@ -204,6 +204,49 @@ async def test_a_peer_that_hangs_is_unreachable_after_the_peer_timeout() -> None
     client = await client_for(create_health_app(readiness, [url], peer_timeout_seconds=0.2))
     try:
         # Completes (the hanging peer never answers until released below).
+        response = await asyncio.wait_for(client.get("/readyz"), 10)
+        assert response.status == 503
+        assert (await response.json())["checks"][url]["detail"].startswith("unreachable")
+    finally:
+        released.set()
+        await client.close()
+        await runner.cleanup()
+
+
+async def test_a_busy_peer_that_answered_lately_keeps_its_last_answer_then_goes_unreachable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stage stepping a huge record holds the GIL for seconds and misses the front's timeout
+    # while it is well: its last answer stands while fresh (the front's /readyz does not flap
+    # under load), then it is unreachable like any peer that stopped answering.
+    answer_now = asyncio.Event()
+    answer_now.set()
+    released = asyncio.Event()
+
+    async def readyz(_request: web.Request) -> web.Response:
+        if not answer_now.is_set():
+            await released.wait()
+        return web.json_response(
+            {"status": "ready", "checks": {"process.kafka": {"ok": True, "detail": "ok"}}}
+        )
+
+    busy = web.Application()
+    busy.router.add_get("/readyz", readyz)
+    runner = web.AppRunner(busy)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    readiness = Readiness("up")
+    readiness.set("children", True, "every child running")
+    url = f"http://127.0.0.1:{bound_port(runner)}"
+    client = await client_for(create_health_app(readiness, [url], peer_timeout_seconds=0.2))
+    try:
+        assert (await client.get("/readyz")).status == 200  # it answers: remembered
+        answer_now.clear()  # now it is too busy to answer in time
+        response = await asyncio.wait_for(client.get("/readyz"), 10)
+        assert response.status == 200
+        assert (await response.json())["checks"]["process.kafka"]["ok"] is True
+        # Past the freshness window the last answer no longer stands.
+        monkeypatch.setattr(health, "PEER_ANSWER_FRESH_SECONDS", 0.0)
         response = await asyncio.wait_for(client.get("/readyz"), 10)
         assert response.status == 503
         assert (await response.json())["checks"][url]["detail"].startswith("unreachable")
