@@ -153,13 +153,22 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _check_private(path: Path, status: os.stat_result) -> None:
+def private_file_problem(path: Path, status: os.stat_result) -> str | None:
+    """Why the secrets file at ``path`` (``status`` from the open descriptor) may not be
+    trusted: not a regular file, someone else's, or readable by others. None: it may."""
     if not stat.S_ISREG(status.st_mode):
-        raise CredentialsError(f"{path} is not a regular file")
+        return f"{path} is not a regular file"
     if status.st_uid != os.geteuid():
-        raise CredentialsError(f"{path} is owned by another user (uid {status.st_uid})")
+        return f"{path} is owned by another user (uid {status.st_uid})"
     if status.st_mode & 0o077:
-        raise CredentialsError(
+        return (
             f"{path} is accessible by other users (mode {stat.S_IMODE(status.st_mode):o}); "
             f"run `chmod 600 {path}`"
         )
+    return None
+
+
+def _check_private(path: Path, status: os.stat_result) -> None:
+    problem = private_file_problem(path, status)
+    if problem is not None:
+        raise CredentialsError(problem)

@@ -16,12 +16,12 @@ import contextlib
 import json
 import os
 import secrets
-import stat
 from pathlib import Path
 from typing import Final
 
 from pydantic import SecretStr
 
+from sgpipe.embedded.credentials import private_file_problem
 from sgpipe.runtime.settings import RawAuthKeySettings, Settings
 
 RAW_AUTH_KEY_FILE: Final = "raw-auth-key.json"
@@ -66,16 +66,9 @@ def load_raw_auth_key(data_dir: Path) -> RawAuthKeySettings:
             raise
         raise RawAuthKeyError(f"cannot open {path}: {exc.strerror}") from exc
     with os.fdopen(fd, "rb") as handle:
-        status = os.fstat(handle.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            raise RawAuthKeyError(f"{path} is not a regular file")
-        if status.st_uid != os.geteuid():
-            raise RawAuthKeyError(f"{path} is owned by another user (uid {status.st_uid})")
-        if status.st_mode & 0o077:
-            raise RawAuthKeyError(
-                f"{path} is accessible by other users (mode {stat.S_IMODE(status.st_mode):o}); "
-                f"run `chmod 600 {path}`"
-            )
+        problem = private_file_problem(path, os.fstat(handle.fileno()))
+        if problem is not None:
+            raise RawAuthKeyError(problem)
         text = handle.read()
     try:
         document = json.loads(text)
