@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,15 @@ def signed_headers() -> dict[str, str]:
 
 
 def start_pipeline(
-    tmp_path: Path, env: dict[str, str] | None = None, **overrides: Any
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    before_start: Callable[[Path], None] | None = None,
+    **overrides: Any,
 ) -> RunningPipeline:
     """`sgpipe up` as a child process, on free ports, with ``overrides`` merged into the
     config's top-level sections (a list, such as ``webhooks``, replaces the section) and
-    ``env`` added to its environment."""
+    ``env`` added to its environment. ``before_start`` gets the config file once written (to
+    edit it as a user would, e.g. with `sgpipe oauth client create --config`)."""
     document: dict[str, Any] = {
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
@@ -116,6 +120,8 @@ def start_pipeline(
         document[section] = merged
     config = tmp_path / "sgpipe.yaml"
     config.write_text(yaml.safe_dump(document))
+    if before_start is not None:
+        before_start(config)
     port = free_port()
     log = tmp_path / "sgpipe-up.log"
     data_dir = tmp_path / "data"
