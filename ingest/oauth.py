@@ -31,6 +31,7 @@ import functools
 import hashlib
 import hmac
 import json
+import os
 import secrets
 import time
 import uuid
@@ -50,6 +51,7 @@ from jwt.algorithms import ECAlgorithm
 
 from sgpipe.runtime import metrics
 from sgpipe.runtime.metrics import STAGE_INGEST
+from sgpipe.runtime.secret_files import private_file_problem
 from sgpipe.runtime.settings import ConfigError, IngestSettings, Settings, WebhookSettings
 
 log = structlog.get_logger(__name__)
@@ -182,12 +184,7 @@ def load_signing_keys(ingest: IngestSettings) -> tuple[SigningKey, ...]:
     """The token endpoint's keys, files first, then inline; ConfigError naming a bad one."""
     found: list[tuple[str, str]] = []
     for path in ingest.oauth_signing_key_files:
-        try:
-            found.append((str(path), Path(path).read_text(encoding="utf-8")))
-        except OSError as exc:
-            raise ConfigError(
-                f"ingest.oauth_signing_key_files: cannot read {path}: {exc.strerror}"
-            ) from exc
+        found.append((str(path), _read_signing_key_file(Path(path))))
     for index, secret in enumerate(ingest.oauth_signing_keys):
         found.append((f"ingest.oauth_signing_keys[{index}]", secret.get_secret_value()))
     keys = []
@@ -202,6 +199,25 @@ def load_signing_keys(ingest: IngestSettings) -> tuple[SigningKey, ...]:
             raise ConfigError(f"{where}: the token endpoint signs with P-256 (ES256) keys")
         keys.append(SigningKey(_thumbprint(key.public_key()), key))
     return tuple(keys)
+
+
+def _read_signing_key_file(path: Path) -> str:
+    """The PEM in ``path``, refused like every secrets file when others could read or replace
+    it (anyone who reads it can mint tokens SendGrid's batches would be accepted with). A
+    symlink is followed: a Kubernetes Secret volume's files are symlinks into its ``..data``."""
+    try:
+        # Non-blocking: a FIFO in the key's place is refused below instead of hanging the start.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            problem = private_file_problem(path, os.fstat(handle.fileno()), kubernetes_secret=True)
+            if problem is not None:
+                raise ConfigError(f"ingest.oauth_signing_key_files: {problem}")
+            return handle.read().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"ingest.oauth_signing_key_files: cannot read {path}: {exc.strerror}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not an unencrypted PEM private key") from exc
 
 
 def _public_jwk(key: ec.EllipticCurvePublicKey) -> dict[str, Any]:

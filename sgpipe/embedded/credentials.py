@@ -21,10 +21,11 @@ import contextlib
 import json
 import os
 import secrets
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
+
+from sgpipe.runtime.secret_files import private_file_problem
 
 CREDENTIALS_FILE: Final = "clickhouse-credentials.json"
 WRITER_USER: Final = "sgpipe"
@@ -151,21 +152,6 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def private_file_problem(path: Path, status: os.stat_result) -> str | None:
-    """Why the secrets file at ``path`` (``status`` from the open descriptor) may not be
-    trusted: not a regular file, someone else's, or readable by others. None: it may."""
-    if not stat.S_ISREG(status.st_mode):
-        return f"{path} is not a regular file"
-    if status.st_uid != os.geteuid():
-        return f"{path} is owned by another user (uid {status.st_uid})"
-    if status.st_mode & 0o077:
-        return (
-            f"{path} is accessible by other users (mode {stat.S_IMODE(status.st_mode):o}); "
-            f"run `chmod 600 {path}`"
-        )
-    return None
 
 
 def _check_private(path: Path, status: os.stat_result) -> None:

@@ -21,7 +21,7 @@ from typing import Final
 
 from pydantic import SecretStr
 
-from sgpipe.embedded.credentials import private_file_problem
+from sgpipe.runtime.secret_files import private_file_problem
 from sgpipe.runtime.settings import RawAuthKeySettings, Settings
 
 RAW_AUTH_KEY_FILE: Final = "raw-auth-key.json"
