@@ -250,6 +250,38 @@ def _oauth_problem(client_id: str | None, secret: str | None, token_url: str | N
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class _OAuthSettings:
+    client_id: str | None
+    client_secret: str | None
+    token_url: str | None
+
+
+def _oauth_settings(
+    body: EventWebhookRequest, stored: StoredWebhook | None
+) -> _OAuthSettings | web.Response:
+    """A webhook's OAuth settings once ``body`` is applied (to ``stored`` on an update; None on
+    a create), or the 400 SendGrid answers. A field the body leaves out keeps its stored value;
+    an empty string clears it (the seed: "pass an empty string ... for each")."""
+    names = ("oauth_client_id", "oauth_client_secret", "oauth_token_url")
+    sent = (body.oauth_client_id, body.oauth_client_secret, body.oauth_token_url)
+    kept = (
+        (stored.oauth_client_id, stored.oauth_client_secret, stored.oauth_token_url)
+        if stored is not None
+        else (None, None, None)
+    )
+    given = body.model_fields_set
+    client_id, secret, token_url = (
+        (new if name in given else old) or None
+        for name, new, old in zip(names, sent, kept, strict=True)
+    )
+    settings = _OAuthSettings(client_id, secret, token_url)
+    problem = _oauth_problem(settings.client_id, settings.client_secret, settings.token_url)
+    if problem is not None:
+        return errors(400, {"message": problem})
+    return settings
+
+
 def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -269,9 +301,9 @@ async def create_webhook(request: web.Request) -> web.Response:
             return problem
         if len(state.webhooks(account)) >= MAX_WEBHOOKS:
             return errors(400, {"message": _MAX_REACHED})
-        oauth = _oauth_problem(body.oauth_client_id, body.oauth_client_secret, body.oauth_token_url)
-        if oauth is not None:
-            return errors(400, {"message": oauth})
+        oauth = _oauth_settings(body, None)
+        if isinstance(oauth, web.Response):
+            return oauth
         now = _now()
         webhook = StoredWebhook(
             id=str(uuid.uuid4()),
@@ -279,9 +311,9 @@ async def create_webhook(request: web.Request) -> web.Response:
             enabled=bool(body.enabled),
             events={name: bool(getattr(body, name)) for name in EVENT_FIELDS},
             friendly_name=body.friendly_name,
-            oauth_client_id=body.oauth_client_id or None,
-            oauth_client_secret=body.oauth_client_secret or None,
-            oauth_token_url=body.oauth_token_url or None,
+            oauth_client_id=oauth.client_id,
+            oauth_client_secret=oauth.client_secret,
+            oauth_token_url=oauth.token_url,
             created_date=now,
             updated_date=now,
         )
@@ -339,18 +371,10 @@ async def update_webhook(request: web.Request) -> web.Response:
         problem = _url_problem(state, account, body.url, webhook.id)
         if problem is not None:
             return problem
+        oauth = _oauth_settings(body, webhook)
+        if isinstance(oauth, web.Response):
+            return oauth
         given = body.model_fields_set
-        # An empty string disables OAuth (the seed: "pass an empty string ... for each").
-        client_id = body.oauth_client_id if "oauth_client_id" in given else webhook.oauth_client_id
-        token_url = body.oauth_token_url if "oauth_token_url" in given else webhook.oauth_token_url
-        secret = (
-            body.oauth_client_secret
-            if "oauth_client_secret" in given
-            else webhook.oauth_client_secret
-        )
-        oauth = _oauth_problem(client_id, secret, token_url)
-        if oauth is not None:
-            return errors(400, {"message": oauth})
         webhook.url = body.url
         if body.enabled is not None:
             webhook.enabled = body.enabled
@@ -360,9 +384,9 @@ async def update_webhook(request: web.Request) -> web.Response:
                 webhook.events[name] = value
         if "friendly_name" in given:
             webhook.friendly_name = body.friendly_name
-        webhook.oauth_client_id = client_id or None
-        webhook.oauth_token_url = token_url or None
-        webhook.oauth_client_secret = secret or None
+        webhook.oauth_client_id = oauth.client_id
+        webhook.oauth_token_url = oauth.token_url
+        webhook.oauth_client_secret = oauth.client_secret
         webhook.updated_date = _now()
         state.save()
     _log().info("webhook updated", webhook_id=webhook.id, account=account or None)

@@ -221,3 +221,52 @@ def test_invalid_bodies_get_a_400_naming_the_field_and_accounts_do_not_see_each_
         webhook_id = json.loads(body)["id"]
         assert call("GET", f"settings/{webhook_id}", b"", account="sub")[0] == 404
         assert call("GET", f"settings/{webhook_id}", b"")[0] == 200
+
+
+async def test_oauth_settings_follow_the_same_rules_on_create_and_update() -> None:
+    # Out of the document's examples (the 400s are the seed's rules): no contract check.
+    with running_emulator(contract=False) as emulator:
+        async with WebhooksClient(SecretStr(API_KEY), emulator.url) as client:
+            for number, (fields, message) in enumerate(
+                [
+                    ({"oauth_client_id": "c"}, "oauth_token_url is required when"),
+                    ({"oauth_client_secret": "s"}, "oauth_client_id and oauth_token_url are"),
+                    (
+                        {"oauth_client_id": "c", "oauth_token_url": "not a url"},
+                        "'not a url' is not a valid url",
+                    ),
+                ]
+            ):
+                url = f"https://a.example/webhooks/{number}"
+                with pytest.raises(SendGridApiError, match=message):
+                    await client.create(EventWebhookRequest(url=url, **fields))
+                with pytest.raises(SendGridApiError, match=message):
+                    created = await client.create(EventWebhookRequest(url=url))
+                    await client.update(created.id, EventWebhookRequest(url=url, **fields))
+            url = "https://a.example/webhooks/main"
+            created = await client.create(
+                EventWebhookRequest(
+                    url=url,
+                    oauth_client_id="c",
+                    oauth_client_secret="s",
+                    oauth_token_url="https://token.example/t",
+                )
+            )
+            [stored] = [w for w in emulator.state.webhooks("") if w.id == created.id]
+            # A field left out keeps its stored value: a new secret alone is enough.
+            await client.update(created.id, EventWebhookRequest(url=url, oauth_client_secret="t"))
+            assert (stored.oauth_client_id, stored.oauth_client_secret) == ("c", "t")
+            assert stored.oauth_token_url == "https://token.example/t"
+            # The merged settings are checked: the id stays, so the URL may not go alone.
+            with pytest.raises(SendGridApiError, match="oauth_token_url is required when"):
+                await client.update(created.id, EventWebhookRequest(url=url, oauth_token_url=""))
+            assert stored.oauth_token_url == "https://token.example/t"
+            # Empty strings for all three turn OAuth off.
+            empty = {"oauth_client_id": "", "oauth_client_secret": "", "oauth_token_url": ""}
+            updated = await client.update(created.id, EventWebhookRequest(url=url, **empty))
+    assert (stored.oauth_client_id, stored.oauth_client_secret, stored.oauth_token_url) == (
+        None,
+        None,
+        None,
+    )
+    assert updated.oauth_client_id is None
