@@ -239,10 +239,12 @@ async def test_oauth_settings_follow_the_same_rules_on_create_and_update() -> No
             ):
                 url = f"https://a.example/webhooks/{number}"
                 with pytest.raises(SendGridApiError, match=message):
-                    await client.create(EventWebhookRequest(url=url, **fields))
+                    await client.create(EventWebhookRequest.model_validate({"url": url, **fields}))
                 with pytest.raises(SendGridApiError, match=message):
                     created = await client.create(EventWebhookRequest(url=url))
-                    await client.update(created.id, EventWebhookRequest(url=url, **fields))
+                    await client.update(
+                        created.id, EventWebhookRequest.model_validate({"url": url, **fields})
+                    )
             url = "https://a.example/webhooks/main"
             created = await client.create(
                 EventWebhookRequest(
@@ -263,10 +265,9 @@ async def test_oauth_settings_follow_the_same_rules_on_create_and_update() -> No
             assert stored.oauth_token_url == "https://token.example/t"
             # Empty strings for all three turn OAuth off.
             empty = {"oauth_client_id": "", "oauth_client_secret": "", "oauth_token_url": ""}
-            updated = await client.update(created.id, EventWebhookRequest(url=url, **empty))
-    assert (stored.oauth_client_id, stored.oauth_client_secret, stored.oauth_token_url) == (
-        None,
-        None,
-        None,
-    )
+            updated = await client.update(
+                created.id, EventWebhookRequest.model_validate({"url": url, **empty})
+            )
+            [cleared] = [w for w in emulator.state.webhooks("") if w.id == created.id]
+    assert cleared.oauth_client_id is cleared.oauth_client_secret is cleared.oauth_token_url is None
     assert updated.oauth_client_id is None
