@@ -27,6 +27,46 @@ async def peer() -> AsyncIterator[tuple[str, Readiness]]:
         await runner.cleanup()
 
 
+class SlowPeer:
+    """A stage's /readyz on a real port that answers ``ready`` at once while ``answering`` is
+    set, and otherwise hangs until the test ends: a stage whose event loop is busy."""
+
+    def __init__(self) -> None:
+        self.answering = asyncio.Event()
+        self.released = asyncio.Event()
+        self.url = ""
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        if not self.answering.is_set():
+            await self.released.wait()
+        return web.json_response(
+            {"status": "ready", "checks": {"process.kafka": {"ok": True, "detail": "ok"}}}
+        )
+
+
+@pytest.fixture
+async def slow_peer() -> AsyncIterator[SlowPeer]:
+    peer = SlowPeer()
+    app = web.Application()
+    app.router.add_get("/readyz", peer.readyz)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    peer.url = f"http://127.0.0.1:{bound_port(runner)}"
+    try:
+        yield peer
+    finally:
+        peer.released.set()  # the hanging handler returns: the runner stops at once
+        await runner.cleanup()
+
+
+async def front_of(peer: SlowPeer) -> TestClient[web.Request, web.Application]:
+    """`sgpipe up`'s front: its own check holds, the peer is asked with a short timeout."""
+    readiness = Readiness("up")
+    readiness.set("children", True, "every child running")
+    return await client_for(create_health_app(readiness, [peer.url], peer_timeout_seconds=0.2))
+
+
 async def client_for(app: web.Application) -> TestClient[web.Request, web.Application]:
     client = TestClient(TestServer(app))
     await client.start_server()
@@ -184,64 +224,32 @@ async def test_peers_may_move_a_function_gives_the_current_ones(
         await client.close()
 
 
-async def test_a_peer_that_hangs_is_unreachable_after_the_peer_timeout() -> None:
+async def test_a_peer_that_hangs_is_unreachable_after_the_peer_timeout(
+    slow_peer: SlowPeer,
+) -> None:
     # A stage whose event loop is busy must not hold the front's answer past its own callers'
     # timeout: `sgpipe up` fronts its stages with a shorter timeout than the ingress's.
-    released = asyncio.Event()
-
-    async def hang(_request: web.Request) -> web.Response:
-        await released.wait()
-        return web.Response()
-
-    slow = web.Application()
-    slow.router.add_get("/readyz", hang)
-    runner = web.AppRunner(slow)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    readiness = Readiness("up")
-    readiness.set("children", True, "every child running")
-    url = f"http://127.0.0.1:{bound_port(runner)}"
-    client = await client_for(create_health_app(readiness, [url], peer_timeout_seconds=0.2))
+    client = await front_of(slow_peer)
     try:
-        # Completes (the hanging peer never answers until released below).
+        # Completes (the hanging peer never answers until released at the end).
         response = await asyncio.wait_for(client.get("/readyz"), 10)
         assert response.status == 503
-        assert (await response.json())["checks"][url]["detail"].startswith("unreachable")
+        assert (await response.json())["checks"][slow_peer.url]["detail"].startswith("unreachable")
     finally:
-        released.set()
         await client.close()
-        await runner.cleanup()
 
 
 async def test_a_busy_peer_that_answered_lately_keeps_its_last_answer_then_goes_unreachable(
-    monkeypatch: pytest.MonkeyPatch,
+    slow_peer: SlowPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A stage stepping a huge record holds the GIL for seconds and misses the front's timeout
     # while it is well: its last answer stands while fresh (the front's /readyz does not flap
     # under load), then it is unreachable like any peer that stopped answering.
-    answer_now = asyncio.Event()
-    answer_now.set()
-    released = asyncio.Event()
-
-    async def readyz(_request: web.Request) -> web.Response:
-        if not answer_now.is_set():
-            await released.wait()
-        return web.json_response(
-            {"status": "ready", "checks": {"process.kafka": {"ok": True, "detail": "ok"}}}
-        )
-
-    busy = web.Application()
-    busy.router.add_get("/readyz", readyz)
-    runner = web.AppRunner(busy)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    readiness = Readiness("up")
-    readiness.set("children", True, "every child running")
-    url = f"http://127.0.0.1:{bound_port(runner)}"
-    client = await client_for(create_health_app(readiness, [url], peer_timeout_seconds=0.2))
+    slow_peer.answering.set()
+    client = await front_of(slow_peer)
     try:
         assert (await client.get("/readyz")).status == 200  # it answers: remembered
-        answer_now.clear()  # now it is too busy to answer in time
+        slow_peer.answering.clear()  # now it is too busy to answer in time
         response = await asyncio.wait_for(client.get("/readyz"), 10)
         assert response.status == 200
         assert (await response.json())["checks"]["process.kafka"]["ok"] is True
@@ -249,8 +257,6 @@ async def test_a_busy_peer_that_answered_lately_keeps_its_last_answer_then_goes_
         monkeypatch.setattr(health, "PEER_ANSWER_FRESH_SECONDS", 0.0)
         response = await asyncio.wait_for(client.get("/readyz"), 10)
         assert response.status == 503
-        assert (await response.json())["checks"][url]["detail"].startswith("unreachable")
+        assert (await response.json())["checks"][slow_peer.url]["detail"].startswith("unreachable")
     finally:
-        released.set()
         await client.close()
-        await runner.cleanup()
