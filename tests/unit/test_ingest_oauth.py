@@ -252,6 +252,13 @@ def failures(webhook: str, method: str, reason: str) -> float:
     return value or 0.0
 
 
+def token_requests(outcome: str) -> float:
+    value = metrics.REGISTRY.get_sample_value(
+        "sgpipe_oauth_token_requests_total", {"stage": "ingest", "outcome": outcome}
+    )
+    return value or 0.0
+
+
 async def fetch_token(
     client: Client, client_id: str = CLIENT_ID, secret: str = CLIENT_SECRET, *, basic: bool
 ) -> ClientResponse:
@@ -272,6 +279,21 @@ async def fetch_token(
     ("headers", "error"),
     [
         pytest.param({"Content-Type": CONTENT_TYPE}, "missing_signature", id="missing"),
+        pytest.param(
+            {
+                "X-Twilio-Email-Event-Webhook-Signature": signed()[
+                    "X-Twilio-Email-Event-Webhook-Signature"
+                ],
+                "Content-Type": CONTENT_TYPE,
+            },
+            "missing_timestamp",
+            id="missing-timestamp",
+        ),
+        pytest.param(
+            {**signed(), "X-Twilio-Email-Event-Webhook-Signature": "not base64!!"},
+            "malformed_signature",
+            id="malformed",
+        ),
         pytest.param(
             {
                 **signed(),
@@ -364,8 +386,10 @@ async def test_tampered_token_signature_is_refused(
     claims["aud"] = "sgpipe/webhooks/main"
     claims["sub"] = "mallory"
     forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    before = failures("main", "token", "invalid_token_signature")
 
     await assert_invalid_token(await post(client, "main", bearer(f"{header}.{forged}.{signature}")))
+    assert failures("main", "token", "invalid_token_signature") == before + 1
     await accepted(client, "main", bearer(built_in_token()), published_are_exactly_the_accepted)
 
 
@@ -406,9 +430,11 @@ async def test_unknown_kid_refreshes_the_jwks_at_most_once_per_interval(
     provider.keys["idp-2"] = IDP_ROTATED_KEY
     clock.now += 0.5
     rotated = bearer(idp_token(IDP_ROTATED_KEY, "idp-2"))
+    unknown_before = failures("idp", "token", "unknown_kid")
     for _ in range(3):
         await assert_invalid_token(await post(client, "idp", rotated))
     assert provider.fetches == 1, "a refresh per request"
+    assert failures("idp", "token", "unknown_kid") == unknown_before + 3
 
     clock.now += 60
     await accepted(client, "idp", rotated, published_are_exactly_the_accepted)
@@ -491,9 +517,11 @@ async def test_both_needs_signature_and_token(
 async def test_token_endpoint_issues_a_token_that_the_webhook_accepts(
     client: Client, basic: bool, published_are_exactly_the_accepted: list[str]
 ) -> None:
+    issued_before = token_requests("issued")
     response = await fetch_token(client, basic=basic)
 
     assert response.status == 200
+    assert token_requests("issued") == issued_before + 1
     assert response.headers["Cache-Control"] == "no-store"
     document = await response.json()
     assert document["token_type"] == "Bearer"
@@ -511,10 +539,12 @@ async def test_token_endpoint_issues_a_token_that_the_webhook_accepts(
 @pytest.mark.parametrize("basic", [True, False], ids=["basic", "form"])
 async def test_bad_client_secret_is_invalid_client(client: Client, basic: bool) -> None:
     for client_id, secret in ((CLIENT_ID, "wrong"), ("no-such-client", CLIENT_SECRET)):
+        before = token_requests("invalid_client")
         response = await fetch_token(client, client_id, secret, basic=basic)
 
         assert response.status == 401
         assert (await response.json())["error"] == "invalid_client"
+        assert token_requests("invalid_client") == before + 1
         if basic:
             assert response.headers["WWW-Authenticate"].startswith("Basic ")
         else:
@@ -524,21 +554,43 @@ async def test_bad_client_secret_is_invalid_client(client: Client, basic: bool) 
 async def test_wrong_grant_type_and_bad_requests(client: Client) -> None:
     credentials = base64.b64encode(f"{CLIENT_ID}:{CLIENT_SECRET}".encode()).decode()
     basic = {"Authorization": f"Basic {credentials}"}
-    cases = [
+    form_type = {"Content-Type": "application/x-www-form-urlencoded"}
+    cases: list[tuple[str, bytes, dict[str, str], int, str]] = [
         (
-            {"grant_type": "password", "username": "u", "password": "p"},
+            "wrong grant type",
+            b"grant_type=password&username=u&password=p",
             basic,
             400,
             "unsupported_grant_type",
         ),
-        ({}, basic, 400, "invalid_request"),
-        ({"grant_type": "client_credentials", "client_secret": "x"}, basic, 400, "invalid_request"),
-        ({"grant_type": "client_credentials"}, {}, 401, "invalid_client"),
+        ("no grant_type", b"", basic, 400, "invalid_request"),
+        (
+            "a repeated parameter",
+            b"grant_type=client_credentials&grant_type=client_credentials",
+            basic,
+            400,
+            "invalid_request",
+        ),
+        (
+            "Basic and a body secret",
+            b"grant_type=client_credentials&client_secret=x",
+            basic,
+            400,
+            "invalid_request",
+        ),
+        ("no client credentials", b"grant_type=client_credentials", {}, 401, "invalid_client"),
     ]
-    for form, headers, status, error in cases:
-        response = await client.post("/oauth/token", data=form, headers=headers)
-        assert response.status == status, form
-        assert (await response.json())["error"] == error
+    for case, form, headers, status, error in cases:
+        before = token_requests(error)
+        response = await client.post("/oauth/token", data=form, headers={**form_type, **headers})
+        assert response.status == status, case
+        assert (await response.json())["error"] == error, case
+        assert token_requests(error) == before + 1, case
+        if case == "no client credentials":
+            assert response.headers["WWW-Authenticate"] == 'Basic realm="sgpipe", charset="UTF-8"'
+        else:
+            assert "WWW-Authenticate" not in response.headers, case
+    before = token_requests("invalid_request")
     response = await client.post(
         "/oauth/token",
         data=b'{"grant_type":"client_credentials"}',
@@ -546,6 +598,7 @@ async def test_wrong_grant_type_and_bad_requests(client: Client) -> None:
     )
     assert response.status == 400
     assert (await response.json())["error"] == "invalid_request"
+    assert token_requests("invalid_request") == before + 1
 
 
 async def test_rotation_first_key_signs_and_every_key_verifies(
@@ -654,8 +707,10 @@ async def test_token_endpoint_refuses_at_once_when_too_many_secret_checks_wait(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ingest.oauth, "_KDF_MAX_WAITING", 0)
+    before = token_requests("busy")
     response = await fetch_token(client, basic=True)
     assert response.status == 503
+    assert token_requests("busy") == before + 1
     assert response.headers["Retry-After"] == "1"
     assert (await response.json())["error"] == "temporarily_unavailable"
 
