@@ -355,16 +355,7 @@ async def test_missing_token_gets_a_bare_bearer_challenge(
         pytest.param(lambda: built_in_token(aud="someone-else"), "wrong_audience", id="audience"),
         pytest.param(lambda: built_in_token("other"), "wrong_audience", id="other-webhook"),
         pytest.param(lambda: "not.a.jwt", "malformed_token", id="malformed"),
-        pytest.param(
-            lambda: jwt.encode(
-                {"iss": "sgpipe", "aud": "sgpipe/webhooks/main", "exp": int(time.time()) + 60},
-                "",
-                algorithm="none",
-                headers={"kid": built_in_kid()},
-            ),
-            "disallowed_algorithm",
-            id="alg-none",
-        ),
+        pytest.param(lambda: alg_none_token(), "disallowed_algorithm", id="alg-none"),
     ],
 )
 async def test_invalid_built_in_tokens_get_invalid_token(
@@ -378,17 +369,48 @@ async def test_invalid_built_in_tokens_get_invalid_token(
     await accepted(client, "main", bearer(built_in_token()), published_are_exactly_the_accepted)
 
 
-async def test_tampered_token_signature_is_refused(
-    client: Client, published_are_exactly_the_accepted: list[str]
-) -> None:
+def tampered_token() -> str:
+    """A built-in token whose claims were changed after signing."""
     header, payload, signature = built_in_token().split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
     claims["aud"] = "sgpipe/webhooks/main"
     claims["sub"] = "mallory"
     forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{header}.{forged}.{signature}"
+
+
+def hmac_forgery() -> str:
+    """The classic: HS256 with the IdP's public key (PEM) as the HMAC secret."""
+    public_pem = IDP_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    now = int(time.time())
+    claims = {"iss": IDP_ISSUER, "aud": IDP_AUDIENCE, "exp": now + 600}
+    # PyJWT refuses to HMAC with a PEM key, as it should: sign the attack by hand.
+    header = {"alg": "HS256", "typ": "JWT", "kid": "idp-1"}
+    signing_input = b".".join(
+        base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=")
+        for part in (header, claims)
+    )
+    mac = hmac.new(public_pem, signing_input, hashlib.sha256).digest()
+    return (signing_input + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
+
+
+def alg_none_token() -> str:
+    return jwt.encode(
+        {"iss": "sgpipe", "aud": "sgpipe/webhooks/main", "exp": int(time.time()) + 60},
+        "",
+        algorithm="none",
+        headers={"kid": built_in_kid()},
+    )
+
+
+async def test_tampered_token_signature_is_refused(
+    client: Client, published_are_exactly_the_accepted: list[str]
+) -> None:
     before = failures("main", "token", "invalid_token_signature")
 
-    await assert_invalid_token(await post(client, "main", bearer(f"{header}.{forged}.{signature}")))
+    await assert_invalid_token(await post(client, "main", bearer(tampered_token())))
     assert failures("main", "token", "invalid_token_signature") == before + 1
     await accepted(client, "main", bearer(built_in_token()), published_are_exactly_the_accepted)
 
@@ -396,22 +418,9 @@ async def test_tampered_token_signature_is_refused(
 async def test_hmac_token_signed_with_the_idps_public_key_is_refused(
     client: Client, published_are_exactly_the_accepted: list[str]
 ) -> None:
-    public_pem = IDP_KEY.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    now = int(time.time())
-    claims = {"iss": IDP_ISSUER, "aud": IDP_AUDIENCE, "exp": now + 600}
-    # PyJWT refuses to HMAC with a PEM key, as it should: sign the classic attack by hand.
-    header = {"alg": "HS256", "typ": "JWT", "kid": "idp-1"}
-    signing_input = b".".join(
-        base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=")
-        for part in (header, claims)
-    )
-    mac = hmac.new(public_pem, signing_input, hashlib.sha256).digest()
-    forged = (signing_input + b"." + base64.urlsafe_b64encode(mac).rstrip(b"=")).decode()
     before = failures("idp", "token", "disallowed_algorithm")
 
-    await assert_invalid_token(await post(client, "idp", bearer(forged)))
+    await assert_invalid_token(await post(client, "idp", bearer(hmac_forgery())))
     assert failures("idp", "token", "disallowed_algorithm") == before + 1
     await accepted(client, "idp", bearer(idp_token()), published_are_exactly_the_accepted)
 
