@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from sgpipe.runtime.secret_files import private_file_problem
+# Re-exported: the check lives below the stages (the ingress reads its signing keys with it).
+from sgpipe.runtime.secret_files import private_file_problem as private_file_problem
 
 CREDENTIALS_FILE: Final = "clickhouse-credentials.json"
 WRITER_USER: Final = "sgpipe"
