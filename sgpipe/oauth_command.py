@@ -198,15 +198,31 @@ def key_create_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def write_signing_key(path: Path, *, force: bool = False) -> None:
-    """A new ES256 key to ``path``, mode 0600 from its creation (never readable by others)."""
+    """A new ES256 key to ``path``, mode 0600 from its creation (never readable by others).
+
+    Written whole under a temporary name, then put in place in one step: an ingress starting
+    at that moment reads the old key or the new one, never half a file (a replaced key, with
+    ``force``, is how a leaked one is revoked on a live data dir)."""
+    import secrets
+
     from ingest.oauth import generate_signing_key_pem
     from sgpipe.runtime.settings import ConfigError
 
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        descriptor = os.open(path, flags, 0o600)
-    except FileExistsError as exc:
-        raise ConfigError(f"--out: {path} exists; pass --force to overwrite it") from exc
-    with os.fdopen(descriptor, "w", encoding="utf-8") as out:
-        out.write(generate_signing_key_pem())
-    os.chmod(path, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o600)  # whatever the umask
+            out.write(generate_signing_key_pem())
+            out.flush()
+            os.fsync(out.fileno())
+        if force:
+            os.replace(temporary, path)
+        else:
+            try:
+                # link(), unlike rename(), fails if the name exists: never overwritten silently.
+                os.link(temporary, path)
+            except FileExistsError as exc:
+                raise ConfigError(f"--out: {path} exists; pass --force to overwrite it") from exc
+    finally:
+        temporary.unlink(missing_ok=True)

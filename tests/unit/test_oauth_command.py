@@ -98,3 +98,19 @@ def test_key_create_writes_a_private_signing_key(tmp_path: Path) -> None:
     (key,) = load_signing_keys(settings.ingest)
     assert key.kid
     assert main(["oauth", "key", "create", "--out", str(out)]) == 2, "never overwritten silently"
+
+
+def test_key_create_force_replaces_the_key_in_one_step(tmp_path: Path) -> None:
+    # Revoking a leaked key on a live data dir: a reader never sees half a file or a wider mode.
+    out = tmp_path / "signing-key.pem"
+    assert main(["oauth", "key", "create", "--out", str(out)]) == 0
+    old_pem = out.read_text()
+    with out.open() as reader_of_the_old_key:
+        assert main(["oauth", "key", "create", "--out", str(out), "--force"]) == 0
+        assert reader_of_the_old_key.read() == old_pem  # a new file, not the old one rewritten
+    assert out.read_text() != old_pem
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["signing-key.pem"]  # no leftovers
+    settings = load_settings(None, {}, {"ingest.oauth_signing_key_files": [str(out)]})
+    (key,) = load_signing_keys(settings.ingest)
+    assert key.kid
