@@ -22,6 +22,7 @@ import signal
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 
@@ -64,8 +65,13 @@ def create_client(config: Path, into: dict[str, str]) -> None:
 
 
 def fetch_token(base_url: str, client: dict[str, str]) -> str:
-    form = f"grant_type=client_credentials&client_id={client['client_id']}"
-    form += f"&client_secret={client['client_secret']}"
+    form = urlencode(
+        {
+            "grant_type": "client_credentials",
+            "client_id": client["client_id"],
+            "client_secret": client["client_secret"],
+        }
+    )
     status, _, body = post(
         f"{base_url}/oauth/token",
         form.encode(),
