@@ -8,9 +8,10 @@ deploy to fix, not data to retry); ``write`` returns once ClickHouse accepted th
 ``ClickHouseWriter`` is the one for ``email_events``.
 
 Every insert is idempotent: it carries an ``insert_deduplication_token`` derived from the Kafka
-offsets of its batch (``insert_token``). The runtime retries a failed write with the same batch,
-so an insert that ClickHouse stored but whose answer was lost (a timeout, a crash of the
-connection) is recognised and skipped, in the table and in every materialized view fed from it
+offsets of its batch and a digest of their records (``insert_token``). The runtime retries a
+failed write with the same batch, so an insert that ClickHouse stored but whose answer was lost
+(a timeout, a crash of the connection) is recognised and skipped, in the table and in every
+materialized view fed from it
 (``deduplicate_blocks_in_dependent_materialized_views``; each table keeps a deduplication log:
 ``non_replicated_deduplication_window``, migrations 0004-0006 and 0008). Redeliveries that
 arrive in other batches are absorbed by the tables themselves (docs/clickhouse.md).
@@ -144,13 +145,16 @@ class TableWriter(Generic[T]):
 
 def insert_token(batch: BatchInfo) -> str:
     """The insert's deduplication token: the Kafka records it holds, as
-    ``topic/partition/first-last`` per partition, in order. The same batch retried gives the
-    same token; ClickHouse stores an insert whose token it has seen (within its
-    deduplication window) only once."""
-    return ",".join(
+    ``topic/partition/first-last`` per partition, in order, then ``#`` and the digest of the
+    records' content (``BatchInfo``). The same batch retried gives the same token; ClickHouse
+    stores an insert whose token it has seen (within its deduplication window) only once. The
+    digest keeps a new log at the same offsets (a topic re-created, a broker that came back
+    empty) from being taken for a retry."""
+    where = ",".join(
         f"{topic}/{partition}/{first}-{last}"
         for (topic, partition), (first, last) in sorted(batch.offsets.items())
     )
+    return f"{where}#{batch.digest}" if batch.digest else where
 
 
 def insert_settings(batch: BatchInfo, *, cluster: bool = False) -> dict[str, Any]:

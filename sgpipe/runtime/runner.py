@@ -50,6 +50,8 @@ PROBE_INTERVAL_SECONDS = 5.0
 # How long closing one client may take: with the broker gone, aiokafka's stop() can otherwise
 # wait out its request timeouts, and a stop must meet its deadline.
 CLOSE_TIMEOUT_SECONDS = 10.0
+# A stop during a start attempt: how long the attempt may still end by itself (_unless_stopped).
+START_CANCEL_GRACE_SECONDS = 3.0
 
 
 class _Startable(Protocol):
@@ -307,11 +309,19 @@ async def retry_until_started(
 
 
 async def _unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
-    """Await ``work``; True once it is done, False (it cancelled) if ``stop`` is set first."""
+    """Await ``work``; True once it is done, False (it cancelled) if ``stop`` is set first.
+
+    A stop first gives ``work`` ``START_CANCEL_GRACE_SECONDS`` to end by itself: aiokafka
+    leaks the connection of a client start cancelled while it bootstraps (the connection
+    lives in a local variable its cleanup never sees; aio-libs/aiokafka#715), and the leaked
+    connection's finalizer warns later, anywhere. A bootstrap takes milliseconds; a start that
+    hangs longer (a group join on a broker that does not answer) is cancelled as before."""
     task = asyncio.ensure_future(work)
     stopped = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait([task, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait([task], timeout=START_CANCEL_GRACE_SECONDS)
     finally:
         stopped.cancel()
         if not task.done():
@@ -321,6 +331,7 @@ async def _unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
     if task.cancelled():
         return False
     task.result()  # the attempt's error, if it failed
+    # Done within the grace of a stop: started, and the caller stops what it started.
     return True
 
 

@@ -49,6 +49,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import struct
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
@@ -154,10 +156,44 @@ class Filter(Protocol[T]):
 
 @dataclass(frozen=True, slots=True)
 class BatchInfo:
-    """Where a batch came from: per (topic, partition), its first and last offset.
-    Writers derive idempotency tokens from it."""
+    """Where a batch came from: per (topic, partition), its first and last offset, and a
+    digest of its records (``batch_info_of``). Writers derive idempotency tokens from both.
+
+    Offsets alone do not name a batch: a topic deleted and re-created, or an in-memory broker
+    that came back empty, numbers a new log from 0 again, and a token made of offsets only
+    would take the new log's batches for retries of the old one's (ClickHouse then drops
+    them silently: acknowledged, never stored -- the memory-broker fault of issue 21)."""
 
     offsets: dict[tuple[str, int], tuple[int, int]]
+    digest: str = ""
+
+
+def batch_info_of(records: Sequence[Message]) -> BatchInfo:
+    """The offsets of ``records`` per partition and a digest of what they hold (offset,
+    timestamp, key and value of each): the same records read again -- a retried write, a
+    redelivery of the same offsets -- give the same BatchInfo; other records at the same
+    offsets give another digest."""
+    ranges: dict[tuple[str, int], tuple[int, int]] = {}
+    digest = hashlib.blake2b(digest_size=16)
+    for record in records:
+        key = (record.topic, record.partition)
+        first = ranges.get(key, (record.offset, record.offset))[0]
+        ranges[key] = (first, record.offset)
+        record_key = record.key or b""
+        value = record.value or b""
+        digest.update(
+            _RECORD_PREFIX.pack(
+                record.partition, record.offset, record.timestamp_ms, len(record_key), len(value)
+            )
+        )
+        digest.update(record_key)
+        digest.update(value)
+    return BatchInfo(ranges, digest.hexdigest())
+
+
+# Each record's fixed-size fields, length-prefixing its key and value so that no two different
+# batches hash the same bytes.
+_RECORD_PREFIX = struct.Struct(">iqqii")
 
 
 class Writer(Protocol[T_contra]):
@@ -751,7 +787,6 @@ class StageLoop(Generic[T]):
         outputs: list[T] = []
         dead_letters: list[DeadLetter] = []
         offsets: dict[TopicPartition, OffsetAndMetadata] = {}
-        ranges: dict[tuple[str, int], tuple[int, int]] = {}
         # Per source record, whether it had dead letters: what the dead-letter limit counts.
         outcomes: dict[SourceRecord, bool] = {}
         for record in records:
@@ -770,14 +805,11 @@ class StageLoop(Generic[T]):
                         max_payload_bytes=self._options.max_dead_letter_payload_bytes,
                     )
                 )
-            key = (record.topic, record.partition)
-            first = ranges.get(key, (record.offset, record.offset))[0]
-            ranges[key] = (first, record.offset)
             offsets[TopicPartition(record.topic, record.partition)] = OffsetAndMetadata(
                 record.offset + 1, ""
             )
         return _Prepared(
-            outputs, dead_letters, offsets, BatchInfo(ranges), epoch, outcomes=outcomes
+            outputs, dead_letters, offsets, batch_info_of(records), epoch, outcomes=outcomes
         )
 
     def _select_and_admit(self, prepared: _Prepared[T]) -> _Prepared[T]:

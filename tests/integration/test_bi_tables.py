@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 
 from schemas.email_event import EmailEventCodec
+from sgpipe.runtime.messages import Message
 from sgpipe.runtime.migrations import apply_migrations
+from sgpipe.runtime.stage import BatchInfo, batch_info_of
 from tests.golden import encoded_events
 from tests.integration.bi_support import (
     Store,
@@ -133,6 +135,37 @@ async def test_a_retried_insert_is_stored_once_and_feeds_the_views_once(tmp_path
         # Not a coincidence: another batch (other offsets) with the same rows is stored.
         await s.insert(records, batch=batch_info("sgpipe.events", 2, 5000, 5000 + len(records) - 1))
         assert (await stored_rows(s))["email_events"] == 2 * once["email_events"]
+
+
+async def test_a_new_log_at_the_same_offsets_is_stored_not_taken_for_a_retry(
+    tmp_path: Path,
+) -> None:
+    """A broker that came back empty (or a topic deleted and re-created) numbers its new log
+    from offset 0 again: the sink's batches of the new log have the offsets of batches it
+    inserted from the old one. Their tokens must differ (the records' digest, BatchInfo), or
+    ClickHouse drops the new events as retries -- acknowledged, never stored (issue 21's
+    memory-broker restart). The same records read again still give the same token."""
+    old_log = unique_records(events=300, seed=23)
+    new_log = unique_records(events=300, seed=24)
+
+    def read(records: list[dict[str, Any]]) -> BatchInfo:
+        # The sink's view of them: Kafka records of sgpipe.events/1 from offset 0.
+        return batch_info_of(
+            [
+                Message("sgpipe.events", 1, offset, 1_735_689_600_000 + offset, None, body)
+                for offset, body in enumerate(
+                    json.dumps(record, default=str, sort_keys=True).encode() for record in records
+                )
+            ]
+        )
+
+    async with store(tmp_path) as s:
+        await s.insert(old_log, batch=read(old_log))
+        await s.insert(new_log, batch=read(new_log))
+        assert (await stored_rows(s))["email_events"] == len(old_log) + len(new_log)
+        assert await totals(s) == expected_totals(old_log + new_log)
+        await s.insert(new_log, batch=read(new_log))  # the new log's batch retried
+        assert (await stored_rows(s))["email_events"] == len(old_log) + len(new_log)
 
 
 # --- message lifecycles ----------------------------------------------------------------------

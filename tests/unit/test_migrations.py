@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from schemas.event_fields import add_columns_sql
+from sgpipe.runtime.messages import Message
 from sgpipe.runtime.migrations import (
     RETAINED_TABLES,
     Migration,
@@ -19,7 +20,7 @@ from sgpipe.runtime.migrations import (
     shipped_migrations,
     split_statements,
 )
-from sgpipe.runtime.stage import BatchInfo
+from sgpipe.runtime.stage import BatchInfo, batch_info_of
 from sinks.clickhouse import insert_settings, insert_token
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "clickhouse"
@@ -131,3 +132,25 @@ def test_the_insert_token_names_the_batchs_offsets_in_a_stable_order() -> None:
     assert settings["insert_deduplication_token"] == insert_token(batch)
     assert settings["deduplicate_blocks_in_dependent_materialized_views"] == 1
     assert "insert_distributed_sync" in insert_settings(batch, cluster=True)
+
+
+def test_the_insert_token_tells_a_new_log_at_the_same_offsets_from_a_retry() -> None:
+    def read(*values: bytes, topic: str = "sgpipe.events", first: int = 0) -> BatchInfo:
+        return batch_info_of(
+            [
+                Message(topic, 0, first + i, 1_000 + i, b"key", value)
+                for i, value in enumerate(values)
+            ]
+        )
+
+    old_log = read(b"event-a", b"event-b")
+    assert old_log.offsets == {("sgpipe.events", 0): (0, 1)}
+    token = insert_token(old_log)
+    assert token.startswith("sgpipe.events/0/0-1#") and len(old_log.digest) == 32
+    # The same records read again (a retried write, a redelivery): the same token.
+    assert insert_token(read(b"event-a", b"event-b")) == token
+    # Other records at the same offsets (the log re-created from 0): another token.
+    assert insert_token(read(b"event-a", b"event-c")) != token
+    # Bytes moved between key and value, or between two records, are other records too.
+    assert read(b"event-aevent-b", b"").digest != read(b"event-a", b"event-b").digest
+    assert insert_token(read(b"event-a", b"event-b", first=5)) != token

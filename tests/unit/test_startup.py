@@ -97,6 +97,33 @@ async def test_a_stop_during_a_start_attempt_cancels_it_and_ends_the_start() -> 
     assert cleaned_up.is_set()  # the attempt's own cleanup ran (a client is closed)
 
 
+async def test_a_start_attempt_about_to_finish_when_the_stop_comes_is_let_finish() -> None:
+    # aiokafka leaks the connection of a client start cancelled mid-bootstrap (its finalizer
+    # then warns in whatever runs later): an attempt that ends within the grace is not
+    # cancelled, and counts as a start (its caller stops the client it got).
+    stop = asyncio.Event()
+    began, release = asyncio.Event(), asyncio.Event()
+    finished: list[bool] = []
+
+    async def attempt() -> None:
+        began.set()
+        await release.wait()
+        finished.append(True)
+
+    starting = asyncio.create_task(
+        retry_until_started("sink", "starting", attempt, stop, Backoff())
+    )
+    await asyncio.wait_for(began.wait(), 10)
+    stop.set()
+    # The attempt ends a moment after the stop (a bootstrap's round trip), well within the
+    # grace: it must not have been cancelled meanwhile.
+    await asyncio.sleep(0.2)
+    assert not starting.done()
+    release.set()
+    assert await asyncio.wait_for(starting, 10) is True
+    assert finished == [True]
+
+
 async def test_an_attempt_that_finishes_is_a_start_and_its_errors_still_count() -> None:
     stop = asyncio.Event()
     attempts: list[int] = []
