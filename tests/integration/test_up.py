@@ -97,11 +97,14 @@ def signed_headers() -> dict[str, str]:
 
 
 def start_pipeline(
-    tmp_path: Path, env: dict[str, str] | None = None, **overrides: Any
+    tmp_path: Path,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+    **overrides: Any,
 ) -> RunningPipeline:
     """`sgpipe up` as a child process, on free ports, with ``overrides`` merged into the
-    config's top-level sections (a list, such as ``webhooks``, replaces the section) and
-    ``env`` added to its environment."""
+    config's top-level sections (a list, such as ``webhooks``, replaces the section),
+    ``env`` added to its environment and ``args`` to its command line."""
     document: dict[str, Any] = {
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
@@ -130,6 +133,7 @@ def start_pipeline(
                 str(data_dir),
                 "--port",
                 str(port),
+                *args,
             ],
             stdout=output,
             stderr=subprocess.STDOUT,
