@@ -27,9 +27,10 @@ import yaml
 
 from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
-from sgpipe.up.layout import RUN_DIR, state_file
+from sgpipe.up.layout import LOG_DIR, RUN_DIR, state_file
 from tests.faults.harness import SERVICE_TIMEOUT, Stage, Stream, log_events, stream_with_faults
 from tests.faults.ledger import Ledger, refusals, unacceptable_refusals
+from tests.faults.test_faults import REVOKED
 from tests.faults.test_up_killed import Up
 from tests.integration.processes import SGPIPE, http_get
 from tests.promise_report import REPORT, FaultOutcome
@@ -182,4 +183,12 @@ async def test_a_third_processor_and_sink_join_and_leave_sgpipe_ups_two_and_two(
         series = f'sgpipe_up_child_restarts_total{{child="{name}",stage="up"}} 0.0'
         assert series in exposition, (name, running.log.read_text()[-5000:])
         assert at_end["children"][name]["pid"] == at_start[name]["pid"], name
+        # ... and they did take part: each gave its partitions up at every join and leave.
+        own_log = (running.data_dir / LOG_DIR / f"{name}.log").read_text(errors="replace")
+        stage = name.split("-")[0]
+        revoked = [entry for entry in log_events(own_log, REVOKED) if entry.get("stage") == stage]
+        assert len(revoked) >= 2, (name, own_log[-3000:])
+    # Two left on SIGTERM (cleanly), two were killed.
+    codes = sorted(third.process.returncode for third in thirds)
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0, 0], codes
     assert await asyncio.to_thread(running.stop) == 0, running.log.read_text()[-5000:]
