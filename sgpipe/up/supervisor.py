@@ -23,14 +23,15 @@ Start: preflight (ports, the data-dir lock, held for life), the supervisor's own
 endpoint, the broker and ClickHouse concurrently, the topics, then the stages. With a durable
 broker (or a configured Kafka) the ingress starts as soon as the topics exist: its 2xx means
 the batch is durable in Kafka, whatever the other stages do. With ``broker_storage: memory`` it
-starts only once the processor and the sink consume, as an acknowledged batch lives only in
+starts only once every processor and sink consumes, as an acknowledged batch lives only in
 the broker's memory until they have written it.
 
-Supervision: a child that dies is restarted with backoff (0.5 s doubling to 30 s) and a log
-line; one that exits 2 (configuration) or 3 (a fatal stage error) stops the whole `sgpipe up`
-with its message and exit code -- a restart would only repeat the error.
+Supervision: a child that dies is restarted with backoff (``RestartBackoff``, the embedded
+broker's policy too: 0.5 s doubling to 30 s) and a log line; one that exits 2 (configuration)
+or 3 (a fatal stage error) stops the whole `sgpipe up` with its message and exit code -- a
+restart would only repeat the error.
 
-Stop (SIGTERM, Ctrl-C): the ingress first, then the processor and the sink (one after the
+Stop (SIGTERM, Ctrl-C): the ingress first, then the processors and the sinks (one after the
 other, each draining its topic, with the in-memory broker; together otherwise), then ClickHouse
 and the broker; every child has a deadline, then SIGKILL. The last line says what the stop
 wrote and what is left unwritten where. A second signal stops at once: the stages get their
@@ -58,6 +59,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.app import build_verifiers
+from sgpipe.embedded.child import RestartBackoff
 from sgpipe.preflight import (
     DataDirLock,
     PreflightFailed,
@@ -112,9 +114,6 @@ EXIT_CONFIG = 2
 EXIT_FATAL = 3
 EXIT_STOPPED_AT_ONCE = 1
 
-RESTART_BACKOFF_INITIAL_SECONDS = 0.5
-RESTART_BACKOFF_MAX_SECONDS = 30.0
-STABLE_SECONDS = 60.0
 # A second signal: how long the stages get to act on their own "stop at once" before SIGKILL.
 AT_ONCE_GRACE_SECONDS = 2.0
 # ClickHouse closes its engine on SIGTERM; more than this is a hang.
@@ -726,7 +725,7 @@ class _Supervisor:
     async def _watch(self, child: SupervisedChild) -> None:
         """Restart ``child`` when it dies unasked; stop everything when it exits 2 or 3 (or
         ClickHouse exits before it ever served: nothing would fix that either)."""
-        backoff = RESTART_BACKOFF_INITIAL_SECONDS
+        backoff = RestartBackoff()
         while True:
             code = await child.wait_exited()
             if child.stop_requested or self.stopping:
@@ -735,8 +734,7 @@ class _Supervisor:
             if code in (EXIT_CONFIG, EXIT_FATAL) or never_served:
                 self._fail(child, code)
                 return
-            if time.monotonic() - child.started_at > STABLE_SECONDS:
-                backoff = RESTART_BACKOFF_INITIAL_SECONDS
+            delay = backoff.next_delay(time.monotonic() - child.started_at)
             child.restarts += 1
             metrics.UP_CHILD_RESTARTS.labels(metrics.STAGE_UP, child.name).inc()
             log.warning(
@@ -745,13 +743,12 @@ class _Supervisor:
                 exit_status=code,
                 error=child.last_error,
                 restart=child.restarts,
-                delay_seconds=backoff,
+                delay_seconds=delay,
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.halt.wait(), backoff)
+                await asyncio.wait_for(self.halt.wait(), delay)
             if self.halt.is_set():
                 return
-            backoff = min(backoff * 2, RESTART_BACKOFF_MAX_SECONDS)
             try:
                 await child.start()
             except OSError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from sgpipe.embedded.child import RestartBackoff
 from sgpipe.runtime import status
 from sgpipe.runtime.settings import ConfigError, Settings, read_settings
 from sgpipe.runtime.status import StatusMessage, parse_status
@@ -155,3 +156,12 @@ def test_processor_and_sink_counts_are_settings_and_flags(tmp_path: Path) -> Non
         read_settings(None, {}, {"up.processors": 0})  # --processors 0
     with pytest.raises(ConfigError, match="SGPIPE_UP__SINKS"):
         read_settings(None, {"SGPIPE_UP__SINKS": "0"}, {})
+
+
+def test_one_restart_backoff_doubles_to_its_cap_and_starts_over_after_a_stable_run() -> None:
+    """The policy of `sgpipe up`'s children and of the embedded broker's processes alike."""
+    backoff = RestartBackoff()
+    crash_loop = [backoff.next_delay(up_seconds=0.1) for _ in range(9)]
+    assert crash_loop == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert backoff.next_delay(up_seconds=61.0) == 0.5  # it had run fine for a minute
+    assert backoff.next_delay(up_seconds=1.0) == 1.0
