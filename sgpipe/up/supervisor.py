@@ -525,6 +525,8 @@ class _Supervisor:
             if created:
                 log.info("created topics", topics=created)
         await self._until_halted(self._clamp_counts())
+        if self.settings.clickhouse.url is not None:
+            log.info("sink writes to clickhouse", url=redact_url(str(self.clickhouse_url)))
         self._write_state()
         stage_specs = [spec for spec in self.table if spec.is_stage]
         # All of them first: a role waiting for another's readiness waits for every replica.
@@ -603,8 +605,6 @@ class _Supervisor:
             else spec
             for spec in self.table
         )
-        if self.settings.clickhouse.url is not None:
-            log.info("sink writes to clickhouse", url=redact_url(str(self.clickhouse_url)))
 
     async def _partitions(self, topics: list[str]) -> dict[str, int]:
         """How many partitions each of ``topics`` has ({} for one the broker does not know:
