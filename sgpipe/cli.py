@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         _up,
         "run the whole pipeline on one machine",
-        "Run ingress, processor and sink as supervised child processes (`sgpipe ingest`,\n"
-        "`sgpipe process`, `sgpipe sink`; one that dies is restarted). Without\n"
+        "Run the ingress, N processors and M sinks as supervised child processes (`sgpipe\n"
+        "ingest`, `sgpipe process`, `sgpipe sink`; one that dies is restarted). Without\n"
         "kafka.bootstrap_servers an embedded Kafka-protocol broker is started, without\n"
         "clickhouse.url an embedded ClickHouse under --data-dir. Ctrl-C stops the ingress, then\n"
         "the processor and the sink, and says what the stop wrote; a second Ctrl-C stops at once\n"
