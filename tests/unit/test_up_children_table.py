@@ -14,6 +14,7 @@ from sgpipe.runtime import status
 from sgpipe.runtime.settings import ConfigError, Settings, read_settings
 from sgpipe.runtime.status import StatusMessage, parse_status
 from sgpipe.up.children import ReadyCondition
+from sgpipe.up.report import Drained
 from sgpipe.up.supervisor import (
     ChildSpec,
     children_table,
@@ -165,3 +166,12 @@ def test_one_restart_backoff_doubles_to_its_cap_and_starts_over_after_a_stable_r
     assert crash_loop == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
     assert backoff.next_delay(up_seconds=61.0) == 0.5  # it had run fine for a minute
     assert backoff.next_delay(up_seconds=1.0) == 1.0
+
+
+def test_the_stop_report_adds_up_what_each_replica_drained() -> None:
+    first = Drained.from_reports({"process": {"committed": 2, "written": {"events": 7}}})
+    second = Drained.from_reports({"process": {"committed": 1, "written": {"events": 3}}})
+    sink = Drained.from_reports({"sink": {"committed": 10}})
+    assert Drained.total([first, second, sink]) == Drained(
+        processor_batches=3, processor_events=10, sink_events=10
+    )
