@@ -677,7 +677,9 @@ class _Supervisor:
         return child
 
     async def _launch(self, child: SupervisedChild) -> None:
-        """Start ``child`` and supervise it."""
+        """Start ``child`` and supervise it (not once a stop began: its rank may be past)."""
+        if self.halt.is_set():
+            return
         await child.start()
         self.tasks.append(asyncio.create_task(self._watch(child), name=f"watch-{child.name}"))
         self._write_state()
