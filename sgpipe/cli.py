@@ -487,8 +487,14 @@ def _add_drain(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_status_fd(parser: argparse.ArgumentParser) -> None:
-    # `sgpipe up`'s own: where its child reports its ports and readiness (sgpipe.runtime.status).
-    parser.add_argument("--status-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--status-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="what `sgpipe up` passes its children: report the ports bound and readiness as JSON "
+        "lines on this inherited file descriptor (see docs/up.md); not needed otherwise",
+    )
 
 
 def _open_status(args: argparse.Namespace) -> None:
