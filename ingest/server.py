@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ingest.app import KafkaRawBatchPublisher, build_verifiers, create_app
 from ingest.protocol import IngressRunner
+from sgpipe.runtime import status
 from sgpipe.runtime.kafka import ensure_topics
 from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.startup import retry_kafka_at_start, start_deadline
@@ -55,12 +56,14 @@ async def run_ingress(settings: Settings, stop: asyncio.Event) -> None:
         await runner.setup()
         try:
             await web.TCPSite(runner, settings.ingest.host, settings.ingest.port).start()
+            port = _bound_port(runner, settings.ingest.port)
             log.info(
                 "ingress listening",
                 host=settings.ingest.host,
-                port=_bound_port(runner, settings.ingest.port),
+                port=port,
                 webhooks=[webhook.name for webhook in settings.webhooks],
             )
+            status.report_listening("ingress", port)
             await stop.wait()
             log.info("stopping: ingress takes no more requests")
         finally:

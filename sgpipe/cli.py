@@ -134,6 +134,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if getattr(args, "port", None) is not None:
         overrides["ingest.port"] = args.port
+    if getattr(args, "processors", None) is not None:
+        overrides["up.processors"] = args.processors
+    if getattr(args, "sinks", None) is not None:
+        overrides["up.sinks"] = args.sinks
     if args.log_level is not None:
         overrides["logging.level"] = args.log_level
     if args.log_format is not None:
@@ -220,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
         "up",
         _up,
         "run the whole pipeline on one machine",
-        "Run ingress, processor and sink as supervised child processes (`sgpipe ingest`,\n"
-        "`sgpipe process`, `sgpipe sink`; one that dies is restarted). Without\n"
+        "Run the ingress, N processors and M sinks as supervised child processes (`sgpipe\n"
+        "ingest`, `sgpipe process`, `sgpipe sink`; one that dies is restarted). Without\n"
         "kafka.bootstrap_servers an embedded Kafka-protocol broker is started, without\n"
         "clickhouse.url an embedded ClickHouse under --data-dir. Ctrl-C stops the ingress, then\n"
         "the processor and the sink, and says what the stop wrote; a second Ctrl-C stops at once\n"
@@ -232,6 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_dir(up)
     up.add_argument(
         "--port", type=int, metavar="PORT", help="ingress port (default: ingest.port, 8080)"
+    )
+    up.add_argument(
+        "--processors",
+        type=int,
+        metavar="N",
+        help="processor processes (default: up.processors, else one per two CPU cores; never "
+        "more than the raw topic's partitions)",
+    )
+    up.add_argument(
+        "--sinks",
+        type=int,
+        metavar="M",
+        help="sink processes (default: up.sinks, else one per two CPU cores; never more than "
+        "the events topic's partitions)",
     )
     up.add_argument(
         "--demo",
@@ -252,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument(
         "--port", type=int, metavar="PORT", help="listen on this port (default: ingest.port, 8080)"
     )
+    _add_status_fd(ingest)
 
     process = command(
         "process",
@@ -262,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         serves_webhooks=False,
     )
     _add_drain(process)
+    _add_status_fd(process)
     sink = command(
         "sink",
         _sink,
@@ -271,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         serves_webhooks=False,
     )
     _add_drain(sink)
+    _add_status_fd(sink)
 
     query = command(
         "query",
@@ -393,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve_clickhouse.set_defaults(command=_serve_clickhouse, serves_webhooks=False)
     _add_data_dir(serve_clickhouse)
+    _add_status_fd(serve_clickhouse)
     return parser
 
 
@@ -462,6 +484,30 @@ def _add_drain(parser: argparse.ArgumentParser) -> None:
         help="on stop, keep consuming until the topic is empty before exiting (what `sgpipe up` "
         "asks with an in-memory broker, which keeps nothing once stopped)",
     )
+
+
+def _add_status_fd(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--status-fd",
+        type=int,
+        default=None,
+        metavar="FD",
+        help="what `sgpipe up` passes its children: report the ports bound and readiness as JSON "
+        "lines on this inherited file descriptor (see docs/up.md); not needed otherwise",
+    )
+
+
+def _open_status(args: argparse.Namespace) -> None:
+    from sgpipe.runtime.status import open_status_channel
+
+    open_status_channel(args.status_fd)
+
+
+async def _report_consuming(ready: asyncio.Event) -> None:
+    from sgpipe.runtime import status
+
+    await ready.wait()
+    status.report("consuming")
 
 
 def _add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -649,10 +695,13 @@ def _ingest(args: argparse.Namespace, settings: Settings) -> int:
     if problems:
         raise PreflightFailed(problems)
     require_raw_auth(settings.raw_auth, stage=STAGE_INGEST)
+    _open_status(args)
     return _run_until_signal(lambda stop: run_ingress(settings, stop), stage=STAGE_INGEST)
 
 
 def _process(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from processors.stage import run_processor
     from sgpipe.runtime.metrics import STAGE_PROCESS
     from sgpipe.runtime.raw_auth import require_raw_auth
@@ -660,13 +709,22 @@ def _process(args: argparse.Namespace, settings: Settings) -> int:
     _require_kafka(settings)
     require_raw_auth(settings.raw_auth, stage=STAGE_PROCESS)
 
+    _open_status(args)
+
     async def body(stop: asyncio.Event) -> None:
-        await run_processor(settings, stop, drain=args.drain)
+        ready = asyncio.Event()
+        reporter = asyncio.create_task(_report_consuming(ready))
+        try:
+            await run_processor(settings, stop, drain=args.drain, ready=ready)
+        finally:
+            reporter.cancel()
 
     return _run_until_signal(body, stage=STAGE_PROCESS)
 
 
 def _sink(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
     from sgpipe.runtime.metrics import STAGE_SINK
     from sgpipe.runtime.settings import ConfigError
     from sinks.stage import run_sink
@@ -678,8 +736,15 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
             "only `sgpipe up` embeds ClickHouse"
         )
 
+    _open_status(args)
+
     async def body(stop: asyncio.Event) -> None:
-        await run_sink(settings, stop, drain=args.drain)
+        ready = asyncio.Event()
+        reporter = asyncio.create_task(_report_consuming(ready))
+        try:
+            await run_sink(settings, stop, drain=args.drain, ready=ready)
+        finally:
+            reporter.cancel()
 
     return _run_until_signal(body, stage=STAGE_SINK)
 
@@ -687,6 +752,7 @@ def _sink(args: argparse.Namespace, settings: Settings) -> int:
 def _serve_clickhouse(args: argparse.Namespace, settings: Settings) -> int:
     from sgpipe.up.store import serve_embedded_clickhouse
 
+    _open_status(args)
     return _run_until_signal(lambda stop: serve_embedded_clickhouse(settings, args.data_dir, stop))
 
 

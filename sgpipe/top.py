@@ -131,6 +131,9 @@ class StageRow:
     retries: float
     errors: Mapping[str, float]
     last_commit_age_seconds: float | None
+    # How many processes run the stage under `sgpipe up` (--processors, --sinks), from the
+    # supervisor's per-child series; None elsewhere (and for a stage inside another's process).
+    processes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,10 @@ def frame(history: Sequence[Reading]) -> Frame:
         # A counter that went down belongs to a restarted process: count from zero.
         return (delta if delta >= 0 else current.total(name, **labels)) / elapsed
 
+    children = [
+        dict(labels).get("child", "")
+        for labels, _ in current.values("sgpipe_up_child_restarts_total", stage="up")
+    ]
     rows = []
     for stage in current.stages():
         in_name, in_labels = _IN.get(stage, (_CONSUMED, {}))
@@ -185,6 +192,8 @@ def frame(history: Sequence[Reading]) -> Frame:
                 retries=current.total("sgpipe_retries_total", stage=stage),
                 errors=errors,
                 last_commit_age_seconds=current.at - commit_at if commit_at > 0 else None,
+                processes=sum(1 for c in children if c == stage or c.startswith(f"{stage}-"))
+                or None,
             )
         )
 
@@ -333,7 +342,7 @@ def render(snapshot: Frame, source: str) -> object:
     for row in snapshot.rows:
         errors = ", ".join(f"{name} {_number(count)}" for name, count in sorted(row.errors.items()))
         table.add_row(
-            row.stage,
+            row.stage + (f" x{row.processes}" if row.processes and row.processes > 1 else ""),
             state[row.ready],
             _number(row.in_per_second),
             _number(row.out_per_second),
@@ -369,6 +378,7 @@ def frame_as_json(snapshot: Frame) -> dict[str, object]:
                 "retries": row.retries,
                 "errors": dict(row.errors),
                 "last_commit_age_seconds": row.last_commit_age_seconds,
+                "processes": row.processes,
             }
             for row in snapshot.rows
         ],

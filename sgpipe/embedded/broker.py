@@ -35,6 +35,7 @@ import structlog
 from sgpipe.embedded.child import (
     ChildProcess,
     PortInUse,
+    RestartBackoff,
     ServedChild,
     accepts_connections,
     free_port,
@@ -52,11 +53,6 @@ __all__ = ["BrokerError", "EmbeddedBroker", "EmbeddedKafka", "PortInUse", "free_
 log = structlog.get_logger(__name__)
 
 CLUSTER_ID = "sgpipe"
-# Restart backoff of a supervised process: doubles from the first to the last value and
-# starts over once the process stayed up for STABLE_SECONDS.
-RESTART_BACKOFF_INITIAL_SECONDS = 0.5
-RESTART_BACKOFF_MAX_SECONDS = 30.0
-STABLE_SECONDS = 60.0
 SUPERVISE_INTERVAL_SECONDS = 0.2
 
 
@@ -297,7 +293,7 @@ class EmbeddedKafka:
         }
 
     async def _supervise(self) -> None:
-        backoff = dict.fromkeys(("storage", "broker"), RESTART_BACKOFF_INITIAL_SECONDS)
+        backoff = {"storage": RestartBackoff(), "broker": RestartBackoff()}
         up_since = {"storage": time.monotonic(), "broker": time.monotonic()}
         while True:
             await asyncio.sleep(SUPERVISE_INTERVAL_SECONDS)
@@ -308,11 +304,9 @@ class EmbeddedKafka:
                 if process is None:
                     continue
                 if process.alive():
-                    if time.monotonic() - up_since[name] > STABLE_SECONDS:
-                        backoff[name] = RESTART_BACKOFF_INITIAL_SECONDS
                     continue
-                await self._restart(name, process, backoff[name])
-                backoff[name] = min(backoff[name] * 2, RESTART_BACKOFF_MAX_SECONDS)
+                delay = backoff[name].next_delay(time.monotonic() - up_since[name])
+                await self._restart(name, process, delay)
                 up_since[name] = time.monotonic()
 
     async def _restart(

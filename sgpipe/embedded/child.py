@@ -27,6 +27,29 @@ from sgpipe.runtime.settings import ENV_PATH_SEPARATOR, ENV_PREFIX, ConfigError
 
 log = structlog.get_logger(__name__)
 
+
+class RestartBackoff:
+    """How long to wait before restarting a supervised process that died: 0.5 s, doubling up
+    to 30 s, and 0.5 s again once it had stayed up for a minute. One policy for every process
+    `sgpipe up` restarts: its children (``supervisor._watch``) and the embedded broker's
+    (``EmbeddedKafka._supervise``)."""
+
+    INITIAL_SECONDS = 0.5
+    MAX_SECONDS = 30.0
+    STABLE_SECONDS = 60.0
+
+    def __init__(self) -> None:
+        self._next = self.INITIAL_SECONDS
+
+    def next_delay(self, up_seconds: float) -> float:
+        """The delay before this restart, for a process that was up for ``up_seconds``."""
+        if up_seconds > self.STABLE_SECONDS:
+            self._next = self.INITIAL_SECONDS
+        delay = self._next
+        self._next = min(self._next * 2, self.MAX_SECONDS)
+        return delay
+
+
 # A log file of a child is rotated once (to ``.1``) at start when it grew past this.
 LOG_ROTATE_BYTES = 16 * 1_048_576
 

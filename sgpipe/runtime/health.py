@@ -30,8 +30,9 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 
-from sgpipe.runtime import metrics
+from sgpipe.runtime import metrics, status
 
 # A readiness check: (holds, a short reason people can act on).
 Check = Callable[[], tuple[bool, str]]
@@ -180,6 +181,8 @@ async def serve_health(
     except BaseException:
         await runner.cleanup()
         raise
+    # A child of `sgpipe up` says where (its supervisor fronts it there); else nothing.
+    status.report_listening("health", runner.addresses[0][1])
     return runner
 
 
@@ -200,7 +203,10 @@ async def _readyz(request: web.Request) -> web.Response:
             peers, await _gather_peers(peers, "/readyz", source.timeout_seconds)
         )
         for peer, result in zip(peers, answers, strict=True):
-            checks.update(_peer_checks(peer, result))
+            for name, check in _peer_checks(peer, result).items():
+                # Replicas of a stage answer under the same names: one that fails shows.
+                if name not in checks or (checks[name].get("ok") and not check.get("ok")):
+                    checks[name] = check
     ready = bool(checks) and all(check["ok"] for check in checks.values())
     return web.json_response(
         {"status": "ready" if ready else "not_ready", "checks": checks},
@@ -264,23 +270,25 @@ def merge_exposition(texts: Sequence[str]) -> bytes:
 
     Plain concatenation is invalid (a family's HELP/TYPE may appear once), so families are
     merged by name; the ``stage`` label keeps each process's series apart. A series present
-    twice (two processes sharing a stage label) is kept once, from the first text.
+    twice comes from replicas of one stage (`sgpipe up --processors 2`): a counter's,
+    histogram's or summary's values add up (what the stage did in all), a gauge's is kept
+    once, from the first text (adding up a state, such as a creation time, means nothing).
     """
     families: dict[str, Metric] = {}
-    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    kept: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], Sample]] = {}
     for text in texts:
         for family in text_string_to_metric_families(text):
             merged = families.setdefault(family.name, family)
-            fresh = []
+            series = kept.setdefault(family.name, {})
+            adds_up = merged.type in ("counter", "histogram", "summary")
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
-                if key not in seen:
-                    seen.add(key)
-                    fresh.append(sample)
-            if merged is family:
-                family.samples[:] = fresh
-            else:
-                merged.samples.extend(fresh)
+                if key not in series:
+                    series[key] = sample
+                elif adds_up and not sample.name.endswith("_created"):
+                    series[key] = series[key]._replace(value=series[key].value + sample.value)
+    for name, family in families.items():
+        family.samples[:] = list(kept[name].values())
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families.values()))
     return generate_latest(registry)

@@ -329,7 +329,8 @@ OLDEST_UNWRITTEN_SECONDS: Final = Gauge(
 
 UP_CHILD_RESTARTS: Final = Counter(
     "sgpipe_up_child_restarts_total",
-    "Processes `sgpipe up` runs as its children (child: ingest, process, sink, clickhouse) that "
+    "Processes `sgpipe up` runs as its children (child: ingest, process, process-2, ..., sink, "
+    "sink-2, ..., clickhouse) that "
     "died without being asked to and were restarted. Any increase deserves a look at "
     "<data-dir>/logs/<child>.log.",
     ["stage", "child"],

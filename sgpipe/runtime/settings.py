@@ -489,6 +489,17 @@ class EmbeddedSettings(_Section):
     clickhouse_max_query_bytes: Annotated[int, Field(ge=1024)] = 1024 * 1024
 
 
+class UpSettings(_Section):
+    """`sgpipe up`'s own: how many processor and sink processes it runs (docs/up.md).
+
+    Unset: one of each per two usable CPU cores (a processor and a sink share the machine with
+    ClickHouse and the broker). Never more than the partitions of the stage's input topic: an
+    extra consumer would own nothing; `sgpipe up` then runs fewer and says so."""
+
+    processors: Annotated[int, Field(ge=1)] | None = None
+    sinks: Annotated[int, Field(ge=1)] | None = None
+
+
 class SendGridSettings(_Section):
     """SendGrid's Webhooks API, for `sgpipe webhooks ...` (docs/webhooks-api.md). The key may
     also come from ``SENDGRID_API_KEY``; it is a secret: never printed or logged."""
@@ -526,6 +537,7 @@ class Settings(BaseSettings):
     processor: ProcessorSettings = ProcessorSettings()
     sink: SinkSettings = SinkSettings()
     embedded: EmbeddedSettings = EmbeddedSettings()
+    up: UpSettings = UpSettings()
     logging: LoggingSettings = LoggingSettings()
     schema_registry: SchemaRegistrySettings = SchemaRegistrySettings()
     pii: PiiSettings = PiiSettings()

@@ -7,27 +7,48 @@ default: if the supervisor is killed, its children die with it at once, as one p
 have, and no orphan keeps a port or joins the next run's consumer groups).
 
 Its stdout and stderr are one pipe, read on the supervisor's event loop as the lines come
-(``LogStream`` passes them on); the supervisor learns from them what a child does: the port it
-bound (``wait_for("serving health endpoints")``), that it is consuming, its ``stop report``, and
-the last error it logged before it exited.
+(``LogStream`` passes them on): for people, plus the last error it logged before it exited and
+its ``stop report``. What the supervisor acts on -- the ports it bound and that it is ready --
+comes on a second pipe, the child's ``--status-fd`` (``sgpipe.runtime.status``): a structured
+message, never a log line's wording. A child is ready when a message meets its
+``ReadyCondition``; every incarnation starts unready with a fresh pipe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
 from sgpipe.embedded.child import ChildProcess
+from sgpipe.runtime.status import Service, StatusKind, StatusMessage, parse_status
 from sgpipe.up.logstream import MAX_LINE_BYTES, LogStream
 
 log = structlog.get_logger(__name__)
 
 Entry = dict[str, Any]
+
+# The stage children serve their health endpoints on loopback only (configs.CHILD_HEALTH_HOST).
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyCondition:
+    """The status message that makes a child ready: ``kind`` (and ``service``, if set)."""
+
+    kind: StatusKind
+    service: Service | None = None
+
+    def met_by(self, message: StatusMessage) -> bool:
+        return message.kind == self.kind and (
+            self.service is None or message.service == self.service
+        )
 
 
 class ChildExited(Exception):
@@ -84,12 +105,12 @@ class SupervisedChild:
         *,
         env: Mapping[str, str],
         stream: LogStream,
-        ready_event: str,
+        ready: ReadyCondition,
         pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
         self.stage = stage
-        self.ready_event = ready_event
+        self.ready = ready
         self._argv = argv
         self._env = dict(env)
         self._stream = stream
@@ -105,12 +126,13 @@ class SupervisedChild:
         self.exit_code: int | None = None
         self.last_error: str | None = None
         self.stop_report: Entry | None = None
-        # What the supervisor learned from its lines: a port it listens on, a URL.
+        # What it reported on its status pipe: the port it listens on, a URL. Kept across
+        # restarts until the new incarnation reports (a restarted ClickHouse keeps its URL).
         self.port: int | None = None
         self.url: str | None = None
         # Called with every line it writes, parsed (before waiters are woken).
         self.on_entry: Callable[[Entry], None] | None = None
-        # Its ``ready_event`` line came: in this incarnation; in any incarnation.
+        # A status message met ``ready``: in this incarnation; in any incarnation.
         self.ready_now = False
         self.ever_ready = asyncio.Event()
 
@@ -132,17 +154,28 @@ class SupervisedChild:
         self.url = None
         self.ready_now = False
         self.stop_requested = False
-        self._process = ChildProcess(
-            self.name,
-            list(self._argv()),
-            env=self._env,
-            log_file=None,
-            death_signal=signal.SIGKILL,
-            pass_fds=self._pass_fds,
-        )
-        self._process.spawn()
+        status_read, status_write = os.pipe()
+        try:
+            self._process = ChildProcess(
+                self.name,
+                [*self._argv(), "--status-fd", str(status_write)],
+                env=self._env,
+                log_file=None,
+                death_signal=signal.SIGKILL,
+                pass_fds=(*self._pass_fds, status_write),
+            )
+            self._process.spawn()
+        except BaseException:
+            os.close(status_read)
+            raise
+        finally:
+            # Only the child holds the write end: the pipe ends when the child does.
+            os.close(status_write)
         self.started_at = time.monotonic()
         loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(
+            lambda: _Lines(self._on_status, lambda: None), os.fdopen(status_read, "rb")
+        )
         await loop.connect_read_pipe(
             lambda: _Lines(self._on_line, self._on_closed), self._process.output
         )
@@ -205,9 +238,6 @@ class SupervisedChild:
             self.stop_report = entry
         if self.on_entry is not None:
             self.on_entry(entry)
-        if entry.get("event") == self.ready_event:
-            self.ready_now = True
-            self.ever_ready.set()
         if self._waiters:
             waiting = []
             for matches, future in self._waiters:
@@ -218,6 +248,17 @@ class SupervisedChild:
                 else:
                     waiting.append((matches, future))
             self._waiters = waiting
+
+    def _on_status(self, raw: bytes) -> None:
+        message = parse_status(raw)
+        if message is None:
+            return
+        if message.kind == "listening" and message.port is not None:
+            self.port = message.port
+            self.url = message.url or f"http://{LOOPBACK}:{message.port}"
+        if self.ready.met_by(message):
+            self.ready_now = True
+            self.ever_ready.set()
 
     def _on_closed(self) -> None:
         # The pipe closes when the child exits (nothing else holds its write end).

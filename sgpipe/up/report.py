@@ -8,7 +8,7 @@ the topics past the committed offsets (``backlog.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -63,6 +63,16 @@ class Drained:
             processor_events=number("process", "written:events"),
             sink_events=number("sink", "committed"),
         )
+
+    @classmethod
+    def total(cls, parts: Iterable[Drained]) -> Drained:
+        """What several children did together (the replicas of a stage each report theirs)."""
+        result = cls()
+        for part in parts:
+            result = cls(
+                *(getattr(result, name) + getattr(part, name) for name in cls.__dataclass_fields__)
+            )
+        return result
 
 
 def _number(value: Any) -> float:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import errno
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
+from sgpipe.runtime import status
 from sgpipe.runtime.settings import ConfigError, Settings
 from sgpipe.up.layout import CLICKHOUSE_DIR
 
@@ -62,6 +64,7 @@ async def serve_embedded_clickhouse(
             users=[user.name for user in credentials.users],
             credentials=str(credentials_file(data_dir)),
         )
+        status.report_listening("clickhouse", urlsplit(url).port or 0, url=url)
         await stop.wait()
     finally:
         await store.stop()

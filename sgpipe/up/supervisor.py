@@ -4,22 +4,34 @@
     ├── weed mini                   embedded broker storage (durable only)   } EmbeddedKafka,
     ├── tansu broker                embedded Kafka-protocol broker           } supervised there
     ├── sgpipe serve-clickhouse     embedded ClickHouse (chdb) over HTTP
-    ├── sgpipe sink                 \
-    ├── sgpipe process               } the same commands Kubernetes runs, each its own process
+    ├── sgpipe sink      × M        \
+    ├── sgpipe process   × N         } the same commands Kubernetes runs, each its own process
     └── sgpipe ingest               /  and event loop: processing never delays an acknowledgement
+
+The children are declared in one table (``children_table``): per role its command, how many
+(``up.processors``/``up.sinks``, ``--processors``/``--sinks``; by default one per two usable
+cores, never more than the partitions of the role's input topic), the status message that
+makes it ready, which roles must be ready before it starts, and its rank in the stop order.
+Start, supervision, readiness, the state file and the stop are driven by that table; a child
+reports its ports and readiness on its status pipe (``sgpipe.runtime.status``), never through
+its log's wording. Extra replicas are named ``process-2``, ``sink-3``, ...; each has its own
+health port, restarts and metrics label. The embedded broker and its storage are supervised by
+``EmbeddedKafka`` (its processes are not sgpipe commands and report nothing; it checks that
+they accept connections), started before the stages and stopped after them.
 
 Start: preflight (ports, the data-dir lock, held for life), the supervisor's own health
 endpoint, the broker and ClickHouse concurrently, the topics, then the stages. With a durable
 broker (or a configured Kafka) the ingress starts as soon as the topics exist: its 2xx means
 the batch is durable in Kafka, whatever the other stages do. With ``broker_storage: memory`` it
-starts only once the processor and the sink consume, as an acknowledged batch lives only in
+starts only once every processor and sink consumes, as an acknowledged batch lives only in
 the broker's memory until they have written it.
 
-Supervision: a child that dies is restarted with backoff (0.5 s doubling to 30 s) and a log
-line; one that exits 2 (configuration) or 3 (a fatal stage error) stops the whole `sgpipe up`
-with its message and exit code -- a restart would only repeat the error.
+Supervision: a child that dies is restarted with backoff (``RestartBackoff``, the embedded
+broker's policy too: 0.5 s doubling to 30 s) and a log line; one that exits 2 (configuration)
+or 3 (a fatal stage error) stops the whole `sgpipe up` with its message and exit code -- a
+restart would only repeat the error.
 
-Stop (SIGTERM, Ctrl-C): the ingress first, then the processor and the sink (one after the
+Stop (SIGTERM, Ctrl-C): the ingress first, then the processors and the sinks (one after the
 other, each draining its topic, with the in-memory broker; together otherwise), then ClickHouse
 and the broker; every child has a deadline, then SIGKILL. The last line says what the stop
 wrote and what is left unwritten where. A second signal stops at once: the stages get their
@@ -36,11 +48,10 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import aiohttp
 import structlog
@@ -48,6 +59,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.app import build_verifiers
+from sgpipe.embedded.child import RestartBackoff
 from sgpipe.preflight import (
     DataDirLock,
     PreflightFailed,
@@ -60,7 +72,7 @@ from sgpipe.preflight import (
 from sgpipe.runtime import metrics
 from sgpipe.runtime.clickhouse import with_credentials
 from sgpipe.runtime.health import Readiness, serve_health
-from sgpipe.runtime.kafka import ensure_topics
+from sgpipe.runtime.kafka import create_reader, ensure_topics
 from sgpipe.runtime.logs import mirror_events, renders_json
 from sgpipe.runtime.redact import redact_text, redact_url
 from sgpipe.runtime.runner import CLOSE_TIMEOUT_SECONDS, bound_port
@@ -68,7 +80,7 @@ from sgpipe.runtime.settings import ConfigError, Settings
 from sgpipe.runtime.startup import retry_kafka_at_start, start_deadline
 from sgpipe.up import configs, demo
 from sgpipe.up.backlog import Backlog, BacklogUnknown, count_backlog
-from sgpipe.up.children import SupervisedChild
+from sgpipe.up.children import ReadyCondition, SupervisedChild
 from sgpipe.up.layout import (
     CLICKHOUSE_DIR,
     LOG_DIR,
@@ -102,9 +114,6 @@ EXIT_CONFIG = 2
 EXIT_FATAL = 3
 EXIT_STOPPED_AT_ONCE = 1
 
-RESTART_BACKOFF_INITIAL_SECONDS = 0.5
-RESTART_BACKOFF_MAX_SECONDS = 30.0
-STABLE_SECONDS = 60.0
 # A second signal: how long the stages get to act on their own "stop at once" before SIGKILL.
 AT_ONCE_GRACE_SECONDS = 2.0
 # ClickHouse closes its engine on SIGTERM; more than this is a hang.
@@ -125,6 +134,143 @@ _STOP_MARGIN_SECONDS = 5.0
 _STALE_LOCK_WAIT_SECONDS = 10.0
 
 STAGES = ("ingest", "process", "sink")
+
+Role = Literal["clickhouse", "process", "sink", "ingest"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSpec:
+    """One row of the children table: a role and how `sgpipe up` runs it.
+
+    ``command`` is the sgpipe subcommand; ``count`` how many processes run it (the first named
+    after the role, the others ``<role>-2``, ...); ``ready`` the status message that makes one
+    ready; ``start_after`` the roles every child of which must be ready before this one
+    starts; ``stop_rank`` its place in the stop order (lower first, equal ranks together);
+    ``stop_grace`` seconds between its stop signal and SIGKILL.
+    """
+
+    role: Role
+    command: str
+    count: int
+    ready: ReadyCondition
+    start_after: tuple[Role, ...]
+    stop_rank: int
+    stop_grace: float
+    # Arguments after the command's --config.
+    extra_args: tuple[str, ...] = ()
+    # The other replicas start once the first is ready (the first sink migrates the database;
+    # migrations are applied by one process at a time).
+    first_alone: bool = False
+
+    @property
+    def names(self) -> list[str]:
+        return [
+            self.role if number == 1 else f"{self.role}-{number}"
+            for number in range(1, self.count + 1)
+        ]
+
+    @property
+    def is_stage(self) -> bool:
+        return self.role in STAGES
+
+
+def children_table(
+    settings: Settings, *, processors: int, sinks: int, drain: bool, data_dir: Path
+) -> tuple[ChildSpec, ...]:
+    """Every child `sgpipe up` runs, in start order (see ChildSpec).
+
+    Stop order: the ingress first (nothing new comes in), then the processors and the sinks --
+    with ``drain`` (the in-memory broker, which keeps nothing once stopped) the sinks only
+    after every processor has drained, so they still read what the processors wrote while
+    stopping; otherwise together -- then the embedded ClickHouse (then, outside the table, the
+    broker). Start: a sink only once ClickHouse serves (it needs its URL); with ``drain`` the
+    ingress only once every processor and sink consumes (an acknowledged batch lives only in
+    the broker's memory until they have written it); otherwise at once (its 2xx means "in
+    Kafka", whatever the others do).
+    """
+    embedded_store = settings.clickhouse.url is None
+    drains = ("--drain",) if drain else ()
+    table: list[ChildSpec] = []
+    if embedded_store:
+        table.append(
+            ChildSpec(
+                "clickhouse",
+                "serve-clickhouse",
+                1,
+                ReadyCondition("listening", "clickhouse"),
+                start_after=(),
+                stop_rank=3,
+                stop_grace=STORE_STOP_SECONDS,
+                extra_args=("--data-dir", str(data_dir.resolve())),
+            )
+        )
+    table += [
+        ChildSpec(
+            "process",
+            "process",
+            processors,
+            ReadyCondition("consuming"),
+            start_after=(),
+            stop_rank=1,
+            stop_grace=_stage_grace(settings.processor.stop_timeout_seconds),
+            extra_args=drains,
+        ),
+        ChildSpec(
+            "sink",
+            "sink",
+            sinks,
+            ReadyCondition("consuming"),
+            start_after=("clickhouse",) if embedded_store else (),
+            stop_rank=2 if drain else 1,
+            stop_grace=_stage_grace(settings.sink.stop_timeout_seconds),
+            extra_args=drains,
+            first_alone=True,
+        ),
+        ChildSpec(
+            "ingest",
+            "ingest",
+            1,
+            ReadyCondition("listening", "ingress"),
+            start_after=("process", "sink") if drain else (),
+            stop_rank=0,
+            # Requests in flight finish their publish, then the producer closes.
+            stop_grace=settings.ingest.publish_timeout_seconds
+            + CLOSE_TIMEOUT_SECONDS
+            + _STOP_MARGIN_SECONDS,
+        ),
+    ]
+    return tuple(table)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def replica_count(setting: int | None, cores: int) -> int:
+    """How many processes of a consuming stage to run before the partitions are known: the
+    setting, else one per two cores (a processor and a sink share the machine with ClickHouse
+    and the broker), at least one."""
+    return setting if setting is not None else max(1, cores // 2)
+
+
+def clamp_to_partitions(role: str, count: int, topic: str, partitions: int | None) -> int:
+    """``count``, but never more than ``partitions`` of ``topic`` (None: unknown, kept): a
+    consumer beyond the partition count would own nothing. Logs a warning when it cuts."""
+    if partitions is None or count <= partitions:
+        return count
+    log.warning(
+        "fewer processes than asked: a stage never runs more consumers than its input "
+        "topic has partitions",
+        role=role,
+        asked=count,
+        running=partitions,
+        topic=topic,
+        partitions=partitions,
+    )
+    return partitions
 
 
 @dataclass(frozen=True)
@@ -269,6 +415,23 @@ class _Supervisor:
             sys.stderr,
             json_output=renders_json(settings.logging.format),
         )
+        cores = usable_cores()
+        # Counts as asked (or from the cores); cut to the partitions once the topics exist.
+        self.table = children_table(
+            settings,
+            processors=replica_count(settings.up.processors, cores),
+            sinks=replica_count(settings.up.sinks, cores),
+            drain=self.drain,
+            data_dir=self.data_dir,
+        )
+        # What each role's child runs with (its config file), from the shared stage settings.
+        self.child_settings: dict[Role, Callable[[Settings], Settings]] = {
+            "clickhouse": self._clickhouse_settings,
+            "process": lambda base: configs.stage_settings(base, "process"),
+            "sink": lambda base: configs.stage_settings(self._sink_settings(base), "sink"),
+            "ingest": self._ingest_settings,
+        }
+        self.spec_of: dict[str, ChildSpec] = {}
         self.children: dict[str, SupervisedChild] = {}
         self.broker: EmbeddedKafka | None = None
         # The settings the stages share once the broker is known.
@@ -339,9 +502,10 @@ class _Supervisor:
     async def _start(self) -> None:
         private_directory(self.run_dir)
         await self._serve_health()
-        clickhouse: SupervisedChild | None = None
-        if self.settings.clickhouse.url is None:
-            clickhouse = await self._start_child("clickhouse", "embedded clickhouse serving")
+        # ClickHouse needs no broker: it starts while the broker does.
+        store_specs = [spec for spec in self.table if not spec.is_stage]
+        self._create_children(store_specs)
+        starting = [self._start_task(spec) for spec in store_specs]
         kafka = self.settings.kafka
         if self.embedded_broker:
             servers = await self._until_halted(self._start_broker())
@@ -360,35 +524,16 @@ class _Supervisor:
             )
             if created:
                 log.info("created topics", topics=created)
-        self._write_state()
-        processor = await self._start_child("process", "consuming")
-        ingress: SupervisedChild | None = None
-        if not self.drain:
-            # A durable broker: the ingress's 2xx means "in Kafka", whatever the others do.
-            ingress = await self._start_child("ingest", "ingress listening")
-        if clickhouse is not None:
-            await self._until_halted(clickhouse.ever_ready.wait())
-            self.clickhouse_url = clickhouse.url
-            self.clickhouse_port = clickhouse.port
-            # Its port is free-chosen unless embedded.clickhouse_http_port pins it: say it.
-            from sgpipe.embedded.credentials import credentials_file
-
-            log.info(
-                "BI tools connect to",
-                url=clickhouse.url,
-                user=self.credentials.reader.name if self.credentials else None,
-                database=self.settings.clickhouse.database,
-                password_in=str(credentials_file(self.data_dir)),
-            )
-        else:
+        await self._until_halted(self._clamp_counts())
+        if self.settings.clickhouse.url is not None:
             log.info("sink writes to clickhouse", url=redact_url(str(self.clickhouse_url)))
-        sink = await self._start_child("sink", "consuming")
-        if ingress is None:
-            # In-memory broker: take batches only once the stages that carry them on run.
-            await self._until_halted(
-                asyncio.gather(processor.ever_ready.wait(), sink.ever_ready.wait())
-            )
-            ingress = await self._start_child("ingest", "ingress listening")
+        self._write_state()
+        stage_specs = [spec for spec in self.table if spec.is_stage]
+        # All of them first: a role waiting for another's readiness waits for every replica.
+        self._create_children(stage_specs)
+        starting += [self._start_task(spec) for spec in stage_specs]
+        await self._until_halted(asyncio.gather(*starting))
+        ingress = self.children["ingest"]
         await self._until_halted(ingress.ever_ready.wait())
         self.ingress_port = ingress.port
         self._write_state()
@@ -398,12 +543,92 @@ class _Supervisor:
         if self.options.demo:
             self._start_demo()
 
+    def _start_task(self, spec: ChildSpec) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._start_role(spec), name=f"start-{spec.role}")
+        self.tasks.append(task)  # cancelled if `sgpipe up` stops while it waits
+        return task
+
+    async def _start_role(self, spec: ChildSpec) -> None:
+        """Start ``spec``'s children once every child of its ``start_after`` roles is ready
+        (with ``first_alone``, the others once the first is)."""
+        for role in spec.start_after:
+            for ready in self._children_of(role):
+                await ready.ever_ready.wait()
+                if role == "clickhouse":
+                    self._store_ready(ready)
+        children = [self.children[name] for name in spec.names]
+        if spec.first_alone and len(children) > 1:
+            await self._launch(children[0])
+            await children[0].ever_ready.wait()
+            children = children[1:]
+        await asyncio.gather(*(self._launch(child) for child in children))
+
+    def _children_of(self, role: str) -> list[SupervisedChild]:
+        return [
+            child
+            for spec in self.table
+            if spec.role == role
+            for name in spec.names
+            if (child := self.children.get(name)) is not None
+        ]
+
+    def _store_ready(self, clickhouse: SupervisedChild) -> None:
+        if self.clickhouse_port is not None:
+            return  # said once
+        self.clickhouse_url = clickhouse.url
+        self.clickhouse_port = clickhouse.port
+        # Its port is free-chosen unless embedded.clickhouse_http_port pins it: say it.
+        from sgpipe.embedded.credentials import credentials_file
+
+        log.info(
+            "BI tools connect to",
+            url=clickhouse.url,
+            user=self.credentials.reader.name if self.credentials else None,
+            database=self.settings.clickhouse.database,
+            password_in=str(credentials_file(self.data_dir)),
+        )
+
+    async def _clamp_counts(self) -> None:
+        """Cut the processors and sinks to their input topics' partition counts."""
+        assert self.stage_base is not None
+        topics = self.stage_base.kafka.topics
+        inputs = {"process": topics.raw, "sink": topics.events}
+        partitions = await self._partitions(list(inputs.values()))
+        self.table = tuple(
+            replace(
+                spec,
+                count=clamp_to_partitions(
+                    spec.role, spec.count, inputs[spec.role], partitions.get(inputs[spec.role])
+                ),
+            )
+            if spec.role in inputs
+            else spec
+            for spec in self.table
+        )
+
+    async def _partitions(self, topics: list[str]) -> dict[str, int]:
+        """How many partitions each of ``topics`` has ({} for one the broker does not know:
+        its count is then not cut)."""
+        assert self.stage_base is not None
+        reader = create_reader(self.stage_base.kafka)
+        try:
+            await reader.start()
+            await reader.topics()  # metadata
+            return {
+                topic: len(found)
+                for topic in topics
+                if (found := reader.partitions_for_topic(topic))
+            }
+        except Exception as exc:  # noqa: BLE001 - unknown counts are kept, not fatal
+            log.warning("cannot read the topics' partition counts", error=str(exc))
+            return {}
+        finally:
+            await reader.stop()
+
     async def _serve_health(self) -> None:
         self.readiness.add_check("children", self._children_check)
         if self.embedded_broker:
             self.readiness.add_check("broker", self._broker_check)
-        for child in ("ingest", "process", "sink", "clickhouse"):
-            metrics.UP_CHILD_RESTARTS.labels(metrics.STAGE_UP, child).inc(0)
         self.health = await serve_health(
             self.readiness,
             configs.CHILD_HEALTH_HOST,
@@ -426,76 +651,67 @@ class _Supervisor:
         self._write_state()
         return servers
 
-    async def _start_child(self, name: str, ready_event: str) -> SupervisedChild:
-        """Start the child ``name`` under supervision; it is ready once it logs
-        ``ready_event``."""
-        stage = metrics.STAGE_UP if name == "clickhouse" else name
-        pass_fds = (self.lock.fileno(),) if name == "clickhouse" else ()
+    def _create_children(self, specs: list[ChildSpec]) -> None:
+        """Every child of ``specs``, known (to readiness, to the roles waiting on them) before
+        any of them starts."""
+        for spec in specs:
+            for name in spec.names:
+                self._create_child(spec, name)
+
+    def _create_child(self, spec: ChildSpec, name: str) -> SupervisedChild:
+        stage = spec.role if spec.is_stage else metrics.STAGE_UP
+        # The embedded ClickHouse checks that its data dir is `sgpipe up`'s (the lock's fd).
+        pass_fds = (self.lock.fileno(),) if spec.role == "clickhouse" else ()
         child = SupervisedChild(
             name,
             stage,
-            lambda: self._argv(name),
+            lambda: self._argv(spec, name),
             env=configs.child_environment(self.options.environ),
             stream=self.stream,
-            ready_event=ready_event,
+            ready=spec.ready,
             pass_fds=pass_fds,
         )
         self.children[name] = child
-        child.on_entry = lambda entry: self._learn(child, entry)
-        await child.start()
-        self.tasks.append(asyncio.create_task(self._watch(child), name=f"watch-{name}"))
-        self._write_state()
+        self.spec_of[name] = spec
+        metrics.UP_CHILD_RESTARTS.labels(metrics.STAGE_UP, name).inc(0)
         return child
 
-    @staticmethod
-    def _learn(child: SupervisedChild, entry: Mapping[str, Any]) -> None:
-        """Keep what each incarnation of ``child`` says about itself: its port and URL."""
-        event = entry.get("event")
-        port = entry.get("port")
-        if event == "serving health endpoints" and isinstance(port, int):
-            child.port = port
-            child.url = f"http://{configs.CHILD_HEALTH_HOST}:{port}"
-        elif event == "ingress listening" and isinstance(port, int):
-            child.port = port
-            child.url = f"http://127.0.0.1:{port}"
-        elif event == "embedded clickhouse serving" and isinstance(entry.get("url"), str):
-            child.url = str(entry["url"])
-            child.port = urlsplit(child.url).port
+    async def _launch(self, child: SupervisedChild) -> None:
+        """Start ``child`` and supervise it (not once a stop began: its rank may be past)."""
+        if self.halt.is_set():
+            return
+        await child.start()
+        self.tasks.append(asyncio.create_task(self._watch(child), name=f"watch-{child.name}"))
+        self._write_state()
 
-    def _argv(self, name: str) -> list[str]:
+    def _argv(self, spec: ChildSpec, name: str) -> list[str]:
         """The child's command line, its config file (re)written for this start."""
-        assert self.stage_base is not None or name == "clickhouse"
-        base = self.stage_base or self.settings
-        if name == "clickhouse":
-            embedded = base.embedded
-            if self.clickhouse_port is not None:  # a restart: keep the URL the sink knows
-                embedded = embedded.model_copy(
-                    update={"clickhouse_http_port": self.clickhouse_port}
-                )
-            child_settings = configs.stage_settings(
-                base.model_copy(update={"embedded": embedded}), name
-            )
-            extra = ["--data-dir", str(self.data_dir.resolve())]
-            command = "serve-clickhouse"
-        elif name == "sink":
-            child_settings = configs.stage_settings(self._sink_settings(base), name)
-            extra = ["--drain"] if self.drain else []
-            command = "sink"
-        elif name == "process":
-            child_settings = configs.stage_settings(base, name)
-            extra = ["--drain"] if self.drain else []
-            command = "process"
-        else:
-            assert self.health_url is not None
-            child_settings = configs.stage_settings(
-                base, name, health_peers=(self.health_url,), ingest_port=self.ingress_port
-            )
-            extra = []
-            command = "ingest"
+        assert self.stage_base is not None or not spec.is_stage
+        child_settings = self.child_settings[spec.role](self.stage_base or self.settings)
         path = configs.write_config(self.run_dir, name, child_settings)
         # Absolute paths: a child left running by a crash is recognised by its command line
         # naming the data dir (sgpipe.up.leftovers), whatever directory `sgpipe up` ran in.
-        return [sys.executable, "-m", "sgpipe", command, "--config", str(path.resolve()), *extra]
+        return [
+            sys.executable,
+            "-m",
+            "sgpipe",
+            spec.command,
+            "--config",
+            str(path.resolve()),
+            *spec.extra_args,
+        ]
+
+    def _clickhouse_settings(self, base: Settings) -> Settings:
+        embedded = base.embedded
+        if self.clickhouse_port is not None:  # a restart: keep the URL the sinks know
+            embedded = embedded.model_copy(update={"clickhouse_http_port": self.clickhouse_port})
+        return configs.stage_settings(base.model_copy(update={"embedded": embedded}), "clickhouse")
+
+    def _ingest_settings(self, base: Settings) -> Settings:
+        assert self.health_url is not None
+        return configs.stage_settings(
+            base, "ingest", health_peers=(self.health_url,), ingest_port=self.ingress_port
+        )
 
     def _sink_settings(self, base: Settings) -> Settings:
         assert self.clickhouse_url is not None
@@ -511,17 +727,16 @@ class _Supervisor:
     async def _watch(self, child: SupervisedChild) -> None:
         """Restart ``child`` when it dies unasked; stop everything when it exits 2 or 3 (or
         ClickHouse exits before it ever served: nothing would fix that either)."""
-        backoff = RESTART_BACKOFF_INITIAL_SECONDS
+        backoff = RestartBackoff()
         while True:
             code = await child.wait_exited()
             if child.stop_requested or self.stopping:
                 return
-            never_served = child.name == "clickhouse" and child.url is None
+            never_served = self.spec_of[child.name].role == "clickhouse" and child.url is None
             if code in (EXIT_CONFIG, EXIT_FATAL) or never_served:
                 self._fail(child, code)
                 return
-            if time.monotonic() - child.started_at > STABLE_SECONDS:
-                backoff = RESTART_BACKOFF_INITIAL_SECONDS
+            delay = backoff.next_delay(time.monotonic() - child.started_at)
             child.restarts += 1
             metrics.UP_CHILD_RESTARTS.labels(metrics.STAGE_UP, child.name).inc()
             log.warning(
@@ -530,13 +745,12 @@ class _Supervisor:
                 exit_status=code,
                 error=child.last_error,
                 restart=child.restarts,
-                delay_seconds=backoff,
+                delay_seconds=delay,
             )
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.halt.wait(), backoff)
+                await asyncio.wait_for(self.halt.wait(), delay)
             if self.halt.is_set():
                 return
-            backoff = min(backoff * 2, RESTART_BACKOFF_MAX_SECONDS)
             try:
                 await child.start()
             except OSError as exc:
@@ -562,17 +776,16 @@ class _Supervisor:
         them through the supervisor, which knows where a restarted child moved)."""
         return [
             child.url
-            for name in ("process", "sink")
-            if (child := self.children.get(name)) is not None
-            and child.running
-            and child.url is not None
+            for role in ("process", "sink")
+            for child in self._children_of(role)
+            if child.running and child.url is not None
         ]
 
     def _children_check(self) -> tuple[bool, str]:
-        expected = [*STAGES, *(["clickhouse"] if self.settings.clickhouse.url is None else [])]
         down = [
             name
-            for name in expected
+            for spec in self.table
+            for name in spec.names
             if (child := self.children.get(name)) is None
             or not child.running
             or not child.ready_now
@@ -608,39 +821,21 @@ class _Supervisor:
         return True
 
     async def _stop_in_order(self) -> None:
-        log.info("stopping: the ingress first, then the processor and the sink")
+        log.info("stopping: the ingress first, then the processors and the sinks")
         before = await self._stage_totals()
         await self._stop_demo()
-        ingest = self.children.get("ingest")
-        if ingest is not None:
-            # Requests in flight finish their publish, then the producer closes.
-            await ingest.stop(
-                self.settings.ingest.publish_timeout_seconds
-                + CLOSE_TIMEOUT_SECONDS
-                + _STOP_MARGIN_SECONDS
-            )
-        process, sink = self.children.get("process"), self.children.get("sink")
-        if self.drain:
-            # The sink must see everything the processor writes while it drains.
-            if process is not None:
-                await process.stop(_stage_grace(self.settings.processor.stop_timeout_seconds))
-            if sink is not None:
-                await sink.stop(_stage_grace(self.settings.sink.stop_timeout_seconds))
-        else:
-            await asyncio.gather(
-                *(
-                    child.stop(_stage_grace(section.stop_timeout_seconds))
-                    for child, section in (
-                        (process, self.settings.processor),
-                        (sink, self.settings.sink),
-                    )
-                    if child is not None
-                )
-            )
-        if process is not None or sink is not None:
+        stages = [spec for spec in self.table if spec.is_stage]
+        await self._stop_ranks(stages)
+        stage_children = self._stage_children()
+        if any(self.spec_of[name].role != "ingest" for name in stage_children):
             left, unknown = await self._count_left()
-            reports = {name: child.stop_report for name, child in self.children.items()}
-            drained = Drained.from_reports(reports, before)
+            drained = Drained.total(
+                Drained.from_reports(
+                    {child.stage: child.stop_report},
+                    {child.stage: before[name]} if name in before else None,
+                )
+                for name, child in stage_children.items()
+            )
             self._announce(
                 "stopped in order",
                 stop_report(drained, left, self._location(), unknown),
@@ -650,25 +845,46 @@ class _Supervisor:
         await self._stop_stores(STORE_STOP_SECONDS)
         log.info("stopped")
 
+    async def _stop_ranks(self, specs: list[ChildSpec], grace: float | None = None) -> None:
+        """Stop ``specs``' children rank by rank (ChildSpec.stop_rank): a rank together, the
+        next once it has stopped. ``grace``: instead of each spec's own."""
+        for rank in sorted({spec.stop_rank for spec in specs}):
+            await asyncio.gather(
+                *(
+                    child.stop(spec.stop_grace if grace is None else grace)
+                    for spec in specs
+                    if spec.stop_rank == rank
+                    for name in spec.names
+                    if (child := self.children.get(name)) is not None
+                )
+            )
+
+    def _stage_children(self) -> dict[str, SupervisedChild]:
+        return {
+            name: child
+            for spec in self.table
+            if spec.is_stage
+            for name in spec.names
+            if (child := self.children.get(name)) is not None
+        }
+
     async def _stage_totals(self) -> dict[str, dict[str, float]]:
         """Each running stage's totals now (from its /metrics), the baseline of what the stop
         writes. A stage that does not answer in time counts from its own stop signal."""
 
-        async def totals(session: aiohttp.ClientSession, name: str, url: str) -> None:
-            async with session.get(f"{url}/metrics") as response:
+        async def totals(session: aiohttp.ClientSession, name: str, child: SupervisedChild) -> None:
+            async with session.get(f"{child.url}/metrics") as response:
                 text = await response.text()
-            found[name] = metrics.stop_counters(name, text_string_to_metric_families(text))
+            found[name] = metrics.stop_counters(child.stage, text_string_to_metric_families(text))
 
         found: dict[str, dict[str, float]] = {}
         timeout = aiohttp.ClientTimeout(total=STAGE_PEER_TIMEOUT_SECONDS)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             await asyncio.gather(
                 *(
-                    totals(session, name, child.url)
-                    for name in STAGES
-                    if (child := self.children.get(name)) is not None
-                    and child.running
-                    and child.url is not None
+                    totals(session, name, child)
+                    for name, child in self._stage_children().items()
+                    if child.running and child.url is not None
                 ),
                 return_exceptions=True,
             )
@@ -678,7 +894,7 @@ class _Supervisor:
         self.demo_stop.set()
         if self.demo_task is not None:
             self.demo_task.cancel()
-        stages = [child for name in STAGES if (child := self.children.get(name)) is not None]
+        stages = list(self._stage_children().values())
         # SIGQUIT, each stage's "stop at once": one delivery, so that a busy machine cannot
         # split it into a first signal (a drain, which writes) and a late second one.
         await asyncio.gather(
@@ -699,9 +915,7 @@ class _Supervisor:
         log.info("stopped")
 
     async def _stop_stores(self, grace: float) -> None:
-        store = self.children.get("clickhouse")
-        if store is not None:
-            await store.stop(grace)
+        await self._stop_ranks([spec for spec in self.table if not spec.is_stage], grace)
         if self.broker is not None:
             await self.broker.stop()
         if self.health is not None:
@@ -813,6 +1027,7 @@ class _Supervisor:
         children: dict[str, Any] = {}
         for name, child in self.children.items():
             children[name] = {
+                "role": self.spec_of[name].role,
                 "pid": child.pid if child.running else None,
                 "restarts": child.restarts,
                 "port": child.port,

@@ -53,6 +53,8 @@ class Up:
     port: int
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    # More of `sgpipe up`'s command line (e.g. --processors 2).
+    args: tuple[str, ...] = ()
 
     @property
     def webhook_url(self) -> str:
@@ -62,7 +64,7 @@ class Up:
         with self.log.open("ab") as output:
             self.process = subprocess.Popen(
                 [*SGPIPE, "up", "--config", str(self.config), "--data-dir", str(self.data_dir)]
-                + ["--port", str(self.port)],
+                + ["--port", str(self.port), *self.args],
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -100,12 +100,14 @@ def start_pipeline(
     tmp_path: Path,
     env: dict[str, str] | None = None,
     before_start: Callable[[Path], None] | None = None,
+    args: tuple[str, ...] = (),
     **overrides: Any,
 ) -> RunningPipeline:
     """`sgpipe up` as a child process, on free ports, with ``overrides`` merged into the
-    config's top-level sections (a list, such as ``webhooks``, replaces the section) and
-    ``env`` added to its environment. ``before_start`` gets the config file once written (to
-    edit it as a user would, e.g. with `sgpipe oauth client create --config`)."""
+    config's top-level sections (a list, such as ``webhooks``, replaces the section),
+    ``env`` added to its environment and ``args`` to its command line. ``before_start`` gets
+    the config file once written (to edit it as a user would, e.g. with `sgpipe oauth client
+    create --config`)."""
     document: dict[str, Any] = {
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
@@ -136,6 +138,7 @@ def start_pipeline(
                 str(data_dir),
                 "--port",
                 str(port),
+                *args,
             ],
             stdout=output,
             stderr=subprocess.STDOUT,

@@ -190,7 +190,9 @@ async def test_metrics_merge_the_peers_series(peer: tuple[str, Readiness]) -> No
         assert response.status == 200
         text = await response.text()
         assert text.count("# TYPE sgpipe_records_consumed_total counter") == 1
-        assert 'sgpipe_records_consumed_total{stage="ingest-merge-test"} 1.0' in text
+        # The peer here is this very process (one registry): its counters count twice, as two
+        # replicas of one stage would (merge_exposition adds those up).
+        assert 'sgpipe_records_consumed_total{stage="ingest-merge-test"} 2.0' in text
         assert text.count('sgpipe_records_consumed_total{stage="sink"}') == 1
     finally:
         await client.close()
@@ -260,3 +262,27 @@ async def test_a_busy_peer_that_answered_lately_keeps_its_last_answer_then_goes_
         assert (await response.json())["checks"][slow_peer.url]["detail"].startswith("unreachable")
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("failing_first", [True, False])
+async def test_readyz_shows_a_check_failing_in_any_replica_of_a_stage(failing_first: bool) -> None:
+    """Two processes of one stage (`sgpipe up --sinks 2`) answer under the same check names:
+    the fronting /readyz is not ready while either fails, whichever answers first."""
+    replicas = [Readiness("sink"), Readiness("sink")]
+    replicas[0 if failing_first else 1].set("assigned", False, "no partition assigned")
+    replicas[1 if failing_first else 0].set("assigned", True, "1 partitions assigned")
+    runners = [await serve_health(readiness, "127.0.0.1", 0) for readiness in replicas]
+    urls = [f"http://127.0.0.1:{bound_port(runner)}" for runner in runners]
+    client = await client_for(create_health_app(Readiness("ingest"), peers=urls))
+    try:
+        response = await client.get("/readyz")
+        assert response.status == 503
+        body = await response.json()
+        assert body["checks"]["sink.assigned"] == {
+            "ok": False,
+            "detail": "no partition assigned",
+        }
+    finally:
+        await client.close()
+        for runner in runners:
+            await runner.cleanup()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -60,3 +60,25 @@ def test_merging_expositions_keeps_one_family_per_name() -> None:
     (family,) = [f for f in text_string_to_metric_families(merged) if f.name == "sgpipe_demo"]
     values = {s.labels["stage"]: s.value for s in family.samples if s.name.endswith("_total")}
     assert values == {"process": 1.0, "sink": 2.0}
+
+
+def test_merging_expositions_adds_up_the_counters_of_replicas_of_one_stage() -> None:
+    """`sgpipe up --processors 2`: two processes with the stage label `process`; what the
+    stage did is their sum, a gauge (a state) is kept from the first."""
+    texts = []
+    for produced in (3, 4):
+        registry = CollectorRegistry()
+        counter = Counter("sgpipe_demo_total", "demo", ["stage"], registry=registry)
+        counter.labels("process").inc(produced)
+        gauge = Gauge("sgpipe_demo_state", "demo", ["stage"], registry=registry)
+        gauge.labels("process").set(produced)
+        texts.append(generate_latest(registry).decode())
+
+    merged = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(merge_exposition(texts).decode())
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+    assert merged == {"sgpipe_demo_total": 7.0, "sgpipe_demo_state": 3.0}

@@ -187,3 +187,20 @@ def test_the_screen_and_the_json_show_every_stage() -> None:
     assert isinstance(stages, list)
     assert [stage["stage"] for stage in stages] == ["ingest", "process", "sink", "dead_letters"]
     assert stages[0]["out_per_second"] == 2.0
+
+
+def test_a_stage_run_by_several_processes_under_up_shows_how_many() -> None:
+    """`sgpipe up --processors 2`: the supervisor's per-child series name the replicas."""
+    pipeline = Pipeline()
+    restarts = Counter(
+        "sgpipe_up_child_restarts_total", "", ["stage", "child"], registry=pipeline.registry
+    )
+    for child in ("ingest", "process", "process-2", "sink", "clickhouse"):
+        restarts.labels("up", child).inc(0)
+    snapshot = frame([pipeline.read(100.0), pipeline.read(102.0)])
+    processes = {row.stage: row.processes for row in snapshot.rows}
+    assert processes["process"] == 2 and processes["sink"] == 1 and processes["ingest"] == 1
+    assert processes["dead_letters"] is None  # runs inside the sink's process
+    output = io.StringIO()
+    Console(file=output, width=160, color_system=None).print(render(snapshot, "http://x"))
+    assert "process x2" in output.getvalue()
