@@ -13,10 +13,10 @@ answers are documented in docs/ingress.md.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -466,8 +466,11 @@ async def _receive_body(
             return _body_rejected(name, exc)
         if body and signature is not None:
             digest = await hash_cooperatively(signed_message_hash(signature), body, turns)
-            # For the retry watch: the same body re-sent with a new signed timestamp.
-            body_hash = await hash_cooperatively(hashlib.sha256(), body, turns)
+            # For the retry watch: the same body re-sent with a new signed timestamp. Only
+            # bodies whose signature verified are compared, so an identity need not resist
+            # forgery: the length and CRC-32 (0.2 ms per 768 KB, where a second SHA-256 took
+            # 0.45 ms of the ingress's ~3 ms of CPU per request).
+            body_hash = body_identity(body)
     if not body:
         return "bad_request", error_response(400, "empty_body", "the request has no body")
 
@@ -506,6 +509,12 @@ async def _receive_body(
             max(0.0, batch.delivery_delay_ms / 1000)
         )
     return outcome, response
+
+
+def body_identity(body: bytes) -> bytes:
+    """What the retry watch remembers of a verified body: its length and CRC-32 (two distinct
+    SendGrid batches of one webhook share both with odds of about 2**-32)."""
+    return len(body).to_bytes(8, "big") + zlib.crc32(body).to_bytes(4, "big")
 
 
 async def _publish(request: web.Request, batch: RawBatch) -> tuple[str, web.Response]:

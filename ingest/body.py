@@ -115,15 +115,18 @@ async def read_raw_body(request: web.Request, limits: BodyLimits) -> bytes:
         raise BodyRejected(411, "length_required", "send Content-Length (or a chunked body)")
     if length is not None and length > limits.max_bytes:
         raise BodyRejected(413, "body_too_large", f"the body exceeds {limits.max_bytes} bytes")
-    received = bytearray()
+    # Chunks joined once at the end: one copy of the body, not a growing buffer and a copy.
+    received: list[bytes] = []
+    size = 0
     try:
         async with asyncio.timeout(limits.timeout_seconds):
             while True:
                 chunk = await request.content.readany()
                 if not chunk:
                     break
-                received += chunk
-                if len(received) > limits.max_bytes:
+                received.append(chunk)
+                size += len(chunk)
+                if size > limits.max_bytes:
                     raise BodyRejected(
                         413, "body_too_large", f"the body exceeds {limits.max_bytes} bytes"
                     )
@@ -136,7 +139,7 @@ async def read_raw_body(request: web.Request, limits: BodyLimits) -> bytes:
         raise BodyRejected(400, "invalid_body", "the request body is malformed") from exc
     except ConnectionError as exc:
         raise ClientGone("the client closed the connection during the body") from exc
-    return bytes(received)
+    return received[0] if len(received) == 1 else b"".join(received)
 
 
 class _Decompressor(Protocol):
