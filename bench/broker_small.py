@@ -1,5 +1,8 @@
 """Small batches on the durable embedded broker against the in-memory one: CPU per record.
 
+``--record-bytes 786432 --compression none`` (or snappy, zstd) compares what the ingress's
+compression costs and saves on each broker for SendGrid's largest batches.
+
 What issue 16 measured end to end (2 KB SendGrid batches cost 3.0x the CPU per event on the
 durable broker) comes from the broker's side of many small writes: tansu on SeaweedFS turns
 every record batch it is sent into objects and requests of its storage. This drives the raw
@@ -64,7 +67,13 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 async def produce_like_the_ingress(
-    servers: str, topic: str, records: int, linger_ms: int, concurrency: int, compression: str
+    servers: str,
+    topic: str,
+    records: int,
+    linger_ms: int,
+    concurrency: int,
+    compression: str,
+    record_bytes: int = RECORD_BYTES,
 ) -> None:
     settings = KafkaSettings(
         bootstrap_servers=servers,
@@ -73,7 +82,7 @@ async def produce_like_the_ingress(
     )
     producer = create_producer(settings)
     await producer.start()
-    body = batch(RECORD_BYTES)
+    body = batch(record_bytes)
     remaining = records
 
     async def request() -> None:
@@ -117,6 +126,7 @@ async def one_run(
     records: int,
     concurrency: int,
     compression: str,
+    record_bytes: int,
 ) -> Run:
     servers = kafka.bootstrap_servers
     topic = f"raw-{linger_ms}-{partitions}-{uuid.uuid4().hex[:6]}"
@@ -130,7 +140,9 @@ async def one_run(
     weed_pid = kafka.storage.pid if kafka.storage is not None else None
     before = (cpu_seconds(tansu_pid), cpu_seconds(weed_pid), time.process_time())
     began = time.perf_counter()
-    await produce_like_the_ingress(servers, topic, records, linger_ms, concurrency, compression)
+    await produce_like_the_ingress(
+        servers, topic, records, linger_ms, concurrency, compression, record_bytes
+    )
     await consume_like_the_processor(servers, topic, records)
     seconds = time.perf_counter() - began
     after = (cpu_seconds(tansu_pid), cpu_seconds(weed_pid), time.process_time())
@@ -146,10 +158,11 @@ async def measure(
     partition_counts: list[int],
     concurrency: int,
     compression: str = KafkaSettings().compression_type,
+    record_bytes: int = RECORD_BYTES,
 ) -> list[Run]:
     runs: list[Run] = []
     for storage in ("memory", "durable"):
-        settings = EmbeddedSettings(kafka_port=0, broker_storage=storage)  # type: ignore[arg-type]
+        settings = EmbeddedSettings(kafka_port=0, broker_storage=storage)
         with tempfile.TemporaryDirectory(prefix="sgpipe-bench-") as directory:
             kafka = EmbeddedKafka(settings, Path(directory))
             await kafka.start()
@@ -165,6 +178,7 @@ async def measure(
                                 records,
                                 concurrency,
                                 compression,
+                                record_bytes,
                             )
                         )
             finally:
@@ -195,6 +209,7 @@ def main() -> None:
     parser.add_argument("--lingers", default="5,20", help="producer linger_ms values")
     parser.add_argument("--partitions", default="6,1", help="raw-topic partition counts")
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument("--record-bytes", type=int, default=RECORD_BYTES)
     parser.add_argument(
         "--compression",
         choices=["none", "gzip", "snappy", "lz4", "zstd"],
@@ -209,6 +224,7 @@ def main() -> None:
             [int(value) for value in arguments.partitions.split(",")],
             arguments.concurrency,
             arguments.compression,
+            arguments.record_bytes,
         )
     )
     print_report(runs)
