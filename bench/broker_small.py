@@ -32,7 +32,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.ingest import batch
+from bench.bench_hot_paths import synthetic_batch
 from sgpipe.embedded.broker import EmbeddedKafka
 from sgpipe.runtime.kafka import create_producer
 from sgpipe.runtime.settings import EmbeddedSettings, KafkaSettings
@@ -82,7 +82,8 @@ async def produce_like_the_ingress(
     )
     producer = create_producer(settings)
     await producer.start()
-    body = batch(record_bytes)
+    # SendGrid-like events (distinct ids, emails, reasons): compresses as real batches do.
+    body = synthetic_batch(record_bytes, seed=1)
     remaining = records
 
     async def request() -> None:
