@@ -7,10 +7,11 @@ times the storage work of one. Measured (bench/broker_small.py: 2 KB records pro
 ingress does, 32 in flight, then read back by a committing group; CPU of tansu, SeaweedFS and
 the clients per record): 948-1,107 µs on 6 partitions, 540 on 3, 348-477 on 2, 228-363 on 1,
 against 47-68 on the in-memory broker; under a whole `sgpipe up` on 2 KB batches, tansu and
-SeaweedFS used 2.3x less CPU on 2 partitions than on 6 (docs/embedded.md#partitions). Two keep room for two processors and two sinks (a consumer group
-gives each partition to one member); a machine with more cores for `sgpipe up` sets
-``kafka.topics.partitions`` (it applies to topics created from then on: existing topics keep
-their partitions).
+SeaweedFS used 2.3x less CPU on 2 partitions than on 6 (docs/embedded.md#partitions).
+
+Two keep room for two processors and two sinks (a consumer group gives each partition to one
+member); a machine with more cores for `sgpipe up` sets ``kafka.topics.partitions`` (it
+applies to topics created from then on: existing topics keep their partitions).
 """
 
 from __future__ import annotations
