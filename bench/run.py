@@ -149,7 +149,7 @@ def broker_small(records: int = 3_000) -> list[Figure]:
     return [
         Figure(
             "broker",
-            "durable broker, 2 KB records as the ingress writes, µs CPU/record (broker+clients)",
+            "durable broker, 2 KB as the ingress writes, µs CPU/record",
             durable.total_us,
             "µs",
             memory.total_us,
