@@ -464,7 +464,11 @@ async def _receive_body(
             body = await decode_body(raw, encoding, limits, turns)
         except BodyRejected as exc:
             return _body_rejected(name, exc)
-        if body and signature is not None:
+        if body and signature is not None and len(body) >= THREAD_HASH_MIN_BYTES:
+            digest, body_hash = await asyncio.to_thread(
+                hash_in_thread, signed_message_hash(signature), body
+            )
+        elif body and signature is not None:
             digest = await hash_cooperatively(signed_message_hash(signature), body, turns)
             # For the retry watch: the same body re-sent with a new signed timestamp. Only
             # bodies whose signature verified are compared, so an identity need not resist
@@ -509,6 +513,17 @@ async def _receive_body(
             max(0.0, batch.delivery_delay_ms / 1000)
         )
     return outcome, response
+
+
+# Bodies from this size are hashed in a worker thread: hashlib and zlib release the GIL while
+# they work, so the event loop serves other requests meanwhile and a second core can hash.
+THREAD_HASH_MIN_BYTES = 65_536
+
+
+def hash_in_thread(digest: Any, body: bytes) -> tuple[bytes, bytes]:
+    """The signature's digest of ``body`` and its retry-watch identity (a worker thread)."""
+    digest.update(body)
+    return digest.digest(), body_identity(body)
 
 
 def body_identity(body: bytes) -> bytes:
