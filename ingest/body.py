@@ -10,8 +10,9 @@ Three costs are bounded here, each with its own answer:
   off), in steps of at most 64 KiB of output, giving the event loop a turn every millisecond
   of work; the decoded body is capped at ``max_body_bytes`` and at ``max_ratio`` times its
   compressed size (else 413). A gzip bomb costs a few milliseconds spread across loop turns,
-  never a stall of /healthz or of other requests. Hashing for the signature uses the same
-  turns (``hash_cooperatively``).
+  never a stall of /healthz or of other requests. Hashing a small body for the signature uses
+  the same turns (``hash_cooperatively``); a large one is hashed in a worker thread
+  (``ingest.app.THREAD_HASH_MIN_BYTES``).
 
 No exception message here quotes body bytes: they are personal data.
 """
