@@ -18,8 +18,10 @@ import argparse
 import asyncio
 import json
 import multiprocessing
+import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -46,6 +48,9 @@ class Result:
     megabytes_per_second: float
     p50_ms: float
     p99_ms: float
+    # CPU (user + system) of the server's process per answered request: less sensitive to the
+    # machine's load than requests/s.
+    cpu_ms_per_request: float
 
 
 def batch(size: int) -> bytes:
@@ -148,8 +153,22 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(pct / 100 * (len(ordered) - 1))))]
 
 
+def process_cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process (Linux ``/proc/<pid>/stat``)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def result(
-    server: str, auth: str, size: str, body: bytes, run: tuple[list[float], int], seconds: float
+    server: str,
+    auth: str,
+    size: str,
+    body: bytes,
+    run: tuple[list[float], int],
+    seconds: float,
+    cpu_seconds: float,
 ) -> Result:
     latencies, errors = run
     return Result(
@@ -163,6 +182,7 @@ def result(
         megabytes_per_second=len(latencies) * len(body) / seconds / 1_000_000,
         p50_ms=percentile(latencies, 50) * 1000,
         p99_ms=percentile(latencies, 99) * 1000,
+        cpu_ms_per_request=cpu_seconds / max(1, len(latencies) + errors) * 1000,
     )
 
 
@@ -193,6 +213,7 @@ async def bench(arguments: argparse.Namespace) -> list[Result]:
             "kafka": {
                 "bootstrap_servers": servers,
                 "topics": {"raw": "bench.raw"},
+                **({"compression_type": arguments.compression} if arguments.compression else {}),
             },
             "webhooks": [
                 {"name": "signed", "public_keys": [public_key_base64(key)]},
@@ -205,6 +226,8 @@ async def bench(arguments: argparse.Namespace) -> list[Result]:
                 },
             ],
             "ingest": {"oauth_signing_keys": [generate_signing_key_pem()]},
+            # The ingress signs every raw record (HMAC-SHA256), as in production.
+            "raw_auth": {"keys": [{"id": "bench", "secret": "bench-raw-auth-0123456789abcdef-x"}]},
         }
     )
     await ensure_topics(settings.kafka)
@@ -240,14 +263,17 @@ async def bench(arguments: argparse.Namespace) -> list[Result]:
                 "Content-Type": "application/json;charset=utf-8",
                 "Authorization": f"Bearer {token}",
             }
+            bare_pid, ingress_pid = processes[0].pid, processes[1].pid
             runs = [
-                ("bare", "none", f"{bare}/webhooks/main", signed),
-                ("ingress", "signature", f"{ingress}/webhooks/signed", signed),
-                ("ingress", "token", f"{ingress}/webhooks/token", bearer),
+                ("bare", "none", f"{bare}/webhooks/main", signed, bare_pid),
+                ("ingress", "signature", f"{ingress}/webhooks/signed", signed, ingress_pid),
+                ("ingress", "token", f"{ingress}/webhooks/token", bearer, ingress_pid),
             ]
-            for server, auth, url, headers in runs:
+            for server, auth, url, headers, pid in runs:
+                cpu_before = process_cpu_seconds(pid)
                 run = await drive(url, body, headers, seconds, concurrency)
-                results.append(result(server, auth, size_name, body, run, seconds))
+                cpu = process_cpu_seconds(pid) - cpu_before
+                results.append(result(server, auth, size_name, body, run, seconds, cpu))
     finally:
         for process in processes:
             process.terminate()
@@ -258,16 +284,18 @@ async def bench(arguments: argparse.Namespace) -> list[Result]:
 
 def print_report(results: list[Result]) -> None:
     bare = {r.size: r.requests_per_second for r in results if r.server == "bare"}
+    bare_cpu = {r.size: r.cpu_ms_per_request for r in results if r.server == "bare"}
     print(
         f"{'server':8} {'auth':9} {'size':6} {'req/s':>9} {'MB/s':>8} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'errors':>6} {'x bare':>7}"
+        f"{'p99 ms':>8} {'errors':>6} {'x bare':>7} {'CPU ms/req':>10} {'CPU x bare':>10}"
     )
     for r in results:
         ratio = r.requests_per_second / bare[r.size] if bare.get(r.size) else float("nan")
+        cpu_ratio = r.cpu_ms_per_request / bare_cpu[r.size] if bare_cpu.get(r.size) else 0.0
         print(
             f"{r.server:8} {r.auth:9} {r.size:6} {r.requests_per_second:9.1f} "
             f"{r.megabytes_per_second:8.1f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.errors:6d} "
-            f"{ratio:7.2f}"
+            f"{ratio:7.2f} {r.cpu_ms_per_request:10.2f} {cpu_ratio:10.2f}"
         )
     print("targets: >= 0.45x bare on 2KB, >= 0.70x on 768KB")
 
@@ -277,6 +305,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per scenario (default 5)")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--size", choices=sorted(SIZES), help="only this batch size")
+    parser.add_argument(
+        "--compression",
+        choices=["none", "gzip", "snappy", "lz4", "zstd"],
+        help="the ingress's kafka.compression_type (default: the setting's default)",
+    )
     parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
     arguments = parser.parse_args()
     results = asyncio.run(bench(arguments))

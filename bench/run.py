@@ -126,6 +126,7 @@ def broker(small: int = 20_000, large: int = 40) -> list[Figure]:
             ">= 0.5x (proxy for CPU <= 2x)",
             durable.small_produce_per_second / memory.small_produce_per_second >= 0.5,
         ),
+        *broker_small(),
         Figure(
             "broker",
             "durable broker, 768 KB produce, records/s",
@@ -136,6 +137,26 @@ def broker(small: int = 20_000, large: int = 40) -> list[Figure]:
             "",
             None,
         ),
+    ]
+
+
+def broker_small(records: int = 3_000) -> list[Figure]:
+    from bench.broker_small import measure
+    from sgpipe.embedded.topics import EMBEDDED_TOPIC_PARTITIONS
+
+    runs = asyncio.run(measure(records, [5], [EMBEDDED_TOPIC_PARTITIONS], concurrency=32))
+    memory, durable = (next(r for r in runs if r.storage == s) for s in ("memory", "durable"))
+    return [
+        Figure(
+            "broker",
+            "durable broker, 2 KB as the ingress writes, µs CPU/record",
+            durable.total_us,
+            "µs",
+            memory.total_us,
+            "in-memory broker",
+            "<= 2x (issue 16: whole tree)",
+            durable.total_us / memory.total_us <= 2,
+        )
     ]
 
 

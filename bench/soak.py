@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import yaml
@@ -43,7 +44,7 @@ from bench.broker import Figures, measure
 from sgpipe.embedded.broker import free_port
 from sgpipe.embedded.credentials import EmbeddedUser, load_credentials
 from sgpipe.runtime.settings import EmbeddedSettings
-from sgpipe.simulator.batches import PlannedPost
+from sgpipe.simulator.batches import SENDGRID_MAX_BATCH_BYTES, PlannedPost
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.simulator.simulation import SimulationOptions, SimulationSummary, simulate
 
@@ -218,14 +219,32 @@ class RunningUp:
         return f"http://127.0.0.1:{self.ingest_port}"
 
 
-def start_up(directory: Path, public_key: str) -> RunningUp:
+def start_up(
+    directory: Path,
+    public_key: str,
+    *,
+    broker_storage: str = "durable",
+    partitions: int | None = None,
+    flush_when_idle: bool = True,
+) -> RunningUp:
+    """``partitions``: kafka.topics.partitions (None: the embedded default);
+    ``flush_when_idle``: processor's and sink's setting of that name."""
     ingest_port = free_port()
-    config = {
+    config: dict[str, Any] = {
         "webhooks": [{"name": "soak", "public_keys": [public_key]}],
         "ingest": {"host": "127.0.0.1", "port": ingest_port},
-        "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
+        "embedded": {
+            "kafka_port": 0,
+            "clickhouse_http_port": 0,
+            "broker_storage": broker_storage,
+        },
         "logging": {"format": "json"},
     }
+    if partitions is not None:
+        config["kafka"] = {"topics": {"partitions": partitions}}
+    if not flush_when_idle:
+        config["processor"] = {"flush_when_idle": False}
+        config["sink"] = {"flush_when_idle": False}
     config_file = directory / "sgpipe.yaml"
     config_file.write_text(yaml.safe_dump(config))
     log = directory / "up.log"
@@ -335,7 +354,13 @@ async def soak(arguments: argparse.Namespace) -> None:
 
     key = generate_private_key()
     with tempfile.TemporaryDirectory(prefix="sgpipe-soak-") as directory:
-        running = start_up(Path(directory), public_key_base64(key))
+        running = start_up(
+            Path(directory),
+            public_key_base64(key),
+            broker_storage=arguments.broker_storage,
+            partitions=arguments.partitions,
+            flush_when_idle=not arguments.no_idle_flush,
+        )
         try:
             url = clickhouse_url(running.data_dir)
             reader = load_credentials(running.data_dir).reader
@@ -360,6 +385,7 @@ async def soak(arguments: argparse.Namespace) -> None:
                     concurrency=8,
                     seed=arguments.seed,
                     flush_interval_seconds=arguments.flush_interval,
+                    max_batch_bytes=arguments.max_batch_bytes,
                     retry_for_seconds=600,
                 ),
                 on_acknowledged=sampler.on_acknowledged,
@@ -502,6 +528,21 @@ def main() -> None:
         help="1 KB messages for the broker comparison (0: skip it)",
     )
     parser.add_argument("--broker-large", type=int, default=20)
+    parser.add_argument(
+        "--max-batch-bytes",
+        type=int,
+        default=SENDGRID_MAX_BATCH_BYTES,
+        help="largest POST body (2048: SendGrid's small batches)",
+    )
+    parser.add_argument("--broker-storage", choices=["durable", "memory"], default="durable")
+    parser.add_argument(
+        "--partitions", type=int, help="kafka.topics.partitions (default: the embedded default)"
+    )
+    parser.add_argument(
+        "--no-idle-flush",
+        action="store_true",
+        help="processor and sink flush_when_idle: false (batches wait out batch_max_seconds)",
+    )
     asyncio.run(soak(parser.parse_args()))
 
 

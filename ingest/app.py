@@ -13,10 +13,10 @@ answers are documented in docs/ingress.md.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -464,10 +464,17 @@ async def _receive_body(
             body = await decode_body(raw, encoding, limits, turns)
         except BodyRejected as exc:
             return _body_rejected(name, exc)
-        if body and signature is not None:
+        if body and signature is not None and len(body) >= THREAD_HASH_MIN_BYTES:
+            digest, body_hash = await asyncio.to_thread(
+                hash_in_thread, signed_message_hash(signature), body
+            )
+        elif body and signature is not None:
             digest = await hash_cooperatively(signed_message_hash(signature), body, turns)
-            # For the retry watch: the same body re-sent with a new signed timestamp.
-            body_hash = await hash_cooperatively(hashlib.sha256(), body, turns)
+            # For the retry watch: the same body re-sent with a new signed timestamp. Only
+            # bodies whose signature verified are compared, so an identity need not resist
+            # forgery: the length and CRC-32 (0.2 ms per 768 KB, where a second SHA-256 took
+            # 0.45 ms of the ingress's ~3 ms of CPU per request).
+            body_hash = body_identity(body)
     if not body:
         return "bad_request", error_response(400, "empty_body", "the request has no body")
 
@@ -506,6 +513,23 @@ async def _receive_body(
             max(0.0, batch.delivery_delay_ms / 1000)
         )
     return outcome, response
+
+
+# Bodies from this size are hashed in a worker thread: hashlib and zlib release the GIL while
+# they work, so the event loop serves other requests meanwhile and a second core can hash.
+THREAD_HASH_MIN_BYTES = 65_536
+
+
+def hash_in_thread(digest: Any, body: bytes) -> tuple[bytes, bytes]:
+    """The signature's digest of ``body`` and its retry-watch identity (a worker thread)."""
+    digest.update(body)
+    return digest.digest(), body_identity(body)
+
+
+def body_identity(body: bytes) -> bytes:
+    """What the retry watch remembers of a verified body: its length and CRC-32 (two distinct
+    SendGrid batches of one webhook share both with odds of about 2**-32)."""
+    return len(body).to_bytes(8, "big") + zlib.crc32(body).to_bytes(4, "big")
 
 
 async def _publish(request: web.Request, batch: RawBatch) -> tuple[str, web.Response]:

@@ -9,9 +9,10 @@ its possible decoded size for a compressed one (× ``ingest.max_decompression_ra
 ``ingest.max_body_bytes`` for a chunked one (whose size is unknown until read).
 
 ``RetryWatch``: SendGrid retries a failed POST for 24 hours. Whether a retry is re-signed with
-a fresh timestamp is undocumented; the watch remembers the SHA-256 of recent signed bodies
-(a bounded window, newest kept) with their signed timestamp, so that a body seen again is
-counted as a retry that kept its timestamp or one that was re-signed.
+a fresh timestamp is undocumented; the watch remembers an identity of recent signed bodies
+(their length and CRC-32, ``ingest.app.body_identity``: only bodies whose signature verified
+are observed) in a bounded window, newest kept, with their signed timestamp, so that a body
+seen again is counted as a retry that kept its timestamp or one that was re-signed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Final
 from sgpipe.runtime import metrics
 from sgpipe.runtime.metrics import STAGE_INGEST
 
-# Signed bodies remembered by RetryWatch: 32 bytes of hash and a timestamp each (~100 B with
+# Signed bodies remembered by RetryWatch: 12 bytes of identity and a timestamp each (~100 B with
 # the dict's overhead), so the window costs about 2 MB.
 RETRY_WINDOW_ENTRIES: Final = 20_000
 

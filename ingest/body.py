@@ -10,8 +10,9 @@ Three costs are bounded here, each with its own answer:
   off), in steps of at most 64 KiB of output, giving the event loop a turn every millisecond
   of work; the decoded body is capped at ``max_body_bytes`` and at ``max_ratio`` times its
   compressed size (else 413). A gzip bomb costs a few milliseconds spread across loop turns,
-  never a stall of /healthz or of other requests. Hashing for the signature uses the same
-  turns (``hash_cooperatively``).
+  never a stall of /healthz or of other requests. Hashing a small body for the signature uses
+  the same turns (``hash_cooperatively``); a large one is hashed in a worker thread
+  (``ingest.app.THREAD_HASH_MIN_BYTES``).
 
 No exception message here quotes body bytes: they are personal data.
 """
@@ -115,15 +116,18 @@ async def read_raw_body(request: web.Request, limits: BodyLimits) -> bytes:
         raise BodyRejected(411, "length_required", "send Content-Length (or a chunked body)")
     if length is not None and length > limits.max_bytes:
         raise BodyRejected(413, "body_too_large", f"the body exceeds {limits.max_bytes} bytes")
-    received = bytearray()
+    # Chunks joined once at the end: one copy of the body, not a growing buffer and a copy.
+    received: list[bytes] = []
+    size = 0
     try:
         async with asyncio.timeout(limits.timeout_seconds):
             while True:
                 chunk = await request.content.readany()
                 if not chunk:
                     break
-                received += chunk
-                if len(received) > limits.max_bytes:
+                received.append(chunk)
+                size += len(chunk)
+                if size > limits.max_bytes:
                     raise BodyRejected(
                         413, "body_too_large", f"the body exceeds {limits.max_bytes} bytes"
                     )
@@ -136,7 +140,7 @@ async def read_raw_body(request: web.Request, limits: BodyLimits) -> bytes:
         raise BodyRejected(400, "invalid_body", "the request body is malformed") from exc
     except ConnectionError as exc:
         raise ClientGone("the client closed the connection during the body") from exc
-    return bytes(received)
+    return received[0] if len(received) == 1 else b"".join(received)
 
 
 class _Decompressor(Protocol):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -85,43 +85,48 @@ class UnauthenticatedRawRecord(ValueError):
     ingress, or was changed since. Deterministic: dead-letter it."""
 
 
-def _pieces(
-    key_id: str, value: bytes | None, headers: Iterable[tuple[str, bytes]]
-) -> Iterator[bytes]:
-    """The canonical input, piece by piece (each field's 8-byte length, then its bytes), so
-    that the body is fed to the MAC as it is, never copied."""
+def _length(size: int) -> bytes:
+    return size.to_bytes(8, "big")
 
-    def field(*parts: bytes) -> Iterator[bytes]:
-        yield sum(len(part) for part in parts).to_bytes(8, "big")
-        yield from parts
 
+def _prefix(key_id: str, value: bytes | None, headers: Iterable[tuple[str, bytes]]) -> bytes:
+    """The canonical input up to the value's own bytes (each field's 8-byte length, then its
+    bytes): the MAC takes this, then the value as it is, never copied. Built in one list
+    (the ingress signs every request: a generator per field cost more than the MAC of a
+    2 KB body)."""
     received = list(headers)
-    yield from field(_DOMAIN)
-    yield from field(key_id.encode("ascii"))
+    parts = [_length(len(_DOMAIN)), _DOMAIN]
+    key = key_id.encode("ascii")
+    parts += (_length(len(key)), key)
     for name in TRUSTED_HEADERS:
         values = [header_value for header_name, header_value in received if header_name == name]
-        yield from field(name.encode("ascii"))
-        yield from field(len(values).to_bytes(4, "big"))
+        encoded_name = name.encode("ascii")
+        parts += (_length(len(encoded_name)), encoded_name, _length(4))
+        parts.append(len(values).to_bytes(4, "big"))
         for header_value in values:
             # Kafka allows a null header value (None here): distinct from an empty one.
-            yield from field(b"\x00") if header_value is None else field(b"\x01", header_value)
-    yield from field(b"\x00") if value is None else field(b"\x01", value)
+            if header_value is None:
+                parts += (_length(1), b"\x00")
+            else:
+                parts += (_length(1 + len(header_value)), b"\x01", header_value)
+    parts += (_length(1), b"\x00") if value is None else (_length(1 + len(value)), b"\x01")
+    return b"".join(parts)
 
 
 def canonical_input(
     key_id: str, value: bytes | None, headers: Iterable[tuple[str, bytes]]
 ) -> bytes:
     """The exact bytes the MAC is computed over (see the module docstring)."""
-    return b"".join(_pieces(key_id, value, headers))
+    return _prefix(key_id, value, headers) + (value or b"")
 
 
 def raw_record_mac(
     key: RawAuthKey, value: bytes | None, headers: Iterable[tuple[str, bytes]]
 ) -> str:
     """HMAC-SHA256 of the record under ``key``, in hex."""
-    mac = hmac.new(key.secret, digestmod=hashlib.sha256)
-    for piece in _pieces(key.key_id, value, headers):
-        mac.update(piece)
+    mac = hmac.new(key.secret, _prefix(key.key_id, value, headers), hashlib.sha256)
+    if value:
+        mac.update(value)
     return mac.hexdigest()
 
 

@@ -60,6 +60,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.app import build_verifiers
 from sgpipe.embedded.child import RestartBackoff
+from sgpipe.embedded.topics import embedded_topics
 from sgpipe.preflight import (
     DataDirLock,
     PreflightFailed,
@@ -510,7 +511,11 @@ class _Supervisor:
         if self.embedded_broker:
             servers = await self._until_halted(self._start_broker())
             kafka = kafka.model_copy(
-                update={"bootstrap_servers": servers, "enable_idempotence": False}
+                update={
+                    "bootstrap_servers": servers,
+                    "enable_idempotence": False,
+                    "topics": embedded_topics(kafka.topics),
+                }
             )
         self.stage_base = self.settings.model_copy(update={"kafka": kafka})
         if kafka.create_topics:

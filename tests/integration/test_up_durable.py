@@ -14,6 +14,7 @@ import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 
+from sgpipe.embedded.topics import embedded_topics
 from sgpipe.runtime.settings import Settings
 from tests.integration.test_up import (
     RunningPipeline,
@@ -38,7 +39,7 @@ def committed_raw_batches(bootstrap_servers: str) -> int:
         try:
             partitions = [
                 TopicPartition(defaults.kafka.topics.raw, number)
-                for number in range(defaults.kafka.topics.partitions)
+                for number in range(embedded_topics(defaults.kafka.topics).partitions)
             ]
             offsets = await admin.list_consumer_group_offsets(
                 defaults.processor.group_id, partitions=partitions

@@ -17,7 +17,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ingest.app import PublishError, PublishRejected, create_app
+from ingest.app import THREAD_HASH_MIN_BYTES, PublishError, PublishRejected, create_app
 from schemas.raw_batch import RawBatch
 from sgpipe.runtime import metrics
 from sgpipe.runtime.health import Readiness, serve_health
@@ -719,3 +719,46 @@ async def raw_post_declared_length(client: Client, declared: int, body: bytes) -
     finally:
         writer.close()
     return int(response.split(b" ", 2)[1]), response
+
+
+# --- large bodies: hashed in a worker thread --------------------------------------------------
+
+
+async def test_a_large_body_is_verified_in_a_thread_like_a_small_one() -> None:
+    events = [
+        f'{{"email":"u{index}@example.com","event":"delivered","sg_event_id":"e{index}"}}'
+        for index in range(THREAD_HASH_MIN_BYTES // 40)
+    ]
+    body = ("[" + ",\r\n".join(events) + "]\r\n").encode()
+    assert len(body) >= THREAD_HASH_MIN_BYTES
+    settings = Settings.model_validate(
+        {
+            "webhooks": [{"name": "main", "public_keys": [FRESH_PUBLIC_KEY]}],
+            "ingest": {"max_body_bytes": 4 * len(body)},
+        }
+    )
+    publisher = RecordingPublisher()
+    timestamp = str(int(time.time()))
+
+    def headers(signed_at: str) -> dict[str, str]:
+        signature = sign(FRESH_PRIVATE_KEY, signed_at, body)
+        return sendgrid_headers(signature=signature, timestamp=signed_at)
+
+    def repeated(kind: str) -> float:
+        return metric("sgpipe_ingest_repeated_batches_total", webhook="main", timestamp=kind)
+
+    resigned = repeated("new")
+    async with TestClient(TestServer(create_app(settings, publisher))) as client:
+        accepted = await client.post("/webhooks/main", data=body, headers=headers(timestamp))
+        tampered = await client.post(
+            "/webhooks/main", data=body.replace(b"u7@", b"u8@"), headers=headers(timestamp)
+        )
+        await assert_error(tampered, 401, "invalid_signature")
+        retried = await client.post(
+            "/webhooks/main", data=body, headers=headers(str(int(timestamp) + 60))
+        )
+
+    assert accepted.status == 200
+    assert retried.status == 200
+    assert [batch.body for batch in publisher.batches] == [body, body]
+    assert repeated("new") == resigned + 1

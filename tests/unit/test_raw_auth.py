@@ -383,3 +383,42 @@ def test_a_replay_of_a_forged_record_is_forecast_to_be_dead_lettered_again() -> 
 
 def processor_stage_authenticator() -> RawRecordAuthenticator:
     return RawRecordAuthenticator((NEW_KEY, OLD_KEY))
+
+
+# MACs computed by the first implementation (schemas/raw_auth.py as merged with issue 15): a
+# record signed by an ingress of one version must verify in a processor of another, so the
+# canonical input may be built faster but never differently.
+@pytest.mark.parametrize(
+    ("value", "headers", "expected"),
+    [
+        (
+            b'[{"event":"delivered"}]',
+            [
+                ("sgpipe-format", b"sendgrid-event-webhook-v1"),
+                ("sgpipe-webhook", b"main"),
+                ("sgpipe-request-id", b"req-1"),
+                ("sgpipe-request-id", None),
+                ("tracing", b"x"),
+            ],
+            "1a5964a842c3a11c03d06e35ce6894189f114c1e06843a9203510f957fd4a87c",
+        ),
+        (
+            None,
+            [
+                ("sgpipe-format", b"sendgrid-event-webhook-v1"),
+                ("sgpipe-webhook", b"main"),
+                ("sgpipe-request-id", b"req-1"),
+                ("sgpipe-request-id", None),
+                ("tracing", b"x"),
+            ],
+            "b938c35913efff424df4c7b94566131e018557e84732b3052d86c9ed724552da",
+        ),
+        (b"", [], "719d0d5cd6e570138d097965b714ffe344aa32ee0222664dd7d890e7a495fdcf"),
+    ],
+)
+def test_the_mac_of_a_fixed_record_never_changes(
+    value: bytes | None, headers: list[tuple[str, bytes]], expected: str
+) -> None:
+    signed = sign_raw_record(OLD_KEY, value, headers)
+    assert signed[-1] == (RAW_HMAC_HEADER, f"v1:k1:{expected}".encode("ascii"))
+    assert verify_raw_record([OLD_KEY], value, signed) == OLD_KEY
