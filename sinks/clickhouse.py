@@ -36,7 +36,7 @@ from sgpipe.runtime.errors import FatalStageError
 from sgpipe.runtime.migrations import MigrationError, Target, migrate, plan_migrations
 from sgpipe.runtime.settings import ClickHouseSettings
 from sgpipe.runtime.stage import BatchInfo
-from sinks.rows import EMAIL_EVENT_COLUMNS, EventRow, avro_container, to_columns
+from sinks.rows import EMAIL_EVENT_COLUMNS, EventRow, row_binary_body, to_columns
 
 log = structlog.get_logger(__name__)
 
@@ -195,9 +195,9 @@ class ClickHouseWriter(TableWriter[Mapping[str, Any]]):
         summary = await client.raw_insert(
             self._table,
             list(EMAIL_EVENT_COLUMNS),
-            avro_container(outputs),
+            row_binary_body(outputs),
             settings=insert_settings(batch, cluster=self._settings.cluster is not None),
-            fmt="Avro",
+            fmt="RowBinary",
         )
         self._inserted(outputs, summary, started)
         # One observation per insert, for its oldest event: an upper bound of the 2xx -> row

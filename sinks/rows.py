@@ -25,7 +25,6 @@ records, as clickhouse-connect inserts it (datetimes for ``DateTime64``, dicts f
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final
@@ -35,10 +34,16 @@ from schemas.avro_compiled import (
     compile_reader,
     compile_scanner,
     compile_writer,
-    zigzag_varint,
 )
 from schemas.email_event import EmailEventCodec, current_schema
-from schemas.event_fields import EVENT_FIELDS, FIELD_NAMES, IntegerType, RecordType
+from schemas.event_fields import (
+    EVENT_FIELDS,
+    FIELD_NAMES,
+    IntegerType,
+    RecordType,
+    clickhouse_columns,
+)
+from sinks.row_binary import RowBinaryBody, compile_transcoder
 
 # The columns the sink writes; the table's others (inserted_at) have defaults.
 EMAIL_EVENT_COLUMNS: Final[tuple[str, ...]] = FIELD_NAMES
@@ -129,6 +134,7 @@ class EventRow(Mapping[str, Any]):
 
 
 _CURRENT_SCHEMA: Final = json.loads(current_schema().text)
+_COLUMN_TYPES: Final = dict(clickhouse_columns())
 _read_current = compile_reader(_CURRENT_SCHEMA)
 _write_current = compile_writer(_CURRENT_SCHEMA)
 _scan_current = compile_scanner(
@@ -173,35 +179,14 @@ class EventRows:
         return EventRow(body, received_at_ms, record)
 
 
-# The container's sync marker: any 16 bytes do (a reader compares it after each block, it
-# does not search for it); a fixed one keeps a retried batch's body byte-identical.
-_SYNC_MARKER: Final = hashlib.md5(current_schema().text.encode(), usedforsecurity=False).digest()
+_TRANSCODE: Final = compile_transcoder(
+    _CURRENT_SCHEMA, [(name, _COLUMN_TYPES[name]) for name in EMAIL_EVENT_COLUMNS]
+)
 
 
-def _container_header() -> bytes:
-    metadata = {b"avro.schema": current_schema().text.encode(), b"avro.codec": b"null"}
-    parts = [b"Obj\x01", zigzag_varint(len(metadata))]
-    for key, value in metadata.items():
-        parts += [zigzag_varint(len(key)), key, zigzag_varint(len(value)), value]
-    parts += [b"\x00", _SYNC_MARKER]
-    return b"".join(parts)
-
-
-_CONTAINER_HEADER: Final = _container_header()
-
-
-def avro_container(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """``rows`` as one Avro Object Container File of the current schema, one block, no
-    compression (what ``INSERT ... FORMAT Avro`` reads). An ``EventRow`` goes in as its body;
-    a decoded record (a dict, as tests and tools build them) is encoded."""
+def row_binary_body(rows: Sequence[Mapping[str, Any]]) -> RowBinaryBody:
+    """The body of ``INSERT INTO email_events (EMAIL_EVENT_COLUMNS) FORMAT RowBinary`` for
+    ``rows``. An ``EventRow`` goes in as its Avro body, transcoded; a decoded record (a dict,
+    as tests and tools build them) is encoded first."""
     bodies = [row.body if isinstance(row, EventRow) else _write_current(dict(row)) for row in rows]
-    data = b"".join(bodies)
-    return b"".join(
-        (
-            _CONTAINER_HEADER,
-            zigzag_varint(len(bodies)),
-            zigzag_varint(len(data)),
-            data,
-            _SYNC_MARKER,
-        )
-    )
+    return RowBinaryBody(bodies, _TRANSCODE)
