@@ -184,9 +184,9 @@ _TRANSCODE: Final = compile_transcoder(
 )
 
 
-def row_binary_body(rows: Sequence[Mapping[str, Any]]) -> RowBinaryBody:
+def row_binary_body(rows: Sequence[Mapping[str, Any]], chunk_rows: int = 2_000) -> RowBinaryBody:
     """The body of ``INSERT INTO email_events (EMAIL_EVENT_COLUMNS) FORMAT RowBinary`` for
     ``rows``. An ``EventRow`` goes in as its Avro body, transcoded; a decoded record (a dict,
     as tests and tools build them) is encoded first."""
     bodies = [row.body if isinstance(row, EventRow) else _write_current(dict(row)) for row in rows]
-    return RowBinaryBody(bodies, _TRANSCODE)
+    return RowBinaryBody(bodies, _TRANSCODE, chunk_rows)
