@@ -102,3 +102,43 @@ async def test_the_sink_stores_what_an_insert_of_the_decoded_records_stores(
         assert stored[0] == stored[1]
         count = await client.query("SELECT count() FROM sink.email_events")
         assert count.result_rows == [(len(rows),)]
+
+
+async def test_a_retried_batch_is_stored_once_in_every_table(tmp_path: Path) -> None:
+    # Mutation caught: a write that returns before ClickHouse acknowledged the insert. A batch
+    # of several chunks and many network reads: ClickHouse must still see one block per
+    # insert, the same on the retry (else the views' tables would count a retry again).
+    rows_of = EventRows(CODEC)
+    rows = [
+        rows_of.row(
+            CODEC.encode(
+                {
+                    "sg_event_id": f"e{index}",
+                    "event": ("delivered", "open", "click")[index % 3],
+                    "event_time": 1_735_689_600_000 + index,
+                    "sg_message_id": f"m{index % 500}",
+                    "raw": "x" * 600,
+                }
+            )
+        )
+        for index in range(5_000)
+    ]
+    batch = BatchInfo({("events", 3): (100, 100 + len(rows) - 1)})
+
+    tables = (
+        "SELECT table, sum(rows) FROM system.parts WHERE database = 'sink' AND active "
+        "GROUP BY table ORDER BY table"
+    )
+    async with served_clickhouse(tmp_path / "ch") as url, clickhouse_client(url) as client:
+        writer = ClickHouseWriter(ClickHouseSettings(url=url, database="sink"), None, stage="sink")
+        await writer.start()
+        try:
+            await writer.write(rows, batch)
+            once = (await client.query(tables)).result_rows
+            await writer.write(rows, batch)  # the retry: ClickHouse had stored it
+            assert (await client.query(tables)).result_rows == once
+        finally:
+            await writer.stop()
+        stored = dict(once)
+        assert stored["email_events"] == len(rows)
+        assert len(stored) > 3 and all(stored.values()), stored  # the views' tables too
