@@ -139,6 +139,6 @@ async def test_a_retried_batch_is_stored_once_in_every_table(tmp_path: Path) -> 
             assert (await client.query(tables)).result_rows == once
         finally:
             await writer.stop()
-        stored = dict(once)
+        stored: dict[str, int] = {str(row[0]): int(row[1]) for row in once}
         assert stored["email_events"] == len(rows)
         assert len(stored) > 3 and all(stored.values()), stored  # the views' tables too
