@@ -181,8 +181,9 @@ def insert_settings(batch: BatchInfo, *, cluster: bool = False) -> dict[str, Any
 
 class ClickHouseWriter(TableWriter[Mapping[str, Any]]):
     """Inserts batches of email events into ``{database}.email_events``: each batch as one
-    Avro container (``INSERT ... FORMAT Avro``), which ClickHouse reads itself. The rows are
-    the sink's ``EventRow``s (their Avro bodies go in as they are) or decoded records."""
+    ``INSERT ... FORMAT RowBinary``, its rows' Avro bodies transcoded chunk by chunk while
+    ClickHouse reads (``sinks.rows.row_binary_body``); ``write`` returns once ClickHouse
+    acknowledged the whole insert. The rows are the sink's ``EventRow``s or decoded records."""
 
     def __init__(self, settings: ClickHouseSettings, url: str | None, *, stage: str) -> None:
         super().__init__(settings, url, stage=stage, table=EMAIL_EVENTS)

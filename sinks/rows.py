@@ -1,10 +1,9 @@
 """Map: EmailEvent records on the events topic -> what the sink inserts (pure).
 
-The sink does not decode the records it writes: ClickHouse reads their Avro itself (the
-writer sends a batch as one Avro Object Container File, ``INSERT ... FORMAT Avro``;
-``avro_container``), which is what keeps the sink near the speed of a bare insert
-(bench/sink.py). Decoding each record in Python, then serializing the values again for the
-driver, was most of the sink's time (issue 16).
+The sink does not decode the records it writes: a batch goes to ClickHouse as the records' Avro
+bodies, transcoded to ``RowBinary`` by the writer (``row_binary_body``; sinks/row_binary.py).
+Decoding each record in Python, then serializing the values again for the driver, was most of
+the sink's time (issue 16; bench/sink.py).
 
 What it does per record instead (``EventRows.row``): for a record framed with the current
 schema, a compiled scan of its bytes (``schemas.avro_compiled.compile_scanner``) that

@@ -8,9 +8,9 @@ it becomes a row or a rejection (to the dead-letter topic), never a stop: bytes 
 framing or damaged Avro (``undecodable_event``), a writer schema nobody here knows
 (``unknown_schema``: a fingerprint of no released version, a registry id with no registry
 configured or one the registry does not know), a value its column cannot hold
-(``unwritable_event``). Writer: one ``INSERT ... FORMAT Avro`` per batch
-(``sink.batch_max_records`` / ``sink.batch_max_seconds``), ClickHouse reading the rows' Avro
-itself. The runtime commits a batch's offsets only after ClickHouse accepted its insert.
+(``unwritable_event``). Writer: one ``INSERT ... FORMAT RowBinary`` per batch
+(``sink.batch_max_records`` / ``sink.batch_max_seconds``), the rows' Avro bodies transcoded
+chunk by chunk. The runtime commits a batch's offsets only after ClickHouse accepted its insert.
 
 ``run_sink`` (``sgpipe sink``) also runs the dead-letter sink (``sinks.dead_letters``), so that
 one Deployment keeps both tables current, behind one health endpoint.
