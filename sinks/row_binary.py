@@ -1,4 +1,4 @@
-"""Avro bodies -> ClickHouse ``RowBinary``: what the sink inserts (pure).
+"""Avro bodies -> ClickHouse ``RowBinary``: the body of the sink's inserts.
 
 Why by hand: ClickHouse reads Avro itself (``FORMAT Avro``), but its Avro reader cost ~10 µs
 of CPU per event row more than ``RowBinary`` (measured with the migrations' table on the
