@@ -420,3 +420,216 @@ def compile_reader(schema: dict[str, Any]) -> Callable[[bytes], dict[str, Any]]:
     exec(compile(source, f"<avro reader for {schema.get('name')}>", "exec"), namespace)
     reader: Callable[[bytes], dict[str, Any]] = namespace["read"]
     return reader
+
+
+# --- scanner -----------------------------------------------------------------------------------
+
+
+class NotScanned(ValueError):
+    """The scanner does not vouch for these bytes: not a well-formed record in the canonical
+    form it accepts, or a value outside its allowed range. Not a verdict on the record: the
+    caller decodes it (``compile_reader``/fastavro) to learn what it is."""
+
+
+# Timestamps the reader can turn into datetimes (years 1 to 9999); it raises beyond them.
+_TIMESTAMP_MIN: Final = -62_135_596_800_000
+_TIMESTAMP_MAX: Final = 253_402_300_799_999
+
+
+class _ScannerCompiler:
+    """Emits ``scan(d, p) -> (end, captured)``: walks one record, builds no values."""
+
+    def __init__(self, ranges: dict[str, tuple[int, int]], capture: str | None) -> None:
+        self.lines: list[str] = []
+        self.constants: dict[str, Any] = {}
+        self._counter = 0
+        self._ranges = ranges
+        self._capture = capture
+
+    def name(self, prefix: str) -> str:
+        self._counter += 1
+        return f"{prefix}{self._counter}"
+
+    def constant(self, value: Any) -> str:
+        name = self.name("_c")
+        self.constants[name] = value
+        return name
+
+    def emit(self, indent: int, line: str) -> None:
+        self.lines.append("    " * indent + line)
+
+    def value(self, schema: Any, path: str, indent: int, target: str | None = None) -> None:
+        """Check one value of ``schema`` at ``p`` and advance ``p`` past it; a long or a
+        timestamp is left in ``target`` when given."""
+        if isinstance(schema, list):
+            self.union(schema, path, indent)
+            return
+        kind = schema if isinstance(schema, str) else schema.get("type")
+        logical = schema.get("logicalType") if isinstance(schema, dict) else None
+        if kind == "long" and logical == "timestamp-millis":
+            self.timestamp(target, indent)
+        elif logical is not None and not isinstance(kind, dict):
+            raise UnsupportedSchema(f"logical type {logical!r}")
+        elif kind == "string":
+            self.text(indent)
+        elif kind == "long":
+            low, high = self._ranges.get(path, (_LONG_MIN, _LONG_MAX))
+            self.long(target or "v", max(low, _LONG_MIN), min(high, _LONG_MAX), indent)
+        elif kind == "int":
+            low, high = self._ranges.get(path, (_INT_MIN, _INT_MAX))
+            self.long(target or "v", max(low, _INT_MIN), min(high, _INT_MAX), indent)
+        elif kind == "boolean":
+            self.emit(indent, "if d[p] > 1: raise _NotScanned('boolean')")
+            self.emit(indent, "p += 1")
+        elif kind == "null":
+            pass
+        elif kind in ("array", "map"):
+            self.blocks(schema, path, indent)
+        elif kind == "record":
+            self.record(schema, path, indent)
+        elif isinstance(kind, dict | list):
+            self.value(kind, path, indent, target)
+        else:
+            raise UnsupportedSchema(f"Avro type {kind!r}")
+
+    def length(self, target: str, indent: int) -> None:
+        """A length or block count: non-negative (a negative block count, which the spec
+        allows, is left to the reader). Inline up to two varint bytes (below 8,192)."""
+        self.emit(indent, f"{target} = d[p]")
+        self.emit(indent, f"if {target} < 0x80:")
+        self.emit(indent + 1, "p += 1")
+        self.emit(indent, "elif d[p + 1] < 0x80:")
+        self.emit(indent + 1, f"{target} = ({target} & 0x7F) | (d[p + 1] << 7)")
+        self.emit(indent + 1, "p += 2")
+        self.emit(indent, "else:")
+        self.emit(indent + 1, f"{target}, p = _read_long(d, p)")
+        self.emit(indent + 1, f"{target} = {target} << 1 if {target} >= 0 else 1")
+        # Zig-zag: an odd number is a negative length.
+        self.emit(indent, f"if {target} & 1: raise _NotScanned('negative length')")
+        self.emit(indent, f"{target} >>= 1")
+
+    def timestamp(self, target: str | None, indent: int) -> None:
+        """A timestamp-millis within the reader's years. Inline for the six-byte varints of
+        every date from 1970 +- 69 years (any of them is within those years)."""
+        self.emit(
+            indent,
+            "if d[p + 5] < 0x80 and d[p + 4] > 0x7F and d[p + 3] > 0x7F and "
+            "d[p + 2] > 0x7F and d[p + 1] > 0x7F and d[p] > 0x7F:",
+        )
+        if target is not None:
+            self.emit(
+                indent + 1,
+                f"{target} = (d[p] & 0x7F) | (d[p + 1] & 0x7F) << 7 | (d[p + 2] & 0x7F) << 14 "
+                "| (d[p + 3] & 0x7F) << 21 | (d[p + 4] & 0x7F) << 28 | d[p + 5] << 35",
+            )
+            self.emit(indent + 1, f"{target} = ({target} >> 1) ^ -({target} & 1)")
+        self.emit(indent + 1, "p += 6")
+        self.emit(indent, "else:")
+        self.long(target or "v", _TIMESTAMP_MIN, _TIMESTAMP_MAX, indent + 1)
+
+    def text(self, indent: int, key_set: str | None = None) -> None:
+        # Valid UTF-8 (the reader decodes it); a map key also unique (the reader keeps the
+        # last of equal keys, ClickHouse's Map would keep both).
+        length = self.name("n")
+        self.length(length, indent)
+        self.emit(indent, f"if {length}:")
+        self.emit(indent + 1, f"q = p + {length}")
+        self.emit(indent + 1, "if q > e: raise EOFError('truncated Avro string')")
+        if key_set is None:
+            self.emit(indent + 1, "d[p:q].decode()")
+            self.emit(indent + 1, "p = q")
+            return
+        self.emit(indent + 1, "k = d[p:q]")
+        self.emit(indent + 1, "k.decode()")
+        self.emit(indent + 1, "p = q")
+        self.emit(indent, "else:")
+        self.emit(indent + 1, "k = b''")
+        self.emit(indent, f"if k in {key_set}: raise _NotScanned('duplicate map key')")
+        self.emit(indent, f"{key_set}.add(k)")
+
+    def long(self, target: str, low: int, high: int, indent: int) -> None:
+        self.emit(indent, f"{target} = d[p]")
+        self.emit(
+            indent, f"if {target} < 0x80: {target} = ({target} >> 1) ^ -({target} & 1); p += 1"
+        )
+        self.emit(indent, f"else: {target}, p = _read_long(d, p)")
+        self.emit(indent, f"if not {low} <= {target} <= {high}: raise _NotScanned('out of range')")
+
+    def union(self, branches: list[Any], path: str, indent: int) -> None:
+        names = [b if isinstance(b, str) else b.get("type") for b in branches]
+        if len(branches) != 2 or "null" not in names:
+            raise UnsupportedSchema(f"union {names!r}")
+        null_index = names.index("null")
+        self.emit(indent, "u = d[p]")
+        self.emit(indent, "p += 1")
+        # Branch indexes 0 and 1 are the bytes 00 and 02 (zig-zag).
+        self.emit(indent, f"if u == {2 * (1 - null_index)}:")
+        self.value(branches[1 - null_index], path, indent + 1)
+        self.emit(indent, f"elif u != {2 * null_index}: raise _NotScanned('union branch')")
+
+    def blocks(self, schema: dict[str, Any], path: str, indent: int) -> None:
+        count = self.name("n")
+        keys = self.name("ks") if schema["type"] == "map" else None
+        if keys is not None:
+            self.emit(indent, f"{keys} = set()")
+        self.length(count, indent)
+        self.emit(indent, f"while {count}:")
+        self.emit(indent + 1, f"for _ in range({count}):")
+        if keys is not None:
+            self.text(indent + 2, keys)
+            self.value(schema["values"], path, indent + 2)
+        else:
+            self.value(schema["items"], path, indent + 2)
+        self.length(count, indent + 1)
+
+    def record(self, schema: dict[str, Any], path: str, indent: int) -> None:
+        prefix = f"{path}." if path else ""
+        for field in schema["fields"]:
+            self.field(field, prefix, indent)
+
+    def field(self, field: dict[str, Any], prefix: str, indent: int) -> None:
+        captured = "captured" if not prefix and field["name"] == self._capture else None
+        if captured is None and "default" in field and _default_bytes(field) == b"\x00":
+            # The default alone: one zero byte (an empty string, list or map, 0, false, null
+            # as a union's first branch), the commonest value of most fields.
+            self.emit(indent, "if d[p] == 0: p += 1")
+            self.emit(indent, "else:")
+            indent += 1
+        self.value(field["type"], prefix + field["name"], indent, captured)
+
+
+def compile_scanner(
+    schema: dict[str, Any],
+    ranges: dict[str, tuple[int, int]] | None = None,
+    capture: str | None = None,
+) -> Callable[[bytes, int], tuple[int, int]]:
+    """``scan(data, start) -> (end, captured)``: checks that ``data[start:]`` begins with a
+    record of ``schema`` that ``compile_reader`` reads without error and that any Avro reader
+    reads as the same values, and returns where it ends (bytes after it are not the record's)
+    and the value of the top-level long or timestamp field ``capture`` (0 without one).
+
+    It builds no values (a few times cheaper than reading), and vouches only for what it can
+    check cheaply: lengths and counts non-negative, booleans 0 or 1, union branches 0 or 1 in
+    one byte, strings and map keys valid UTF-8, map keys unique, timestamps within the years
+    the reader can represent, and each long in ``ranges`` (by dotted path: ``pool.id``) within
+    its bounds (else the 64-bit range; ``int`` the 32-bit one). Anything else raises: NotScanned,
+    EOFError or IndexError (truncated), ValueError (UnicodeDecodeError, an over-long varint);
+    the caller then reads the record to learn what it is."""
+    if schema.get("type") != "record":
+        raise UnsupportedSchema("the schema must be a record")
+    compiler = _ScannerCompiler(dict(ranges or {}), capture)
+    compiler.emit(1, "e = len(d)")
+    compiler.emit(1, "captured = 0")
+    compiler.record(schema, "", 1)
+    compiler.emit(1, "if p > e: raise EOFError('truncated Avro record')")
+    compiler.emit(1, "return p, captured")
+    source = "def scan(d, p):\n" + "\n".join(compiler.lines) + "\n"
+    namespace: dict[str, Any] = {
+        "_read_long": read_long,
+        "_NotScanned": NotScanned,
+        **compiler.constants,
+    }
+    # As for the writer: the code comes from a schema sgpipe ships, never from input data.
+    exec(compile(source, f"<avro scanner for {schema.get('name')}>", "exec"), namespace)
+    scanner: Callable[[bytes, int], tuple[int, int]] = namespace["scan"]
+    return scanner

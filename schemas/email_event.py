@@ -176,6 +176,18 @@ class EmailEventCodec:
             raise SerializationError("EmailEvent payload did not decode to a record")
         return record
 
+    def current_body_start(self, payload: bytes) -> int | None:
+        """Where the Avro body of ``payload`` starts when its framing names the current schema
+        (by fingerprint, or by a registry id known to be it), else None: another version, a
+        schema not known here, or no framing (``decode`` says which). Lets a consumer take
+        the body as it is, without decoding it."""
+        if payload[:2] == SINGLE_OBJECT_MAGIC and len(payload) >= 10:
+            return 10 if payload[2:10] == self.fingerprint else None
+        if payload[:1] == CONFLUENT_MAGIC and len(payload) >= 5:
+            known = self._by_schema_id.get(int.from_bytes(payload[1:5], "big"))
+            return 5 if known is self._reader else None
+        return None
+
     def _writer_schema(self, payload: bytes) -> tuple[dict[str, Any], bytes]:
         if payload[:2] == SINGLE_OBJECT_MAGIC and len(payload) >= 10:
             known = self._by_fingerprint.get(payload[2:10])

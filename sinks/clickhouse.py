@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
 import structlog
 from clickhouse_connect.driver.asyncclient import AsyncClient
+from clickhouse_connect.driver.summary import QuerySummary
 
 from schemas.event_fields import clickhouse_columns
 from sgpipe.runtime import metrics
@@ -36,7 +37,7 @@ from sgpipe.runtime.errors import FatalStageError
 from sgpipe.runtime.migrations import MigrationError, Target, migrate, plan_migrations
 from sgpipe.runtime.settings import ClickHouseSettings
 from sgpipe.runtime.stage import BatchInfo
-from sinks.rows import EMAIL_EVENT_COLUMNS, to_columns
+from sinks.rows import EMAIL_EVENT_COLUMNS, EventRow, row_binary_body, to_columns
 
 log = structlog.get_logger(__name__)
 
@@ -99,16 +100,23 @@ class TableWriter(Generic[T]):
             raise ConnectionError("ClickHouse does not answer ping")
 
     async def write(self, outputs: Sequence[T], batch: BatchInfo) -> None:
-        if self._client is None:
-            raise RuntimeError(f"{type(self).__name__}.write before start")
+        client = self._started()
         started = time.monotonic()
-        summary = await self._client.insert(
+        summary = await client.insert(
             self._table,
             self._spec.to_columns(outputs),
             column_names=list(self._spec.columns),
             column_oriented=True,
             settings=insert_settings(batch, cluster=self._settings.cluster is not None),
         )
+        self._inserted(outputs, summary, started)
+
+    def _started(self) -> AsyncClient:
+        if self._client is None:
+            raise RuntimeError(f"{type(self).__name__}.write before start")
+        return self._client
+
+    def _inserted(self, outputs: Sequence[T], summary: QuerySummary, started: float) -> None:
         metrics.CLICKHOUSE_INSERT_SECONDS.labels(self._stage, self._spec.name).observe(
             time.monotonic() - started
         )
@@ -175,23 +183,44 @@ def insert_settings(batch: BatchInfo, *, cluster: bool = False) -> dict[str, Any
     return settings
 
 
-class ClickHouseWriter(TableWriter[dict[str, Any]]):
-    """Inserts column-oriented batches of decoded email events into ``{database}.email_events``."""
+class ClickHouseWriter(TableWriter[Mapping[str, Any]]):
+    """Inserts batches of email events into ``{database}.email_events``: each batch as one
+    ``INSERT ... FORMAT RowBinary``, its rows' Avro bodies transcoded chunk by chunk while
+    ClickHouse reads (``sinks.rows.row_binary_body``); ``write`` returns once ClickHouse
+    acknowledged the whole insert. The rows are the sink's ``EventRow``s or decoded records."""
 
     def __init__(self, settings: ClickHouseSettings, url: str | None, *, stage: str) -> None:
         super().__init__(settings, url, stage=stage, table=EMAIL_EVENTS)
 
-    async def write(self, outputs: Sequence[dict[str, Any]], batch: BatchInfo) -> None:
-        await super().write(outputs, batch)
+    async def write(self, outputs: Sequence[Mapping[str, Any]], batch: BatchInfo) -> None:
+        client = self._started()
+        if not outputs:
+            return
+        started = time.monotonic()
+        summary = await client.raw_insert(
+            self._table,
+            list(EMAIL_EVENT_COLUMNS),
+            row_binary_body(outputs),
+            settings=insert_settings(batch, cluster=self._settings.cluster is not None),
+            fmt="RowBinary",
+        )
+        self._inserted(outputs, summary, started)
         # One observation per insert, for its oldest event: an upper bound of the 2xx -> row
         # latency of every event in it, at the cost of one pass over the batch.
-        oldest = min(
-            (row["received_at"] for row in outputs if row.get("received_at")), default=None
-        )
-        if isinstance(oldest, datetime):
+        oldest = min((received_at_ms(row) for row in outputs), default=None)
+        if oldest is not None:
             metrics.RECEIVED_TO_STORED_SECONDS.labels(self._stage).observe(
-                max(time.time() - oldest.timestamp(), 0.0)
+                max(time.time() - oldest / 1000, 0.0)
             )
+
+
+def received_at_ms(row: Mapping[str, Any]) -> int:
+    if isinstance(row, EventRow):
+        return row.received_at_ms
+    received_at = row["received_at"]
+    if isinstance(received_at, datetime):
+        return int(received_at.timestamp() * 1000)
+    return int(received_at)
 
 
 def missing_columns(columns: Sequence[str]) -> Callable[[dict[str, str]], list[str]]:
@@ -233,6 +262,6 @@ def _value_type(clickhouse_type: str) -> str:
     return clickhouse_type
 
 
-EMAIL_EVENTS: Table[dict[str, Any]] = Table(
+EMAIL_EVENTS: Table[Mapping[str, Any]] = Table(
     EMAIL_EVENTS_TABLE, EMAIL_EVENT_COLUMNS, to_columns, table_mismatches
 )

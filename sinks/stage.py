@@ -2,13 +2,15 @@
 
 Steps: with a schema registry (``kafka.events_format: confluent``), fetch the writer schemas a
 batch names that are not known yet (registry unreachable: retried, holding the batch); then
-decode each record. Whatever a record's bytes, it becomes a row or a rejection (to the
-dead-letter topic), never a stop: bytes in no known framing or damaged Avro
-(``undecodable_event``), a writer schema nobody here knows (``unknown_schema``: a fingerprint
-of no released version, a registry id with no registry configured or one the registry does
-not know), a value its column cannot hold (``unwritable_event``). Writer: a column-oriented
-insert per batch (``sink.batch_max_records`` / ``sink.batch_max_seconds``). The runtime
-commits a batch's offsets only after ClickHouse accepted its insert.
+make each record a row (``sinks.rows.EventRows``: the record's Avro body, checked without
+decoding it when it is in the current schema, decoded otherwise). Whatever a record's bytes,
+it becomes a row or a rejection (to the dead-letter topic), never a stop: bytes in no known
+framing or damaged Avro (``undecodable_event``), a writer schema nobody here knows
+(``unknown_schema``: a fingerprint of no released version, a registry id with no registry
+configured or one the registry does not know), a value its column cannot hold
+(``unwritable_event``). Writer: one ``INSERT ... FORMAT RowBinary`` per batch
+(``sink.batch_max_records`` / ``sink.batch_max_seconds``), the rows' Avro bodies transcoded
+chunk by chunk. The runtime commits a batch's offsets only after ClickHouse accepted its insert.
 
 ``run_sink`` (``sgpipe sink``) also runs the dead-letter sink (``sinks.dead_letters``), so that
 one Deployment keeps both tables current, behind one health endpoint.
@@ -37,7 +39,7 @@ from sgpipe.runtime.settings import Settings
 from sgpipe.runtime.stage import UNKNOWN_SCHEMA, ConsumerStage, StageOptions, Transformed
 from sinks.clickhouse import ClickHouseWriter
 from sinks.dead_letters import dead_letter_stage
-from sinks.rows import out_of_range
+from sinks.rows import EventRow, EventRows, UnwritableEvent
 
 # Said of a Confluent-framed record when nothing could look its id up.
 _NO_REGISTRY = " (no schema registry is configured: kafka.events_format is not confluent)"
@@ -48,7 +50,7 @@ def sink_stage(
     clickhouse_url: str | None = None,
     codec: EmailEventCodec | None = None,
     registry: WriterSchemas | None = None,
-) -> ConsumerStage[dict[str, Any]]:
+) -> ConsumerStage[EventRow]:
     """``clickhouse_url`` overrides ``clickhouse.url`` (the embedded store's address);
     ``codec`` knows the registry ids of the Confluent format (``open_event_codec``);
     ``registry`` (open for as long as the stage runs) fetches the ids it does not know.
@@ -58,10 +60,11 @@ def sink_stage(
     have written it, but so may anyone who can produce to the topic; a deploy that puts a newer
     processor before its sinks trips the dead-letter limit, which pauses the sink."""
     codec = codec or EmailEventCodec()
+    rows = EventRows(codec)
 
-    def transform(message: Message) -> Transformed[dict[str, Any]]:
+    def transform(message: Message) -> Transformed[EventRow]:
         try:
-            record = codec.decode(message.value or b"")
+            row = rows.row(message.value or b"")
         except SerializationError as exc:
             return Transformed(rejections=[Rejection("undecodable_event", str(exc))])
         except UnknownWriterSchema as exc:
@@ -69,10 +72,9 @@ def sink_stage(
             if exc.schema_id is not None and registry is None:
                 detail += _NO_REGISTRY
             return Transformed(rejections=[Rejection(UNKNOWN_SCHEMA, detail)])
-        problem = out_of_range(record)
-        if problem is not None:
-            return Transformed(rejections=[Rejection("unwritable_event", problem)])
-        return Transformed([record])
+        except UnwritableEvent as exc:
+            return Transformed(rejections=[Rejection("unwritable_event", str(exc))])
+        return Transformed([row])
 
     async def fetch_writer_schemas(messages: Sequence[Message]) -> None:
         if registry is not None:
