@@ -52,22 +52,38 @@ def run_sgpipe_in_process(
         monkeypatch.setenv(name, value)
     reached: list[str] = []
     _set_tripwires(monkeypatch, reached)
-    stdout, stderr = io.StringIO(), io.StringIO()
+    # Text streams over bytes, as a process's: a command may write to ``sys.stdout.buffer``.
+    stdout, stderr = _output_stream(), _output_stream()
     umask = os.umask(0o022)
     os.umask(umask)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = main(list(argv))
+            try:
+                code = main(list(argv))
+            except SystemExit as exit:  # argparse: a usage error (2), --help, --version (0)
+                code = exit.code if isinstance(exit.code, int) else 1
     finally:
         os.umask(umask)
         # Back to the real stderr: the redirected stream is gone after this call.
         configure_logging()
+    result = CliResult(code, _written(stdout), _written(stderr))
     if reached:
         raise AssertionError(
             f"sgpipe {' '.join(argv)} went past its start checks ({reached[0]}) instead of "
-            f"refusing; exit {code}, stderr:\n{stderr.getvalue()}"
+            f"refusing; exit {code}, stderr:\n{result.stderr}"
         )
-    return CliResult(code, stdout.getvalue(), stderr.getvalue())
+    return result
+
+
+def _output_stream() -> io.TextIOWrapper:
+    return io.TextIOWrapper(io.BytesIO(), encoding="utf-8", newline="", write_through=True)
+
+
+def _written(stream: io.TextIOWrapper) -> str:
+    stream.flush()
+    buffer = stream.buffer
+    assert isinstance(buffer, io.BytesIO)
+    return buffer.getvalue().decode("utf-8")
 
 
 def _set_tripwires(monkeypatch: pytest.MonkeyPatch, reached: list[str]) -> None:
