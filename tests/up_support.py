@@ -108,8 +108,8 @@ def served_store_answer(data_dir: Path, sql: str) -> str | None:
         writer = load_credentials(data_dir).writer
     except (OSError, ValueError, CredentialsError):
         return None
-    if not state.get("clickhouse_embedded", True) or "clickhouse_url" not in state:
-        return None
+    if not state.get("clickhouse_embedded", True) or not state.get("clickhouse_url"):
+        return None  # no embedded store (yet): a URL of null while it starts
     params = urllib.parse.urlencode({"database": "sgpipe", "default_format": "TabSeparated"})
     request = urllib.request.Request(
         f"{state['clickhouse_url']}/?{params}",
@@ -117,8 +117,12 @@ def served_store_answer(data_dir: Path, sql: str) -> str | None:
         method="POST",
         headers={"X-ClickHouse-User": writer.name, "X-ClickHouse-Key": writer.password},
     )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return str(response.read().decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return str(response.read().decode())
+    except urllib.error.HTTPError as error:
+        error.close()  # its connection, which the caller discarding the error would leak
+        raise
 
 
 def read_state(data_dir: Path) -> dict[str, Any]:
