@@ -1,18 +1,19 @@
 """Support for the simulator's tests: a real HTTP server (an aiohttp app on a free port, served
 from a background thread so that tests can run the CLI, which runs its own event loop, against
-it), and the CLI run as a child process."""
+it), and the CLI run through its entry point."""
 
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
 from aiohttp import web
+
+from tests.cli_in_process import CliResult, run_sgpipe_in_process
 
 
 @dataclass(frozen=True)
@@ -60,13 +61,9 @@ async def record(request: web.Request, into: list[ReceivedRequest]) -> ReceivedR
     return received
 
 
-def run_sgpipe(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    """``sgpipe ARGV`` as a user runs it: a child process (the CLI configures the process's
-    logging, which must not leak into the test process)."""
-    return subprocess.run(
-        [sys.executable, "-m", "sgpipe", *argv],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def run_sgpipe(argv: list[str]) -> CliResult:
+    """``sgpipe ARGV`` through the entry point a shell runs, in this process
+    (tests/cli_in_process.py: its exit code, stdout and stderr, the test process's logging
+    restored after): a child process would only add an interpreter start per run."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return run_sgpipe_in_process(monkeypatch, *argv)

@@ -7,6 +7,7 @@ import json
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,39 @@ def get(url: str, timeout: float = 10) -> tuple[int, str]:
             return int(response.status), str(response.read().decode())
     except urllib.error.HTTPError as error:
         return int(error.code), str(error.read().decode())
+
+
+def served_store_answer(data_dir: Path, sql: str) -> str | None:
+    """What the store that `sgpipe up` serves for ``data_dir`` answers to ``sql`` (TabSeparated,
+    as `sgpipe query` prints it), asked as `sgpipe query` asks it -- over HTTP at the state
+    file's URL, as the data dir's writer -- but from this process. None when no `sgpipe up`
+    has published a store there (no state file); OSError when the query fails (a table not
+    created yet: urllib's HTTPError) or the store does not answer.
+
+    For polling: a `sgpipe query` process per poll costs an interpreter start, seconds of CPU on
+    a busy 2-core machine, taken from the pipeline under test."""
+    from sgpipe.embedded.credentials import CredentialsError, load_credentials
+
+    try:
+        state = read_state(data_dir)
+        writer = load_credentials(data_dir).writer
+    except (OSError, ValueError, CredentialsError):
+        return None
+    if not state.get("clickhouse_embedded", True) or not state.get("clickhouse_url"):
+        return None  # no embedded store (yet): a URL of null while it starts
+    params = urllib.parse.urlencode({"database": "sgpipe", "default_format": "TabSeparated"})
+    request = urllib.request.Request(
+        f"{state['clickhouse_url']}/?{params}",
+        data=sql.encode(),
+        method="POST",
+        headers={"X-ClickHouse-User": writer.name, "X-ClickHouse-Key": writer.password},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return str(response.read().decode())
+    except urllib.error.HTTPError as error:
+        error.close()  # its connection, which the caller discarding the error would leak
+        raise
 
 
 def read_state(data_dir: Path) -> dict[str, Any]:

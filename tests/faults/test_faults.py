@@ -547,6 +547,7 @@ async def test_memory_broker_restarted_empty(
         await broker.stop_async()
 
 
+@FAULTS_A  # on the module's broker and ClickHouse of a fault worker, not a third pair of them
 async def test_replicas_joining_and_leaving_mid_stream(
     durable_broker: BrokerUnderTest,
     clickhouse: ClickHouseUnderTest,

@@ -38,6 +38,7 @@ from tests.faults.ledger import (
 )
 from tests.integration.test_up import SGPIPE, START_TIMEOUT
 from tests.promise_report import REPORT, FaultOutcome
+from tests.up_support import served_store_answer
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -97,6 +98,12 @@ class Up:
         return self.process.returncode
 
     def query(self, sql: str) -> str:
+        """``sql``'s answer as `sgpipe query` prints it; OSError while the store cannot say.
+        Polled every half second: asked over the served store's HTTP interface from this
+        process while `sgpipe up` serves it (tests/up_support.py), else by `sgpipe query`."""
+        answer = served_store_answer(self.data_dir, sql)
+        if answer is not None:
+            return answer
         result = subprocess.run(
             [*SGPIPE, "query", "--config", str(self.config), "--data-dir", str(self.data_dir)]
             + ["--format", "TabSeparated", sql],

@@ -1,7 +1,10 @@
-"""Every way `sgpipe` can fail to start, as a user meets it: a real process, its exit code and
-the exact line it prints. Conflicts exit 2 with one line naming the setting to change and
-leave nothing behind; an unreachable Kafka is retried, then one error line and exit 1, never a
-traceback."""
+"""Every way `sgpipe` can fail to start, as a user meets it: its exit code and the exact line it
+prints. Conflicts exit 2 with one line naming the setting to change and leave nothing behind;
+an unreachable Kafka is retried, then one error line and exit 1, never a traceback.
+
+A refusal that comes before anything starts runs in-process through the CLI's entry point
+(tests/cli_in_process.py: the same exit code and stderr, without a Python start per case); what
+runs a stage -- retries, signals, the process's own exit -- runs as a real process."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ import pytest
 import yaml
 
 from sgpipe.embedded.broker import free_port
+from tests.cli_in_process import CliResult, run_sgpipe_in_process
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
@@ -42,6 +46,16 @@ def sgpipe(
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture
+def sgpipe_in_process(monkeypatch: pytest.MonkeyPatch) -> Callable[..., CliResult]:
+    """``sgpipe_in_process(*argv, env={SGPIPE_*: ...})``: a refusal to start, in-process."""
+
+    def run(*argv: str, env: dict[str, str] | None = None) -> CliResult:
+        return run_sgpipe_in_process(monkeypatch, *argv, env=env)
+
+    return run
 
 
 def write_config(tmp_path: Path, **sections: Any) -> Path:
@@ -94,7 +108,13 @@ def listening() -> Iterator[int]:
     ],
 )
 def test_a_busy_port_is_one_line_naming_the_setting(
-    tmp_path: Path, listening: int, section: str, key: str, variable: str, flag: str
+    tmp_path: Path,
+    listening: int,
+    section: str,
+    key: str,
+    variable: str,
+    flag: str,
+    sgpipe_in_process: Callable[..., CliResult],
 ) -> None:
     # The ingress listens on 0.0.0.0 by default; the held port is on 127.0.0.1, which clashes
     # with both, so the default host is kept.
@@ -102,7 +122,7 @@ def test_a_busy_port_is_one_line_naming_the_setting(
     ports = yaml.safe_load(config.read_text())
     data_dir = tmp_path / "data"
 
-    result = sgpipe(
+    result = sgpipe_in_process(
         "up", "--config", str(config), "--data-dir", str(data_dir), "--log-format", "console"
     )
 
@@ -117,10 +137,12 @@ def test_a_busy_port_is_one_line_naming_the_setting(
     assert processes_mentioning(f"127.0.0.1:{ports['embedded']['kafka_port']}") == []
 
 
-def test_a_busy_port_in_json_mode_is_one_json_line(tmp_path: Path, listening: int) -> None:
+def test_a_busy_port_in_json_mode_is_one_json_line(
+    tmp_path: Path, listening: int, sgpipe_in_process: Callable[..., CliResult]
+) -> None:
     config = write_config(tmp_path, embedded={"kafka_port": listening})
 
-    result = sgpipe("up", "--config", str(config), "--data-dir", str(tmp_path / "data"))
+    result = sgpipe_in_process("up", "--config", str(config), "--data-dir", str(tmp_path / "data"))
 
     assert result.returncode == 2
     lines = result.stderr.splitlines()
@@ -134,11 +156,13 @@ def test_a_busy_port_in_json_mode_is_one_json_line(tmp_path: Path, listening: in
     assert event["exit_code"] == 2
 
 
-def test_two_settings_on_one_port(tmp_path: Path) -> None:
+def test_two_settings_on_one_port(
+    tmp_path: Path, sgpipe_in_process: Callable[..., CliResult]
+) -> None:
     port = free_port()
     config = write_config(tmp_path, ingest={"port": port}, embedded={"kafka_port": port})
 
-    result = sgpipe(
+    result = sgpipe_in_process(
         "up", "--config", str(config), "--data-dir", str(tmp_path / "d"), "--log-format", "console"
     )
 
@@ -149,7 +173,9 @@ def test_two_settings_on_one_port(tmp_path: Path) -> None:
     )
 
 
-def test_a_data_dir_in_use_is_one_line_naming_the_holder(tmp_path: Path) -> None:
+def test_a_data_dir_in_use_is_one_line_naming_the_holder(
+    tmp_path: Path, sgpipe_in_process: Callable[..., CliResult]
+) -> None:
     data_dir = tmp_path / "data"
     # Another process holding the lock exactly as `sgpipe up` does.
     holder = subprocess.Popen(
@@ -170,7 +196,7 @@ def test_a_data_dir_in_use_is_one_line_naming_the_holder(tmp_path: Path) -> None
         config = write_config(tmp_path)
         files_before = sorted(data_dir.rglob("*"))
 
-        result = sgpipe(
+        result = sgpipe_in_process(
             "up", "--config", str(config), "--data-dir", str(data_dir), "--log-format", "console"
         )
 
@@ -224,19 +250,23 @@ def test_a_data_dir_in_use_is_one_line_naming_the_holder(tmp_path: Path) -> None
     ],
 )
 def test_a_configuration_error_is_one_line(
-    tmp_path: Path, args: list[str], variables: dict[str, str], line: str
+    tmp_path: Path,
+    args: list[str],
+    variables: dict[str, str],
+    line: str,
+    sgpipe_in_process: Callable[..., CliResult],
 ) -> None:
     def fill(text: str) -> str:
         return text.replace("{tmp}", str(tmp_path))
 
-    result = sgpipe(
+    result = sgpipe_in_process(
         "up",
         "--data-dir",
         str(tmp_path / "data"),
         "--log-format",
         "console",
         *(fill(arg) for arg in args),
-        env=environment(**{name: fill(value) for name, value in variables.items()}),
+        env={name: fill(value) for name, value in variables.items()},
     )
 
     assert result.returncode == 2
@@ -244,8 +274,10 @@ def test_a_configuration_error_is_one_line(
     assert not (tmp_path / "data").exists()
 
 
-def test_sgpipe_ingest_needs_a_broker_address() -> None:
-    result = sgpipe("ingest", "--log-format", "console")
+def test_sgpipe_ingest_needs_a_broker_address(
+    sgpipe_in_process: Callable[..., CliResult],
+) -> None:
+    result = sgpipe_in_process("ingest", "--log-format", "console")
     assert result.returncode == 2
     assert result.stderr == (
         "sgpipe: kafka.bootstrap_servers must be set (or SGPIPE_KAFKA__BOOTSTRAP_SERVERS); "
@@ -253,16 +285,16 @@ def test_sgpipe_ingest_needs_a_broker_address() -> None:
     )
 
 
-def test_sgpipe_ingest_with_its_port_busy(listening: int) -> None:
-    result = sgpipe(
+def test_sgpipe_ingest_with_its_port_busy(
+    listening: int, sgpipe_in_process: Callable[..., CliResult]
+) -> None:
+    result = sgpipe_in_process(
         "ingest",
         "--port",
         str(listening),
         "--log-format",
         "console",
-        env=environment(
-            SGPIPE_KAFKA__BOOTSTRAP_SERVERS="127.0.0.1:1", SGPIPE_INGEST__HOST="127.0.0.1"
-        ),
+        env={"SGPIPE_KAFKA__BOOTSTRAP_SERVERS": "127.0.0.1:1", "SGPIPE_INGEST__HOST": "127.0.0.1"},
     )
     assert result.returncode == 2
     assert result.stderr == (
@@ -465,13 +497,15 @@ def test_an_unsigned_webhook_is_warned_about_at_every_start() -> None:
 
 
 @pytest.mark.parametrize("command", ["ingest", "process"])
-def test_a_stage_without_a_raw_record_key_refuses_to_start(command: str) -> None:
-    variables = environment(
-        SGPIPE_KAFKA__BOOTSTRAP_SERVERS=f"127.0.0.1:{free_port()}",
-        SGPIPE_INGEST__HOST="127.0.0.1",
-        SGPIPE_INGEST__PORT=str(free_port()),
-    )
-    result = sgpipe(command, "--log-format", "console", env=variables)
+def test_a_stage_without_a_raw_record_key_refuses_to_start(
+    command: str, sgpipe_in_process: Callable[..., CliResult]
+) -> None:
+    variables = {
+        "SGPIPE_KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+        "SGPIPE_INGEST__HOST": "127.0.0.1",
+        "SGPIPE_INGEST__PORT": str(free_port()),
+    }
+    result = sgpipe_in_process(command, "--log-format", "console", env=variables)
     assert result.returncode == 2
     assert result.stderr.startswith("sgpipe: raw_auth.keys is empty: ")
     assert "raw_auth.allow_unauthenticated" in result.stderr

@@ -30,6 +30,7 @@ from sgpipe.embedded.credentials import (
 )
 from tests.integration.processes import http_get, metric
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
+from tests.up_support import served_store_answer
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -57,21 +58,28 @@ class RunningPipeline:
         return result.stdout.decode()
 
     def wait_for(self, sql: str, expected: str, timeout: float = 60.0) -> None:
-        """Until ``sql`` gives ``expected``; a query that fails (the sink has not created the
-        table yet: with a durable broker the ingress opens before it) counts as not yet."""
+        """Until `sgpipe query` gives ``expected`` for ``sql``; a query that fails (the sink has
+        not created the table yet: with a durable broker the ingress opens before it) counts
+        as not yet. Polled over the served store's HTTP interface from this process (the
+        answer `sgpipe query` would print), then confirmed by `sgpipe query` itself."""
         deadline = time.monotonic() + timeout
-        last = ""
+        last: str | None = ""
         while time.monotonic() < deadline:
-            result = subprocess.run(
-                [*SGPIPE, "query", "--config", str(self.config), "--data-dir", str(self.data_dir)]
-                + [sql],
-                capture_output=True,
-                timeout=60,
-                check=False,
-            )
-            last = result.stdout.decode() if result.returncode == 0 else result.stderr.decode()
-            if result.returncode == 0 and last == expected:
-                return
+            try:
+                last = served_store_answer(self.data_dir, sql)
+            except OSError as exc:  # served, not answering yet (a table not created yet)
+                last = repr(exc)
+            if last is None or last == expected:
+                result = subprocess.run(
+                    [*SGPIPE, "query", "--config", str(self.config)]
+                    + ["--data-dir", str(self.data_dir), sql],
+                    capture_output=True,
+                    timeout=60,
+                    check=False,
+                )
+                last = (result.stdout if result.returncode == 0 else result.stderr).decode()
+                if result.returncode == 0 and last == expected:
+                    return
             time.sleep(0.3)
         raise AssertionError(
             f"{sql!r} gave {last!r}, expected {expected!r}\n{self.log.read_text()}"

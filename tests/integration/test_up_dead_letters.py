@@ -21,6 +21,7 @@ from tests.integration.test_up import (
     start_pipeline,
     stop_pipeline,
 )
+from tests.up_support import served_store_answer, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -40,6 +41,13 @@ def dlq(running: RunningPipeline, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
+def letters_stored(running: RunningPipeline) -> str | None:
+    try:
+        return served_store_answer(running.data_dir, "SELECT count() FROM dead_letters")
+    except OSError:  # the sink has not created the table yet
+        return None
+
+
 def counts(listing: dict[str, Any]) -> list[tuple[str, str, int, int]]:
     return [(r["stage"], r["reason"], r["pending"], r["replayed"]) for r in listing["reasons"]]
 
@@ -54,7 +62,10 @@ def test_dead_letters_survive_a_restart_and_are_listed_and_replayed_under_up(
             f"{running.base_url}/webhooks/main", BODY, {"Content-Type": "application/json"}
         )
         assert status == 200
-        # Through the running store (its state file names the endpoint and credentials).
+        # The letter stored (polled from this process: no `sgpipe dlq` process per poll)...
+        wait_until(lambda: letters_stored(running) == "1\n", 60, "the dead letter stored")
+        # ...then listed through the running store (its state file names the endpoint and
+        # credentials).
         deadline = time.monotonic() + 60
         while not (listing := dlq(running, "list"))["reasons"] and time.monotonic() < deadline:
             time.sleep(0.3)

@@ -73,7 +73,13 @@ BATCH_SIZES = (2, 3, 5)
 
 def up(tmp_path: Path, key: WebhookKey, **sections: Any) -> RunningPipeline:
     running = start_pipeline(tmp_path, webhooks=key.webhooks, **sections)
-    _wait_until_serving(running)
+    try:
+        _wait_until_serving(running)
+    except BaseException:
+        # Not serving in time (a loaded machine): the caller's `finally` never gets it, so
+        # stop it here rather than leave a whole `sgpipe up` running after the test.
+        stop_pipeline(running)
+        raise
     return running
 
 

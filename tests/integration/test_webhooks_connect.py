@@ -20,6 +20,7 @@ import yaml
 
 from sgpipe.embedded.broker import free_port
 from sgpipe.webhooks.emulator import TEST_BATCH_EVENTS
+from tests.up_support import served_store_answer, wait_until
 from tests.webhooks_support import API_KEY, running_emulator
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -62,6 +63,13 @@ def count_rows(config: Path, data_dir: Path, env: dict[str, str]) -> str:
         check=False,
     )
     return result.stdout.strip() if result.returncode == 0 else f"error: {result.stderr}"
+
+
+def stored_rows(data_dir: Path) -> str | None:
+    try:
+        return served_store_answer(data_dir, "SELECT count() FROM email_events FINAL")
+    except OSError:  # the sink has not created the table yet
+        return None
 
 
 def test_connect_end_to_end_with_sgpipe_up(tmp_path: Path) -> None:
@@ -130,13 +138,13 @@ def test_connect_end_to_end_with_sgpipe_up(tmp_path: Path) -> None:
             assert delivery.signed and delivery.accepted and delivery.events == TEST_BATCH_EVENTS
 
             # 3. Verified and stored: every event of the test batch is a row.
-            deadline = time.monotonic() + 60
-            rows = ""
-            while time.monotonic() < deadline:
-                rows = count_rows(config, data_dir, env)
-                if rows == str(TEST_BATCH_EVENTS):
-                    break
-                time.sleep(0.5)
+            # Polled from this process (no `sgpipe query` process per poll), then read as a
+            # user reads it.
+            expected = f"{TEST_BATCH_EVENTS}\n"
+            wait_until(
+                lambda: stored_rows(data_dir) == expected, 60, "the test batch's rows stored"
+            )
+            rows = count_rows(config, data_dir, env)
             assert rows == str(TEST_BATCH_EVENTS), f"email_events has {rows}\n{log.read_text()}"
 
             # 4. check: in agreement, then a webhook disabled on SendGrid's side.
