@@ -7,7 +7,9 @@ What a test sees is what a process would show: the exit code ``main`` returns (t
 each write (sgpipe/runtime/logs.py), so redirecting it catches every line. The environment is
 the test process's without its SGPIPE_* variables, plus the ones given, as a spawned process
 would get it (the test's monkeypatch restores it), and the umask (`sgpipe up` sets 077) and
-logging are restored after the run.
+logging are restored after the run. The command's logging configuration caches no logger: a
+logger cached during the run would keep its configuration for every later test of the worker
+(`structlog.testing.capture_logs` would no longer see it).
 
 A refusal that went missing must not start a pipeline inside the test process: tripwires stand
 where a command would start running (a stage's run function, `sgpipe up` taking the data dir's
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -25,10 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from sgpipe import preflight
 from sgpipe.cli import main
-from sgpipe.runtime.logs import configure_logging
+from sgpipe.runtime import logs
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,16 @@ def run_sgpipe_in_process(
     stdout, stderr = _output_stream(), _output_stream()
     umask = os.umask(0o022)
     os.umask(umask)
+    saved_structlog = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
+    configure = logs.configure_logging
+
+    def configure_uncached(*args: Any, **kwargs: Any) -> None:
+        configure(*args, **kwargs)
+        structlog.configure(cache_logger_on_first_use=False)
+
+    monkeypatch.setattr(logs, "configure_logging", configure_uncached)
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
@@ -64,8 +78,13 @@ def run_sgpipe_in_process(
                 code = exit.code if isinstance(exit.code, int) else 1
     finally:
         os.umask(umask)
-        # Back to the real stderr: the redirected stream is gone after this call.
-        configure_logging()
+        # The test process's logging as it was (the redirected streams are gone after this).
+        structlog.configure(**saved_structlog)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved_handlers:
+            root.addHandler(handler)
+        root.setLevel(saved_level)
     result = CliResult(code, _written(stdout), _written(stderr))
     if reached:
         raise AssertionError(
