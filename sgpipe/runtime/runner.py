@@ -168,7 +168,7 @@ async def run_consumer_stage(
             ),
             name="readiness-probes",
         )
-        stack.push_async_callback(_cancel, probes)
+        stack.push_async_callback(cancel_task, probes)
         log.info("consuming", stage=stage.name, topic=stage.topic, group_id=stage.group_id)
         if ready is not None:
             ready.set()
@@ -227,7 +227,7 @@ async def run_consumer_stages(
             )
         ]
         all_started = asyncio.create_task(_set_when_all(started, ready))
-        stack.push_async_callback(_cancel, all_started)
+        stack.push_async_callback(cancel_task, all_started)
         try:
             stopped = asyncio.create_task(stop.wait())
             try:
@@ -395,7 +395,9 @@ async def _probe_forever(
     probe."""
     while True:
         try:
-            await asyncio.wait_for(consumer.topics(), PROBE_INTERVAL_SECONDS)
+            # asyncio.timeout, not wait_for: a stop's cancellation is never swallowed here.
+            async with asyncio.timeout(PROBE_INTERVAL_SECONDS):
+                await consumer.topics()
             readiness.set("kafka", True, "broker reachable")
         except Exception as exc:  # noqa: BLE001 - any failure means not reachable now
             readiness.set("kafka", False, f"broker unreachable: {describe(exc)}")
@@ -406,7 +408,8 @@ async def _probe_forever(
             f"{assigned} partitions assigned" if assigned else "no partitions assigned",
         )
         try:
-            await asyncio.wait_for(writer.probe(), PROBE_INTERVAL_SECONDS)
+            async with asyncio.timeout(PROBE_INTERVAL_SECONDS):
+                await writer.probe()
             readiness.set("destination", True, f"{writer.destination} reachable")
         except Exception as exc:  # noqa: BLE001 - any failure means not reachable now
             readiness.set("destination", False, f"{writer.destination}: {describe(exc)}")
@@ -414,10 +417,23 @@ async def _probe_forever(
         await asyncio.sleep(PROBE_INTERVAL_SECONDS)
 
 
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
+async def cancel_task(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it has ended, cancelling again while it runs on.
+
+    One cancel is not always enough on Python 3.11: ``asyncio.wait_for`` swallows a
+    cancellation that arrives just as its inner awaitable completes (it returns the result
+    instead; python/cpython#86296, fixed in 3.12), and a loop around it -- the readiness
+    probes -- then runs on. Awaiting such a task once hung a stage's stop for good (the sink
+    process's dead-letter stage, killed after 90 s in tests/faults)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=_RECANCEL_SECONDS)
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+# How long cancel_task waits for a cancelled task to end before cancelling it again.
+_RECANCEL_SECONDS = 0.5
 
 
 def bound_port(runner: web.AppRunner) -> int | None:

@@ -11,7 +11,7 @@ from aiokafka.errors import KafkaConnectionError, SaslAuthenticationFailed
 
 from sgpipe.runtime.errors import FatalStageError
 from sgpipe.runtime.retry import Backoff
-from sgpipe.runtime.runner import retry_until_started
+from sgpipe.runtime.runner import cancel_task, retry_until_started
 from sgpipe.runtime.settings import KafkaSettings
 from sgpipe.runtime.startup import StartTimeout, retry_kafka_at_start
 
@@ -141,3 +141,31 @@ async def test_an_attempt_that_finishes_is_a_start_and_its_errors_still_count() 
 
     with pytest.raises(FatalStageError, match="^sink: starting failed: SaslAuthentication"):
         await retry_until_started("sink", "starting", fatal, stop, Backoff())
+
+
+async def test_cancel_task_ends_a_task_that_swallows_a_cancellation() -> None:
+    # What Python 3.11's asyncio.wait_for does when the cancellation arrives just as its inner
+    # awaitable completes: it returns the result, and a probe loop around it runs on. A stop
+    # that cancelled once and awaited such a task hung for good (tests/faults, 90 s, -9).
+    swallowed: list[bool] = []
+
+    async def probes_that_swallow_one_cancellation() -> None:
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed.append(True)
+
+    task = asyncio.create_task(probes_that_swallow_one_cancellation())
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(cancel_task(task))
+    try:
+        # Not wait_for: cancelling the stop on a timeout would cancel the task a second time.
+        done, _ = await asyncio.wait([stopping], timeout=10)
+        assert stopping in done, "cancel_task did not end a task that swallowed a cancellation"
+        assert task.cancelled() and swallowed == [True]
+    finally:
+        task.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
