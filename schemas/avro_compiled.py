@@ -79,8 +79,9 @@ def _text(value: Any) -> bytes:
     return value.encode("utf-8")
 
 
-class _Compiler:
-    """Emits the body of ``write(record, out)`` line by line."""
+class SourceEmitter:
+    """What every schema compiler here (and the sink's RowBinary transcoder) builds its
+    function's source with: lines, fresh local names, and constants passed in its namespace."""
 
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -98,6 +99,10 @@ class _Compiler:
 
     def emit(self, indent: int, line: str) -> None:
         self.lines.append("    " * indent + line)
+
+
+class _Compiler(SourceEmitter):
+    """Emits the body of ``write(record, out)`` line by line."""
 
     def value(self, schema: Any, expr: str, indent: int) -> None:
         """Write the value of ``expr`` (an already evaluated local) as ``schema``."""
@@ -300,19 +305,8 @@ def _block_count(data: bytes, position: int) -> tuple[int, int]:
     return count, position
 
 
-class _ReaderCompiler:
+class _ReaderCompiler(SourceEmitter):
     """Emits ``read(data) -> record``: each value read into a local, the record a dict."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._counter = 0
-
-    def name(self, prefix: str) -> str:
-        self._counter += 1
-        return f"{prefix}{self._counter}"
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
 
     def value(self, schema: Any, target: str, indent: int) -> None:
         """Read one value of ``schema`` at ``p`` into the local ``target``, advancing ``p``."""
@@ -436,27 +430,13 @@ _TIMESTAMP_MIN: Final = -62_135_596_800_000
 _TIMESTAMP_MAX: Final = 253_402_300_799_999
 
 
-class _ScannerCompiler:
+class _ScannerCompiler(SourceEmitter):
     """Emits ``scan(d, p) -> (end, captured)``: walks one record, builds no values."""
 
     def __init__(self, ranges: dict[str, tuple[int, int]], capture: str | None) -> None:
-        self.lines: list[str] = []
-        self.constants: dict[str, Any] = {}
-        self._counter = 0
+        super().__init__()
         self._ranges = ranges
         self._capture = capture
-
-    def name(self, prefix: str) -> str:
-        self._counter += 1
-        return f"{prefix}{self._counter}"
-
-    def constant(self, value: Any) -> str:
-        name = self.name("_c")
-        self.constants[name] = value
-        return name
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
 
     def value(self, schema: Any, path: str, indent: int, target: str | None = None) -> None:
         """Check one value of ``schema`` at ``p`` and advance ``p`` past it; a long or a

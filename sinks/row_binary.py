@@ -22,7 +22,7 @@ import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Final
 
-from schemas.avro_compiled import UnsupportedSchema, read_long
+from schemas.avro_compiled import SourceEmitter, UnsupportedSchema, read_long
 
 
 def _leb128(value: int) -> bytes:
@@ -84,23 +84,8 @@ def _tuple_members(clickhouse_type: str) -> list[str]:
     return [member.strip().split(" ", 1)[1] for member in members]
 
 
-class _Compiler:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.constants: dict[str, Any] = {}
-        self._counter = 0
-
-    def name(self, prefix: str) -> str:
-        self._counter += 1
-        return f"{prefix}{self._counter}"
-
-    def constant(self, value: Any) -> str:
-        name = self.name("_c")
-        self.constants[name] = value
-        return name
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
+class _Compiler(SourceEmitter):
+    """Emits the body of ``transcode(d, out)``: one Avro record appended to ``out`` as RowBinary."""
 
     def value(self, avro: Any, clickhouse: str, indent: int) -> None:
         """Transcode one value at ``p`` (Avro ``avro``) as ClickHouse ``clickhouse``."""
