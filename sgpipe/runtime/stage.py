@@ -156,8 +156,9 @@ class Filter(Protocol[T]):
 
 @dataclass(frozen=True, slots=True)
 class BatchInfo:
-    """Where a batch came from: per (topic, partition), its first and last offset, and a
-    digest of its records (``batch_info_of``). Writers derive idempotency tokens from both.
+    """Where a batch came from: per (topic, partition), its first and last offset, and (for
+    a batch read by a stage) its records, whose ``digest`` writers derive idempotency tokens
+    from with the offsets.
 
     Offsets alone do not name a batch: a topic deleted and re-created, or an in-memory broker
     that came back empty, numbers a new log from 0 again, and a token made of offsets only
@@ -165,30 +166,43 @@ class BatchInfo:
     them silently: acknowledged, never stored -- the memory-broker fault of issue 21)."""
 
     offsets: dict[tuple[str, int], tuple[int, int]]
-    digest: str = ""
+    records: Sequence[Message] = field(default=(), compare=False, repr=False)
+
+    @property
+    def digest(self) -> str:
+        """A digest of what the records hold (offset, timestamp, key and value of each): the
+        same records read again -- a retried write, a redelivery of the same offsets -- give
+        the same digest; other records at the same offsets another. "" without records.
+        Computed when a writer asks (the sink's token), not for every batch of every stage."""
+        if not self.records:
+            return ""
+        digest = hashlib.blake2b(digest_size=16)
+        for record in self.records:
+            record_key = record.key or b""
+            value = record.value or b""
+            digest.update(
+                _RECORD_PREFIX.pack(
+                    record.partition,
+                    record.offset,
+                    record.timestamp_ms,
+                    len(record_key),
+                    len(value),
+                )
+            )
+            digest.update(record_key)
+            digest.update(value)
+        return digest.hexdigest()
 
 
 def batch_info_of(records: Sequence[Message]) -> BatchInfo:
-    """The offsets of ``records`` per partition and a digest of what they hold (offset,
-    timestamp, key and value of each): the same records read again -- a retried write, a
-    redelivery of the same offsets -- give the same BatchInfo; other records at the same
-    offsets give another digest."""
+    """The offsets of ``records`` per partition, with the records for ``BatchInfo.digest``."""
     ranges: dict[tuple[str, int], tuple[int, int]] = {}
-    digest = hashlib.blake2b(digest_size=16)
     for record in records:
         key = (record.topic, record.partition)
         first = ranges.get(key, (record.offset, record.offset))[0]
         ranges[key] = (first, record.offset)
-        record_key = record.key or b""
-        value = record.value or b""
-        digest.update(
-            _RECORD_PREFIX.pack(
-                record.partition, record.offset, record.timestamp_ms, len(record_key), len(value)
-            )
-        )
-        digest.update(record_key)
-        digest.update(value)
-    return BatchInfo(ranges, digest.hexdigest())
+    # A copy: the stage's buffer the records came from changes after the batch is read.
+    return BatchInfo(ranges, tuple(records))
 
 
 # Each record's fixed-size fields, length-prefixing its key and value so that no two different
