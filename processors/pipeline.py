@@ -3,8 +3,10 @@
 ``process_raw_record(message)`` splits the batch into its elements' exact bytes, parses,
 normalizes and encodes each element on its own, and turns every failure into a Rejection with
 its reason (the runtime builds the dead letters). Every element ends as exactly one event or
-one rejection; only a body that is not a JSON array is rejected whole. No Kafka client here:
-the stage declaration (``processors.stage``) hands it to the runtime.
+one rejection; only a body that is not a JSON array is rejected whole, and so is one with more
+than ``MAX_REJECTIONS_PER_RECORD`` bad elements (``too_many_invalid_elements``): past the limit
+bad elements are counted, not kept, so that a hostile batch of millions costs a counter. No
+Kafka client here: the stage declaration (``processors.stage``) hands it to the runtime.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from processors.pii import PiiPolicy
 from processors.split import parse_element, split_elements
 from schemas.email_event import EmailEventCodec, SerializationError
 from schemas.raw_batch import InvalidRawBatch, decode_raw_batch
-from sgpipe.runtime.dead_letters import Rejection
+from sgpipe.runtime.dead_letters import (
+    MAX_REJECTIONS_PER_RECORD,
+    Rejection,
+    too_many_rejections,
+)
 from sgpipe.runtime.kafka import RECORD_HEADROOM_BYTES
 from sgpipe.runtime.messages import Message
 
@@ -44,6 +50,18 @@ class ProcessedRecord:
     coercion_errors: Counter[str] = field(default_factory=Counter)
     # Personal fields the PII policy hashed or dropped, counted by field.
     pii_masked: Counter[str] = field(default_factory=Counter)
+    # Every rejected element, counted by reason, kept or not.
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def reject(self, rejection: Rejection) -> None:
+        """Keep ``rejection`` while the record is under the limit; past it, count it only."""
+        self.rejected[rejection.reason] += 1
+        if len(self.rejections) < MAX_REJECTIONS_PER_RECORD:
+            self.rejections.append(rejection)
+
+    def collapse_past_the_limit(self) -> None:
+        if self.rejected.total() > MAX_REJECTIONS_PER_RECORD:
+            self.rejections = [too_many_rejections(self.rejected)]
 
 
 def process_raw_record(
@@ -81,21 +99,21 @@ def process_raw_record(
             normalized = normalize_event(item, raw, context)
             encoded = codec.encode(normalized.record)
         except InvalidMessage as exc:
-            result.rejections.append(Rejection(exc.reason, exc.detail, element, index))
+            result.reject(Rejection(exc.reason, exc.detail, element, index))
             continue
         except RecursionError:
             # Parsed at the edge of the parser's depth limit, then too deep to re-encode.
-            result.rejections.append(
+            result.reject(
                 Rejection("invalid_element", "the element nests JSON too deeply", element, index)
             )
             continue
         except SerializationError as exc:
-            result.rejections.append(Rejection("serialization_error", str(exc), element, index))
+            result.reject(Rejection("serialization_error", str(exc), element, index))
             continue
         key = normalized.key.encode("utf-8")
         # The key counts too: a record over the producer's limit would fail the whole batch.
         if len(encoded) + len(key) > max_record_bytes:
-            result.rejections.append(
+            result.reject(
                 Rejection(
                     "event_too_large",
                     f"the encoded event and its key are {len(encoded) + len(key)} bytes, "
@@ -115,4 +133,5 @@ def process_raw_record(
             )
         )
         result.coercion_errors.update(normalized.coercion_errors)
+    result.collapse_past_the_limit()
     return result

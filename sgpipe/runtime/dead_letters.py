@@ -10,7 +10,7 @@ every record after a bad deploy (arroyo's ``DlqLimit``; docs/dead-letters.md).
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -22,6 +22,13 @@ from sgpipe.runtime.settings import DeadLetterLimit
 # keeps next to a record's value (sgpipe.runtime.kafka.RECORD_HEADROOM_BYTES); the rest is for
 # the dead letter's own headers (the detail is capped at 1 KB).
 MAX_CONTEXT_HEADER_BYTES = 32_768
+
+# Past this many rejected elements, a record is one dead letter of the whole record
+# (``too_many_rejections``) instead of one per element: a hostile batch of two million bad
+# elements must not become two million dead letters (nor, on the way, two million letters built
+# and signed in memory).
+MAX_REJECTIONS_PER_RECORD = 1000
+TOO_MANY_INVALID_ELEMENTS = "too_many_invalid_elements"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +44,17 @@ class Rejection:
     # The headers its dead letter carries, when not the consumed record's (the processor's
     # element letters carry their own HMAC: processors/authenticate.py).
     headers: tuple[tuple[str, bytes], ...] | None = None
+
+
+def too_many_rejections(reasons: Counter[str]) -> Rejection:
+    """The one rejection of a whole record whose elements were rejected ``reasons`` times
+    (reason -> count) past ``MAX_REJECTIONS_PER_RECORD``."""
+    listed = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
+    return Rejection(
+        TOO_MANY_INVALID_ELEMENTS,
+        f"{reasons.total()} of its elements were rejected ({listed}); the record is kept whole "
+        "instead of as one dead letter per element",
+    )
 
 
 def build_dead_letter(

@@ -75,10 +75,12 @@ from schemas.dead_letter import DeadLetter
 from schemas.email_event import UnknownWriterSchema
 from sgpipe.runtime import metrics
 from sgpipe.runtime.dead_letters import (
+    MAX_REJECTIONS_PER_RECORD,
     DeadLetterBudget,
     Rejection,
     SourceRecord,
     build_dead_letter,
+    too_many_rejections,
 )
 from sgpipe.runtime.errors import (
     ErrorClass,
@@ -113,11 +115,6 @@ GROUP_MOVED_ON: tuple[type[BaseException], ...] = (
 # How long a draining consumer waits for more records before it calls its topic empty.
 _DRAIN_POLL_MS = 1000
 _IDLE_POLL_MS = 500
-# One record may make at most this many dead letters (one per bad element of a raw batch);
-# beyond, the whole record is one: a signed body of 2,000,000 zeros is one dead letter, not
-# two million records on the dead-letter topic and rows in ClickHouse.
-MAX_REJECTIONS_PER_RECORD = 1000
-TOO_MANY_INVALID_ELEMENTS = "too_many_invalid_elements"
 # The dead-letter reason of a record the Kafka client cannot parse (sgpipe.runtime.unreadable).
 UNREADABLE_RECORD = "unreadable_record"
 # The dead-letter reason of a record naming a writer schema nobody here can find.
@@ -984,15 +981,8 @@ def run_steps(transform: Transform[T], record: Message) -> Transformed[T]:
             raise
         return Transformed(rejections=[_rejection_for(exc)])
     if len(result.rejections) > MAX_REJECTIONS_PER_RECORD:
-        counts = Counter(rejection.reason for rejection in result.rejections)
-        reasons = ", ".join(f"{reason}: {count}" for reason, count in counts.most_common())
-        result.rejections = [
-            Rejection(
-                TOO_MANY_INVALID_ELEMENTS,
-                f"{len(result.rejections)} of its elements were rejected ({reasons}); the "
-                "record is kept whole instead of as one dead letter per element",
-            )
-        ]
+        reasons = Counter(rejection.reason for rejection in result.rejections)
+        result.rejections = [too_many_rejections(reasons)]
     return result
 
 

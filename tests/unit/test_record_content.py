@@ -14,11 +14,13 @@ known cases are pinned as examples.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from processors.pipeline import ProcessedRecord
 from processors.stage import processor_stage
 from schemas.dead_letter import (
     EVENT_INDEX_HEADER,
@@ -39,7 +41,13 @@ from schemas.raw_batch import (
     REQUEST_ID_HEADER,
     WEBHOOK_HEADER,
 )
-from sgpipe.runtime.dead_letters import build_dead_letter
+from sgpipe.runtime.dead_letters import (
+    MAX_REJECTIONS_PER_RECORD,
+    TOO_MANY_INVALID_ELEMENTS,
+    Rejection,
+    build_dead_letter,
+    too_many_rejections,
+)
 from sgpipe.runtime.kafka import max_record_bytes
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.settings import Settings
@@ -280,3 +288,67 @@ def test_a_record_with_more_headers_than_a_dead_letter_holds_keeps_what_fits() -
     assert names == [FORMAT_HEADER, WEBHOOK_HEADER, RECEIVED_AT_HEADER, REQUEST_ID_HEADER,
                      "sgpipe-authenticated-by", "h0"]  # fmt: skip
     assert "(4 headers omitted: read them at topic/3/7)" in letter.detail
+
+
+# --- many bad elements: one dead letter of the record, its good elements still events --------
+
+
+def _signed_batch(elements: list[bytes]) -> Message:
+    body = b"[" + b",".join(elements) + b"]"
+    headers = raw_batch_headers([b"main", b"1700000000000", b"req", b"signature"])
+    signed = sign_raw_record(TEST_RAW_AUTH_KEY, body, headers)  # type: ignore[arg-type]
+    return message(body, list(signed))
+
+
+def _event(number: int) -> bytes:
+    return json.dumps({"event": "open", "sg_event_id": f"e{number}", "email": "a@b.c"}).encode()
+
+
+def test_past_the_limit_of_bad_elements_the_record_is_one_dead_letter_and_its_events_stay() -> None:
+    bad = [b"0"] * MAX_REJECTIONS_PER_RECORD + [b"[1]", b"nope"]
+    record = _signed_batch([_event(1), *bad, _event(2)])
+    result = outcome(PROCESSOR, record)
+    assert [event.sg_event_id for event in result.outputs] == ["e1", "e2"]
+    (rejection,) = result.rejections
+    assert rejection.reason == TOO_MANY_INVALID_ELEMENTS
+    assert rejection.payload is None  # the dead letter carries the whole record
+    assert rejection.detail == (
+        f"{MAX_REJECTIONS_PER_RECORD + 2} of its elements were rejected (not_an_object: "
+        f"{MAX_REJECTIONS_PER_RECORD + 1}, invalid_element: 1); the record is kept whole "
+        "instead of as one dead letter per element"
+    )
+
+
+def test_at_the_limit_every_bad_element_is_its_own_signed_dead_letter() -> None:
+    record = _signed_batch([_event(1), *[b"0"] * MAX_REJECTIONS_PER_RECORD])
+    result = outcome(PROCESSOR, record)
+    assert len(result.outputs) == 1
+    assert len(result.rejections) == MAX_REJECTIONS_PER_RECORD
+    assert [rejection.event_index for rejection in result.rejections] == list(
+        range(1, MAX_REJECTIONS_PER_RECORD + 1)
+    )
+    # Each replays as a batch of one, with the processor's HMAC over it.
+    assert all(rejection.headers for rejection in result.rejections)
+
+
+def test_past_the_limit_bad_elements_are_counted_not_kept() -> None:
+    # A signed batch of millions of bad elements must cost a counter, not a letter each (built,
+    # then signed by the stage): what is kept stops at the limit before the record collapses.
+    processed = ProcessedRecord()
+    for index in range(MAX_REJECTIONS_PER_RECORD + 50):
+        processed.reject(Rejection("not_an_object", "no", b"0", index))
+    assert len(processed.rejections) == MAX_REJECTIONS_PER_RECORD
+    assert processed.rejected == {"not_an_object": MAX_REJECTIONS_PER_RECORD + 50}
+    processed.collapse_past_the_limit()
+    assert [rejection.reason for rejection in processed.rejections] == [TOO_MANY_INVALID_ELEMENTS]
+
+
+def test_run_steps_collapses_any_stage_past_the_limit_with_the_same_words() -> None:
+    many = [Rejection("bad", "x", b"0", index) for index in range(MAX_REJECTIONS_PER_RECORD + 1)]
+
+    def transform(record: Message) -> Transformed[None]:
+        return Transformed([], list(many))
+
+    result = run_steps(transform, message(b"", []))
+    assert result.rejections == [too_many_rejections(Counter(bad=MAX_REJECTIONS_PER_RECORD + 1))]
+    assert result.rejections[0].detail.startswith(f"{MAX_REJECTIONS_PER_RECORD + 1} of its")
