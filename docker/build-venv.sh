@@ -29,9 +29,9 @@ fi
 "$python" -m pip wheel --no-deps --wheel-dir "$wheel_dir" "$src"
 wheel=$(ls "$wheel_dir"/sgpipe-*.whl)
 
-"$python" -m venv "$venv"
+# The runtime image needs no installer: the virtualenv is made without pip, and the builder's
+# pip installs into it (--python, pip >= 22.3).
+"$python" -m venv --without-pip "$venv"
 # --only-binary: a dependency that would need a compiler fails the build here instead of
 # pulling a toolchain into the builder stage.
-"$venv/bin/python" -m pip install --only-binary=:all: "$wheel"
-# The runtime image needs no installer: pip is removed from the virtualenv.
-"$venv/bin/python" -m pip uninstall --yes pip
+"$python" -m pip --python "$venv/bin/python" install --only-binary=:all: "$wheel"
