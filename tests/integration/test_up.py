@@ -67,14 +67,17 @@ class RunningPipeline:
         return printed
 
     def sgpipe_query(self, sql: str) -> str:
-        result = subprocess.run(
+        result = self._sgpipe_query_process(sql)
+        assert result.returncode == 0, result.stderr.decode()
+        return result.stdout.decode()
+
+    def _sgpipe_query_process(self, sql: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
             [*SGPIPE, "query", "--config", str(self.config), "--data-dir", str(self.data_dir), sql],
             capture_output=True,
             timeout=60,
             check=False,
         )
-        assert result.returncode == 0, result.stderr.decode()
-        return result.stdout.decode()
 
     def wait_for(self, sql: str, expected: str, timeout: float = 60.0) -> None:
         """Until the answer to ``sql`` is ``expected``; a query that fails (the sink has not
@@ -90,13 +93,7 @@ class RunningPipeline:
             except OSError as exc:  # served, not answering yet (a table not created yet)
                 last = repr(exc)
             if last is None or (last == expected and not self.cli_confirmed):
-                result = subprocess.run(
-                    [*SGPIPE, "query", "--config", str(self.config)]
-                    + ["--data-dir", str(self.data_dir), sql],
-                    capture_output=True,
-                    timeout=60,
-                    check=False,
-                )
+                result = self._sgpipe_query_process(sql)
                 last = (result.stdout if result.returncode == 0 else result.stderr).decode()
                 if result.returncode == 0 and last == expected:
                     self.cli_confirmed = True
