@@ -37,6 +37,7 @@ from sgpipe.runtime.errors import FatalStageError
 from sgpipe.runtime.migrations import MigrationError, Target, migrate, plan_migrations
 from sgpipe.runtime.settings import ClickHouseSettings
 from sgpipe.runtime.stage import BatchInfo
+from sinks.row_binary import without_low_cardinality
 from sinks.rows import EMAIL_EVENT_COLUMNS, EventRow, row_binary_body, to_columns
 
 log = structlog.get_logger(__name__)
@@ -250,16 +251,7 @@ def _value_type(clickhouse_type: str) -> str:
     """The type without LowCardinality wrappers (a storage choice that inserts the same
     values, which an operator may make differently) or layout (ClickHouse reports a Tuple
     over several lines)."""
-    clickhouse_type = re.sub(r"\s+", " ", clickhouse_type).replace("( ", "(").strip()
-    while (start := clickhouse_type.find("LowCardinality(")) >= 0:
-        depth, index = 1, start + len("LowCardinality(")
-        inner_start = index
-        while depth:
-            depth += {"(": 1, ")": -1}.get(clickhouse_type[index], 0)
-            index += 1
-        inner = clickhouse_type[inner_start : index - 1]
-        clickhouse_type = clickhouse_type[:start] + inner + clickhouse_type[index:]
-    return clickhouse_type
+    return without_low_cardinality(re.sub(r"\s+", " ", clickhouse_type).replace("( ", "(").strip())
 
 
 EMAIL_EVENTS: Table[Mapping[str, Any]] = Table(

@@ -59,7 +59,12 @@ def _small_integers(width: int, signed: bool) -> tuple[bytes, ...]:
 def _strip(clickhouse_type: str) -> str:
     """The type as RowBinary writes it: without LowCardinality (a storage choice that RowBinary
     writes as the type it wraps)."""
-    clickhouse_type = re.sub(r"\s+", " ", clickhouse_type).strip()
+    return without_low_cardinality(re.sub(r"\s+", " ", clickhouse_type).strip())
+
+
+def without_low_cardinality(clickhouse_type: str) -> str:
+    """``clickhouse_type`` with every ``LowCardinality(...)`` replaced by the type it wraps
+    (also used by the sink's table check, sinks.clickhouse)."""
     while (start := clickhouse_type.find("LowCardinality(")) >= 0:
         depth, index = 1, start + len("LowCardinality(")
         inner_start = index
