@@ -128,6 +128,23 @@ class Up:
         view = self.rows_by_event(DEDUP_VIEW, final=False)
         return ledger.compare(stored, rows=rows, view=view)
 
+    async def settled_check(self, ledger: Ledger, timeout: float) -> LedgerReport:
+        """``check`` polled until nothing acknowledged is missing from the table or the view,
+        or ``timeout`` seconds passed (then the last report, for the caller's assertions)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                report: LedgerReport | None = await asyncio.to_thread(self.check, ledger)
+            except OSError:
+                report = None
+            if (report is not None and not report.lost and not report.view_lost) or (
+                time.monotonic() >= deadline
+            ):
+                break
+            await asyncio.sleep(0.5)
+        assert report is not None, self.log.read_text()[-5000:]
+        return report
+
 
 @dataclass
 class Scenario:
@@ -173,18 +190,7 @@ async def test_sgpipe_up_killed_9_twice_mid_stream(scenario: Scenario) -> None:
     assert unacceptable_refusals(summary.responses) == {}, summary.to_dict()
     assert summary.posts_rejected == 0 and summary.ok, summary.to_dict()
 
-    deadline = time.monotonic() + 120.0
-    while True:
-        try:
-            report = await asyncio.to_thread(running.check, ledger)
-        except OSError:
-            report = None
-        if (report is not None and not report.lost and not report.view_lost) or (
-            time.monotonic() >= deadline
-        ):
-            break
-        await asyncio.sleep(0.5)
-    assert report is not None, running.log.read_text()[-5000:]
+    report = await running.settled_check(ledger, 120.0)
     REPORT.record_fault(
         FaultOutcome(
             test="sgpipe up killed -9 mid-stream, restarted",

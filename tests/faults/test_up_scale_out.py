@@ -151,18 +151,7 @@ async def test_a_third_processor_and_sink_join_and_leave_sgpipe_ups_two_and_two(
     assert unacceptable_refusals(summary.responses) == {}, summary.to_dict()
     assert summary.posts_rejected == 0 and summary.ok, summary.to_dict()
 
-    deadline = time.monotonic() + WAIT_SECONDS
-    while True:
-        try:
-            report = await asyncio.to_thread(running.check, ledger)
-        except OSError:
-            report = None
-        if (report is not None and not report.lost and not report.view_lost) or (
-            time.monotonic() >= deadline
-        ):
-            break
-        await asyncio.sleep(0.5)
-    assert report is not None, running.log.read_text()[-5000:]
+    report = await running.settled_check(ledger, WAIT_SECONDS)
     REPORT.record_fault(
         FaultOutcome(
             test="sgpipe up 2+2: a third processor and sink join and leave (SIGTERM, kill -9)",
