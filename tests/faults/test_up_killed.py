@@ -128,6 +128,29 @@ class Up:
         view = self.rows_by_event(DEDUP_VIEW, final=False)
         return ledger.compare(stored, rows=rows, view=view)
 
+    async def events_flowing(self, ledger: Ledger, moment: str, timeout: float = 120.0) -> None:
+        """Wait until events acknowledged from now on are stored: `sgpipe up` works end to end
+        (no child still starting), so the next kill hits it mid-stream, however busy the
+        machine; fail naming ``moment`` at the deadline."""
+        acknowledged, stored = ledger.posts_acknowledged, await self._stored_rows()
+        deadline = time.monotonic() + timeout
+        while not (ledger.posts_acknowledged > acknowledged and await self._stored_rows() > stored):
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"no event acknowledged and stored within {timeout:.0f} s {moment}:\n"
+                    + self.log.read_text()[-5000:]
+                )
+            await asyncio.sleep(0.2)
+
+    async def _stored_rows(self) -> int:
+        """Asked of the served store only: no `sgpipe query` process per poll."""
+        sql = "SELECT count() FROM email_events"
+        try:
+            answer = await asyncio.to_thread(served_store_answer, self.data_dir, sql)
+            return int(answer) if answer is not None else 0
+        except (OSError, ValueError):
+            return 0  # the store is starting, or the sink has not created the table yet
+
     async def settled_check(self, ledger: Ledger, timeout: float) -> LedgerReport:
         """``check`` polled until nothing acknowledged is missing from the table or the view,
         or ``timeout`` seconds passed (then the last report, for the caller's assertions)."""
@@ -180,11 +203,13 @@ async def test_sgpipe_up_killed_9_twice_mid_stream(scenario: Scenario) -> None:
     options = scenario.stream.options(running.webhook_url, scenario.private_key)
 
     async def faults() -> None:
-        for _ in range(KILLS):
-            await asyncio.sleep(5.0)
+        for kill in range(1, KILLS + 1):
+            await running.events_flowing(ledger, f"before kill {kill}")
             await asyncio.to_thread(running.kill_9)
+            # Down for a second, as after a crash: the simulator's POSTs are refused meanwhile.
             await asyncio.sleep(1.0)
             await asyncio.to_thread(running.start)
+        await running.events_flowing(ledger, "after the last restart")
 
     summary = await stream_with_faults(options, ledger, faults)
     assert unacceptable_refusals(summary.responses) == {}, summary.to_dict()
