@@ -27,7 +27,6 @@ import yaml
 
 from sgpipe.embedded.broker import free_port
 from sgpipe.embedded.storage import BUCKET, StorageLayout, weed_binary
-from tests.integration.kafka_tools import FAST_GROUP_SETTINGS, UP_GROUP_SETTINGS
 from tests.up_support import WebhookKey, events_body, get, post, read_state, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -115,13 +114,13 @@ class Up:
         return self.process.returncode
 
 
-def new_up(tmp_path: Path, group_settings: dict[str, int] = UP_GROUP_SETTINGS) -> Up:
+def new_up(tmp_path: Path) -> Up:
     key = WebhookKey.generate()
     document = {
         "webhooks": key.webhooks,
         # A fixed broker port, as a default install has: the one a dying tansu holds.
         "embedded": {"kafka_port": free_port(), "clickhouse_http_port": 0},
-        "kafka": group_settings,
+        "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
         "logging": {"format": "json"},
     }
     config = tmp_path / "sgpipe.yaml"
@@ -242,8 +241,7 @@ def test_another_user_gets_403_from_the_storages_s3_endpoint(running: Up) -> Non
 
 
 def test_kill_9_then_an_immediate_restart_serves_and_never_exits_2(tmp_path: Path) -> None:
-    # Killed: its consumers are evicted after the session timeout, the short one.
-    up = new_up(tmp_path, FAST_GROUP_SETTINGS)
+    up = new_up(tmp_path)
     up.start()
     try:
         up.wait_serving()
