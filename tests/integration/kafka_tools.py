@@ -14,13 +14,6 @@ from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 
 # Group joins on tansu take ~1 s with these instead of 5-18 s with Kafka's defaults.
 FAST_GROUP_SETTINGS = {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200}
-# For a whole `sgpipe up` whose consumers are not killed by the test: still quick joins and
-# rebalances (a member learns of one within a second), at a fifth of the heartbeats. With the
-# durable broker every heartbeat is an S3 write of the group's state to SeaweedFS: an idle `sgpipe
-# up` burned 0.12 s of CPU per second with FAST_GROUP_SETTINGS and 0.05 s with these (measured,
-# weed and tansu most of it), for as long as each test runs. A test that kills a consumer keeps
-# FAST_GROUP_SETTINGS: its dead member is evicted after the session timeout.
-UP_GROUP_SETTINGS = {"session_timeout_ms": 3000, "heartbeat_interval_ms": 1000}
 
 
 def kafka_test_settings(bootstrap_servers: str, suffix: str, **sections: Any) -> Settings:

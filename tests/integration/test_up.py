@@ -28,7 +28,6 @@ from sgpipe.embedded.credentials import (
     load_credentials,
     load_or_create_credentials,
 )
-from tests.integration.kafka_tools import UP_GROUP_SETTINGS
 from tests.integration.processes import http_get, metric
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 from tests.up_support import served_store_answer
@@ -39,7 +38,8 @@ SGPIPE = [sys.executable, "-m", "sgpipe"]
 PRODUCED = "sgpipe_records_produced_total"
 START_TIMEOUT = 90.0
 # For a test whose subject is not what the broker keeps across a crash: the in-memory broker
-# starts no SeaweedFS (about 1 s of CPU to start, and every heartbeat and commit an S3 write).
+# starts no SeaweedFS (about 1 s of CPU to start; every group heartbeat and commit is an S3
+# write there: docs/embedded.md).
 # The durable default stays under test in test_signed_vector_becomes_exactly_one_row,
 # test_up_durable.py, test_up_lockdown.py and the README's `make up` (test_front_door.py).
 MEMORY_BROKER = {"kafka_port": 0, "clickhouse_http_port": 0, "broker_storage": "memory"}
@@ -145,7 +145,7 @@ def start_pipeline(
     document: dict[str, Any] = {
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
-        "kafka": UP_GROUP_SETTINGS,
+        "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
         # Off, so that a retried batch reaches ClickHouse: exactness must come from there.
         "processor": {"dedup_window": 0},
         "sink": {"batch_max_seconds": 0.2},

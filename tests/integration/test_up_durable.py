@@ -16,7 +16,6 @@ from aiokafka.structs import TopicPartition
 
 from sgpipe.embedded.topics import embedded_topics
 from sgpipe.runtime.settings import Settings
-from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.test_up import (
     RunningPipeline,
     _wait_until_serving,
@@ -77,8 +76,7 @@ def kill_9(running: RunningPipeline) -> tuple[int, int]:
 
 
 def restart(tmp_path: Path) -> RunningPipeline:
-    # After a kill -9 the dead consumers are evicted after the session timeout: the short one.
-    running = start_pipeline(tmp_path, kafka=FAST_GROUP_SETTINGS)
+    running = start_pipeline(tmp_path)
     _wait_until_serving(running)
     return running
 

@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from sgpipe.embedded.broker import free_port
-from tests.integration.kafka_tools import UP_GROUP_SETTINGS
 from tests.integration.test_up import (
     SGPIPE,
     RunningPipeline,
@@ -31,7 +30,7 @@ pytestmark = pytest.mark.clickhouse
 CONFIG = {
     "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
     "embedded": {"broker_storage": "memory"},
-    "kafka": UP_GROUP_SETTINGS,
+    "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
     "logging": {"format": "json"},
 }
 

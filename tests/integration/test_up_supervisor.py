@@ -33,7 +33,6 @@ import yaml
 
 from sgpipe.embedded.broker import EmbeddedBroker, free_port
 from sgpipe.simulator import SimulationOptions, simulate
-from tests.integration.kafka_tools import FAST_GROUP_SETTINGS, UP_GROUP_SETTINGS
 from tests.integration.processes import metric
 from tests.integration.test_up import (
     RunningPipeline,
@@ -310,9 +309,7 @@ def test_a_killed_processor_is_restarted_and_no_acknowledged_event_is_lost(
     tmp_path: Path,
 ) -> None:
     key = WebhookKey.generate()
-    # The durable broker: what it acknowledged survives anything. The killed processor is
-    # evicted from its group after the session timeout: the short one.
-    running = up(tmp_path, key, kafka=FAST_GROUP_SETTINGS)
+    running = up(tmp_path, key)  # the durable broker: what it acknowledged survives anything
     events = 600
     try:
         first = read_state(running.data_dir)["children"]["process"]["pid"]
@@ -632,7 +629,7 @@ def test_demo_lands_rows_and_prints_the_query(tmp_path: Path) -> None:
             {
                 "ingest": {"port": free_port()},
                 "embedded": MEMORY,
-                "kafka": UP_GROUP_SETTINGS,
+                "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
                 "sink": {"batch_max_seconds": 0.5},
                 "logging": {"format": "json"},
             }

@@ -20,7 +20,6 @@ import yaml
 
 from sgpipe.embedded.broker import free_port
 from sgpipe.webhooks.emulator import TEST_BATCH_EVENTS
-from tests.integration.kafka_tools import UP_GROUP_SETTINGS
 from tests.up_support import served_store_answer, wait_until
 from tests.webhooks_support import API_KEY, running_emulator
 
@@ -82,7 +81,7 @@ def test_connect_end_to_end_with_sgpipe_up(tmp_path: Path) -> None:
         + yaml.safe_dump(
             {
                 "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
-                "kafka": UP_GROUP_SETTINGS,
+                "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
                 "sink": {"batch_max_seconds": 0.2},
                 "logging": {"format": "json"},
             }
