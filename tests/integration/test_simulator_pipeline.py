@@ -10,13 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_up import (
-    MEMORY_BROKER,
-    SGPIPE,
-    _wait_until_serving,
-    start_pipeline,
-    stop_pipeline,
-)
+from tests.integration.test_up import SGPIPE, _wait_until_serving, start_pipeline, stop_pipeline
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
@@ -33,7 +27,7 @@ def test_a_simulated_run_with_duplicates_ends_with_exactly_n_events(tmp_path: Pa
     )
     public_key = generated.stdout.decode().strip()
     webhooks = [{"name": "main", "public_keys": [public_key], "timestamp_tolerance": 0}]
-    running = start_pipeline(tmp_path, webhooks=webhooks, embedded=MEMORY_BROKER)
+    running = start_pipeline(tmp_path, webhooks=webhooks)
     try:
         _wait_until_serving(running)
         simulated = subprocess.run(

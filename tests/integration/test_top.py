@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_up import MEMORY_BROKER, SGPIPE, start_pipeline, stop_pipeline
+from tests.integration.test_up import SGPIPE, start_pipeline, stop_pipeline
 from tests.up_support import (
     WebhookKey,
     events_body,
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 def test_top_once_shows_every_stage_moving(tmp_path: Path) -> None:
     key = WebhookKey.generate()
-    running = start_pipeline(tmp_path, webhooks=key.webhooks, embedded=MEMORY_BROKER)
+    running = start_pipeline(tmp_path, webhooks=key.webhooks)
     stop_posting = threading.Event()
     posted: list[int] = []
 

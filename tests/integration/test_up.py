@@ -37,12 +37,6 @@ pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 SGPIPE = [sys.executable, "-m", "sgpipe"]
 PRODUCED = "sgpipe_records_produced_total"
 START_TIMEOUT = 90.0
-# For a test whose subject is not what the broker keeps across a crash: the in-memory broker
-# starts no SeaweedFS (about 1 s of CPU to start; every group heartbeat and commit is an S3
-# write there: docs/embedded.md).
-# The durable default stays under test in test_signed_vector_becomes_exactly_one_row,
-# test_up_durable.py, test_up_lockdown.py and the README's `make up` (test_front_door.py).
-MEMORY_BROKER = {"kafka_port": 0, "clickhouse_http_port": 0, "broker_storage": "memory"}
 
 
 @dataclass

@@ -29,7 +29,6 @@ import pytest
 from sgpipe.up.oauth_key import OAUTH_SIGNING_KEY_FILE
 from tests.integration.processes import http_get, metric
 from tests.integration.test_up import (
-    MEMORY_BROKER,
     SGPIPE,
     RunningPipeline,
     _wait_until_serving,
@@ -117,7 +116,6 @@ def test_sendgrid_oauth_dance_through_sgpipe_up_with_a_revoked_signing_key(
     running = start_pipeline(
         tmp_path,
         before_start=lambda config: create_client(config, client),
-        embedded=MEMORY_BROKER,
         webhooks=[{"name": "main", "auth": "token"}],
     )
     simulator: subprocess.Popen[bytes] | None = None

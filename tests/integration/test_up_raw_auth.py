@@ -15,13 +15,7 @@ from schemas.raw_auth import RAW_HMAC_HEADER, RawAuthKey, sign_raw_record
 from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, send_all
 from sgpipe.runtime.settings import KafkaSettings
-from tests.integration.test_up import (
-    MEMORY_BROKER,
-    _wait_until_serving,
-    post,
-    start_pipeline,
-    stop_pipeline,
-)
+from tests.integration.test_up import _wait_until_serving, post, start_pipeline, stop_pipeline
 from tests.up_support import read_state
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -62,9 +56,7 @@ async def produce_forgeries(bootstrap_servers: str) -> None:
 def test_raw_records_without_the_data_dir_key_are_dead_lettered_not_stored(
     tmp_path: Path,
 ) -> None:
-    running = start_pipeline(
-        tmp_path, webhooks=[{"name": "main", "allow_unsigned": True}], embedded=MEMORY_BROKER
-    )
+    running = start_pipeline(tmp_path, webhooks=[{"name": "main", "allow_unsigned": True}])
     try:
         _wait_until_serving(running)
         asyncio.run(produce_forgeries(read_state(running.data_dir)["kafka_bootstrap_servers"]))
