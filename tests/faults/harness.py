@@ -476,6 +476,35 @@ async def stream_with_faults(
     return await simulation
 
 
+# --- waiting on what a fault needs, never on the clock -----------------------------------------
+# Each wait has a deadline and says what it waited for when it expires. The stream goes on
+# until the fault script is done (stream_with_faults), so a slow machine only makes it longer.
+
+FAULT_WAIT_SECONDS = 120.0
+
+
+async def wait_for(condition: Callable[[], bool], what: str) -> None:
+    """Poll ``condition`` (in a thread: it may ask ClickHouse) until it holds; fail naming
+    ``what`` after FAULT_WAIT_SECONDS."""
+    deadline = time.monotonic() + FAULT_WAIT_SECONDS
+    while not await asyncio.to_thread(condition):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {FAULT_WAIT_SECONDS} s waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def events_flowing(ledger: Ledger, stored_rows: Callable[[], int], moment: str) -> None:
+    """Wait until events acknowledged from now on are stored (``stored_rows`` grows): every
+    stage is up and working (none is still starting), so the next fault hits a running
+    pipeline, however busy the machine."""
+    acknowledged = ledger.posts_acknowledged
+    stored = await asyncio.to_thread(stored_rows)
+    await wait_for(
+        lambda: ledger.posts_acknowledged > acknowledged and stored_rows() > stored,
+        f"events acknowledged and stored end to end {moment}",
+    )
+
+
 async def wait_until_stored(
     clickhouse: ClickHouseUnderTest,
     ledger: Ledger,

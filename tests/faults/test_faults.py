@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.simulator.simulation import SimulationSummary
+from tests.faults import harness
 from tests.faults.harness import (
     SERVICE_TIMEOUT,
     BackgroundLoop,
@@ -48,6 +49,7 @@ from tests.faults.harness import (
     pipeline_config,
     stage_processes,
     stream_with_faults,
+    wait_for,
     wait_until_stored,
 )
 from tests.faults.ledger import Ledger, LedgerReport, refusals, unacceptable_refusals
@@ -273,19 +275,7 @@ def _stored_ids(pipeline: Pipeline) -> set[str]:
     return set(pipeline.clickhouse.rows_by_event(pipeline.database, "email_events", final=True))
 
 
-# --- waiting on what a fault needs, never on the clock -----------------------------------------
-# Each wait has a deadline and says what it waited for when it expires. The stream goes on
-# until the fault script is done (stream_with_faults), so a slow machine only makes it longer.
-
-FAULT_WAIT_SECONDS = 120.0
-
-
-async def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + FAULT_WAIT_SECONDS
-    while not await asyncio.to_thread(condition):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {FAULT_WAIT_SECONDS} s waiting for {what}")
-        await asyncio.sleep(0.1)
+# --- waiting on what a fault needs, never on the clock (harness.wait_for) ---------------------
 
 
 def stored_rows(pipeline: Pipeline) -> int:
@@ -300,16 +290,7 @@ def stored_rows(pipeline: Pipeline) -> int:
 
 
 async def events_flowing(pipeline: Pipeline, moment: str) -> None:
-    """Wait until events acknowledged from now on reach ClickHouse: every stage is up and
-    working (none is still starting), so the next fault hits a running pipeline."""
-    acknowledged = pipeline.ledger.posts_acknowledged
-    stored = await asyncio.to_thread(stored_rows, pipeline)
-    await wait_for(
-        lambda: (
-            pipeline.ledger.posts_acknowledged > acknowledged and stored_rows(pipeline) > stored
-        ),
-        f"events acknowledged and stored end to end {moment}",
-    )
+    await harness.events_flowing(pipeline.ledger, lambda: stored_rows(pipeline), moment)
 
 
 async def kill_and_restart(pipeline: Pipeline, stage: Stage) -> None:

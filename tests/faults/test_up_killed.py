@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
-from tests.faults.harness import Stream, stream_with_faults
+from tests.faults.harness import Stream, events_flowing, stream_with_faults
 from tests.faults.ledger import (
     DEDUP_VIEW,
     Ledger,
@@ -128,28 +128,14 @@ class Up:
         view = self.rows_by_event(DEDUP_VIEW, final=False)
         return ledger.compare(stored, rows=rows, view=view)
 
-    async def events_flowing(self, ledger: Ledger, moment: str, timeout: float = 120.0) -> None:
-        """Wait until events acknowledged from now on are stored: `sgpipe up` works end to end
-        (no child still starting), so the next kill hits it mid-stream, however busy the
-        machine; fail naming ``moment`` at the deadline."""
-        acknowledged, stored = ledger.posts_acknowledged, await self._stored_rows()
-        deadline = time.monotonic() + timeout
-        while not (ledger.posts_acknowledged > acknowledged and await self._stored_rows() > stored):
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"no event acknowledged and stored within {timeout:.0f} s {moment}:\n"
-                    + self.log.read_text()[-5000:]
-                )
-            await asyncio.sleep(0.2)
-
-    async def _stored_rows(self) -> int:
-        """Asked of the served store only: no `sgpipe query` process per poll."""
-        sql = "SELECT count() FROM email_events"
+    def stored_rows(self) -> int:
+        """Rows in email_events so far, asked of the served store only (no `sgpipe query`
+        process per poll); 0 while it starts or before the sink created the table."""
         try:
-            answer = await asyncio.to_thread(served_store_answer, self.data_dir, sql)
+            answer = served_store_answer(self.data_dir, "SELECT count() FROM email_events")
             return int(answer) if answer is not None else 0
         except (OSError, ValueError):
-            return 0  # the store is starting, or the sink has not created the table yet
+            return 0
 
     async def settled_check(self, ledger: Ledger, timeout: float) -> LedgerReport:
         """``check`` polled until nothing acknowledged is missing from the table or the view,
@@ -204,12 +190,12 @@ async def test_sgpipe_up_killed_9_twice_mid_stream(scenario: Scenario) -> None:
 
     async def faults() -> None:
         for kill in range(1, KILLS + 1):
-            await running.events_flowing(ledger, f"before kill {kill}")
+            await events_flowing(ledger, running.stored_rows, f"before kill {kill}")
             await asyncio.to_thread(running.kill_9)
             # Down for a second, as after a crash: the simulator's POSTs are refused meanwhile.
             await asyncio.sleep(1.0)
             await asyncio.to_thread(running.start)
-        await running.events_flowing(ledger, "after the last restart")
+        await events_flowing(ledger, running.stored_rows, "after the last restart")
 
     summary = await stream_with_faults(options, ledger, faults)
     assert unacceptable_refusals(summary.responses) == {}, summary.to_dict()
