@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,14 @@ import yaml
 from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.up.layout import LOG_DIR, RUN_DIR, state_file
-from tests.faults.harness import SERVICE_TIMEOUT, Stage, Stream, log_events, stream_with_faults
+from tests.faults.harness import (
+    SERVICE_TIMEOUT,
+    Stage,
+    Stream,
+    log_events,
+    stream_with_faults,
+    wait_for,
+)
 from tests.faults.ledger import Ledger, refusals, unacceptable_refusals
 from tests.faults.test_faults import REVOKED
 from tests.faults.test_up_killed import Up
@@ -76,14 +82,6 @@ def up(tmp_path: Path) -> Iterator[tuple[Up, Any]]:
 def state(running: Up) -> dict[str, Any]:
     loaded: dict[str, Any] = json.loads(state_file(running.data_dir).read_text())
     return loaded
-
-
-async def wait_for(condition: Any, what: str) -> None:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not await asyncio.to_thread(condition):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {WAIT_SECONDS} s waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 def every_child_ready(running: Up) -> bool:
