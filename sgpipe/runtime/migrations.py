@@ -395,8 +395,12 @@ async def _record(
             parameters={"checksum": migration.checksum, "name": migration.name},
         )
         return
-    await client.insert(
-        table, [[migration.name, migration.checksum]], column_names=["name", "checksum"]
+    # A statement with parameters, not client.insert(): clickhouse-connect's insert() asks
+    # whether its data is a pandas DataFrame and imports pandas (with numpy and pyarrow) to
+    # ask, ~0.45 s of CPU and ~80 MB in every process that migrates (the sink at each start).
+    await client.command(
+        f"INSERT INTO {table} (name, checksum) SELECT {{name:String}}, {{checksum:String}}",
+        parameters={"name": migration.name, "checksum": migration.checksum},
     )
 
 
