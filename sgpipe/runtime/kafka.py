@@ -48,6 +48,7 @@ def _connection_options(settings: KafkaSettings) -> dict[str, Any]:
         "client_id": settings.client_id,
         "security_protocol": settings.security_protocol,
         "request_timeout_ms": settings.request_timeout_ms,
+        "metadata_max_age_ms": settings.metadata_max_age_ms,
     }
     if settings.security_protocol in ("SSL", "SASL_SSL"):
         options["ssl_context"] = ssl.create_default_context(

@@ -99,6 +99,11 @@ class KafkaSettings(_Section):
     # Must exceed SendGrid's 768 KB batches plus headers; the broker's message.max.bytes too.
     max_request_size: Annotated[int, Field(ge=1_048_576)] = 4 * 1_048_576
     request_timeout_ms: Annotated[int, Field(ge=1000)] = 30_000
+    # How old the clients' view of the topics may get before it is asked again (aiokafka's
+    # default: 5 min). A topic that changed under them -- partitions added, or re-created by a
+    # broker that came back empty with its own partition count -- is seen within this: until
+    # then a consumer reads only the partitions it knew, and the rest waits unread.
+    metadata_max_age_ms: Annotated[int, Field(ge=1000)] = 30_000
     session_timeout_ms: Annotated[int, Field(ge=100)] = 10_000
     heartbeat_interval_ms: Annotated[int, Field(ge=50)] = 3_000
     # How long `sgpipe ingest` keeps retrying to reach Kafka at start (topics, producer) before

@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.errors import KafkaError, NoOffsetForPartitionError
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgpipe.embedded.broker import free_port
+from sgpipe.runtime.kafka import create_admin, create_consumer, create_producer, ensure_topics
+from sgpipe.runtime.settings import Settings
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.simulator.simulation import SimulationSummary
 from tests.faults import harness
@@ -53,6 +56,7 @@ from tests.faults.harness import (
     wait_until_stored,
 )
 from tests.faults.ledger import Ledger, LedgerReport, refusals, unacceptable_refusals
+from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.promise_report import REPORT, FaultOutcome
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -483,6 +487,90 @@ async def test_ingress_killed_with_requests_in_flight(pipeline: Pipeline) -> Non
     )
     # The POSTs in flight were cut: SendGrid sees a broken connection and retries.
     assert refusals(summary.responses).get("connection error", 0) >= 1, summary.responses
+
+
+@FAULTS_A
+async def test_a_topic_a_restarted_broker_re_created_on_the_fly_is_read_whole(
+    background: BackgroundLoop, tmp_path: Path, unique_name: str
+) -> None:
+    """A broker that came back empty creates a topic on the first metadata request naming it,
+    with a partition count of its own (tansu: 4) -- the stage consumer's own request, as
+    it looks for the lost topic. Its cached view still listed the old partitions, and with
+    aiokafka's default metadata age (5 min) it read those only: what the ingress wrote to the
+    others waited unread, and the memory-broker fault counted ~229 acknowledged events as
+    lost (issue 21). ``kafka.metadata_max_age_ms`` bounds the wait (1 s here; 30 s by
+    default). Mutation caught: the clients not given ``metadata_max_age_ms``."""
+    broker = BrokerUnderTest(background, tmp_path / "memory-broker", storage="memory")
+    await broker.start_async()
+    topic = f"raw-{unique_name}"
+    settings = Settings.model_validate(
+        {
+            "kafka": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                "metadata_max_age_ms": 1000,
+                **FAST_GROUP_SETTINGS,
+                "topics": {"raw": topic, "partitions": 2},
+            }
+        }
+    )
+    consumer = create_consumer(settings.kafka, group_id=f"processor-{unique_name}")
+    producer = create_producer(settings.kafka)
+    try:
+        await ensure_topics(settings.kafka)
+        consumer.subscribe([topic])
+        await consumer.start()
+        await _poll_until(consumer, lambda read: len(consumer.assignment()) == 2)
+        broker.kill_broker()
+        while not (broker.restarts()["broker"] == 1 and broker.alive()):
+            await asyncio.sleep(0.05)
+        # The consumer's own lookups re-create the topic; then one record lands in each of
+        # its partitions, as the ingress's partitioner spreads them.
+        partitions = 0
+        while partitions == 0:
+            await _poll_until(consumer, lambda read: True)
+            partitions = await _partition_count(settings, topic)
+        assert partitions != 2, "the broker re-created the topic as configured, not on the fly"
+        await producer.start()
+        for partition in range(partitions):
+            await producer.send_and_wait(topic, b"after the restart", partition=partition)
+        read = await _poll_until(consumer, lambda read: len(read) == partitions)
+        assert sorted(read) == list(range(partitions)), read
+    finally:
+        await asyncio.gather(consumer.stop(), producer.stop(), return_exceptions=True)
+        await broker.stop_async()
+
+
+async def _poll_until(
+    consumer: Any, done: Callable[[set[int]], bool], *, seconds: float = 30.0
+) -> set[int]:
+    """Poll ``consumer`` (a new group's partitions start at their beginning) until ``done``
+    holds for the partitions it read records from; the deadline failing names them."""
+    deadline = time.monotonic() + seconds
+    read: set[int] = set()
+    while time.monotonic() < deadline:
+        try:
+            polled = await consumer.getmany(timeout_ms=200)
+        except NoOffsetForPartitionError as exc:
+            await consumer.seek_to_beginning(*exc.args)
+            continue
+        except KafkaError:  # the broker restarting
+            await asyncio.sleep(0.1)
+            continue
+        read.update(partition.partition for partition, records in polled.items() if records)
+        if done(read):
+            return read
+    raise AssertionError(f"after {seconds:g} s, read from partitions {sorted(read)} only")
+
+
+async def _partition_count(settings: Settings, topic: str) -> int:
+    """The topic's partitions as the broker has them now (0: no such topic)."""
+    admin = create_admin(settings.kafka)
+    await admin.start()
+    try:
+        (described,) = await admin.describe_topics([topic])
+    finally:
+        await admin.close()
+    return 0 if described.get("error_code") else len(described["partitions"])
 
 
 @FAULTS_A
