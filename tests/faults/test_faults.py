@@ -39,6 +39,7 @@ from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.simulator.simulation import SimulationSummary
 from tests.faults import harness
 from tests.faults.harness import (
+    FAULT_WAIT_SECONDS,
     SERVICE_TIMEOUT,
     BackgroundLoop,
     BrokerUnderTest,
@@ -525,8 +526,10 @@ async def test_a_topic_a_restarted_broker_re_created_on_the_fly_is_read_whole(
             await asyncio.sleep(0.05)
         # The consumer's own lookups re-create the topic; then one record lands in each of
         # its partitions, as the ingress's partitioner spreads them.
+        deadline = time.monotonic() + FAULT_WAIT_SECONDS
         partitions = 0
         while partitions == 0:
+            assert time.monotonic() < deadline, "the consumer's lookups never re-created it"
             await _poll_until(consumer, lambda read: True)
             partitions = await _partition_count(settings, topic)
         assert partitions != 2, "the broker re-created the topic as configured, not on the fly"
