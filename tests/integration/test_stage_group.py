@@ -26,19 +26,24 @@ pytestmark = pytest.mark.kafka
 @dataclass
 class RecordingWriter:
     """Records when it stops; ``stop_delay`` makes its stop slow, ``start_error`` its start
-    fail."""
+    fail, once ``start_after`` is set (another stage's writer started)."""
 
     name: str
     events: list[str]
     stop_delay: float = 0.0
     start_error: BaseException | None = None
+    start_after: asyncio.Event | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
     output: str = "test"
     destination: str = "the test destination"
     written: list[Any] = field(default_factory=list)
 
     async def start(self) -> None:
+        if self.start_after is not None:
+            await self.start_after.wait()
         if self.start_error is not None:
             raise self.start_error
+        self.started.set()
 
     async def stop(self) -> None:
         await asyncio.sleep(self.stop_delay)
@@ -98,7 +103,14 @@ async def test_a_fatal_error_in_one_stage_stops_the_others_and_is_raised(
     await ensure_topics(settings.kafka)
     events: list[str] = []
     healthy = RecordingWriter("healthy", events)
-    broken = RecordingWriter("broken", events, start_error=FatalStageError("broken: bad table"))
+    # It fails once the healthy stage runs: failing first, it would stop the healthy one
+    # before that had a writer to stop (its start is then abandoned, nothing to record).
+    broken = RecordingWriter(
+        "broken",
+        events,
+        start_error=FatalStageError("broken: bad table"),
+        start_after=healthy.started,
+    )
     stop = asyncio.Event()
     with pytest.raises(FatalStageError, match="broken: bad table"):
         await asyncio.wait_for(
