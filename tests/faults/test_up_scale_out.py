@@ -28,6 +28,7 @@ from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.up.layout import LOG_DIR, RUN_DIR, state_file
 from tests.faults.harness import (
+    FAULT_WAIT_SECONDS,
     SERVICE_TIMEOUT,
     Stage,
     Stream,
@@ -44,7 +45,6 @@ from tests.promise_report import REPORT, FaultOutcome
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
 
 SURVIVORS = ("process", "process-2", "sink", "sink-2")
-WAIT_SECONDS = 120.0
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ async def test_a_third_processor_and_sink_join_and_leave_sgpipe_ups_two_and_two(
     assert unacceptable_refusals(summary.responses) == {}, summary.to_dict()
     assert summary.posts_rejected == 0 and summary.ok, summary.to_dict()
 
-    report = await running.settled_check(ledger, WAIT_SECONDS)
+    report = await running.settled_check(ledger, FAULT_WAIT_SECONDS)
     REPORT.record_fault(
         FaultOutcome(
             test="sgpipe up 2+2: a third processor and sink join and leave (SIGTERM, kill -9)",
