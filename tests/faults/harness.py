@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sgpipe.embedded.broker import EmbeddedKafka, free_port
+from sgpipe.embedded.broker import EmbeddedKafka
 from sgpipe.embedded.clickhouse import EmbeddedClickHouse
 from sgpipe.embedded.credentials import EmbeddedCredentials, load_or_create_credentials
 from sgpipe.runtime.settings import EmbeddedSettings
@@ -43,6 +43,7 @@ from sgpipe.simulator.simulation import SimulationOptions, SimulationSummary, si
 from tests.faults.ledger import DEDUP_VIEW, Ledger, LedgerReport, counts_by_event
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import SGPIPE
+from tests.ports import free_port
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 
 T = TypeVar("T")

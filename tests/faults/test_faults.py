@@ -32,7 +32,6 @@ import pytest
 from aiokafka.errors import KafkaError, NoOffsetForPartitionError
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sgpipe.embedded.broker import free_port
 from sgpipe.runtime.kafka import create_admin, create_consumer, create_producer, ensure_topics
 from sgpipe.runtime.settings import Settings
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
@@ -58,6 +57,7 @@ from tests.faults.harness import (
 )
 from tests.faults.ledger import Ledger, LedgerReport, refusals, unacceptable_refusals
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
+from tests.ports import free_port
 from tests.promise_report import REPORT, FaultOutcome
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]

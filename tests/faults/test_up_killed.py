@@ -25,7 +25,6 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from tests.faults.harness import Stream, events_flowing, stream_with_faults
 from tests.faults.ledger import (
@@ -37,6 +36,7 @@ from tests.faults.ledger import (
     unacceptable_refusals,
 )
 from tests.integration.test_up import SGPIPE, START_TIMEOUT
+from tests.ports import free_port
 from tests.promise_report import REPORT, FaultOutcome
 from tests.up_support import served_store_answer
 

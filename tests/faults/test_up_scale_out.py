@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 import yaml
 
-from sgpipe.embedded.broker import free_port
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.up.layout import LOG_DIR, RUN_DIR, state_file
 from tests.faults.harness import (
@@ -40,6 +39,7 @@ from tests.faults.ledger import Ledger, refusals, unacceptable_refusals
 from tests.faults.test_faults import REVOKED
 from tests.faults.test_up_killed import Up
 from tests.integration.processes import SGPIPE, http_get
+from tests.ports import free_port
 from tests.promise_report import REPORT, FaultOutcome
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]

@@ -42,9 +42,10 @@ from aiokafka.protocol.types import (
     TaggedFields,
 )
 
-from sgpipe.embedded.broker import CLUSTER_ID, free_port, tansu_binary
+from sgpipe.embedded.broker import CLUSTER_ID, tansu_binary
 from sgpipe.embedded.child import accepts_connections
 from sgpipe.embedded.storage import BUCKET, SeaweedStorage
+from tests.ports import free_port
 
 pytestmark = pytest.mark.kafka
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sgpipe.embedded.broker import free_port
+from tests.ports import free_port
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]

@@ -16,9 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from sgpipe.embedded.broker import EmbeddedBroker, free_port
+from sgpipe.embedded.broker import EmbeddedBroker
 from tests.integration.kafka_tools import read_topic
 from tests.integration.processes import start_sgpipe, wait_for_status, write_config
+from tests.ports import free_port
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 from tests.sendgrid_vector import new_key_pair, sign
 

@@ -16,10 +16,11 @@ import pytest
 
 from ingest.app import create_app
 from ingest.protocol import start_ingress
-from sgpipe.embedded.broker import EmbeddedBroker, free_port
+from sgpipe.embedded.broker import EmbeddedBroker
 from sgpipe.runtime.kafka import ensure_topics
 from sgpipe.runtime.settings import Settings
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
+from tests.ports import free_port
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 
 pytestmark = pytest.mark.kafka

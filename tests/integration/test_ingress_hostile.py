@@ -23,8 +23,8 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
-from sgpipe.embedded.broker import free_port
 from tests.ingress_corpus import MARKER, HostileCase, Target, hostile_cases, server_config
+from tests.ports import free_port
 from tests.promise_report import REPORT
 from tests.raw_http import exchange, http_request
 

@@ -30,7 +30,6 @@ from pydantic import SecretStr
 from processors.stage import run_processor
 from schemas.email_event import EmailEventCodec, UnknownWriterSchema, schema_versions
 from schemas.raw_batch import RawBatch
-from sgpipe.embedded.broker import free_port
 from sgpipe.runtime.errors import ErrorClass, classify
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
 from sgpipe.runtime.schema_registry import (
@@ -46,6 +45,7 @@ from sinks.stage import run_sink
 from tests.golden import expected_record, fixture_names, json_form, payload
 from tests.integration.clickhouse_tools import clickhouse_client, select_rows, served_clickhouse
 from tests.integration.kafka_tools import kafka_test_settings, read_topic
+from tests.ports import free_port
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT, signed_raw_batch_headers
 
 pytestmark = pytest.mark.kafka

@@ -22,8 +22,8 @@ from typing import Any
 import pytest
 import yaml
 
-from sgpipe.embedded.broker import free_port
 from tests.cli_in_process import CliResult, run_sgpipe_in_process
+from tests.ports import free_port
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 

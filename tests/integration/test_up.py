@@ -22,13 +22,13 @@ import aiohttp
 import pytest
 import yaml
 
-from sgpipe.embedded.broker import free_port
 from sgpipe.embedded.credentials import (
     credentials_file,
     load_credentials,
     load_or_create_credentials,
 )
 from tests.integration.processes import http_get, metric
+from tests.ports import free_port
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
 from tests.up_support import served_store_answer
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sgpipe.embedded.broker import free_port
 from sgpipe.embedded.storage import BUCKET, StorageLayout, weed_binary
+from tests.ports import free_port
 from tests.up_support import WebhookKey, events_body, get, post, read_state, wait_until
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sgpipe.embedded.broker import free_port
 from tests.integration.test_up import (
     SGPIPE,
     RunningPipeline,
     _wait_until_serving,
     stop_pipeline,
 )
+from tests.ports import free_port
 from tests.sendgrid_vector import PUBLIC_KEY
 
 pytest.importorskip("chdb")

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sgpipe.embedded.broker import EmbeddedBroker, free_port
+from sgpipe.embedded.broker import EmbeddedBroker
 from sgpipe.simulator import SimulationOptions, simulate
 from tests.integration.processes import metric
 from tests.integration.test_up import (
@@ -40,6 +40,7 @@ from tests.integration.test_up import (
     start_pipeline,
     stop_pipeline,
 )
+from tests.ports import free_port
 from tests.up_support import (
     WebhookKey,
     alive,

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sgpipe.embedded.broker import free_port
 from sgpipe.webhooks.emulator import TEST_BATCH_EVENTS
+from tests.ports import free_port
 from tests.up_support import served_store_answer, wait_until
 from tests.webhooks_support import API_KEY, running_emulator
 

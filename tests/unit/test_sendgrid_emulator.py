@@ -21,10 +21,10 @@ import pytest
 from aiohttp import web
 from pydantic import SecretStr
 
-from sgpipe.embedded.broker import free_port
 from sgpipe.webhooks.client import SendGridApiError, WebhooksClient
 from sgpipe.webhooks.emulator import EmulatorState
 from sgpipe.webhooks.models import EventWebhookRequest, EventWebhookTestRequest
+from tests.ports import free_port
 from tests.webhooks_support import API_KEY, ServerThread, running_emulator
 
 TOKEN = "token-for-sendgrid"

@@ -15,7 +15,6 @@ import pytest
 from aiohttp import web
 
 from ingest.signature import SignatureRejected, load_public_key, verify_signature
-from sgpipe.embedded.broker import free_port
 from sgpipe.simulator import (
     OAuthClientSettings,
     SimulationOptions,
@@ -27,6 +26,7 @@ from sgpipe.simulator import (
 from sgpipe.simulator.batches import PlannedPost
 from sgpipe.simulator.command import _ProgressLine
 from sgpipe.simulator.oauth import ClientAuthMethod
+from tests.ports import free_port
 from tests.simulator_support import ReceivedRequest, record, run_sgpipe, serve
 
 WEBHOOK = "/webhooks/main"
