@@ -15,18 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
-from aiokafka.protocol.metadata import MetadataRequest
 
 from schemas.raw_auth import RawAuthKey, sign_raw_record
 from schemas.raw_batch import KafkaHeaders, RawBatch, raw_batch_headers
-from sgpipe.runtime.kafka import create_producer, ensure_topics
+from sgpipe.runtime.kafka import (
+    TopicHealth,
+    create_producer,
+    ensure_topics,
+    probe_topics,
+)
 from sgpipe.runtime.raw_auth import raw_auth_keys
 from sgpipe.runtime.settings import Settings
 
@@ -260,18 +262,12 @@ class KafkaRawBatchPublisher:
     async def _probe(self, producer: AIOKafkaProducer[bytes, bytes]) -> TopicHealth:
         """Ask one broker for the raw topic's metadata: reachable, topic present, every
         partition led. Cheap (one small request), and it never creates the topic."""
-        started = time.monotonic()
-        client: Any = producer.client
-        node = client.get_random_node()
-        if node is None:
-            return TopicHealth(False, "no broker known")
-        request = MetadataRequest([self._topic], allow_auto_topic_creation=False)
         try:
             async with asyncio.timeout(min(self._probe_interval, self._timeout)):
-                response = await client.send(node, request)
+                health = await probe_topics(producer, [self._topic])
         except Exception as exc:  # noqa: BLE001 - every failure means "cannot acknowledge"
             return TopicHealth(False, f"broker unreachable: {type(exc).__name__}")
-        return topic_health(response.topics, self._topic, time.monotonic() - started)
+        return health[self._topic]
 
 
 def signed_headers(batch: RawBatch, key: RawAuthKey | None) -> KafkaHeaders:
@@ -279,38 +275,6 @@ def signed_headers(batch: RawBatch, key: RawAuthKey | None) -> KafkaHeaders:
     ``raw_auth.allow_unauthenticated``)."""
     headers = raw_batch_headers(batch)
     return headers if key is None else sign_raw_record(key, batch.body, headers)
-
-
-_UNKNOWN_TOPIC_OR_PARTITION = 3
-
-
-@dataclass(frozen=True, slots=True)
-class TopicHealth:
-    ok: bool
-    detail: str
-    missing: bool = False
-
-
-def topic_health(topics: Any, topic: str, elapsed: float) -> TopicHealth:
-    """Read a Metadata response's topic entries; every version puts the error code first, the
-    name second and the partitions last, each partition as (error, id, leader, ...)."""
-    for entry in topics:
-        if entry[1] != topic:
-            continue
-        if entry[0] == _UNKNOWN_TOPIC_OR_PARTITION:
-            return TopicHealth(False, f"topic {topic} does not exist", missing=True)
-        if entry[0] != 0:
-            return TopicHealth(False, f"topic {topic}: error code {entry[0]}")
-        partitions = entry[-1]
-        if not partitions:
-            return TopicHealth(False, f"topic {topic} has no partitions", missing=True)
-        leaderless = [partition[1] for partition in partitions if partition[2] < 0]
-        if leaderless:
-            return TopicHealth(
-                False, f"topic {topic}: partitions without a leader {sorted(leaderless)}"
-            )
-        return TopicHealth(True, f"topic {topic} led; broker answered in {elapsed * 1000:.0f} ms")
-    return TopicHealth(False, f"topic {topic} missing from the broker's answer", missing=True)
 
 
 async def _wait(stop: asyncio.Event, seconds: float) -> None:

@@ -18,7 +18,8 @@ from typing import Any, Generic, TypeAlias, TypeVar
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, UnknownMemberIdError
+from aiokafka.errors import KafkaError, UnknownMemberIdError, UnknownTopicOrPartitionError
+from aiokafka.protocol.metadata import MetadataRequest
 from aiokafka.structs import ConsumerRecord
 
 from schemas.dead_letter import DeadLetter, dead_letter_headers
@@ -106,7 +107,14 @@ class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     itself would refuse a forgotten member's, with UnknownMemberIdError, which aiokafka
     reports as CommitFailedError: a rejoin, for the stage.
 
-    aiokafka has no public hook for it: the check wraps the group coordinator's request
+    A commit answered UnknownTopicOrPartition -- the broker does not list the topic: it was
+    deleted, or it restarted empty and the records read came from a log it keeps but does not
+    list (tansu's in-memory store after a restart) -- is raised as ``CommittedTopicMissing``.
+    aiokafka would retry it forever, the stage's commit with it, and the stage would stall
+    (issue 21: ~3,000 acknowledged events never stored); the stage starts the topic over
+    instead (``StageLoop._commit``).
+
+    aiokafka has no public hook for either: the check wraps the group coordinator's request
     builder, the last step before the request leaves (nothing is awaited in between).
     """
 
@@ -123,9 +131,23 @@ class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
                     f"{coordinator.group_id}: not a member of the group (rejoining); "
                     "a commit now would be a group-less one"
                 )
-            return await send_commit(assignment, offsets)
+            try:
+                return await send_commit(assignment, offsets)
+            except UnknownTopicOrPartitionError as exc:
+                topics = sorted({partition.topic for partition in offsets})
+                raise CommittedTopicMissing(
+                    f"{coordinator.group_id}: the broker does not list {topics}; "
+                    "the offsets read from it cannot be committed"
+                ) from exc
 
         coordinator._do_commit_offsets = commit_as_member
+
+
+class CommittedTopicMissing(KafkaError):  # type: ignore[misc]
+    """A commit named a topic the broker does not list (see ``GroupMemberConsumer``); not
+    retriable, so that aiokafka hands it to the stage instead of retrying it forever."""
+
+    retriable = False
 
 
 def create_consumer(settings: KafkaSettings, *, group_id: str) -> AIOKafkaConsumer[bytes, bytes]:
@@ -186,6 +208,85 @@ async def _wait_for_topics(admin: AIOKafkaAdminClient, names: list[str]) -> None
             return
         await asyncio.sleep(0.1)
     raise KafkaError(f"topics {names} were not created within 30 s")
+
+
+_UNKNOWN_TOPIC_OR_PARTITION = 3
+
+
+@dataclass(frozen=True, slots=True)
+class TopicHealth:
+    ok: bool
+    detail: str
+    missing: bool = False
+
+
+def topic_health(topics: Any, topic: str, elapsed: float) -> TopicHealth:
+    """Read a Metadata response's topic entries; every version puts the error code first, the
+    name second and the partitions last, each partition as (error, id, leader, ...)."""
+    for entry in topics:
+        if entry[1] != topic:
+            continue
+        if entry[0] == _UNKNOWN_TOPIC_OR_PARTITION:
+            return TopicHealth(False, f"topic {topic} does not exist", missing=True)
+        if entry[0] != 0:
+            return TopicHealth(False, f"topic {topic}: error code {entry[0]}")
+        partitions = entry[-1]
+        if not partitions:
+            return TopicHealth(False, f"topic {topic} has no partitions", missing=True)
+        leaderless = [partition[1] for partition in partitions if partition[2] < 0]
+        if leaderless:
+            return TopicHealth(
+                False, f"topic {topic}: partitions without a leader {sorted(leaderless)}"
+            )
+        return TopicHealth(True, f"topic {topic} led; broker answered in {elapsed * 1000:.0f} ms")
+    return TopicHealth(False, f"topic {topic} missing from the broker's answer", missing=True)
+
+
+async def probe_topics(
+    producer: AIOKafkaProducer[bytes, bytes], topics: Sequence[str]
+) -> dict[str, TopicHealth]:
+    """Ask one broker for ``topics``' metadata, with auto-creation off: the request never
+    creates a topic. Raises the client's error when no broker answers."""
+    started = time.monotonic()
+    client: Any = producer.client
+    node = client.get_random_node()
+    if node is None:
+        raise KafkaError("no broker known")
+    request = MetadataRequest(list(topics), allow_auto_topic_creation=False)
+    response = await client.send(node, request)
+    elapsed = time.monotonic() - started
+    return {topic: topic_health(response.topics, topic, elapsed) for topic in topics}
+
+
+async def confirm_topics(producer: AIOKafkaProducer[bytes, bytes], topics: Sequence[str]) -> None:
+    """Raise UnknownTopicOrPartitionError unless the broker lists every one of ``topics``."""
+    health = await probe_topics(producer, topics)
+    missing = sorted(topic for topic, state in health.items() if state.missing)
+    if missing:
+        raise UnknownTopicOrPartitionError(f"the broker does not list topic(s) {missing}")
+
+
+async def send_all_confirmed(
+    producer: AIOKafkaProducer[bytes, bytes], records: Sequence[OutgoingRecord]
+) -> None:
+    """``send_all``, between two checks that the broker lists the topics written to (each
+    raises UnknownTopicOrPartitionError: a retriable failure of the write, on which a stage
+    re-creates its topics and writes again).
+
+    Why: a broker that restarted empty may acknowledge writes to a topic it no longer lists.
+    tansu's in-memory store does: the records land in a log that consumers can read from but
+    cannot commit (UnknownTopicOrPartition), and that creating the topic again empties. A
+    producer writes there with its cached metadata -- or aiokafka resends a batch that was in
+    flight when the broker died, acknowledged as if nothing happened. The check before keeps
+    the first from happening; the check after the acknowledgement catches the second. What
+    is left: a topic created by someone else between the write and the check after it.
+    """
+    if not records:
+        return
+    topics = sorted({record.topic for record in records})
+    await confirm_topics(producer, topics)
+    await send_all(producer, records)
+    await confirm_topics(producer, topics)
 
 
 # Records above this size are sent one by one (``producer.send``): aiokafka checks them
@@ -304,7 +405,7 @@ class TopicWriter(Generic[T]):
         return None
 
     async def write(self, outputs: Sequence[T], batch: object) -> None:
-        await send_all(self._producer, [self._to_record(output) for output in outputs])
+        await send_all_confirmed(self._producer, [self._to_record(output) for output in outputs])
 
     async def probe(self) -> None:
         await self._producer.partitions_for(self._topic)
@@ -319,7 +420,7 @@ class DeadLetterTopicWriter:
         self._topic = topic
 
     async def write(self, letters: Sequence[DeadLetter]) -> None:
-        await send_all(
+        await send_all_confirmed(
             self._producer,
             [
                 OutgoingRecord(self._topic, letter.payload, headers=dead_letter_headers(letter))

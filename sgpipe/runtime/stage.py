@@ -39,6 +39,9 @@ Rebalances (a consumer joining, leaving, dying or timing out) are routine, never
   (its outputs were written; the next owner re-reads and the overlap is absorbed) and the
   stage goes on polling, which rejoins the group;
 * the stage never seeks or reads the position of a partition it does not hold;
+* a commit the broker refuses because it does not list the topic (``CommittedTopicMissing``:
+  deleted, or a broker that restarted empty and still serves a log it does not list) drops
+  the batch's offsets too; the topic is re-created and read again from its beginning;
 * a partition whose log ends below what the stage read from it (a broker that lost the log
   and re-created the topic at offset 0, answering fetches past the end with nothing instead
   of OffsetOutOfRange) is read again from its beginning, like an out-of-range offset, and
@@ -91,6 +94,7 @@ from sgpipe.runtime.errors import (
     step_error_class,
 )
 from sgpipe.runtime.health import Progress, Readiness
+from sgpipe.runtime.kafka import CommittedTopicMissing
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.progress import ProgressLog
 from sgpipe.runtime.retry import Backoff, sleep_unless_stopped
@@ -857,6 +861,9 @@ class StageLoop(Generic[T]):
             return
         try:
             committed = await self._commit_unless_revoked(committable)
+        except CommittedTopicMissing as exc:
+            await self._start_missing_topic_over(set(committable), exc)
+            return
         except (*GROUP_MOVED_ON, IllegalStateError) as exc:
             # IllegalStateError: the partitions were taken away in the instant between the
             # ownership check and the call (the same rejoin, seen from the client's side).
@@ -875,6 +882,29 @@ class StageLoop(Generic[T]):
             )
             return
         metrics.LAST_COMMIT.labels(self._stage).set(time.time())
+
+    async def _start_missing_topic_over(
+        self, partitions: set[TopicPartition], exc: CommittedTopicMissing
+    ) -> None:
+        """The broker does not list the topic the batch was read from (see
+        ``GroupMemberConsumer``): what was read is written but never committed -- once the
+        topic exists again, those offsets would point into its new log, past records nobody
+        read. The topic is re-created (with ``kafka.create_topics``) and read from its
+        beginning; ClickHouse and the dedup window absorb what is read twice."""
+        metrics.OFFSET_RESETS.labels(self._stage).inc(len(partitions))
+        log.warning(
+            "the broker does not list the topic read from; not committing, re-reading it "
+            "from its beginning",
+            stage=self._stage,
+            partitions=sorted(f"{p.topic}/{p.partition}" for p in partitions),
+            error=describe(exc),
+        )
+        self._abandon(partitions)
+        self._forget_written()
+        await self._recreate_topics()
+        owned = self._owned(list(partitions))
+        if owned:
+            await self._consumer.seek_to_beginning(*owned)
 
     async def _commit_unless_revoked(
         self, offsets: dict[TopicPartition, OffsetAndMetadata]

@@ -29,10 +29,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiokafka.errors import KafkaError, NoOffsetForPartitionError
+from aiokafka.errors import (
+    CommitFailedError,
+    KafkaError,
+    NoOffsetForPartitionError,
+    UnknownTopicOrPartitionError,
+)
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sgpipe.runtime.kafka import create_admin, create_consumer, create_producer, ensure_topics
+from sgpipe.runtime import kafka as kafka_module
+from sgpipe.runtime.kafka import (
+    CommittedTopicMissing,
+    OutgoingRecord,
+    TopicWriter,
+    create_admin,
+    create_consumer,
+    create_producer,
+    ensure_topics,
+    probe_topics,
+)
 from sgpipe.runtime.settings import Settings
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.simulator.simulation import SimulationSummary
@@ -521,9 +536,7 @@ async def test_a_topic_a_restarted_broker_re_created_on_the_fly_is_read_whole(
         consumer.subscribe([topic])
         await consumer.start()
         await _poll_until(consumer, lambda read: len(consumer.assignment()) == 2)
-        broker.kill_broker()
-        while not (broker.restarts()["broker"] == 1 and broker.alive()):
-            await asyncio.sleep(0.05)
+        await _restart_empty(broker)
         # The consumer's own lookups re-create the topic; then one record lands in each of
         # its partitions, as the ingress's partitioner spreads them.
         deadline = time.monotonic() + FAULT_WAIT_SECONDS
@@ -538,6 +551,155 @@ async def test_a_topic_a_restarted_broker_re_created_on_the_fly_is_read_whole(
             await producer.send_and_wait(topic, b"after the restart", partition=partition)
         read = await _poll_until(consumer, lambda read: len(read) == partitions)
         assert sorted(read) == list(range(partitions)), read
+    finally:
+        await asyncio.gather(consumer.stop(), producer.stop(), return_exceptions=True)
+        await broker.stop_async()
+
+
+async def _restart_empty(broker: BrokerUnderTest) -> None:
+    restarts = broker.restarts()["broker"]
+    broker.kill_broker()
+    await wait_for(
+        lambda: broker.restarts()["broker"] == restarts + 1 and broker.alive(),
+        "the memory broker restarted by its supervisor",
+    )
+
+
+@FAULTS_A
+async def test_a_stage_writer_never_counts_a_write_into_a_topic_the_broker_does_not_list(
+    background: BackgroundLoop,
+    tmp_path: Path,
+    unique_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A broker that restarted empty acknowledges writes to a topic it no longer lists (tansu's
+    in-memory store): consumers read them but cannot commit, and creating the topic empties
+    that log. The processor wrote its batches there -- with its cached metadata, or as
+    aiokafka resent a batch in flight at the restart -- and the memory-broker fault lost
+    ~3,000 events (issue 21). The stage's writer refuses to write while the broker does not
+    list the topic, and fails a write whose topic vanished before it was acknowledged: both
+    are UnknownTopicOrPartitionError, on which the stage re-creates its topics and writes again.
+    Mutations caught: no check before the write (it reaches send_all), no check after it (the
+    write into the unlisted log counts as done)."""
+    broker = BrokerUnderTest(background, tmp_path / "memory-broker", storage="memory")
+    await broker.start_async()
+    topic = f"events-{unique_name}"
+    settings = Settings.model_validate(
+        {
+            "kafka": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                "topics": {"events": topic, "raw": f"raw-{unique_name}", "partitions": 2},
+            }
+        }
+    )
+    sent: list[int] = []
+    real_send_all = kafka_module.send_all
+
+    async def counted_send_all(producer: Any, records: Sequence[OutgoingRecord]) -> None:
+        sent.append(len(records))
+        await real_send_all(producer, records)
+
+    monkeypatch.setattr(kafka_module, "send_all", counted_send_all)
+    producer = create_producer(settings.kafka)
+    writer: TopicWriter[bytes] = TopicWriter(
+        producer, topic, lambda value: OutgoingRecord(topic, value), output="x"
+    )
+    try:
+        await ensure_topics(settings.kafka)
+        await producer.start()
+        await writer.write([b"before"], None)
+        assert sent == [1]
+
+        await _restart_empty(broker)
+        outcome = await _write_until_the_broker_answers(writer, [b"after the restart"])
+        assert outcome == "UnknownTopicOrPartitionError", outcome
+        assert sent == [1], "the writer wrote into a topic the broker does not list"
+        assert (await probe_topics(producer, [topic]))[topic].missing, "the check created it"
+
+        # Created again; then the broker dies between the check and the write.
+        await ensure_topics(settings.kafka)
+        await writer.write([b"into the new log"], None)
+
+        async def restart_then_send_all(producer: Any, records: Sequence[OutgoingRecord]) -> None:
+            await _restart_empty(broker)
+            await counted_send_all(producer, records)
+
+        monkeypatch.setattr(kafka_module, "send_all", restart_then_send_all)
+        with pytest.raises(UnknownTopicOrPartitionError):
+            await asyncio.wait_for(writer.write([b"in flight"], None), FAULT_WAIT_SECONDS)
+        assert sent == [1, 1, 1], "the write in flight was not sent to the restarted broker"
+    finally:
+        await producer.stop()
+        await broker.stop_async()
+
+
+async def _write_until_the_broker_answers(writer: TopicWriter[bytes], values: list[bytes]) -> str:
+    """Write until the failure is no longer the broker being unreachable; returns the failure's
+    class name ("written" for none)."""
+    deadline = time.monotonic() + FAULT_WAIT_SECONDS
+    while True:
+        try:
+            await writer.write(values, None)
+            return "written"
+        except UnknownTopicOrPartitionError as exc:
+            return type(exc).__name__
+        except KafkaError as exc:
+            assert time.monotonic() < deadline, f"the restarted broker never answered: {exc!r}"
+            await asyncio.sleep(0.1)
+
+
+@FAULTS_A
+async def test_a_commit_into_a_topic_the_broker_does_not_list_fails_at_once(
+    background: BackgroundLoop, tmp_path: Path, unique_name: str
+) -> None:
+    """The consumer's side of the same log: a member that read records a restarted broker
+    keeps but does not list commits them; the broker answers UnknownTopicOrPartition, which
+    aiokafka retries forever (the sink stalled for the rest of the fault run). It is raised
+    at once as CommittedTopicMissing, which the stage answers by starting the topic over
+    (tests/unit/test_stage_loop.py). Mutation caught: GroupMemberConsumer not converting it
+    (the commit never returns)."""
+    broker = BrokerUnderTest(background, tmp_path / "memory-broker", storage="memory")
+    await broker.start_async()
+    topic = f"events-{unique_name}"
+    settings = Settings.model_validate(
+        {
+            "kafka": {
+                "bootstrap_servers": broker.bootstrap_servers,
+                **FAST_GROUP_SETTINGS,
+                "topics": {"events": topic, "raw": f"raw-{unique_name}", "partitions": 2},
+            }
+        }
+    )
+    consumer = create_consumer(settings.kafka, group_id=f"sink-{unique_name}")
+    producer = create_producer(settings.kafka)
+    try:
+        await ensure_topics(settings.kafka)
+        await producer.start()
+        consumer.subscribe([topic])
+        await consumer.start()
+        await _restart_empty(broker)
+        # With the producer's cached metadata, as the processor did before it checked.
+        await asyncio.wait_for(
+            producer.send_and_wait(topic, b"unlisted", partition=0), FAULT_WAIT_SECONDS
+        )
+        assert (await probe_topics(producer, [topic]))[topic].missing
+
+        deadline = time.monotonic() + FAULT_WAIT_SECONDS
+        outcome: BaseException | None = None
+        while not isinstance(outcome, CommittedTopicMissing):
+            assert time.monotonic() < deadline, f"no commit refused as missing: {outcome!r}"
+            read = await _poll_until(consumer, lambda partitions: 0 in partitions)
+            assert read
+            try:
+                await asyncio.wait_for(consumer.commit(), 10)
+                outcome = None
+            except CommitFailedError as exc:  # not a member yet: rejoins by polling on
+                outcome = exc
+            except CommittedTopicMissing as exc:
+                outcome = exc
+            except TimeoutError as exc:
+                raise AssertionError("the commit into the unlisted topic hangs") from exc
+            assert outcome is not None, "the broker stored a commit for a topic it does not list"
     finally:
         await asyncio.gather(consumer.stop(), producer.stop(), return_exceptions=True)
         await broker.stop_async()
@@ -600,9 +762,7 @@ async def test_memory_broker_restarted_empty(
                 # some, so every consumer holds a position in the log that is about to vanish
                 # (with the sink still starting, the restart would test nothing of it).
                 await wait_for_stored_rows(pipeline, minimum=200)
-                broker.kill_broker()
-                while not (broker.restarts()["broker"] == 1 and broker.alive()):
-                    await asyncio.sleep(0.05)
+                await _restart_empty(broker)
                 restarted.append(time.monotonic())
 
             await wait_until_consuming(pipeline, "sink")

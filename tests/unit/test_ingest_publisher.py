@@ -27,10 +27,10 @@ from ingest.publisher import (
     KafkaRawBatchPublisher,
     PublishError,
     PublishRejected,
-    topic_health,
 )
 from schemas.raw_auth import verify_raw_record
 from schemas.raw_batch import RawBatch
+from sgpipe.runtime.kafka import topic_health
 from sgpipe.runtime.settings import Settings
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT, TEST_RAW_AUTH_KEY
 

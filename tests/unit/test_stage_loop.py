@@ -28,6 +28,7 @@ from sgpipe.runtime import metrics
 from sgpipe.runtime.dead_letters import Rejection
 from sgpipe.runtime.errors import FatalStageError, InvalidMessage
 from sgpipe.runtime.health import Readiness
+from sgpipe.runtime.kafka import CommittedTopicMissing
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.runner import RefusedDeadLetters
 from sgpipe.runtime.settings import DeadLetterLimit
@@ -729,6 +730,44 @@ async def test_a_broker_that_lost_data_voids_what_the_filter_remembers(
         ["ev-1", "ev-2"],
         ["ev-1"],
     ]
+
+
+async def test_a_commit_into_a_topic_the_broker_does_not_list_starts_the_topic_over() -> None:
+    # Found by tests/faults (memory broker restarted empty): the sink read a log tansu serves
+    # but no longer lists, and aiokafka retried the commit's UnknownTopicOrPartition forever:
+    # the sink stalled, ~3,000 acknowledged events never stored. Now the commit fails at once
+    # (CommittedTopicMissing, from GroupMemberConsumer), nothing read from that log is
+    # committed, the topic is re-created and read from its beginning. Mutations caught: the
+    # error retried like any other (the stage stops: it is not retriable), the seek to the
+    # beginning left out (the new log's first record is never read), the old offset committed.
+    consumer = FakeConsumer(records(b"a", b"b", b"c"))
+    refused: list[dict[TopicPartition, OffsetAndMetadata]] = []
+    commit = consumer.commit
+
+    async def commit_unless_unlisted(offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+        if consumer.log[0].value == b"a":  # still the unlisted log
+            refused.append(offsets)
+            raise CommittedTopicMissing("the broker does not list ['raw']")
+        await commit(offsets)
+
+    recreated: list[bool] = []
+
+    async def recreate_topic() -> None:
+        recreated.append(True)
+        consumer.log = records(b"x")  # the topic as created again: a new, empty log, then x
+
+    consumer.commit = commit_unless_unlisted  # type: ignore[method-assign]
+    writer = RecordingWriter()
+    loop = StageLoop(
+        options(), consumer, echo, writer, RecordingDeadLetters(), on_missing_topic=recreate_topic
+    )
+    await run_until(loop, lambda: bool(consumer.commits))
+
+    assert [list(offsets.values())[0].offset for offsets in refused] == [3]
+    assert recreated == [True]
+    assert consumer.seeks == 1
+    assert writer.written == [[b"a", b"b", b"c"], [b"x"]]
+    assert consumer.commits == [1]
 
 
 async def test_a_retriable_poll_error_is_retried() -> None:
