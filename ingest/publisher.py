@@ -25,6 +25,7 @@ from schemas.raw_auth import RawAuthKey, sign_raw_record
 from schemas.raw_batch import KafkaHeaders, RawBatch, raw_batch_headers
 from sgpipe.runtime.kafka import (
     TopicHealth,
+    confirm_topics,
     create_producer,
     ensure_topics,
     probe_topics,
@@ -101,7 +102,9 @@ class KafkaRawBatchPublisher:
 
     Publishing waits for a probe to have seen the raw topic with a leader for every partition,
     and after any failure (publish or probe) for the next such probe, which runs at once; a
-    failed publish also replaces the producer, failing the batches it still queues. The
+    failed publish also replaces the producer, failing the batches it still queues. After the
+    acknowledgement, the broker must still list the topic (else 503): an acknowledgement can
+    come from a broker that restarted empty while the batch was in flight. The
     reason: a broker that restarted empty may auto-create the topic on a produce and
     acknowledge batches nobody can read (tansu's in-memory store does: the ingress answered
     200 for events that never arrived). While the topic is missing the ingress answers 503; with
@@ -159,6 +162,10 @@ class KafkaRawBatchPublisher:
                     raise PublishRejected(str(exc)) from exc
                 # Resolves once every in-sync replica has the batch (acks=all).
                 await acknowledged
+                # A batch in flight when the broker died is resent by aiokafka by itself; a
+                # broker back empty acknowledges it into a topic it no longer lists, that
+                # creating the topic empties (sgpipe.runtime.kafka.send_all_confirmed).
+                await confirm_topics(producer, [self._topic])
         except PublishRejected:
             raise
         except TimeoutError as exc:

@@ -8,6 +8,7 @@ when it dies is tested against tansu in tests/integration/test_ingest_broker_los
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -44,9 +45,30 @@ BATCH = RawBatch(
 )
 
 
+class StandInClient:
+    """Answers a Metadata request as a broker listing ``topics`` (one led partition each)."""
+
+    def __init__(self, topics: set[str]) -> None:
+        self.topics = topics
+
+    def get_random_node(self) -> int:
+        return 0
+
+    async def send(self, node: int, request: Any) -> Any:
+        # aiokafka's MetadataRequest keeps what it was given until a version is chosen.
+        assert request._allow_auto_topic_creation is False, "a check must never create a topic"
+        names = request._topics
+        return SimpleNamespace(
+            topics=[
+                (0, name, False, [(0, 0, 0, [0], [0])]) if name in self.topics else (3, name, [])
+                for name in names
+            ]
+        )
+
+
 class StandInProducer:
     """``send`` raises ``on_send`` or returns a future failing with ``on_ack`` (or never
-    resolving when both are None)."""
+    resolving when both are None). Its client's broker lists the raw topic."""
 
     def __init__(
         self, on_send: BaseException | None = None, on_ack: BaseException | None = None
@@ -55,6 +77,7 @@ class StandInProducer:
         self.on_ack = on_ack
         self.sent: list[bytes] = []
         self.headers: list[Any] = []
+        self.client = StandInClient({"sgpipe.raw"})
 
     async def send(self, topic: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
         if self.on_send is not None:
@@ -146,6 +169,23 @@ async def test_an_acknowledged_batch_returns() -> None:
     future_ok.send = send  # type: ignore[method-assign]
     await publisher_with(future_ok).publish(BATCH)
     assert future_ok.sent == [b"[]"]
+
+
+async def test_an_acknowledgement_into_a_topic_the_broker_no_longer_lists_is_a_503() -> None:
+    # A batch in flight when the broker died is resent by aiokafka by itself; tansu back
+    # empty acknowledged it into a log it no longer lists, and creating the topic emptied it
+    # (issue 21). Mutation caught: no topic check after the acknowledgement (200).
+    producer = StandInProducer()
+    producer.send = _acknowledging(producer)  # type: ignore[method-assign]
+    producer.client.topics = set()
+    publisher = publisher_with(producer)
+    with pytest.raises(PublishError) as refused:
+        await publisher.publish(BATCH)
+    assert refused.value.reason == "UnknownTopicOrPartitionError"
+    assert producer.sent == [b"[]"]
+    # Distrusted: nothing more is published until a probe sees the topic again.
+    with pytest.raises(PublishError, match="waiting for the broker to confirm"):
+        await publisher.publish(BATCH)
 
 
 async def test_the_published_record_carries_the_ingress_hmac() -> None:
