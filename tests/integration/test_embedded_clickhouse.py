@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import pathlib
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -343,3 +345,28 @@ def test_an_insert_whose_rows_the_canonical_form_drops_is_refused(tmp_path: path
             conn.close()
     finally:
         engine.close()
+
+
+_OPEN_AN_ENGINE_THEN_LIST_IMPORTS = """
+import sys
+from sgpipe.embedded.clickhouse import _connect
+_connect(":memory:").close()
+print("pyarrow" in sys.modules)
+import pyarrow
+print(pyarrow.__name__)
+"""
+
+
+def test_an_embedded_engine_starts_without_pyarrow_and_leaves_it_importable() -> None:
+    """chdb.state imports pyarrow (~0.15 s of CPU) for Arrow APIs sgpipe never calls; every
+    engine start skips it, and a later ``import pyarrow`` still works. Mutation caught:
+    chdb.state imported with pyarrow visible."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_AN_ENGINE_THEN_LIST_IMPORTS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "pyarrow"]

@@ -301,7 +301,7 @@ _MIGRATE_THEN_LIST_IMPORTS = """
 import sys
 from sgpipe.cli import main
 code = main(sys.argv[1:])
-print(sorted({"numpy", "pandas", "pyarrow"} & sys.modules.keys()))
+print(sorted({"numpy", "pandas", "pyarrow", "rich", "pygments"} & sys.modules.keys()))
 sys.exit(code)
 """
 
@@ -309,7 +309,9 @@ sys.exit(code)
 async def test_migrating_imports_no_dataframe_library(tmp_path: Path) -> None:
     """The sink migrates at every start. clickhouse-connect's insert() imports pandas (with
     numpy and pyarrow) to ask whether its data is a DataFrame: ~0.45 s of CPU and ~80 MB per
-    process, so the migrations record what they applied with a statement instead."""
+    process, so the migrations record what they applied with a statement instead. Nor does
+    structlog bring rich and pygments in (sgpipe.runtime.logs). Mutations caught: insert()
+    put back; structlog imported without rich hidden."""
     async with store(tmp_path, migrate=False) as s:
         config = tmp_path / "sgpipe.yaml"
         config.write_text(
