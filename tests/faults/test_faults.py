@@ -35,8 +35,10 @@ from aiokafka.errors import (
     NoOffsetForPartitionError,
     UnknownTopicOrPartitionError,
 )
+from aiokafka.structs import TopicPartition
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from schemas.email_event import EmailEventCodec
 from sgpipe.runtime import kafka as kafka_module
 from sgpipe.runtime.kafka import (
     CommittedTopicMissing,
@@ -45,6 +47,7 @@ from sgpipe.runtime.kafka import (
     create_admin,
     create_consumer,
     create_producer,
+    create_reader,
     ensure_topics,
     probe_topics,
 )
@@ -70,7 +73,13 @@ from tests.faults.harness import (
     wait_for,
     wait_until_stored,
 )
-from tests.faults.ledger import Ledger, LedgerReport, refusals, unacceptable_refusals
+from tests.faults.ledger import (
+    Ledger,
+    LedgerReport,
+    event_ids,
+    refusals,
+    unacceptable_refusals,
+)
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.ports import free_port
 from tests.promise_report import REPORT, FaultOutcome
@@ -304,8 +313,11 @@ def _when_acknowledged(ledger: Ledger, lost: Sequence[str], streamed_from: float
     SendGrid duplicate)."""
     if not lost:
         return ""
-    times = [[round(at - streamed_from, 2) for at in ledger.acknowledged[event]] for event in lost]
-    firsts = sorted(acks[0] for acks in times)
+    times = [
+        [round(at - streamed_from, 2) for at in ledger.acknowledged.get(event, [])]
+        for event in lost
+    ]
+    firsts = sorted(acks[0] for acks in times if acks) or [0.0]
     repeated = sum(1 for acks in times if len(acks) > 1)
     wall_clock_start = time.time() - (time.monotonic() - streamed_from)
     started = time.strftime("%H:%M:%S", time.gmtime(wall_clock_start))
@@ -792,17 +804,69 @@ async def test_memory_broker_restarted_empty(
                 restarted.append(time.monotonic())
 
             await wait_until_consuming(pipeline, "sink")
-            await run_faults(
-                pipeline,
-                Stream(seed=109, seconds=14),
-                faults,
-                name="memory broker restarted empty",
-                injected=1,
-                expected=lambda ledger: ledger.acknowledged_between(restarted[0]),
-            )
+            try:
+                await run_faults(
+                    pipeline,
+                    Stream(seed=109, seconds=14),
+                    faults,
+                    name="memory broker restarted empty",
+                    injected=1,
+                    expected=lambda ledger: ledger.acknowledged_between(restarted[0]),
+                )
+            except AssertionError as failed:
+                # Lost once in a while in full runs only (issue 21): say on which topic the
+                # lost events still are, while the broker still has them.
+                lost = pipeline.ledger.acknowledged_between(restarted[0]) - _stored_ids(pipeline)
+                where = await _where_on_the_broker(broker.bootstrap_servers, unique_name, lost)
+                raise AssertionError(f"{where}\n{failed}") from None
             assert pipeline.ledger.acknowledged_between(restarted[0]), "nothing after restart"
     finally:
         await broker.stop_async()
+
+
+async def _where_on_the_broker(bootstrap_servers: str, suffix: str, lost: set[str]) -> str:
+    """Which of ``lost`` the pipeline's raw and events topics hold now, per partition and
+    offset (a post-mortem: each topic read whole by a group-less reader)."""
+    settings = Settings.model_validate({"kafka": {"bootstrap_servers": bootstrap_servers}})
+    codec = EmailEventCodec()
+
+    def raw_ids(value: bytes) -> list[str]:
+        return event_ids(value)
+
+    def event_id(value: bytes) -> list[str]:
+        return [str(codec.decode(value)["sg_event_id"])]
+
+    lines = [f"{len(lost)} lost events, on the broker now:"]
+    for topic, ids_of in ((f"raw-{suffix}", raw_ids), (f"events-{suffix}", event_id)):
+        reader = create_reader(settings.kafka)
+        await reader.start()
+        try:
+            await reader.topics()  # fetches the metadata partitions_for_topic reads
+            assigned = [
+                TopicPartition(topic, partition)
+                for partition in sorted(reader.partitions_for_topic(topic) or set())
+            ]
+            reader.assign(assigned)
+            await reader.seek_to_beginning(*assigned)
+            ends = await reader.end_offsets(assigned)
+            read = dict.fromkeys((tp.partition for tp in assigned), 0)
+            found: dict[int, list[int]] = {}
+            deadline = time.monotonic() + 30
+            while sum(read.values()) < sum(ends.values()) and time.monotonic() < deadline:
+                for tp, records in (await reader.getmany(timeout_ms=500)).items():
+                    for record in records:
+                        read[tp.partition] += 1
+                        if lost & set(ids_of(record.value or b"")):
+                            found.setdefault(tp.partition, []).append(record.offset)
+            lines.append(
+                f"  {topic}: ends { {tp.partition: ends[tp] for tp in assigned} }, read {read}; "
+                f"records holding lost events at offsets {found}"
+            )
+        except Exception as exc:  # noqa: BLE001 - a post-mortem says what it could not read
+            lines.append(f"  {topic}: not read ({exc!r})")
+        finally:
+            await reader.stop()
+    return "\n".join(lines)
 
 
 @FAULTS_A  # on the module's broker and ClickHouse of a fault worker, not a third pair of them
