@@ -168,7 +168,7 @@ class KafkaRawBatchPublisher:
                 await acknowledged
                 # A batch in flight when the broker died is resent by aiokafka by itself; a
                 # broker back empty acknowledges it into a topic it no longer lists, that
-                # creating the topic empties (sgpipe.runtime.kafka.send_all_confirmed).
+                # consumers cannot commit from (sgpipe.runtime.kafka.send_all_confirmed).
                 await self._confirm_after_ack()
         except PublishRejected:
             raise

@@ -275,11 +275,13 @@ async def send_all_confirmed(
 
     Why: a broker that restarted empty may acknowledge writes to a topic it no longer lists.
     tansu's in-memory store does: the records land in a log that consumers can read from but
-    cannot commit (UnknownTopicOrPartition), and that creating the topic again empties. A
-    producer writes there with its cached metadata -- or aiokafka resends a batch that was in
-    flight when the broker died, acknowledged as if nothing happened. The check before keeps
-    the first from happening; the check after the acknowledgement catches the second. What
-    is left: a topic created by someone else between the write and the check after it.
+    cannot commit (UnknownTopicOrPartition). A producer writes there with its cached metadata
+    -- or aiokafka resends a batch that was in flight when the broker died, acknowledged as if
+    nothing happened. The check before keeps the first from happening; the check after the
+    acknowledgement catches the second. What is left: a topic created by someone else between
+    the write and the check after it; and that log stays in the way once the topic is created
+    again (tansu 0.6 on ``memory://``): its records take the new log's first offsets, and a
+    later write landing inside them is acknowledged and never served (issue 21's notes).
     """
     if not records:
         return

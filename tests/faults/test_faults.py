@@ -594,6 +594,17 @@ async def test_a_topic_a_restarted_broker_re_created_on_the_fly_is_read_whole(
         await broker.stop_async()
 
 
+async def _memory_broker(
+    background: BackgroundLoop, tmp_path: Path, suffix: str
+) -> tuple[BrokerUnderTest, Settings]:
+    """A started memory broker of its own, and Kafka settings for a pipeline's topics on it."""
+    broker = BrokerUnderTest(background, tmp_path / "memory-broker", storage="memory")
+    await broker.start_async()
+    topics = {"events": f"events-{suffix}", "raw": f"raw-{suffix}", "partitions": 2}
+    kafka = {"bootstrap_servers": broker.bootstrap_servers, **FAST_GROUP_SETTINGS, "topics": topics}
+    return broker, Settings.model_validate({"kafka": kafka})
+
+
 async def _restart_empty(broker: BrokerUnderTest) -> None:
     restarts = broker.restarts()["broker"]
     broker.kill_broker()
@@ -611,25 +622,16 @@ async def test_a_stage_writer_never_counts_a_write_into_a_topic_the_broker_does_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A broker that restarted empty acknowledges writes to a topic it no longer lists (tansu's
-    in-memory store): consumers read them but cannot commit, and creating the topic empties
-    that log. The processor wrote its batches there -- with its cached metadata, or as
-    aiokafka resent a batch in flight at the restart -- and the memory-broker fault lost
-    ~3,000 events (issue 21). The stage's writer refuses to write while the broker does not
-    list the topic, and fails a write whose topic vanished before it was acknowledged: both
-    are UnknownTopicOrPartitionError, on which the stage re-creates its topics and writes again.
-    Mutations caught: no check before the write (it reaches send_all), no check after it (the
-    write into the unlisted log counts as done)."""
-    broker = BrokerUnderTest(background, tmp_path / "memory-broker", storage="memory")
-    await broker.start_async()
-    topic = f"events-{unique_name}"
-    settings = Settings.model_validate(
-        {
-            "kafka": {
-                "bootstrap_servers": broker.bootstrap_servers,
-                "topics": {"events": topic, "raw": f"raw-{unique_name}", "partitions": 2},
-            }
-        }
-    )
+    in-memory store): consumers read them but cannot commit. The processor wrote its batches
+    there -- with its cached metadata, or as aiokafka resent a batch in flight at the
+    restart -- and the memory-broker fault lost ~3,000 events (issue 21). The stage's writer
+    refuses to write while the broker does not list the topic, and fails a write whose topic
+    vanished before it was acknowledged: both are UnknownTopicOrPartitionError, on which the
+    stage re-creates its topics and writes again. Mutations caught: no check before the
+    write (it reaches send_all), no check after it (the write into the unlisted log counts
+    as done)."""
+    broker, settings = await _memory_broker(background, tmp_path, unique_name)
+    topic = settings.kafka.topics.events
     sent: list[int] = []
     real_send_all = kafka_module.send_all
 
@@ -696,18 +698,8 @@ async def test_a_commit_into_a_topic_the_broker_does_not_list_fails_at_once(
     at once as CommittedTopicMissing, which the stage answers by starting the topic over
     (tests/unit/test_stage_loop.py). Mutation caught: GroupMemberConsumer not converting it
     (the commit never returns)."""
-    broker = BrokerUnderTest(background, tmp_path / "memory-broker", storage="memory")
-    await broker.start_async()
-    topic = f"events-{unique_name}"
-    settings = Settings.model_validate(
-        {
-            "kafka": {
-                "bootstrap_servers": broker.bootstrap_servers,
-                **FAST_GROUP_SETTINGS,
-                "topics": {"events": topic, "raw": f"raw-{unique_name}", "partitions": 2},
-            }
-        }
-    )
+    broker, settings = await _memory_broker(background, tmp_path, unique_name)
+    topic = settings.kafka.topics.events
     consumer = create_consumer(settings.kafka, group_id=f"sink-{unique_name}")
     producer = create_producer(settings.kafka)
     try:

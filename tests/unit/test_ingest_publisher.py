@@ -175,7 +175,7 @@ async def test_an_acknowledged_batch_returns() -> None:
 
 async def test_an_acknowledgement_into_a_topic_the_broker_no_longer_lists_is_a_503() -> None:
     # A batch in flight when the broker died is resent by aiokafka by itself; tansu back
-    # empty acknowledged it into a log it no longer lists, and creating the topic emptied it
+    # empty acknowledged it into a log it no longer lists, which consumers cannot commit from
     # (issue 21). Mutation caught: no topic check after the acknowledgement (200).
     producer = StandInProducer()
     producer.send = _acknowledging(producer)  # type: ignore[method-assign]
