@@ -24,7 +24,11 @@ from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
 from schemas.raw_auth import RawAuthKey, sign_raw_record
 from schemas.raw_batch import KafkaHeaders, RawBatch, raw_batch_headers
 from sgpipe.runtime.kafka import (
+    NotServed,
+    OutgoingRecord,
+    ReadBack,
     TopicHealth,
+    Written,
     confirm_topics,
     create_producer,
     ensure_topics,
@@ -126,6 +130,7 @@ class KafkaRawBatchPublisher:
         # sending the checks (one in flight at a time).
         self._next_check: asyncio.Future[None] | None = None
         self._checks: asyncio.Task[None] | None = None
+        self._read_back = ReadBack(settings.kafka)
         # ConfigError here (no key, no raw_auth.allow_unauthenticated): refuse to start.
         keys = raw_auth_keys(settings.raw_auth)
         self._signing_key = keys[0] if keys else None
@@ -141,6 +146,7 @@ class KafkaRawBatchPublisher:
         self.health.producer_stopped("stopped")
         if producer is not None:
             await producer.stop()
+        await self._read_back.stop()
 
     async def publish(self, batch: RawBatch) -> None:
         producer = self._producer
@@ -165,13 +171,24 @@ class KafkaRawBatchPublisher:
                     # Raised by our client before sending: over kafka.max_request_size.
                     raise PublishRejected(str(exc)) from exc
                 # Resolves once every in-sync replica has the batch (acks=all).
-                await acknowledged
+                metadata = await acknowledged
+                written = Written(
+                    metadata.topic_partition,
+                    metadata.offset,
+                    OutgoingRecord(self._topic, batch.body),
+                )
+                self._read_back.acknowledged(written.partition, written.offset)
                 # A batch in flight when the broker died is resent by aiokafka by itself; a
                 # broker back empty acknowledges it into a topic it no longer lists, that
                 # consumers cannot commit from (sgpipe.runtime.kafka.send_all_confirmed).
                 await self._confirm_after_ack()
+                # And once the topic is back, that log may still hide this batch (ReadBack).
+                await self._read_back.confirm([written])
         except PublishRejected:
             raise
+        except NotServed as exc:
+            # The producer and the topic are sound: only this batch is lost (SendGrid resends).
+            raise PublishError("not_served", str(exc)) from exc
         except TimeoutError as exc:
             self._distrust()
             raise PublishError(
@@ -218,6 +235,7 @@ class KafkaRawBatchPublisher:
         self._topic_verified = False
         self._abandon_producer = True
         self._probe_now.set()
+        self._read_back.forget(self._topic)
 
     async def wait_until_checked(self, timeout: float) -> None:
         """Until the first topic check finished (or ``timeout``): a process that starts
@@ -288,6 +306,8 @@ class KafkaRawBatchPublisher:
 
     async def _check_topic(self, producer: AIOKafkaProducer[bytes, bytes]) -> tuple[bool, str]:
         health = await self._probe(producer)
+        if health.missing:
+            self._read_back.forget(self._topic)
         if health.missing and self._settings.kafka.create_topics:
             try:
                 created = await ensure_topics(self._settings.kafka)

@@ -20,7 +20,7 @@ from processors.dedup import DuplicateEventFilter
 from processors.pii import PiiPolicy
 from processors.pipeline import EncodedEvent, process_raw_record
 from schemas.email_event import SCHEMA_HEADER, SCHEMA_HEADER_VALUE, EmailEventCodec
-from sgpipe.runtime.kafka import OutgoingRecord, TopicWriter, max_record_bytes
+from sgpipe.runtime.kafka import OutgoingRecord, ReadBack, TopicWriter, max_record_bytes
 from sgpipe.runtime.messages import Message
 from sgpipe.runtime.metrics import COERCION_ERRORS, PII_MASKED, STAGE_PROCESS
 from sgpipe.runtime.raw_auth import raw_auth_keys
@@ -73,7 +73,13 @@ def processor_stage(
         )
 
     def writer(producer: Any) -> TopicWriter[EncodedEvent]:
-        return TopicWriter(producer, events_topic, to_record, output="events")
+        return TopicWriter(
+            producer,
+            events_topic,
+            to_record,
+            output="events",
+            read_back=ReadBack(settings.kafka),
+        )
 
     return ConsumerStage(
         name=STAGE_PROCESS,

@@ -18,9 +18,14 @@ from typing import Any, Generic, TypeAlias, TypeVar
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, UnknownMemberIdError, UnknownTopicOrPartitionError
+from aiokafka.errors import (
+    KafkaError,
+    TopicAuthorizationFailedError,
+    UnknownMemberIdError,
+    UnknownTopicOrPartitionError,
+)
 from aiokafka.protocol.metadata import MetadataRequest
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 from schemas.dead_letter import DeadLetter, dead_letter_headers
 from sgpipe.runtime.settings import KafkaSettings
@@ -267,28 +272,184 @@ async def confirm_topics(producer: AIOKafkaProducer[bytes, bytes], topics: Seque
 
 
 async def send_all_confirmed(
-    producer: AIOKafkaProducer[bytes, bytes], records: Sequence[OutgoingRecord]
+    producer: AIOKafkaProducer[bytes, bytes],
+    records: Sequence[OutgoingRecord],
+    read_back: ReadBack,
 ) -> None:
     """``send_all``, between two checks that the broker lists the topics written to (each
     raises UnknownTopicOrPartitionError: a retriable failure of the write, on which a stage
-    re-creates its topics and writes again).
+    re-creates its topics and writes again), then ``read_back`` of what needs it.
 
     Why: a broker that restarted empty may acknowledge writes to a topic it no longer lists.
     tansu's in-memory store does: the records land in a log that consumers can read from but
     cannot commit (UnknownTopicOrPartition). A producer writes there with its cached metadata
     -- or aiokafka resends a batch that was in flight when the broker died, acknowledged as if
     nothing happened. The check before keeps the first from happening; the check after the
-    acknowledgement catches the second. What is left: a topic created by someone else between
-    the write and the check after it; and that log stays in the way once the topic is created
-    again (tansu 0.6 on ``memory://``): its records take the new log's first offsets, and a
-    later write landing inside them is acknowledged and never served (issue 21's notes).
+    acknowledgement catches the second. That log stays in the way once the topic is created
+    again, and what is written into it is acknowledged and never served: ``ReadBack`` finds it.
     """
     if not records:
         return
     topics = sorted({record.topic for record in records})
-    await confirm_topics(producer, topics)
-    await send_all(producer, records)
-    await confirm_topics(producer, topics)
+    try:
+        await confirm_topics(producer, topics)
+        written = await send_all(producer, records)
+        await confirm_topics(producer, topics)
+    except Exception:
+        for topic in topics:
+            read_back.forget(topic)
+        raise
+    for first in written:
+        read_back.acknowledged(first.partition, first.offset)
+    await read_back.confirm(written)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """The first record of a batch the broker acknowledged, where it said it wrote it."""
+
+    partition: TopicPartition
+    offset: int
+    record: OutgoingRecord
+
+
+class NotServed(KafkaError):  # type: ignore[misc]
+    """The broker acknowledged a record at an offset where it serves another one: the write is
+    lost. Retriable: a stage writes again, the ingress answers 503 (and SendGrid retries)."""
+
+    retriable = True
+
+
+class ReadBack:
+    """Reads acknowledged records back as a consumer would, once a topic's log may have been
+    replaced, until the broker shows that it serves what it acknowledges.
+
+    Why: tansu 0.6 on ``memory://``, restarted, keeps the records written to a topic it no
+    longer lists (a "ghost" log, see ``send_all_confirmed``). Once the topic is created again,
+    that log's batches stay at the new log's first offsets, while the new log's writes also
+    begin at offset 0, beside them: a write acknowledged at an offset a ghost batch spans is
+    never delivered to a consumer reading the partition in order (it is served the ghost's
+    record at that offset, and skips the rest) -- the write is lost, and nothing says so
+    (issue 21: 559 acknowledged events lost in one full run; tests/faults). Fetching the
+    acknowledged offset itself does not show it (tansu answers with the batch that starts
+    there); reading the partition from its start does, and needs no knowledge of the broker.
+
+    When: only once the log may have been replaced -- the topic was seen missing or a write to
+    it failed (``forget``), or an acknowledgement came at an offset below one before it
+    (``acknowledged``: a new log). Then each acknowledged write's first record is read back
+    from the partition's start (``NotServed`` unless the record a consumer gets at its offset
+    is ours) until one is served: every later offset is then past whatever the log kept. A
+    healthy broker costs nothing; a new log is short. A principal not allowed to read the
+    topic (Kafka ACLs: a producer-only ingress) cannot read back: the check is then skipped,
+    with a warning once -- no broker with ACLs keeps such logs.
+
+    Written by hand: no Kafka client offers a "read your write" check.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        new_reader: Callable[[], AIOKafkaConsumer[bytes, bytes]] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._new_reader = new_reader or (lambda: create_reader(settings))
+        self._reader: AIOKafkaConsumer[bytes, bytes] | None = None
+        self._lock = asyncio.Lock()
+        self._doubted_topics: set[str] = set()
+        self._doubted_partitions: set[TopicPartition] = set()
+        # Per doubted partition: the lowest offset found served since the doubt; offsets from
+        # there on are past what the log kept. Below it (or with no entry), read back.
+        self._served_from: dict[TopicPartition, int] = {}
+        self._last_acknowledged: dict[TopicPartition, int] = {}
+        self._refused = False
+
+    def needed(self, partition: TopicPartition, offset: int) -> bool:
+        if self._refused or (
+            partition.topic not in self._doubted_topics
+            and partition not in self._doubted_partitions
+        ):
+            return False
+        served_from = self._served_from.get(partition)
+        return served_from is None or offset < served_from
+
+    def acknowledged(self, partition: TopicPartition, offset: int) -> None:
+        """Called for each acknowledgement, in the order they came (a partition's come in
+        offset order): one not above the last means a new log."""
+        last = self._last_acknowledged.get(partition)
+        if last is not None and offset <= last:
+            self._doubted_partitions.add(partition)
+            self._served_from.pop(partition, None)
+        self._last_acknowledged[partition] = offset
+
+    def forget(self, topic: str) -> None:
+        """Doubt every partition of ``topic``: a write failed, or the topic went missing."""
+        self._doubted_topics.add(topic)
+        for partition in [p for p in self._served_from if p.topic == topic]:
+            del self._served_from[partition]
+
+    async def confirm(self, written: Sequence[Written]) -> None:
+        """Raise NotServed unless each record that needs it is served where acknowledged."""
+        for first in written:
+            if self.needed(first.partition, first.offset):
+                await self._confirm_one(first)
+
+    async def _confirm_one(self, first: Written) -> None:
+        async with self._lock:
+            partition, offset = first.partition, first.offset
+            if not self.needed(partition, offset):  # read back meanwhile, by another writer
+                return
+            try:
+                served = await self._read(partition, offset)
+            except TopicAuthorizationFailedError:
+                self._refused = True
+                log.warning(
+                    "not allowed to read the topics written to; acknowledged writes are not "
+                    "read back",
+                    topic=partition.topic,
+                )
+                return
+            record = first.record
+            if served is None or (served.offset, served.key, served.value) != (
+                offset,
+                record.key,
+                record.value,
+            ):
+                found = "nothing" if served is None else "another record"
+                raise NotServed(
+                    f"{partition.topic}/{partition.partition}: acknowledged at offset {offset}, "
+                    f"but a reader from the start is served {found} there"
+                )
+            served_from = self._served_from.get(partition)
+            self._served_from[partition] = (
+                offset if served_from is None else min(served_from, offset)
+            )
+
+    async def _read(self, partition: TopicPartition, offset: int) -> Record | None:
+        """The first record at or past ``offset`` a reader from the partition's start gets."""
+        if self._reader is None:
+            reader = self._new_reader()
+            try:
+                await reader.start()
+            except BaseException:
+                await reader.stop()
+                raise
+            self._reader = reader
+        reader = self._reader
+        reader.assign([partition])
+        await reader.seek_to_beginning(partition)
+        deadline = time.monotonic() + self._settings.request_timeout_ms / 1000
+        while time.monotonic() < deadline:
+            fetched = await reader.getmany(partition, timeout_ms=200)
+            for record in fetched.get(partition, []):
+                if record.offset >= offset:
+                    return record
+        return None
+
+    async def stop(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.stop()
 
 
 # Records above this size are sent one by one (``producer.send``): aiokafka checks them
@@ -310,7 +471,7 @@ def partition_for_key(key: bytes, partition_count: int) -> int:
 
 async def send_all(
     producer: AIOKafkaProducer[bytes, bytes], records: Sequence[OutgoingRecord]
-) -> None:
+) -> list[Written]:
     """Send every record and wait until each is acknowledged; raises the first failure.
 
     In bulk: each record's partition is chosen once (``partition_for_key``; records without a
@@ -319,7 +480,7 @@ async def send_all(
     submitted with ``send_batch``: one future per batch, not per record, and no per-record
     partitioner. A batch is written with the producer's acks (``all``), so awaiting every
     batch's future is awaiting every record's acknowledgement. Within a partition, records keep
-    their order.
+    their order. Returns where each batch's first record was acknowledged, in the order sent.
     """
     by_partition: dict[tuple[str, int], list[OutgoingRecord]] = {}
     partitions_by_topic: dict[str, list[int]] = {}
@@ -338,30 +499,42 @@ async def send_all(
         by_partition.setdefault((record.topic, partitions[index]), []).append(record)
 
     pending: list[asyncio.Future[Any]] = []
+    firsts: list[OutgoingRecord] = []  # each pending batch's first record
     for (topic, partition), partition_records in by_partition.items():
         batch = producer.create_batch()
+        first: OutgoingRecord | None = None
         for record in partition_records:
             headers = record.headers or []
             if len(record.value) > BULK_RECORD_MAX_BYTES:
-                if batch.record_count():
+                if first is not None:
                     pending.append(await _submit(producer, batch, topic, partition))
-                    batch = producer.create_batch()
+                    firsts.append(first)
+                    batch, first = producer.create_batch(), None
                 pending.append(
                     await producer.send(
                         topic, record.value, key=record.key, headers=headers, partition=partition
                     )
                 )
+                firsts.append(record)
             elif not batch.append(
                 timestamp=None, key=record.key, value=record.value, headers=headers
             ):
                 # Full: submit it and start the next one (a first record always fits).
+                assert first is not None  # noqa: S101 - the batch held a record, or append fit
                 pending.append(await _submit(producer, batch, topic, partition))
-                batch = producer.create_batch()
+                firsts.append(first)
+                batch, first = producer.create_batch(), record
                 batch.append(timestamp=None, key=record.key, value=record.value, headers=headers)
-        if batch.record_count():
+            elif first is None:
+                first = record
+        if first is not None:
             pending.append(await _submit(producer, batch, topic, partition))
-    if pending:
-        await asyncio.gather(*pending)
+            firsts.append(first)
+    acknowledged = await asyncio.gather(*pending) if pending else []
+    return [
+        Written(metadata.topic_partition, metadata.offset, record)
+        for metadata, record in zip(acknowledged, firsts, strict=True)
+    ]
 
 
 async def _submit(
@@ -393,10 +566,12 @@ class TopicWriter(Generic[T]):
         to_record: Callable[[T], OutgoingRecord],
         *,
         output: str,
+        read_back: ReadBack,
     ) -> None:
         self._producer = producer
         self._topic = topic
         self._to_record = to_record
+        self._read_back = read_back
         self.output = output
         self.destination = f"Kafka topic {topic}"
 
@@ -404,10 +579,12 @@ class TopicWriter(Generic[T]):
         return None
 
     async def stop(self) -> None:
-        return None
+        await self._read_back.stop()
 
     async def write(self, outputs: Sequence[T], batch: object) -> None:
-        await send_all_confirmed(self._producer, [self._to_record(output) for output in outputs])
+        await send_all_confirmed(
+            self._producer, [self._to_record(output) for output in outputs], self._read_back
+        )
 
     async def probe(self) -> None:
         await self._producer.partitions_for(self._topic)
@@ -417,9 +594,12 @@ class DeadLetterTopicWriter:
     """Writes dead letters to the dead-letter topic: the offending bytes as the value, the
     reason and origin in headers (schemas.dead_letter)."""
 
-    def __init__(self, producer: AIOKafkaProducer[bytes, bytes], topic: str) -> None:
+    def __init__(
+        self, producer: AIOKafkaProducer[bytes, bytes], topic: str, read_back: ReadBack
+    ) -> None:
         self._producer = producer
         self._topic = topic
+        self._read_back = read_back
 
     async def write(self, letters: Sequence[DeadLetter]) -> None:
         await send_all_confirmed(
@@ -428,4 +608,8 @@ class DeadLetterTopicWriter:
                 OutgoingRecord(self._topic, letter.payload, headers=dead_letter_headers(letter))
                 for letter in letters
             ],
+            self._read_back,
         )
+
+    async def stop(self) -> None:
+        await self._read_back.stop()

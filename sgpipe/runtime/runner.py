@@ -31,6 +31,7 @@ from sgpipe.runtime.errors import ErrorClass, FatalStageError, classify, describ
 from sgpipe.runtime.health import Readiness, serve_health
 from sgpipe.runtime.kafka import (
     DeadLetterTopicWriter,
+    ReadBack,
     create_consumer,
     create_producer,
     create_reader,
@@ -115,11 +116,17 @@ async def run_consumer_stage(
             if created:
                 log.warning("re-created missing topics", stage=stage.name, topics=created)
 
-        dead_letter_writer: DeadLetterWriter = (
-            DeadLetterTopicWriter(producer, kafka.topics.dead_letter)
-            if stage.writes_dead_letters
-            else RefusedDeadLetters(stage.name)
-        )
+        dead_letter_writer: DeadLetterWriter
+        if stage.writes_dead_letters:
+            topic_writer = DeadLetterTopicWriter(
+                producer, kafka.topics.dead_letter, ReadBack(kafka)
+            )
+            stack.push_async_callback(
+                close_quietly, stage.name, "the dead-letter writer", topic_writer.stop
+            )
+            dead_letter_writer = topic_writer
+        else:
+            dead_letter_writer = RefusedDeadLetters(stage.name)
 
         def new_consumer() -> Any:
             consumer = create_consumer(kafka, group_id=stage.group_id)

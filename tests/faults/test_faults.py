@@ -43,6 +43,7 @@ from sgpipe.runtime import kafka as kafka_module
 from sgpipe.runtime.kafka import (
     CommittedTopicMissing,
     OutgoingRecord,
+    ReadBack,
     TopicWriter,
     create_admin,
     create_consumer,
@@ -595,12 +596,12 @@ async def test_a_topic_a_restarted_broker_re_created_on_the_fly_is_read_whole(
 
 
 async def _memory_broker(
-    background: BackgroundLoop, tmp_path: Path, suffix: str
+    background: BackgroundLoop, tmp_path: Path, suffix: str, *, partitions: int = 2
 ) -> tuple[BrokerUnderTest, Settings]:
     """A started memory broker of its own, and Kafka settings for a pipeline's topics on it."""
     broker = BrokerUnderTest(background, tmp_path / "memory-broker", storage="memory")
     await broker.start_async()
-    topics = {"events": f"events-{suffix}", "raw": f"raw-{suffix}", "partitions": 2}
+    topics = {"events": f"events-{suffix}", "raw": f"raw-{suffix}", "partitions": partitions}
     kafka = {"bootstrap_servers": broker.bootstrap_servers, **FAST_GROUP_SETTINGS, "topics": topics}
     return broker, Settings.model_validate({"kafka": kafka})
 
@@ -635,14 +636,18 @@ async def test_a_stage_writer_never_counts_a_write_into_a_topic_the_broker_does_
     sent: list[int] = []
     real_send_all = kafka_module.send_all
 
-    async def counted_send_all(producer: Any, records: Sequence[OutgoingRecord]) -> None:
+    async def counted_send_all(producer: Any, records: Sequence[OutgoingRecord]) -> Any:
         sent.append(len(records))
-        await real_send_all(producer, records)
+        return await real_send_all(producer, records)
 
     monkeypatch.setattr(kafka_module, "send_all", counted_send_all)
     producer = create_producer(settings.kafka)
     writer: TopicWriter[bytes] = TopicWriter(
-        producer, topic, lambda value: OutgoingRecord(topic, value), output="x"
+        producer,
+        topic,
+        lambda value: OutgoingRecord(topic, value),
+        output="x",
+        read_back=ReadBack(settings.kafka),
     )
     try:
         await ensure_topics(settings.kafka)
@@ -660,9 +665,9 @@ async def test_a_stage_writer_never_counts_a_write_into_a_topic_the_broker_does_
         await ensure_topics(settings.kafka)
         await writer.write([b"into the new log"], None)
 
-        async def restart_then_send_all(producer: Any, records: Sequence[OutgoingRecord]) -> None:
+        async def restart_then_send_all(producer: Any, records: Sequence[OutgoingRecord]) -> Any:
             await _restart_empty(broker)
-            await counted_send_all(producer, records)
+            return await counted_send_all(producer, records)
 
         monkeypatch.setattr(kafka_module, "send_all", restart_then_send_all)
         with pytest.raises(UnknownTopicOrPartitionError):
@@ -686,6 +691,91 @@ async def _write_until_the_broker_answers(writer: TopicWriter[bytes], values: li
         except KafkaError as exc:
             assert time.monotonic() < deadline, f"the restarted broker never answered: {exc!r}"
             await asyncio.sleep(0.1)
+
+
+@FAULTS_A
+async def test_a_write_acknowledged_where_a_kept_log_sits_is_read_back_and_fails(
+    background: BackgroundLoop, tmp_path: Path, unique_name: str
+) -> None:
+    """tansu restarted on memory:// keeps what was written to a topic it no longer lists; once
+    the topic is created again, those records hold the new log's first offsets, and a write
+    acknowledged at one of them is never served (issue 21: 559 acknowledged events lost in a
+    full run). The writer reads each partition back until the broker serves what it
+    acknowledged: a write at a kept record's offset fails (NotServed, retriable), and every
+    write that succeeded is served. Mutations caught: no read back (acknowledged writes are
+    not served), reading back at the acknowledged offset instead of from the partition's start
+    (tansu serves the batch that starts there: the same)."""
+    broker, settings = await _memory_broker(background, tmp_path, unique_name, partitions=1)
+    topic = settings.kafka.topics.events
+    producer = create_producer(settings.kafka)
+    read_back = ReadBack(settings.kafka)
+    writer: TopicWriter[bytes] = TopicWriter(
+        producer, topic, lambda value: OutgoingRecord(topic, value), output="x", read_back=read_back
+    )
+    try:
+        await ensure_topics(settings.kafka)
+        await producer.start()
+        await writer.write([b"before"], None)
+        await _restart_empty(broker)
+        # As aiokafka resends a batch in flight at the restart: ten records into the topic the
+        # broker no longer lists (the producer still has its metadata), acknowledged.
+        kept = [b"kept %d" % index for index in range(10)]
+        await asyncio.wait_for(_send_one_batch(producer, topic, kept), FAULT_WAIT_SECONDS)
+        await ensure_topics(settings.kafka)
+
+        written: list[bytes] = []
+        failures: list[str] = []
+        while len(written) < 5:
+            assert len(failures) < 50, f"the writer never got past the kept log: {failures}"
+            value = b"new %d" % (len(written) + len(failures))
+            try:
+                await writer.write([value], None)
+                written.append(value)
+            except KafkaError as exc:
+                failures.append(type(exc).__name__)
+        served = await _read_whole_partition(settings, TopicPartition(topic, 0))
+        assert set(written) <= set(served), (
+            f"acknowledged, never served: {sorted(set(written) - set(served))}; "
+            f"served: {served}; failures: {failures}"
+        )
+        assert "NotServed" in failures, failures
+    finally:
+        await read_back.stop()
+        await producer.stop()
+        await broker.stop_async()
+
+
+async def _send_one_batch(producer: Any, topic: str, values: list[bytes]) -> None:
+    """Send ``values`` as one batch to partition 0, unchecked, retrying until acknowledged."""
+    while True:
+        batch = producer.create_batch()
+        for value in values:
+            batch.append(timestamp=None, key=None, value=value)
+        batch.close()
+        try:
+            await (await producer.send_batch(batch, topic, partition=0))
+            return
+        except KafkaError:
+            await asyncio.sleep(0.1)
+
+
+async def _read_whole_partition(settings: Settings, partition: TopicPartition) -> list[bytes]:
+    """Every value a group-less reader is served from the partition's start to its end."""
+    reader = create_reader(settings.kafka)
+    await reader.start()
+    try:
+        reader.assign([partition])
+        await reader.seek_to_beginning(partition)
+        end = (await reader.end_offsets([partition]))[partition]
+        values: list[bytes] = []
+        deadline = time.monotonic() + FAULT_WAIT_SECONDS
+        while await reader.position(partition) < end:
+            assert time.monotonic() < deadline, f"not read to {end} within the deadline"
+            fetched = await reader.getmany(partition, timeout_ms=500)
+            values += [record.value or b"" for record in fetched.get(partition, [])]
+        return values
+    finally:
+        await reader.stop()
 
 
 @FAULTS_A

@@ -17,7 +17,7 @@ from schemas.dead_letter import DeadLetter, DeadLetterOrigin, replay_headers
 from schemas.raw_batch import RawBatch, raw_batch_headers
 from sgpipe.embedded.clickhouse import EmbeddedClickHouse
 from sgpipe.embedded.credentials import load_or_create_credentials
-from sgpipe.runtime.kafka import DeadLetterTopicWriter, create_producer, ensure_topics
+from sgpipe.runtime.kafka import DeadLetterTopicWriter, ReadBack, create_producer, ensure_topics
 from sgpipe.runtime.metrics import REGISTRY
 from sgpipe.runtime.runner import run_consumer_stage
 from sgpipe.runtime.settings import Settings
@@ -68,7 +68,11 @@ async def produce(settings: Settings, letters: Sequence[DeadLetter]) -> None:
     producer = create_producer(settings.kafka)
     await producer.start()
     try:
-        await DeadLetterTopicWriter(producer, settings.kafka.topics.dead_letter).write(letters)
+        writer = DeadLetterTopicWriter(
+            producer, settings.kafka.topics.dead_letter, ReadBack(settings.kafka)
+        )
+        await writer.write(letters)
+        await writer.stop()
     finally:
         await producer.stop()
 

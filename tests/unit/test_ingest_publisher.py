@@ -22,6 +22,7 @@ from aiokafka.errors import (
     UnknownError,
     UnknownTopicOrPartitionError,
 )
+from aiokafka.structs import TopicPartition
 
 from ingest.publisher import (
     AcknowledgeHealth,
@@ -31,7 +32,7 @@ from ingest.publisher import (
 )
 from schemas.raw_auth import verify_raw_record
 from schemas.raw_batch import RawBatch
-from sgpipe.runtime.kafka import topic_health
+from sgpipe.runtime.kafka import ReadBack, topic_health
 from sgpipe.runtime.settings import Settings
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT, TEST_RAW_AUTH_KEY
 
@@ -80,6 +81,9 @@ class StandInProducer:
         self.sent: list[bytes] = []
         self.headers: list[Any] = []
         self.client = StandInClient({"sgpipe.raw"})
+        # What the broker serves at each offset of partition 0 when read: what was written
+        # there, unless ``ghosts`` holds another record for that offset.
+        self.ghosts: dict[int, bytes] = {}
 
     async def send(self, topic: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
         if self.on_send is not None:
@@ -90,6 +94,41 @@ class StandInProducer:
         if self.on_ack is not None:
             future.set_exception(self.on_ack)
         return future
+
+
+RAW_PARTITION = TopicPartition("sgpipe.raw", 0)
+
+
+class StandInReader:
+    """Serves what ``producer`` wrote (``sent``, at offsets 0, 1, ...), or its ghosts, in
+    order from where it was sought; ``reads`` counts the reads from the start."""
+
+    def __init__(self, producer: StandInProducer) -> None:
+        self.producer = producer
+        self.reads = 0
+        self.position = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        assert partitions == [RAW_PARTITION]
+
+    async def seek_to_beginning(self, partition: TopicPartition) -> None:
+        self.reads += 1
+        self.position = 0
+
+    async def getmany(self, partition: TopicPartition, **_: Any) -> dict[TopicPartition, Any]:
+        records = [
+            SimpleNamespace(offset=offset, key=None, value=self.producer.ghosts.get(offset, value))
+            for offset, value in enumerate(self.producer.sent)
+            if offset >= self.position
+        ]
+        self.position = len(self.producer.sent)
+        return {partition: records} if records else {}
 
 
 def publisher_with(producer: StandInProducer, timeout: float = 5.0) -> KafkaRawBatchPublisher:
@@ -103,6 +142,7 @@ def publisher_with(producer: StandInProducer, timeout: float = 5.0) -> KafkaRawB
     publisher = KafkaRawBatchPublisher(settings, AcknowledgeHealth())
     publisher._producer = producer
     publisher._topic_verified = True
+    publisher._read_back = ReadBack(settings.kafka, new_reader=lambda: StandInReader(producer))
     return publisher
 
 
@@ -161,16 +201,45 @@ async def test_the_broker_refusing_the_size_is_retried_not_rejected() -> None:
 
 async def test_an_acknowledged_batch_returns() -> None:
     future_ok = StandInProducer()
-
-    async def send(topic: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
-        future_ok.sent.append(value)
-        return future
-
-    future_ok.send = send  # type: ignore[method-assign]
+    future_ok.send = _acknowledging(future_ok)  # type: ignore[method-assign]
     await publisher_with(future_ok).publish(BATCH)
     assert future_ok.sent == [b"[]"]
+
+
+async def test_a_batch_acknowledged_where_the_broker_serves_another_record_is_a_503() -> None:
+    # tansu restarted on memory:// keeps the records of a topic it no longer lists; once the
+    # topic is created again they hold the new log's first offsets, and a batch acknowledged
+    # at one of them is never served (issue 21: 559 events lost). Once the log may be a new
+    # one, each partition is read back until the broker serves what it acknowledged, then
+    # trusted. Mutations caught: no read back (200), trusting the partition after a failed
+    # read back (200), no doubt after a failed publish (200), a read per publish.
+    producer = StandInProducer()
+    producer.send = _acknowledging(producer)  # type: ignore[method-assign]
+    publisher = publisher_with(producer)
+    reader = StandInReader(producer)
+    publisher._read_back = ReadBack(Settings().kafka, new_reader=lambda: reader)
+    await publisher.publish(BATCH)
+    assert reader.reads == 0, "a healthy broker's acknowledgements are trusted"
+
+    # A new log (an acknowledgement below the last one), beneath two kept records.
+    producer.sent.clear()
+    producer.ghosts = {0: b"a ghost", 1: b"another ghost"}
+    for _ in range(2):
+        with pytest.raises(PublishError) as refused:
+            await publisher.publish(BATCH)
+        assert refused.value.reason == "not_served"
+        assert "is served another record there" in str(refused.value)
+    await publisher.publish(BATCH)  # offset 2: served, so the partition is trusted
+    await publisher.publish(BATCH)
+    assert reader.reads == 3
+
+    # A publish failed (or the topic went missing): doubted again, whatever the offsets.
+    publisher._distrust()
+    publisher._topic_verified = True
+    producer.ghosts = {4: b"a ghost"}
+    with pytest.raises(PublishError, match="served another record"):
+        await publisher.publish(BATCH)
+    assert reader.reads == 4
 
 
 async def test_an_acknowledgement_into_a_topic_the_broker_no_longer_lists_is_a_503() -> None:
@@ -212,11 +281,14 @@ async def test_the_published_record_carries_the_ingress_hmac() -> None:
 
 
 def _acknowledging(producer: StandInProducer) -> Any:
-    async def send(topic: str, value: bytes, headers: Any = None) -> asyncio.Future[None]:
+    """A ``send`` acknowledging each record at the next offset of partition 0."""
+
+    async def send(topic: str, value: bytes, headers: Any = None) -> asyncio.Future[Any]:
         producer.sent.append(value)
         producer.headers.append(headers)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        future.set_result(None)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        offset = len(producer.sent) - 1
+        future.set_result(SimpleNamespace(topic_partition=RAW_PARTITION, offset=offset))
         return future
 
     return send

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import zlib
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from aiokafka.errors import KafkaTimeoutError
 from aiokafka.producer.message_accumulator import BatchBuilder
+from aiokafka.structs import TopicPartition
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -54,7 +56,7 @@ class FakeProducer:
 
     def __init__(self, partitions: int) -> None:
         self.partitions = set(range(partitions))
-        self.submitted: list[tuple[str, int, int, asyncio.Future[None]]] = []
+        self.submitted: list[tuple[str, int, int, asyncio.Future[Any]]] = []
 
     async def partitions_for(self, topic: str) -> set[int]:
         return self.partitions
@@ -64,16 +66,16 @@ class FakeProducer:
 
     async def send_batch(
         self, batch: BatchBuilder, topic: str, *, partition: int
-    ) -> asyncio.Future[None]:
+    ) -> asyncio.Future[Any]:
         assert batch.closed()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.submitted.append((topic, partition, batch.record_count(), future))
         return future
 
     async def send(
         self, topic: str, value: bytes, *, key: bytes | None, headers: Any, partition: int
-    ) -> asyncio.Future[None]:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    ) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.submitted.append((topic, partition, 1, future))
         return future
 
@@ -104,12 +106,31 @@ async def test_send_all_returns_only_once_every_batch_is_acknowledged() -> None:
         per_partition[partition] += count
     assert per_partition == Counter(partition_for_key(r.key or b"", 3) for r in records)
     assert not writing.done()
-    for _, _, _, future in producer.submitted[1:]:
-        future.set_result(None)
+    # Each batch acknowledged at its partition's next offsets.
+    next_offset: Counter[int] = Counter()
+    metadata = []
+    for topic, partition, count, _ in producer.submitted:
+        metadata.append(
+            SimpleNamespace(
+                topic_partition=TopicPartition(topic, partition), offset=next_offset[partition]
+            )
+        )
+        next_offset[partition] += count
+    for (*_, future), acknowledged in list(zip(producer.submitted, metadata, strict=True))[1:]:
+        future.set_result(acknowledged)
     await settle()
     assert not writing.done()  # the first batch is still unacknowledged
-    producer.submitted[0][3].set_result(None)
-    await asyncio.wait_for(writing, timeout=5)
+    producer.submitted[0][3].set_result(metadata[0])
+    written = await asyncio.wait_for(writing, timeout=5)
+    # Where each batch's first record was acknowledged (what ReadBack reads back): per
+    # partition, the records in the order given, each batch's first one at the batch's offset.
+    in_order: dict[int, list[OutgoingRecord]] = {}
+    for record in records:
+        in_order.setdefault(partition_for_key(record.key or b"", 3), []).append(record)
+    assert len(written) == len(producer.submitted)
+    for first in written:
+        assert first.partition.topic == "events"
+        assert first.record is in_order[first.partition.partition][first.offset]
 
 
 async def test_send_all_raises_when_a_batch_fails() -> None:
@@ -117,7 +138,9 @@ async def test_send_all_raises_when_a_batch_fails() -> None:
     writing = asyncio.create_task(send_all(producer, keyed_records(10)))
     await settle()
     producer.submitted[0][3].set_exception(KafkaTimeoutError())
-    for _, _, _, future in producer.submitted[1:]:
-        future.set_result(None)
+    for topic, partition, _, future in producer.submitted[1:]:
+        future.set_result(
+            SimpleNamespace(topic_partition=TopicPartition(topic, partition), offset=0)
+        )
     with pytest.raises(KafkaTimeoutError):
         await asyncio.wait_for(writing, timeout=5)
