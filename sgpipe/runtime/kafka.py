@@ -320,6 +320,10 @@ class NotServed(KafkaError):  # type: ignore[misc]
     retriable = True
 
 
+# Past this many records before a write, a partition's log is not a new one (ReadBack).
+READ_BACK_MAX_RECORDS = 1_000
+
+
 class ReadBack:
     """Reads acknowledged records back as a consumer would, once a topic's log may have been
     replaced, until the broker shows that it serves what it acknowledges.
@@ -334,14 +338,19 @@ class ReadBack:
     acknowledged offset itself does not show it (tansu answers with the batch that starts
     there); reading the partition from its start does, and needs no knowledge of the broker.
 
-    When: only once the log may have been replaced -- the topic was seen missing or a write to
-    it failed (``forget``), or an acknowledgement came at an offset below one before it
-    (``acknowledged``: a new log). Then each acknowledged write's first record is read back
-    from the partition's start (``NotServed`` unless the record a consumer gets at its offset
-    is ours) until one is served: every later offset is then past whatever the log kept. A
-    healthy broker costs nothing; a new log is short. A principal not allowed to read the
-    topic (Kafka ACLs: a producer-only ingress) cannot read back: the check is then skipped,
-    with a warning once -- no broker with ACLs keeps such logs.
+    When: only once the log may have been replaced -- a write to the topic failed or the topic
+    was seen missing (``forget``), or an acknowledgement came at an offset not above the one
+    before it (``acknowledged``: a new log). Then each acknowledged write's first record is
+    read back from the partition's start (``NotServed`` unless the record a consumer gets at
+    its offset is ours) until one is served: every later offset is then past whatever the log
+    kept. A healthy broker costs no read, and neither does a partition with more than
+    ``READ_BACK_MAX_RECORDS`` before the write: that log was not created moments ago (what
+    tansu keeps is what was written around its restart; on Kafka, a write fails now and then,
+    and a read of a long partition from its start would cost far more than it proves). Not
+    covered: a writer that neither failed nor saw the topic missing, whose next write lands
+    above its last one inside records another writer left there. A principal not allowed to
+    read the topic (Kafka ACLs: a producer-only ingress) cannot read back: the check is then
+    skipped, with a warning once -- no broker with ACLs keeps such logs.
 
     Written by hand: no Kafka client offers a "read your write" check.
     """
@@ -400,6 +409,9 @@ class ReadBack:
             if not self.needed(partition, offset):  # read back meanwhile, by another writer
                 return
             try:
+                if await self._longer_than_a_new_log(partition, offset):
+                    self._served_from[partition] = offset
+                    return
                 served = await self._read(partition, offset)
             except TopicAuthorizationFailedError:
                 self._refused = True
@@ -425,8 +437,12 @@ class ReadBack:
                 offset if served_from is None else min(served_from, offset)
             )
 
-    async def _read(self, partition: TopicPartition, offset: int) -> Record | None:
-        """The first record at or past ``offset`` a reader from the partition's start gets."""
+    async def _longer_than_a_new_log(self, partition: TopicPartition, offset: int) -> bool:
+        reader = await self._started_reader()
+        start = (await reader.beginning_offsets([partition]))[partition]
+        return bool(offset - start > READ_BACK_MAX_RECORDS)
+
+    async def _started_reader(self) -> AIOKafkaConsumer[bytes, bytes]:
         if self._reader is None:
             reader = self._new_reader()
             try:
@@ -435,15 +451,22 @@ class ReadBack:
                 await reader.stop()
                 raise
             self._reader = reader
-        reader = self._reader
+        return self._reader
+
+    async def _read(self, partition: TopicPartition, offset: int) -> Record | None:
+        """The first record at or past ``offset`` a reader from the partition's start gets."""
+        reader = await self._started_reader()
         reader.assign([partition])
         await reader.seek_to_beginning(partition)
+        end = (await reader.end_offsets([partition]))[partition]
         deadline = time.monotonic() + self._settings.request_timeout_ms / 1000
         while time.monotonic() < deadline:
             fetched = await reader.getmany(partition, timeout_ms=200)
             for record in fetched.get(partition, []):
                 if record.offset >= offset:
                     return record
+            if not fetched and await reader.position(partition) >= end:
+                return None  # read to the end, and skipped past it
         return None
 
     async def stop(self) -> None:

@@ -674,6 +674,7 @@ async def test_a_stage_writer_never_counts_a_write_into_a_topic_the_broker_does_
             await asyncio.wait_for(writer.write([b"in flight"], None), FAULT_WAIT_SECONDS)
         assert sent == [1, 1, 1], "the write in flight was not sent to the restarted broker"
     finally:
+        await writer.stop()
         await producer.stop()
         await broker.stop_async()
 
@@ -704,7 +705,8 @@ async def test_a_write_acknowledged_where_a_kept_log_sits_is_read_back_and_fails
     acknowledged: a write at a kept record's offset fails (NotServed, retriable), and every
     write that succeeded is served. Mutations caught: no read back (acknowledged writes are
     not served), reading back at the acknowledged offset instead of from the partition's start
-    (tansu serves the batch that starts there: the same)."""
+    (tansu serves the batch that starts there: the same), no doubt after a failed write (the
+    write refused where a kept batch starts; the same)."""
     broker, settings = await _memory_broker(background, tmp_path, unique_name, partitions=1)
     topic = settings.kafka.topics.events
     producer = create_producer(settings.kafka)

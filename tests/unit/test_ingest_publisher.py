@@ -32,7 +32,14 @@ from ingest.publisher import (
 )
 from schemas.raw_auth import verify_raw_record
 from schemas.raw_batch import RawBatch
-from sgpipe.runtime.kafka import ReadBack, topic_health
+from sgpipe.runtime.kafka import (
+    READ_BACK_MAX_RECORDS,
+    NotServed,
+    OutgoingRecord,
+    ReadBack,
+    Written,
+    topic_health,
+)
 from sgpipe.runtime.settings import Settings
 from tests.raw_auth_support import RAW_AUTH_DOCUMENT, TEST_RAW_AUTH_KEY
 
@@ -106,7 +113,7 @@ class StandInReader:
     def __init__(self, producer: StandInProducer) -> None:
         self.producer = producer
         self.reads = 0
-        self.position = 0
+        self.position_now = 0
 
     async def start(self) -> None:
         return None
@@ -117,17 +124,28 @@ class StandInReader:
     def assign(self, partitions: list[TopicPartition]) -> None:
         assert partitions == [RAW_PARTITION]
 
+    async def beginning_offsets(
+        self, partitions: list[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        return dict.fromkeys(partitions, 0)
+
+    async def end_offsets(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return dict.fromkeys(partitions, len(self.producer.sent))
+
+    async def position(self, partition: TopicPartition) -> int:
+        return self.position_now
+
     async def seek_to_beginning(self, partition: TopicPartition) -> None:
         self.reads += 1
-        self.position = 0
+        self.position_now = 0
 
     async def getmany(self, partition: TopicPartition, **_: Any) -> dict[TopicPartition, Any]:
         records = [
             SimpleNamespace(offset=offset, key=None, value=self.producer.ghosts.get(offset, value))
             for offset, value in enumerate(self.producer.sent)
-            if offset >= self.position
+            if offset >= self.position_now
         ]
-        self.position = len(self.producer.sent)
+        self.position_now = len(self.producer.sent)
         return {partition: records} if records else {}
 
 
@@ -233,13 +251,35 @@ async def test_a_batch_acknowledged_where_the_broker_serves_another_record_is_a_
     await publisher.publish(BATCH)
     assert reader.reads == 3
 
-    # A publish failed (or the topic went missing): doubted again, whatever the offsets.
-    publisher._distrust()
+    # A publish failed (here: the topic went missing after the acknowledgement): doubted
+    # again, whatever the offsets say.
+    producer.client.topics = set()
+    with pytest.raises(PublishError, match="does not list"):
+        await publisher.publish(BATCH)
+    producer.client.topics = {"sgpipe.raw"}
     publisher._topic_verified = True
-    producer.ghosts = {4: b"a ghost"}
+    producer.ghosts = {5: b"a ghost"}
     with pytest.raises(PublishError, match="served another record"):
         await publisher.publish(BATCH)
     assert reader.reads == 4
+
+
+async def test_a_partition_longer_than_a_new_log_is_trusted_without_a_read() -> None:
+    # Kafka fails a write now and then: reading a long partition from its start would cost
+    # more than it proves.
+    producer = StandInProducer()
+    reader = StandInReader(producer)
+    read_back = ReadBack(Settings().kafka, new_reader=lambda: reader)
+    read_back.forget(RAW_PARTITION.topic)
+
+    def written(offset: int) -> Written:
+        return Written(RAW_PARTITION, offset, OutgoingRecord(RAW_PARTITION.topic, b"[]"))
+
+    await read_back.confirm([written(READ_BACK_MAX_RECORDS + 1)])
+    assert reader.reads == 0
+    with pytest.raises(NotServed, match="is served nothing there"):
+        await read_back.confirm([written(READ_BACK_MAX_RECORDS)])
+    assert reader.reads == 1
 
 
 async def test_an_acknowledgement_into_a_topic_the_broker_no_longer_lists_is_a_503() -> None:
