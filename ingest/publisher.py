@@ -19,7 +19,11 @@ from typing import Protocol
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaConnectionError, MessageSizeTooLargeError
+from aiokafka.errors import (
+    KafkaConnectionError,
+    MessageSizeTooLargeError,
+    UnknownTopicOrPartitionError,
+)
 
 from schemas.raw_auth import RawAuthKey, sign_raw_record
 from schemas.raw_batch import KafkaHeaders, RawBatch, raw_batch_headers
@@ -222,6 +226,8 @@ class KafkaRawBatchPublisher:
                     raise KafkaConnectionError("the producer is being replaced")
                 await confirm_topics(self._producer, [self._topic])
             except Exception as exc:  # noqa: BLE001 - each waiting publish answers 503 with it
+                if isinstance(exc, UnknownTopicOrPartitionError):
+                    self._read_back.forget(self._topic)
                 waiting.set_exception(exc)
                 waiting.exception()  # retrieved: every waiting publish may have timed out
             else:
@@ -235,7 +241,6 @@ class KafkaRawBatchPublisher:
         self._topic_verified = False
         self._abandon_producer = True
         self._probe_now.set()
-        self._read_back.forget(self._topic)
 
     async def wait_until_checked(self, timeout: float) -> None:
         """Until the first topic check finished (or ``timeout``): a process that starts

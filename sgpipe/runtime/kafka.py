@@ -295,7 +295,7 @@ async def send_all_confirmed(
         await confirm_topics(producer, topics)
         written = await send_all(producer, records)
         await confirm_topics(producer, topics)
-    except Exception:
+    except UnknownTopicOrPartitionError:
         for topic in topics:
             read_back.forget(topic)
         raise
@@ -338,19 +338,20 @@ class ReadBack:
     acknowledged offset itself does not show it (tansu answers with the batch that starts
     there); reading the partition from its start does, and needs no knowledge of the broker.
 
-    When: only once the log may have been replaced -- a write to the topic failed or the topic
-    was seen missing (``forget``), or an acknowledgement came at an offset not above the one
-    before it (``acknowledged``: a new log). Then each acknowledged write's first record is
-    read back from the partition's start (``NotServed`` unless the record a consumer gets at
-    its offset is ours) until one is served: every later offset is then past whatever the log
-    kept. A healthy broker costs no read, and neither does a partition with more than
+    When: only once the log may have been replaced -- the topic was seen missing
+    (``forget``), or an acknowledgement came at an offset not above the one before it
+    (``acknowledged``: a new log). Then each acknowledged write's first record is read back
+    from the partition's start (``NotServed`` unless the record a consumer gets at its offset
+    is ours) until one is served: every later offset is then past whatever the log kept. A
+    healthy broker costs no read, nor does one that restarts with its data (a durable tansu,
+    Kafka: its topics and offsets stay), nor a partition with more than
     ``READ_BACK_MAX_RECORDS`` before the write: that log was not created moments ago (what
-    tansu keeps is what was written around its restart; on Kafka, a write fails now and then,
-    and a read of a long partition from its start would cost far more than it proves). Not
-    covered: a writer that neither failed nor saw the topic missing, whose next write lands
-    above its last one inside records another writer left there. A principal not allowed to
-    read the topic (Kafka ACLs: a producer-only ingress) cannot read back: the check is then
-    skipped, with a warning once -- no broker with ACLs keeps such logs.
+    tansu keeps is what was written around its restart; a read of a long partition from its
+    start would cost far more than it proves). Not covered: a writer that did not see the
+    topic missing and whose first write to the new log lands above its last one in the old.
+    A principal not allowed to read the topic (Kafka ACLs: a producer-only ingress) cannot
+    read back: the check is then skipped, with a warning once -- no broker with ACLs keeps
+    such logs.
 
     Written by hand: no Kafka client offers a "read your write" check.
     """
@@ -457,22 +458,35 @@ class ReadBack:
         """The first record at or past ``offset`` a reader from the partition's start gets."""
         reader = await self._started_reader()
         reader.assign([partition])
-        await reader.seek_to_beginning(partition)
-        end = (await reader.end_offsets([partition]))[partition]
-        deadline = time.monotonic() + self._settings.request_timeout_ms / 1000
-        while time.monotonic() < deadline:
-            fetched = await reader.getmany(partition, timeout_ms=200)
-            for record in fetched.get(partition, []):
-                if record.offset >= offset:
-                    return record
-            if not fetched and await reader.position(partition) >= end:
-                return None  # read to the end, and skipped past it
-        return None
+        try:
+            await reader.seek_to_beginning(partition)
+            end = (await reader.end_offsets([partition]))[partition]
+            deadline = time.monotonic() + self._settings.request_timeout_ms / 1000
+            while time.monotonic() < deadline:
+                fetched = await reader.getmany(partition, timeout_ms=200)
+                for record in fetched.get(partition, []):
+                    if record.offset >= offset:
+                        return record
+                if not fetched and await reader.position(partition) >= end:
+                    return None  # read to the end, and skipped past it
+            return None
+        finally:
+            # Else aiokafka goes on fetching the partition in the background.
+            reader.unsubscribe()
 
     async def stop(self) -> None:
         reader, self._reader = self._reader, None
-        if reader is not None:
+        if reader is None:
+            return
+        try:
             await reader.stop()
+        except asyncio.CancelledError:
+            # aiokafka's fetcher can let the cancellation of its own fetch task out of stop().
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception as exc:  # noqa: BLE001 - a reader that does not close cleanly is gone
+            log.warning("the read-back reader did not stop cleanly", error=repr(exc))
 
 
 # Records above this size are sent one by one (``producer.send``): aiokafka checks them

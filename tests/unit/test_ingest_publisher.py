@@ -124,6 +124,9 @@ class StandInReader:
     def assign(self, partitions: list[TopicPartition]) -> None:
         assert partitions == [RAW_PARTITION]
 
+    def unsubscribe(self) -> None:
+        return None
+
     async def beginning_offsets(
         self, partitions: list[TopicPartition]
     ) -> dict[TopicPartition, int]:
@@ -230,7 +233,7 @@ async def test_a_batch_acknowledged_where_the_broker_serves_another_record_is_a_
     # at one of them is never served (issue 21: 559 events lost). Once the log may be a new
     # one, each partition is read back until the broker serves what it acknowledged, then
     # trusted. Mutations caught: no read back (200), trusting the partition after a failed
-    # read back (200), no doubt after a failed publish (200), a read per publish.
+    # read back (200), no doubt once the topic went missing (200), a read per publish.
     producer = StandInProducer()
     producer.send = _acknowledging(producer)  # type: ignore[method-assign]
     publisher = publisher_with(producer)
@@ -251,8 +254,8 @@ async def test_a_batch_acknowledged_where_the_broker_serves_another_record_is_a_
     await publisher.publish(BATCH)
     assert reader.reads == 3
 
-    # A publish failed (here: the topic went missing after the acknowledgement): doubted
-    # again, whatever the offsets say.
+    # The topic went missing (the check after an acknowledgement): doubted again, whatever
+    # the offsets say.
     producer.client.topics = set()
     with pytest.raises(PublishError, match="does not list"):
         await publisher.publish(BATCH)
@@ -265,8 +268,8 @@ async def test_a_batch_acknowledged_where_the_broker_serves_another_record_is_a_
 
 
 async def test_a_partition_longer_than_a_new_log_is_trusted_without_a_read() -> None:
-    # Kafka fails a write now and then: reading a long partition from its start would cost
-    # more than it proves.
+    # A long partition is not a new log: reading it from its start would cost more than it
+    # proves.
     producer = StandInProducer()
     reader = StandInReader(producer)
     read_back = ReadBack(Settings().kafka, new_reader=lambda: reader)
