@@ -393,7 +393,7 @@ class ReadBack:
         self._last_acknowledged[partition] = offset
 
     def forget(self, topic: str) -> None:
-        """Doubt every partition of ``topic``: a write failed, or the topic went missing."""
+        """Doubt every partition of ``topic``: the broker was seen not listing it."""
         self._doubted_topics.add(topic)
         for partition in [p for p in self._served_from if p.topic == topic]:
             del self._served_from[partition]
