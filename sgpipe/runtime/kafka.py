@@ -410,10 +410,11 @@ class ReadBack:
             if not self.needed(partition, offset):  # read back meanwhile, by another writer
                 return
             try:
-                if await self._longer_than_a_new_log(partition, offset):
+                start = await self._beginning(partition)
+                if offset - start > READ_BACK_MAX_RECORDS:  # not a new log: trusted
                     self._served_from[partition] = offset
                     return
-                served = await self._read(partition, offset)
+                served = await self._read(partition, start, offset)
             except TopicAuthorizationFailedError:
                 self._refused = True
                 log.warning(
@@ -438,10 +439,10 @@ class ReadBack:
                 offset if served_from is None else min(served_from, offset)
             )
 
-    async def _longer_than_a_new_log(self, partition: TopicPartition, offset: int) -> bool:
+    async def _beginning(self, partition: TopicPartition) -> int:
         reader = await self._started_reader()
-        start = (await reader.beginning_offsets([partition]))[partition]
-        return bool(offset - start > READ_BACK_MAX_RECORDS)
+        start: int = (await reader.beginning_offsets([partition]))[partition]
+        return start
 
     async def _started_reader(self) -> AIOKafkaConsumer[bytes, bytes]:
         if self._reader is None:
@@ -454,12 +455,13 @@ class ReadBack:
             self._reader = reader
         return self._reader
 
-    async def _read(self, partition: TopicPartition, offset: int) -> Record | None:
-        """The first record at or past ``offset`` a reader from the partition's start gets."""
+    async def _read(self, partition: TopicPartition, start: int, offset: int) -> Record | None:
+        """The first record at or past ``offset`` a reader from the partition's ``start``
+        gets."""
         reader = await self._started_reader()
         reader.assign([partition])
         try:
-            await reader.seek_to_beginning(partition)
+            reader.seek(partition, start)
             end = (await reader.end_offsets([partition]))[partition]
             deadline = time.monotonic() + self._settings.request_timeout_ms / 1000
             while time.monotonic() < deadline:

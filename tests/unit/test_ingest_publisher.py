@@ -108,7 +108,7 @@ RAW_PARTITION = TopicPartition("sgpipe.raw", 0)
 
 class StandInReader:
     """Serves what ``producer`` wrote (``sent``, at offsets 0, 1, ...), or its ghosts, in
-    order from where it was sought; ``reads`` counts the reads from the start."""
+    order from where it was sought; ``reads`` counts the reads."""
 
     def __init__(self, producer: StandInProducer) -> None:
         self.producer = producer
@@ -138,9 +138,9 @@ class StandInReader:
     async def position(self, partition: TopicPartition) -> int:
         return self.position_now
 
-    async def seek_to_beginning(self, partition: TopicPartition) -> None:
+    def seek(self, partition: TopicPartition, offset: int) -> None:
         self.reads += 1
-        self.position_now = 0
+        self.position_now = offset
 
     async def getmany(self, partition: TopicPartition, **_: Any) -> dict[TopicPartition, Any]:
         records = [
