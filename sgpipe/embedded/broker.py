@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from importlib import util
 from pathlib import Path
@@ -172,7 +172,10 @@ class EmbeddedKafka:
         data_dir: Path,
         *,
         retention_groups: Mapping[str, Sequence[str]] | None = None,
+        reserved_ports: Collection[int] = (),
     ) -> None:
+        """``reserved_ports``: ports others will listen on (`sgpipe up`'s ingress), which the
+        storage must not choose for itself."""
         self.settings = settings
         self.data_dir = data_dir.resolve()
         self.durable = settings.broker_storage == "durable"
@@ -184,6 +187,7 @@ class EmbeddedKafka:
                 host=settings.host,
                 s3_port=settings.storage_port,
                 memory_limit_mib=settings.storage_memory_limit_mib,
+                reserved_ports=reserved_ports,
             )
         self.broker: EmbeddedBroker | None = None
         self._tasks: list[asyncio.Task[None]] = []

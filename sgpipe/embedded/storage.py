@@ -38,6 +38,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -168,17 +169,24 @@ def load_or_create_credentials(path: Path) -> S3Credentials:
     return credentials
 
 
-def choose_ports(host: str, layout: StorageLayout, pinned_s3_port: int) -> StoragePorts:
+def choose_ports(
+    host: str, layout: StorageLayout, pinned_s3_port: int, reserved: Collection[int] = ()
+) -> StoragePorts:
     """The recorded ports when they are all free, else fresh free ones (the pinned S3 port
-    always, which must then be free). Records the result."""
+    always, which must then be free). Records the result.
+
+    ``reserved``: ports something else is about to listen on (`sgpipe up`'s ingress port,
+    say), free now but not ours to take. A port found free is only free until somebody binds
+    it: the range below overlaps the ports people pick, and once weed took the ingress port a
+    test had picked, and the ingress exited 2 ("port in use"), which no restart could mend."""
     recorded = _read_ports(layout.ports)
     if recorded is not None and pinned_s3_port not in (0, recorded.s3):
         recorded = StoragePorts(**{**asdict(recorded), "s3": pinned_s3_port})
-    if recorded is not None and _all_free(host, recorded):
+    if recorded is not None and _all_free(host, recorded, reserved):
         return recorded
     if pinned_s3_port:
         require_free_ports(host, {"embedded.storage_port": pinned_s3_port})
-    taken: set[int] = set()
+    taken: set[int] = set(reserved) - {pinned_s3_port}
     chosen: dict[str, int] = {}
     for name in ("s3", "master", "volume", "filer", "admin"):
         if name == "s3" and pinned_s3_port:
@@ -204,8 +212,8 @@ def _read_ports(path: Path) -> StoragePorts | None:
         return None
 
 
-def _all_free(host: str, ports: StoragePorts) -> bool:
-    return all(port_is_free(host, port) for port in ports.named().values())
+def _all_free(host: str, ports: StoragePorts, reserved: Collection[int] = ()) -> bool:
+    return all(port not in reserved and port_is_free(host, port) for port in ports.named().values())
 
 
 def _free_port_pair(host: str, taken: set[int]) -> int:
@@ -305,11 +313,13 @@ class SeaweedStorage(ServedChild):
         host: str = "127.0.0.1",
         s3_port: int = 0,
         memory_limit_mib: int = 0,
+        reserved_ports: Collection[int] = (),
     ) -> None:
         # Absolute: weed runs in its own directory, and `make up` passes a relative --data-dir.
         self.layout = StorageLayout(data_dir.resolve() / "broker")
         self.host = host
         self._pinned_s3_port = s3_port
+        self.reserved_ports = frozenset(reserved_ports)
         self._memory_limit_mib = memory_limit_mib
         self._lock_fd: int | None = None
         # _serving: set once S3 serves reads and writes, cleared when a new weed is spawned.
@@ -336,8 +346,10 @@ class SeaweedStorage(ServedChild):
         if previous is not None:
             # Left by a killed weed; gone for good if it must move to other ports now.
             remove_stale_sockets(self.host, previous)
-        if self.ports is None or not _all_free(self.host, self.ports):
-            self.ports = choose_ports(self.host, self.layout, self._pinned_s3_port)
+        if self.ports is None or not _all_free(self.host, self.ports, self.reserved_ports):
+            self.ports = choose_ports(
+                self.host, self.layout, self._pinned_s3_port, self.reserved_ports
+            )
         remove_stale_sockets(self.host, self.ports)
         require_free_ports(self.host, self.ports.named())
         # Read by weed from its config dir: mutual TLS on every gRPC port, signed writes.

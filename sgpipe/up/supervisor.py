@@ -69,6 +69,7 @@ from sgpipe.preflight import (
     data_dir_holder,
     lock_data_dir,
     recorded_holder_pid,
+    up_port_claims,
 )
 from sgpipe.runtime import metrics
 from sgpipe.runtime.clickhouse import with_credentials
@@ -390,6 +391,20 @@ def _with_raw_auth_key(settings: Settings, data_dir: Path) -> Settings:
         raise ConfigError(str(exc)) from exc
 
 
+def embedded_kafka(settings: Settings, data_dir: Path) -> EmbeddedKafka:
+    """The embedded broker `sgpipe up` starts for ``settings``. The ports `sgpipe up` claims
+    (checked free at start, bound later, the ingress's last of all) are reserved: its storage
+    must not take one of them meanwhile."""
+    from sgpipe.embedded.broker import EmbeddedKafka
+
+    return EmbeddedKafka(
+        settings.embedded,
+        data_dir,
+        retention_groups=retention_groups(settings),
+        reserved_ports={claim.port for claim in up_port_claims(settings) if claim.port},
+    )
+
+
 class _Supervisor:
     def __init__(
         self,
@@ -644,11 +659,7 @@ class _Supervisor:
         self.health_url = f"http://{configs.CHILD_HEALTH_HOST}:{bound_port(self.health)}"
 
     async def _start_broker(self) -> str:
-        from sgpipe.embedded.broker import EmbeddedKafka
-
-        self.broker = EmbeddedKafka(
-            self.settings.embedded, self.data_dir, retention_groups=retention_groups(self.settings)
-        )
+        self.broker = embedded_kafka(self.settings, self.data_dir)
         for service in ("storage", "broker"):
             metrics.EMBEDDED_RESTARTS.labels(metrics.STAGE_UP, service).inc(0)
         servers = await self.broker.start()
