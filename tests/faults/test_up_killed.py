@@ -35,6 +35,7 @@ from tests.faults.ledger import (
     refusals,
     unacceptable_refusals,
 )
+from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.test_up import SGPIPE, START_TIMEOUT
 from tests.ports import free_port
 from tests.promise_report import REPORT, FaultOutcome
@@ -169,7 +170,7 @@ def scenario(tmp_path: Path) -> Iterator[Scenario]:
     document = {
         "webhooks": [{"name": "main", "public_keys": [public_key_base64(private_key)]}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
-        "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+        "kafka": dict(FAST_GROUP_SETTINGS),
         "sink": {"batch_max_seconds": 0.2},
         "logging": {"format": "json"},
     }

@@ -38,6 +38,7 @@ from tests.faults.harness import (
 from tests.faults.ledger import Ledger, refusals, unacceptable_refusals
 from tests.faults.test_faults import REVOKED
 from tests.faults.test_up_killed import Up
+from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import SGPIPE, http_get
 from tests.ports import free_port
 from tests.promise_report import REPORT, FaultOutcome
@@ -55,8 +56,7 @@ def up(tmp_path: Path) -> Iterator[tuple[Up, Any]]:
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
         # Four partitions: with three consumers each still owns one.
         "kafka": {
-            "session_timeout_ms": 1000,
-            "heartbeat_interval_ms": 200,
+            **FAST_GROUP_SETTINGS,
             "topics": {"partitions": 4},
         },
         "sink": {"batch_max_seconds": 0.2},

@@ -27,6 +27,7 @@ from sgpipe.embedded.credentials import (
     load_credentials,
     load_or_create_credentials,
 )
+from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import http_get, metric
 from tests.ports import free_port
 from tests.sendgrid_vector import BODY, PUBLIC_KEY, SIGNATURE, TIMESTAMP
@@ -139,7 +140,7 @@ def start_pipeline(
     document: dict[str, Any] = {
         "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
         "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
-        "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+        "kafka": dict(FAST_GROUP_SETTINGS),
         # Off, so that a retried batch reaches ClickHouse: exactness must come from there.
         "processor": {"dedup_window": 0},
         "sink": {"batch_max_seconds": 0.2},

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.test_up import (
     SGPIPE,
     RunningPipeline,
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.clickhouse
 CONFIG = {
     "webhooks": [{"name": "main", "public_keys": [PUBLIC_KEY], "timestamp_tolerance": 0}],
     "embedded": {"broker_storage": "memory"},
-    "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+    "kafka": dict(FAST_GROUP_SETTINGS),
     "logging": {"format": "json"},
 }
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from sgpipe.up.layout import state_file
+from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import http_get, metric
 from tests.integration.test_up import (
     START_TIMEOUT,
@@ -63,8 +64,7 @@ def test_two_processors_and_two_sinks_each_with_their_own_health_port(tmp_path: 
         args=("--processors", "2", "--sinks", "3"),
         embedded={"kafka_port": 0, "clickhouse_http_port": 0, "broker_storage": "memory"},
         kafka={
-            "session_timeout_ms": 1000,
-            "heartbeat_interval_ms": 200,
+            **FAST_GROUP_SETTINGS,
             "topics": {"partitions": 2},
         },
         logging={"format": "json", "level": "warning"},

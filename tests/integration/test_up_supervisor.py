@@ -33,6 +33,7 @@ import yaml
 
 from sgpipe.embedded.broker import EmbeddedBroker
 from sgpipe.simulator import SimulationOptions, simulate
+from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import metric
 from tests.integration.test_up import (
     RunningPipeline,
@@ -630,7 +631,7 @@ def test_demo_lands_rows_and_prints_the_query(tmp_path: Path) -> None:
             {
                 "ingest": {"port": free_port()},
                 "embedded": MEMORY,
-                "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+                "kafka": dict(FAST_GROUP_SETTINGS),
                 "sink": {"batch_max_seconds": 0.5},
                 "logging": {"format": "json"},
             }

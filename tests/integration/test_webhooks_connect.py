@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from sgpipe.webhooks.emulator import TEST_BATCH_EVENTS
+from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.ports import free_port
 from tests.up_support import served_store_answer, wait_until
 from tests.webhooks_support import API_KEY, running_emulator
@@ -81,7 +82,7 @@ def test_connect_end_to_end_with_sgpipe_up(tmp_path: Path) -> None:
         + yaml.safe_dump(
             {
                 "embedded": {"kafka_port": 0, "clickhouse_http_port": 0},
-                "kafka": {"session_timeout_ms": 1000, "heartbeat_interval_ms": 200},
+                "kafka": dict(FAST_GROUP_SETTINGS),
                 "sink": {"batch_max_seconds": 0.2},
                 "logging": {"format": "json"},
             }
