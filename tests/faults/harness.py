@@ -422,10 +422,17 @@ def stage_processes(directory: Path, document: dict[str, Any]) -> Iterator[Stage
 @dataclass(frozen=True)
 class Stream:
     """A fixed-rate simulated SendGrid stream: seeded (the same bodies every run), signed, with
-    duplicates (single events re-sent and whole batches posted again)."""
+    duplicates (single events re-sent and whole batches posted again).
+
+    It lasts as long as the fault script (``stream_with_faults``), which waits for what it
+    needs -- events flowing before the fault, the fault observed, events flowing end to end
+    through what it broke -- and ``seconds`` at least: 0 by default, since a fixed length
+    proves nothing a condition does not (it only made every fault test stream for 12 s
+    whatever its faults took). A test whose last fault needs traffic after it that no
+    condition waits for (a member's session expiring) sets it."""
 
     seed: int
-    seconds: float = 12.0
+    seconds: float = 0.0
     rate: float = 300.0  # events per second, copies included
     duplicates: float = 0.1
     flush_interval_seconds: float = 0.2  # ~60 events per POST at the default rate
@@ -435,7 +442,7 @@ class Stream:
             url=url,
             private_key=private_key,
             events=None,
-            duration_seconds=self.seconds,
+            duration_seconds=self.seconds or None,  # None: as long as the faults last
             rate=self.rate,
             duplicates=self.duplicates,
             concurrency=4,

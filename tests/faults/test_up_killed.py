@@ -179,7 +179,7 @@ def scenario(tmp_path: Path) -> Iterator[Scenario]:
     running = Up(config, tmp_path / "data", free_port(), tmp_path / "sgpipe-up.log")
     running.start()
     try:
-        yield Scenario(running, private_key, Ledger(), Stream(seed=7070, seconds=16.0, rate=250.0))
+        yield Scenario(running, private_key, Ledger(), Stream(seed=7070, rate=250.0))
     finally:
         if running.process is not None and running.process.poll() is None:
             running.stop()
