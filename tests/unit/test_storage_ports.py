@@ -87,3 +87,13 @@ def test_sgpipe_ups_storage_reserves_the_ports_sgpipe_up_claims(tmp_path: Path) 
 
     assert broker.storage is not None
     assert {22_570, 22_571, 22_572} <= broker.storage.reserved_ports
+
+
+def test_the_tests_pick_their_ports_outside_every_range_sgpipe_up_picks_from() -> None:
+    # Another worker's `sgpipe up` picks its storage ports at random (and the kernel hands
+    # out ephemeral ones): a test's port held across a restart must not be among them.
+    from tests.ports import _ephemeral_start, free_port
+
+    picked = {free_port() for _ in range(200)}
+
+    assert max(picked) < min(storage.PORT_RANGE[0], _ephemeral_start())
