@@ -800,12 +800,20 @@ async def test_a_commit_into_a_topic_the_broker_does_not_list_fails_at_once(
         await producer.start()
         consumer.subscribe([topic])
         await consumer.start()
-        await _restart_empty(broker)
-        # With the producer's cached metadata, as the processor did before it checked.
-        await asyncio.wait_for(
-            producer.send_and_wait(topic, b"unlisted", partition=0), FAULT_WAIT_SECONDS
-        )
-        assert (await probe_topics(producer, [topic]))[topic].missing
+        # The consumer's own metadata request, as it reconnects to the restarted broker, may
+        # create the topic anew (tansu creates a topic a metadata request names) before the
+        # write below: the broker then lists it, and the scene is set again -- a precondition
+        # of this test, not its subject (seen once in a loaded full run).
+        for _ in range(5):
+            await _restart_empty(broker)
+            # With the producer's cached metadata, as the processor did before it checked.
+            await asyncio.wait_for(
+                producer.send_and_wait(topic, b"unlisted", partition=0), FAULT_WAIT_SECONDS
+            )
+            if (await probe_topics(producer, [topic]))[topic].missing:
+                break
+        else:
+            raise AssertionError(f"{topic} was listed again after each of 5 broker restarts")
 
         deadline = time.monotonic() + FAULT_WAIT_SECONDS
         outcome: BaseException | None = None
