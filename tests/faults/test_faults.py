@@ -1008,13 +1008,10 @@ async def test_replicas_joining_and_leaving_mid_stream(
 
         async def faults() -> None:
             await asyncio.gather(join_and_leave("process"), join_and_leave("sink"))
-            # The killed thirds' partitions go back to the survivors once their sessions
-            # expire; what is acknowledged meanwhile must get through (run_faults checks all).
-            await events_flowing(pipeline, "after the thirds left")
 
         await run_faults(
             pipeline,
-            Stream(seed=110),
+            Stream(seed=110, seconds=16),
             faults,
             name="replicas join and leave (SIGTERM, kill -9)",
             injected=4,
