@@ -34,7 +34,7 @@ def _ephemeral_start() -> int:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port a server can listen on now, outside the ephemeral range."""
+    """A port a server can listen on now, outside the ephemeral range and the storage's."""
     highest = max(min(_ephemeral_start(), PORT_RANGE[0]), _LOWEST + 1_000)
     for _ in range(1_000):
         port = random.randrange(_LOWEST, highest)
