@@ -339,16 +339,20 @@ class ReadBack:
     there); reading the partition from its start does, and needs no knowledge of the broker.
 
     When: only once the log may have been replaced -- the topic was seen missing
-    (``forget``), or an acknowledgement came at an offset not above the one before it
-    (``acknowledged``: a new log). Then each acknowledged write's first record is read back
-    from the partition's start (``NotServed`` unless the record a consumer gets at its offset
-    is ours) until one is served: every later offset is then past whatever the log kept. A
-    healthy broker costs no read, nor does one that restarts with its data (a durable tansu,
-    Kafka: its topics and offsets stay), nor a partition with more than
-    ``READ_BACK_MAX_RECORDS`` before the write: that log was not created moments ago (what
-    tansu keeps is what was written around its restart; a read of a long partition from its
-    start would cost far more than it proves). Not covered: a writer that did not see the
-    topic missing and whose first write to the new log lands above its last one in the old.
+    (``forget``), an acknowledgement came at an offset not above the one before it
+    (``acknowledged``: a new log), or it is the first acknowledgement on a partition this
+    writer has had (a writer started after the broker restarted -- a stage process restarted
+    meanwhile -- has seen neither the old log nor the topic missing; a fault test lost such a
+    writer's acknowledged records before it doubted them). Then each acknowledged write's
+    first record is read back from the partition's start (``NotServed`` unless the record a
+    consumer gets at its offset is ours) until one is served: every later offset is then past
+    whatever the log kept. A partition with more than ``READ_BACK_MAX_RECORDS`` before the
+    write is trusted without a read: that log was not created moments ago (what tansu keeps
+    is what was written around its restart; a read of a long partition from its start would
+    cost far more than it proves). So a healthy broker costs, per writer and partition, one
+    ListOffsets request at the first write, and on a partition shorter than that one read of
+    it; nothing after. Not covered: a writer that did not see the topic missing and whose
+    first write to the new log lands above its last one in the old.
     A principal not allowed to read the topic (Kafka ACLs: a producer-only ingress) cannot
     read back: the check is then skipped, with a warning once -- no broker with ACLs keeps
     such logs.
@@ -385,9 +389,10 @@ class ReadBack:
 
     def acknowledged(self, partition: TopicPartition, offset: int) -> None:
         """Called for each acknowledgement, in the order they came (a partition's come in
-        offset order): one not above the last means a new log."""
+        offset order): one not above the last means a new log; a partition's first one may
+        be in a new log already (this writer started after the broker restarted)."""
         last = self._last_acknowledged.get(partition)
-        if last is not None and offset <= last:
+        if last is None or offset <= last:
             self._doubted_partitions.add(partition)
             self._served_from.pop(partition, None)
         self._last_acknowledged[partition] = offset

@@ -695,18 +695,22 @@ async def _write_until_the_broker_answers(writer: TopicWriter[bytes], values: li
 
 
 @FAULTS_A
+@pytest.mark.parametrize("writer_started", ["before the restart", "after the restart"])
 async def test_a_write_acknowledged_where_a_kept_log_sits_is_read_back_and_fails(
-    background: BackgroundLoop, tmp_path: Path, unique_name: str
+    background: BackgroundLoop, tmp_path: Path, unique_name: str, writer_started: str
 ) -> None:
     """tansu restarted on memory:// keeps what was written to a topic it no longer lists; once
     the topic is created again, those records hold the new log's first offsets, and a write
     acknowledged at one of them is never served (issue 21: 559 acknowledged events lost in a
     full run). The writer reads each partition back until the broker serves what it
     acknowledged: a write at a kept record's offset fails (NotServed, retriable), and every
-    write that succeeded is served. Mutations caught: no read back (acknowledged writes are
-    not served), reading back at the acknowledged offset instead of from the partition's start
-    (tansu serves the batch that starts there: the same), no doubt when an acknowledgement
-    comes below the last one (the same)."""
+    write that succeeded is served. A writer started after the restart (a stage process
+    restarted meanwhile) has seen neither the old log nor the topic missing: it doubts each
+    partition at its first write all the same. Mutations caught: no read back (acknowledged
+    writes are not served), reading back at the acknowledged offset instead of from the
+    partition's start (tansu serves the batch that starts there: the same), no doubt when an
+    acknowledgement comes below the last one (the same), no doubt at a partition's first
+    acknowledgement (the writer started after the restart: the same)."""
     broker, settings = await _memory_broker(background, tmp_path, unique_name, partitions=1)
     topic = settings.kafka.topics.events
     producer = create_producer(settings.kafka)
@@ -725,6 +729,16 @@ async def test_a_write_acknowledged_where_a_kept_log_sits_is_read_back_and_fails
         kept = [b"kept %d" % index for index in range(10)]
         await asyncio.wait_for(_send_one_batch(producer, topic, kept), FAULT_WAIT_SECONDS)
         await ensure_topics(settings.kafka)
+        if writer_started == "after the restart":
+            await read_back.stop()
+            read_back = ReadBack(settings.kafka)
+            writer = TopicWriter(
+                producer,
+                topic,
+                lambda value: OutgoingRecord(topic, value),
+                output="x",
+                read_back=read_back,
+            )
 
         written: list[bytes] = []
         failures: list[str] = []

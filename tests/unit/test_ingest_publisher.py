@@ -233,14 +233,18 @@ async def test_a_batch_acknowledged_where_the_broker_serves_another_record_is_a_
     # at one of them is never served (issue 21: 559 events lost). Once the log may be a new
     # one, each partition is read back until the broker serves what it acknowledged, then
     # trusted. Mutations caught: no read back (200), trusting the partition after a failed
-    # read back (200), no doubt once the topic went missing (200), a read per publish.
+    # read back (200), no doubt once the topic went missing (200), a read per publish, no
+    # doubt at a partition's first acknowledgement (a publisher started after the restart
+    # has no last one to compare with: 200).
     producer = StandInProducer()
     producer.send = _acknowledging(producer)  # type: ignore[method-assign]
     publisher = publisher_with(producer)
     reader = StandInReader(producer)
     publisher._read_back = ReadBack(Settings().kafka, new_reader=lambda: reader)
     await publisher.publish(BATCH)
-    assert reader.reads == 0, "a healthy broker's acknowledgements are trusted"
+    assert reader.reads == 1, "a partition's first acknowledgement is read back"
+    await publisher.publish(BATCH)
+    assert reader.reads == 1, "once one was served, a healthy broker's are trusted"
 
     # A new log (an acknowledgement below the last one), beneath two kept records.
     producer.sent.clear()
@@ -252,7 +256,7 @@ async def test_a_batch_acknowledged_where_the_broker_serves_another_record_is_a_
         assert "is served another record there" in str(refused.value)
     await publisher.publish(BATCH)  # offset 2: served, so the partition is trusted
     await publisher.publish(BATCH)
-    assert reader.reads == 3
+    assert reader.reads == 4
 
     # The topic went missing (the check after an acknowledgement): doubted again, whatever
     # the offsets say.
@@ -264,7 +268,19 @@ async def test_a_batch_acknowledged_where_the_broker_serves_another_record_is_a_
     producer.ghosts = {5: b"a ghost"}
     with pytest.raises(PublishError, match="served another record"):
         await publisher.publish(BATCH)
-    assert reader.reads == 4
+    assert reader.reads == 5
+
+
+async def test_a_publisher_started_after_the_restart_doubts_its_first_acknowledgement() -> None:
+    # A publisher that never saw the old log nor the topic missing (the ingress restarted
+    # meanwhile): its first batch lands beneath a kept record, and is refused.
+    producer = StandInProducer()
+    producer.send = _acknowledging(producer)  # type: ignore[method-assign]
+    producer.ghosts = {0: b"a ghost"}
+    publisher = publisher_with(producer)
+    with pytest.raises(PublishError, match="served another record"):
+        await publisher.publish(BATCH)
+    await publisher.publish(BATCH)
 
 
 async def test_a_partition_longer_than_a_new_log_is_trusted_without_a_read() -> None:
