@@ -372,6 +372,8 @@ class ReadBack:
         self._lock = asyncio.Lock()
         self._doubted_topics: set[str] = set()
         self._doubted_partitions: set[TopicPartition] = set()
+        # Doubted only as a partition's first acknowledgement (read back at debug level).
+        self._first_doubts: set[TopicPartition] = set()
         # Per doubted partition: the lowest offset found served since the doubt; offsets from
         # there on are past what the log kept. Below it (or with no entry), read back.
         self._served_from: dict[TopicPartition, int] = {}
@@ -395,11 +397,24 @@ class ReadBack:
         if last is None or offset <= last:
             self._doubted_partitions.add(partition)
             self._served_from.pop(partition, None)
+            if last is None:
+                self._first_doubts.add(partition)
+            else:
+                self._first_doubts.discard(partition)
+                log.info(
+                    "acknowledged at or below the last acknowledgement: a new log; reading "
+                    "writes back until the broker serves them",
+                    topic=partition.topic,
+                    partition=partition.partition,
+                    offset=offset,
+                    last=last,
+                )
         self._last_acknowledged[partition] = offset
 
     def forget(self, topic: str) -> None:
         """Doubt every partition of ``topic``: the broker was seen not listing it."""
         self._doubted_topics.add(topic)
+        self._first_doubts = {p for p in self._first_doubts if p.topic != topic}
         for partition in [p for p in self._served_from if p.topic == topic]:
             del self._served_from[partition]
 
@@ -442,6 +457,14 @@ class ReadBack:
             served_from = self._served_from.get(partition)
             self._served_from[partition] = (
                 offset if served_from is None else min(served_from, offset)
+            )
+            # What a post-mortem of a lost write needs: from where this writer trusts the log.
+            (log.debug if partition in self._first_doubts else log.info)(
+                "acknowledged write read back: served; later ones are trusted",
+                topic=partition.topic,
+                partition=partition.partition,
+                offset=offset,
+                log_start=start,
             )
 
     async def _beginning(self, partition: TopicPartition) -> int:
