@@ -322,6 +322,8 @@ class NotServed(KafkaError):  # type: ignore[misc]
 
 # Past this many records before a write, a partition's log is not a new one (ReadBack).
 READ_BACK_MAX_RECORDS = 1_000
+# A read back that gets nothing for this long, below the partition's end, is served nothing.
+READ_BACK_STALL_SECONDS = 2.0
 
 
 class ReadBack:
@@ -485,20 +487,28 @@ class ReadBack:
 
     async def _read(self, partition: TopicPartition, start: int, offset: int) -> Record | None:
         """The first record at or past ``offset`` a reader from the partition's ``start``
-        gets."""
+        gets; None when it gets none: it read to the end, or got nothing for
+        ``READ_BACK_STALL_SECONDS`` below the end (tansu serves no batch of a new log's kept
+        records until the log's end passes the batch's: a writer would otherwise wait the
+        whole request timeout, 30 s, for nothing; a false None only makes it write again)."""
         reader = await self._started_reader()
         reader.assign([partition])
         try:
             reader.seek(partition, start)
             end = (await reader.end_offsets([partition]))[partition]
             deadline = time.monotonic() + self._settings.request_timeout_ms / 1000
+            progressed = time.monotonic()
             while time.monotonic() < deadline:
                 fetched = await reader.getmany(partition, timeout_ms=200)
                 for record in fetched.get(partition, []):
                     if record.offset >= offset:
                         return record
-                if not fetched and await reader.position(partition) >= end:
+                if fetched:
+                    progressed = time.monotonic()
+                elif await reader.position(partition) >= end:
                     return None  # read to the end, and skipped past it
+                elif time.monotonic() - progressed > READ_BACK_STALL_SECONDS:
+                    return None
             return None
         finally:
             # Else aiokafka goes on fetching the partition in the background.

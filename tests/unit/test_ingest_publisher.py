@@ -32,6 +32,7 @@ from ingest.publisher import (
 )
 from schemas.raw_auth import verify_raw_record
 from schemas.raw_batch import RawBatch
+from sgpipe.runtime import kafka as kafka_module
 from sgpipe.runtime.kafka import (
     READ_BACK_MAX_RECORDS,
     NotServed,
@@ -299,6 +300,40 @@ async def test_a_partition_longer_than_a_new_log_is_trusted_without_a_read() -> 
     with pytest.raises(NotServed, match="is served nothing there"):
         await read_back.confirm([written(READ_BACK_MAX_RECORDS)])
     assert reader.reads == 1
+
+
+class StalledReader(StandInReader):
+    """A broker that serves nothing below the partition's end (tansu's new log beside a kept
+    batch, until the log's end passes the batch's)."""
+
+    def __init__(self, producer: StandInProducer, clock: list[float]) -> None:
+        super().__init__(producer)
+        self.clock = clock
+        self.fetches = 0
+
+    async def getmany(self, partition: TopicPartition, **_: Any) -> dict[TopicPartition, Any]:
+        self.fetches += 1
+        self.clock[0] += 0.2  # each fetch waits out its 200 ms
+        return {}
+
+
+async def test_a_read_back_that_gets_nothing_below_the_end_gives_up_in_seconds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without the bound, a writer waited the whole request timeout (30 s) for each such read
+    # back (a fault test: 31 s for one batch). Mutation caught: no bound (150 fetches).
+    clock = [0.0]
+    monkeypatch.setattr(kafka_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    producer = StandInProducer()
+    producer.sent = [b"a kept batch hides this"]
+    reader = StalledReader(producer, clock)
+    read_back = ReadBack(Settings().kafka, new_reader=lambda: reader)
+    read_back.forget(RAW_PARTITION.topic)
+    with pytest.raises(NotServed, match="is served nothing there"):
+        await read_back.confirm(
+            [Written(RAW_PARTITION, 0, OutgoingRecord(RAW_PARTITION.topic, b"ours"))]
+        )
+    assert reader.fetches <= 15, reader.fetches
 
 
 async def test_an_acknowledgement_into_a_topic_the_broker_no_longer_lists_is_a_503() -> None:
