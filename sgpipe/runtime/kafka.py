@@ -126,26 +126,47 @@ class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     async def start(self) -> None:
         await super().start()
         coordinator = getattr(self, "_coordinator", None)
-        send_commit = getattr(coordinator, "_do_commit_offsets", None)
-        if coordinator is None or send_commit is None:  # no group (group_id None)
-            return
+        if coordinator is None or getattr(coordinator, "_do_commit_offsets", None) is None:
+            return  # no group (group_id None)
+        coordinator._do_commit_offsets = commit_as_member(coordinator)
 
-        async def commit_as_member(assignment: Any, offsets: Any) -> Any:
-            if coordinator.generation < 0 or not coordinator.member_id:
-                raise UnknownMemberIdError(
-                    f"{coordinator.group_id}: not a member of the group (rejoining); "
-                    "a commit now would be a group-less one"
-                )
-            try:
-                return await send_commit(assignment, offsets)
-            except UnknownTopicOrPartitionError as exc:
-                topics = sorted({partition.topic for partition in offsets})
-                raise CommittedTopicMissing(
-                    f"{coordinator.group_id}: the broker does not list {topics}; "
-                    "the offsets read from it cannot be committed"
-                ) from exc
 
-        coordinator._do_commit_offsets = commit_as_member
+def commit_as_member(coordinator: Any) -> Callable[[Any, Any], asyncio.Future[Any]]:
+    """The group coordinator's request builder, wrapped as ``GroupMemberConsumer`` says.
+
+    aiokafka awaits it under ``asyncio.shield``: when the stage's commit is cancelled (a
+    revocation came first, ``StageLoop._commit_unless_revoked``) the commit runs on, and its
+    failure -- the refusal above, at once -- was logged as "Task exception was never
+    retrieved" (an error line in the sink's log at every such rejoin). The task's failure is
+    marked retrieved; whoever awaits it still gets it."""
+    send_commit = coordinator._do_commit_offsets
+
+    async def commit(assignment: Any, offsets: Any) -> Any:
+        if coordinator.generation < 0 or not coordinator.member_id:
+            raise UnknownMemberIdError(
+                f"{coordinator.group_id}: not a member of the group (rejoining); "
+                "a commit now would be a group-less one"
+            )
+        try:
+            return await send_commit(assignment, offsets)
+        except UnknownTopicOrPartitionError as exc:
+            topics = sorted({partition.topic for partition in offsets})
+            raise CommittedTopicMissing(
+                f"{coordinator.group_id}: the broker does not list {topics}; "
+                "the offsets read from it cannot be committed"
+            ) from exc
+
+    def start_commit(assignment: Any, offsets: Any) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(commit(assignment, offsets))
+        task.add_done_callback(_mark_retrieved)
+        return task
+
+    return start_commit
+
+
+def _mark_retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class CommittedTopicMissing(KafkaError):  # type: ignore[misc]
