@@ -136,9 +136,9 @@ def commit_as_member(coordinator: Any) -> Callable[[Any, Any], asyncio.Future[An
 
     aiokafka awaits it under ``asyncio.shield``: when the stage's commit is cancelled (a
     revocation came first, ``StageLoop._commit_unless_revoked``) the commit runs on, and its
-    failure -- the refusal above, at once -- was logged as "Task exception was never
-    retrieved" (an error line in the sink's log at every such rejoin). The task's failure is
-    marked retrieved; whoever awaits it still gets it."""
+    failure -- this refusal of a group-less commit, or the broker's answer -- was logged as
+    "Task exception was never retrieved" (an error line in the sink's log at such rejoins).
+    The task's failure is marked retrieved; whoever awaits it still gets it."""
     send_commit = coordinator._do_commit_offsets
 
     async def commit(assignment: Any, offsets: Any) -> Any:
