@@ -349,6 +349,8 @@ class StageLoop(Generic[T]):
         # when they were revoked completes (aiokafka still lists them as assigned until the
         # rebalance completes).
         self._revoked: set[TopicPartition] = set()
+        # Assigned and not read from since: the first records of each say where it resumed.
+        self._resuming: set[TopicPartition] = set()
         # Counts revocations and lost logs (``_abandon``). aiokafka revokes everything at each
         # rebalance, so a batch read in an earlier epoch holds only records of abandoned
         # partitions: never committed, even when they are assigned back (after a broker that
@@ -475,6 +477,11 @@ class StageLoop(Generic[T]):
             partitions = self._owned([p for p in exc.args if isinstance(p, TopicPartition)])
             self._forget_written()
             if partitions:  # with none, aiokafka would rewind every assigned partition
+                log.info(
+                    "no committed offset; reading from the beginning",
+                    stage=self._stage,
+                    partitions=sorted(f"{p.topic}/{p.partition}" for p in partitions),
+                )
                 await self._consumer.seek_to_beginning(*partitions)
             return 0
         except GROUP_MOVED_ON as exc:
@@ -506,6 +513,15 @@ class StageLoop(Generic[T]):
                 self._buffer_started = time.monotonic()
             self._buffer.extend(_message(record) for record in records)
             self._positions[partition] = records[-1].offset + 1
+            if partition in self._resuming:
+                self._resuming.discard(partition)
+                log.info(
+                    "reading a partition assigned to this stage",
+                    stage=self._stage,
+                    topic=partition.topic,
+                    partition=partition.partition,
+                    first_offset=records[0].offset,
+                )
             received += len(records)
         if received:
             metrics.RECORDS_CONSUMED.labels(self._stage).inc(received)
@@ -992,6 +1008,7 @@ class StageLoop(Generic[T]):
     def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """``assigned`` are this stage's again; the consumer reads them from the last commit."""
         self._revoked -= assigned
+        self._resuming = set(assigned)
         log.info(
             "partitions assigned",
             stage=self._stage,

@@ -933,7 +933,8 @@ async def test_memory_broker_restarted_empty(
 
 async def _where_on_the_broker(bootstrap_servers: str, suffix: str, lost: set[str]) -> str:
     """Which of ``lost`` the pipeline's raw and events topics hold now, per partition and
-    offset (a post-mortem: each topic read whole by a group-less reader)."""
+    offset, and what the group reading each topic has committed there (a post-mortem: each
+    topic read whole by a group-less reader)."""
     settings = Settings.model_validate({"kafka": {"bootstrap_servers": bootstrap_servers}})
     codec = EmailEventCodec()
 
@@ -969,6 +970,15 @@ async def _where_on_the_broker(bootstrap_servers: str, suffix: str, lost: set[st
                 f"  {topic}: ends { {tp.partition: ends[tp] for tp in assigned} }, read {read}; "
                 f"records holding lost events at offsets {found}"
             )
+            # What the group reading the topic has committed there (not joining it: asking).
+            group = f"{'processor' if topic.startswith('raw-') else 'sink'}-{suffix}"
+            member = create_consumer(settings.kafka, group_id=group)
+            await member.start()
+            try:
+                committed = {tp.partition: await member.committed(tp) for tp in assigned}
+            finally:
+                await member.stop()
+            lines.append(f"  {group} committed: {committed}")
         except Exception as exc:  # noqa: BLE001 - a post-mortem says what it could not read
             lines.append(f"  {topic}: not read ({exc!r})")
         finally:
