@@ -7,6 +7,8 @@ here assumes the embedded broker.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import inspect
 import random
 import ssl
 import time
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeAlias, TypeVar
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import (
     KafkaError,
@@ -100,7 +102,7 @@ def create_admin(settings: KafkaSettings) -> AIOKafkaAdminClient:
 
 
 class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
-    """An AIOKafkaConsumer whose commits always carry a group membership.
+    """An AIOKafkaConsumer whose commits always carry the group membership they were made in.
 
     When the coordinator forgets a member (a session that expired, a broker that restarted
     empty), aiokafka resets the member's generation to -1 and its id to "" until it rejoins;
@@ -108,9 +110,20 @@ class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     has no active member. tansu did exactly that after restarting empty: the sink's last
     batch of the lost log was committed into the new one, the sink resumed there after its
     rejoin, and every record the new log had below that offset was skipped (issue 21's ~998
-    acknowledged events). This refuses such a commit before it is sent -- as the coordinator
+    acknowledged events). Such a commit is refused before it is sent -- as the coordinator
     itself would refuse a forgotten member's, with UnknownMemberIdError, which aiokafka
     reports as CommitFailedError: a rejoin, for the stage.
+
+    Nor does a commit outlive the membership it was started in (``MemberCommits``). A broker
+    that restarted empty can hand a rejoining member its old identity back: tansu accepts
+    the JoinGroup of the forgotten member id and numbers the new group's generation from 0
+    again, so (generation, member id) are the old ones, and a commit of the old log's offsets
+    still in flight -- aiokafka retries it, and sends its attempt under ``asyncio.shield``,
+    past the stage giving up on it -- was accepted into the new group. The sink resumed at
+    the old log's end in the new one: the first 188 and 158 records of its two partitions
+    never read (issue 21, the memory-broker fault). A rejoin therefore cancels the commit
+    requests still unsent and refuses every commit started before it, before the JoinGroup
+    leaves (aiokafka awaits the rebalance listener's ``on_partitions_revoked`` first).
 
     A commit answered UnknownTopicOrPartition -- the broker does not list the topic: it was
     deleted, or it restarted empty and the records read came from a log it keeps but does not
@@ -119,49 +132,146 @@ class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
     (issue 21: ~3,000 acknowledged events never stored); the stage starts the topic over
     instead (``StageLoop._commit``).
 
-    aiokafka has no public hook for either: the check wraps the group coordinator's request
-    builder, the last step before the request leaves (nothing is awaited in between).
+    aiokafka has no public hook for these: the checks wrap the group coordinator's commit
+    loop and its request builder, the last step before the request leaves.
     """
+
+    _member_commits: MemberCommits | None = None
 
     async def start(self) -> None:
         await super().start()
         coordinator = getattr(self, "_coordinator", None)
         if coordinator is None or getattr(coordinator, "_do_commit_offsets", None) is None:
             return  # no group (group_id None)
-        coordinator._do_commit_offsets = commit_as_member(coordinator)
+        self._member_commits = commit_as_member(coordinator)
+        coordinator._do_commit_offsets = self._member_commits
+        coordinator.commit_offsets = self._member_commits.tag(coordinator.commit_offsets)
+
+    def subscribe(
+        self, topics: Sequence[str] = (), pattern: str | None = None, listener: Any = None
+    ) -> None:
+        super().subscribe(topics, pattern=pattern, listener=_CommitsEndAtRejoin(self, listener))
 
 
-def commit_as_member(coordinator: Any) -> Callable[[Any, Any], asyncio.Future[Any]]:
-    """The group coordinator's request builder, wrapped as ``GroupMemberConsumer`` says.
+# Which membership (MemberCommits.incarnation) a commit was started in: set by the commit
+# loop's wrapper, read by each of its attempts (tasks copy the context they are created in).
+_STARTED_IN: contextvars.ContextVar[int] = contextvars.ContextVar("sgpipe_commit_started_in")
 
-    aiokafka awaits it under ``asyncio.shield``: when the stage's commit is cancelled (a
-    revocation came first, ``StageLoop._commit_unless_revoked``) the commit runs on, and its
-    failure -- this refusal of a group-less commit, or the broker's answer -- was logged as
-    "Task exception was never retrieved" (an error line in the sink's log at such rejoins).
-    The task's failure is marked retrieved; whoever awaits it still gets it."""
-    send_commit = coordinator._do_commit_offsets
 
-    async def commit(assignment: Any, offsets: Any) -> Any:
+class MemberCommits:
+    """The group coordinator's request builder, wrapped as ``GroupMemberConsumer`` says: each
+    call starts one commit attempt, sent only by a current member, in the membership its
+    commit was started in, and never once a rejoin began (``end_all``).
+
+    aiokafka awaits the attempt under ``asyncio.shield``: when the stage's commit is cancelled
+    (a revocation came first, ``StageLoop._commit_unless_revoked``) the attempt runs on, and
+    its failure -- a refusal here, or the broker's answer -- was logged as "Task exception was
+    never retrieved" (an error line in the sink's log at such rejoins). The attempt's failure
+    is marked retrieved; whoever awaits it still gets it."""
+
+    def __init__(self, coordinator: Any) -> None:
+        self._coordinator = coordinator
+        self._send_commit = coordinator._do_commit_offsets
+        # Counts the rejoins begun: a commit started in an earlier one is never sent.
+        self.incarnation = 0
+        self.rejoining = False
+        self._sends: set[asyncio.Future[Any]] = set()
+
+    def __call__(self, assignment: Any, offsets: Any) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(self._commit(assignment, offsets))
+        task.add_done_callback(_mark_retrieved)
+        return task
+
+    def tag(self, commit_offsets: Callable[..., Any]) -> Callable[..., Any]:
+        """aiokafka's commit loop (``commit_offsets``), its attempts tagged with the
+        membership the commit was started in."""
+
+        async def tagged(assignment: Any, offsets: Any) -> Any:
+            _STARTED_IN.set(self.incarnation)
+            return await commit_offsets(assignment, offsets)
+
+        return tagged
+
+    async def end_all(self) -> None:
+        """A rejoin begins: commits started before it are refused from now on, and the
+        requests still unsent are cancelled (their commits fail with UnknownMemberIdError).
+        Returns once none is left."""
+        self.incarnation += 1
+        self.rejoining = True
+        sends = list(self._sends)
+        for send in sends:
+            send.cancel()
+        await asyncio.gather(*sends, return_exceptions=True)
+
+    def joined(self) -> None:
+        self.rejoining = False
+
+    async def _commit(self, assignment: Any, offsets: Any) -> Any:
+        coordinator = self._coordinator
         if coordinator.generation < 0 or not coordinator.member_id:
             raise UnknownMemberIdError(
                 f"{coordinator.group_id}: not a member of the group (rejoining); "
                 "a commit now would be a group-less one"
             )
+        if self.rejoining or _STARTED_IN.get(self.incarnation) != self.incarnation:
+            raise _left_behind(coordinator.group_id)
+        send = asyncio.ensure_future(self._send_commit(assignment, offsets))
+        self._sends.add(send)
         try:
-            return await send_commit(assignment, offsets)
+            return await send
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if send.cancelled() and (current is None or not current.cancelling()):
+                raise _left_behind(coordinator.group_id) from None
+            raise
         except UnknownTopicOrPartitionError as exc:
             topics = sorted({partition.topic for partition in offsets})
             raise CommittedTopicMissing(
                 f"{coordinator.group_id}: the broker does not list {topics}; "
                 "the offsets read from it cannot be committed"
             ) from exc
+        finally:
+            self._sends.discard(send)
 
-    def start_commit(assignment: Any, offsets: Any) -> asyncio.Future[Any]:
-        task = asyncio.ensure_future(commit(assignment, offsets))
-        task.add_done_callback(_mark_retrieved)
-        return task
 
-    return start_commit
+def commit_as_member(coordinator: Any) -> MemberCommits:
+    """``coordinator``'s commits, made as ``MemberCommits`` says."""
+    return MemberCommits(coordinator)
+
+
+def _left_behind(group_id: str) -> UnknownMemberIdError:
+    return UnknownMemberIdError(
+        f"{group_id}: the group is being rejoined since this commit was started; its offsets "
+        "belong to the membership before"
+    )
+
+
+class _CommitsEndAtRejoin(ConsumerRebalanceListener):  # type: ignore[misc]
+    """The stage's rebalance listener, and ``MemberCommits.end_all`` at each revocation
+    (aiokafka awaits it before it sends the JoinGroup)."""
+
+    def __init__(self, consumer: GroupMemberConsumer, listener: Any) -> None:
+        self._consumer = consumer
+        self._listener = listener
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        if self._listener is not None:
+            await _maybe_await(self._listener.on_partitions_revoked(revoked))
+        commits = self._consumer._member_commits
+        if commits is not None:
+            await commits.end_all()
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        commits = self._consumer._member_commits
+        if commits is not None:
+            commits.joined()
+        if self._listener is not None:
+            await _maybe_await(self._listener.on_partitions_assigned(assigned))
+
+
+async def _maybe_await(result: Any) -> None:
+    if inspect.isawaitable(result):
+        await result
 
 
 def _mark_retrieved(task: asyncio.Future[Any]) -> None:

@@ -7,10 +7,11 @@ import gc
 from typing import Any
 
 import pytest
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.errors import UnknownMemberIdError, UnknownTopicOrPartitionError
 from aiokafka.structs import TopicPartition
 
-from sgpipe.runtime.kafka import CommittedTopicMissing, commit_as_member
+from sgpipe.runtime.kafka import CommittedTopicMissing, GroupMemberConsumer, commit_as_member
 
 OFFSETS = {TopicPartition("events", 0): 1}
 
@@ -68,3 +69,105 @@ async def test_whoever_awaits_the_commit_gets_its_failure() -> None:
     with pytest.raises(UnknownMemberIdError, match="not a member of the group"):
         await commit_as_member(rejoining)(None, OFFSETS)
     assert rejoining.sent == 0, "a group-less commit was sent"
+
+
+class UnsentCoordinator:
+    """A member's coordinator whose commit request leaves only once ``connected`` is set
+    (a connection to a restarted broker being made); ``sent`` counts the requests that left."""
+
+    def __init__(self) -> None:
+        self.group_id = "sink"
+        # What tansu hands back to a member rejoining after it restarted empty: the same
+        # generation and member id as before.
+        self.generation = 0
+        self.member_id = "sink-1"
+        self.connected = asyncio.Event()
+        self.sent = 0
+
+    async def _do_commit_offsets(self, assignment: Any, offsets: Any) -> None:
+        await self.connected.wait()
+        self.sent += 1
+
+
+async def test_a_rejoin_cancels_a_commit_request_not_yet_sent() -> None:
+    # The memory-broker fault's last loss (issue 21): the sink's commit of the old log's
+    # offsets was still on its way when the broker came back empty and the sink rejoined with
+    # its old identity; the new group took it, and the sink skipped the new log's first
+    # records. Mutation caught: end_all not cancelling the unsent requests (one is sent).
+    coordinator = UnsentCoordinator()
+    commits = commit_as_member(coordinator)
+    attempt = commits(None, OFFSETS)
+    await asyncio.sleep(0)
+    # The rejoin begins (before its JoinGroup leaves); it must not wait on the broker.
+    await asyncio.wait_for(commits.end_all(), 5)
+    assert attempt.done(), "the rejoin went on with a commit request still unsent"
+    with pytest.raises(UnknownMemberIdError, match="being rejoined"):
+        attempt.result()
+    coordinator.connected.set()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert coordinator.sent == 0
+
+
+async def test_a_commit_started_before_a_rejoin_is_never_sent_after_it() -> None:
+    # aiokafka retries a commit (a lost coordinator: find the new one, send again); a retry
+    # after the rejoin carries the new membership -- with tansu restarted empty, the old
+    # generation and member id -- and the old offsets. Mutation caught: no check of the
+    # membership a commit was started in (the old offsets are sent after the rejoin).
+    coordinator = UnsentCoordinator()
+    coordinator.connected.set()
+    commits = commit_as_member(coordinator)
+    coordinator_found = asyncio.Event()
+
+    async def commit_loop(assignment: Any, offsets: Any) -> Any:  # aiokafka's, cut short
+        await coordinator_found.wait()
+        return await commits(assignment, offsets)
+
+    old = asyncio.ensure_future(commits.tag(commit_loop)(None, OFFSETS))
+    await asyncio.sleep(0)
+    await commits.end_all()
+    with pytest.raises(UnknownMemberIdError, match="being rejoined"):
+        await commits(None, OFFSETS)  # between the revocation and the new assignment
+    commits.joined()
+    coordinator_found.set()
+    with pytest.raises(UnknownMemberIdError, match="being rejoined"):
+        await old
+    assert coordinator.sent == 0
+    await commits.tag(commit_loop)(None, OFFSETS)  # a commit of the new membership
+    assert coordinator.sent == 1
+
+
+async def test_the_stages_rebalance_listener_ends_the_commits_before_the_rejoin() -> None:
+    # The wiring: GroupMemberConsumer.subscribe puts end_all behind the stage's listener, and
+    # aiokafka awaits on_partitions_revoked before its JoinGroup. Mutation caught: the
+    # listener not ending the commits (the unsent request survives the revocation).
+    calls: list[str] = []
+    consumer = GroupMemberConsumer(bootstrap_servers="127.0.0.1:9", group_id="sink")
+    try:
+        await _ends_commits_at_revocation(consumer, calls)
+    finally:
+        await consumer.stop()
+
+
+async def _ends_commits_at_revocation(consumer: GroupMemberConsumer, calls: list[str]) -> None:
+    class StageListener(ConsumerRebalanceListener):  # type: ignore[misc]
+        async def on_partitions_revoked(self, revoked: Any) -> None:
+            calls.append("revoked")
+
+        async def on_partitions_assigned(self, assigned: Any) -> None:
+            calls.append("assigned")
+
+    coordinator = UnsentCoordinator()
+    consumer._member_commits = commit_as_member(coordinator)
+    consumer.subscribe(["events"], listener=StageListener())
+    listener = consumer._subscription.listener  # what aiokafka calls at a rebalance
+    attempt = consumer._member_commits(None, OFFSETS)
+    await asyncio.sleep(0)
+    await asyncio.wait_for(listener.on_partitions_revoked(set()), 5)
+    assert attempt.done() and isinstance(attempt.exception(), UnknownMemberIdError)
+    await listener.on_partitions_assigned(set())
+    assert calls == ["revoked", "assigned"]
+    assert not consumer._member_commits.rejoining
+    coordinator.connected.set()
+    await asyncio.sleep(0)
+    assert coordinator.sent == 0
