@@ -255,11 +255,13 @@ class _CommitsEndAtRejoin(ConsumerRebalanceListener):  # type: ignore[misc]
         self._listener = listener
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        if self._listener is not None:
-            await _maybe_await(self._listener.on_partitions_revoked(revoked))
-        commits = self._consumer._member_commits
-        if commits is not None:
-            await commits.end_all()
+        try:
+            if self._listener is not None:
+                await _maybe_await(self._listener.on_partitions_revoked(revoked))
+        finally:  # whatever the stage's listener did (aiokafka only logs its failure)
+            commits = self._consumer._member_commits
+            if commits is not None:
+                await commits.end_all()
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         commits = self._consumer._member_commits
