@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka.consumer.group_coordinator import GroupCoordinator
 from aiokafka.errors import (
     CommitFailedError,
     KafkaError,
     NoOffsetForPartitionError,
     UnknownTopicOrPartitionError,
 )
-from aiokafka.structs import TopicPartition
+from aiokafka.structs import OffsetAndMetadata, TopicPartition
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from schemas.email_event import EmailEventCodec
@@ -677,6 +678,111 @@ async def test_a_stage_writer_never_counts_a_write_into_a_topic_the_broker_does_
         await writer.stop()
         await producer.stop()
         await broker.stop_async()
+
+
+@FAULTS_A
+async def test_a_commit_in_flight_at_the_restart_never_lands_in_the_new_group(
+    background: BackgroundLoop, tmp_path: Path, unique_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tansu, come back empty, takes a rejoining member's old identity back: the JoinGroup
+    of the forgotten member id is accepted and the generation numbered from 0 again. A commit
+    of the old log's offsets still on its way then carried a valid membership, was accepted
+    into the new group, and the sink resumed at the old log's end in the new one: the
+    memory-broker fault lost the new log's first 188 and 158 records (issue 21). The commit's
+    request is held until the member rejoined; a rejoin must have cancelled it. Mutations
+    caught: MemberCommits.end_all not cancelling the unsent request; the stage's listener not
+    ending the commits (both: the old offset is committed in the new group)."""
+    broker, settings = await _memory_broker(background, tmp_path, unique_name, partitions=1)
+    kafka = settings.kafka
+    topic = TopicPartition(kafka.topics.events, 0)
+    connected = asyncio.Event()
+    real_commit = GroupCoordinator._do_commit_offsets
+    real_heartbeat = GroupCoordinator._do_heartbeat
+    # From the kill to the rejoin, the member's heartbeats stay home: one refused by the new
+    # broker would have it forget its id, and the rejoin that keeps it is what is tested.
+    heartbeats_held = False
+
+    async def held_until_connected(self: Any, assignment: Any, offsets: Any) -> Any:
+        await connected.wait()  # the connection to the restarted broker, being made
+        return await real_commit(self, assignment, offsets)
+
+    async def heartbeat(self: Any) -> Any:
+        return True if heartbeats_held else await real_heartbeat(self)
+
+    monkeypatch.setattr(GroupCoordinator, "_do_heartbeat", heartbeat)
+    monkeypatch.setattr(GroupCoordinator, "_do_commit_offsets", held_until_connected)
+    consumer = create_consumer(kafka, group_id=f"sink-{unique_name}")
+    producer = create_producer(kafka)
+    try:
+        await ensure_topics(kafka)
+        await producer.start()
+        for value in range(20):
+            await producer.send_and_wait(topic.topic, b"old %d" % value, partition=0)
+        consumer.subscribe([topic.topic])  # GroupMemberConsumer adds its own listener
+        await consumer.start()
+        assert [value async for value in _read(consumer, 20)][-1] == b"old 19"
+        coordinator = consumer._coordinator
+        identity = (coordinator.generation, coordinator.member_id)
+        commit = asyncio.ensure_future(consumer.commit({topic: OffsetAndMetadata(20, "")}))
+
+        heartbeats_held = True
+        await _restart_empty(broker)
+        await ensure_topics(kafka)
+        for value in range(5):
+            await _send_until_the_broker_answers(producer, topic, b"new %d" % value)
+        coordinator.request_rejoin()
+        await wait_for(
+            lambda: (
+                coordinator.coordinator_id is not None
+                and not coordinator.need_rejoin(consumer._subscription.subscription)
+                and consumer.assignment() == {topic}
+            ),
+            "the member rejoined the restarted broker's group",
+        )
+        heartbeats_held = False
+        assert (coordinator.generation, coordinator.member_id) == identity, (
+            "tansu no longer hands the old identity back: this test no longer sees the fault"
+        )
+        connected.set()
+        with pytest.raises(CommitFailedError):
+            await asyncio.wait_for(commit, FAULT_WAIT_SECONDS)
+        assert await consumer.committed(topic) is None, "the old log's offset was committed"
+        assert [value async for value in _read(consumer, 5)] == [b"new %d" % n for n in range(5)]
+    finally:
+        connected.set()
+        await consumer.stop()
+        await producer.stop()
+        await broker.stop_async()
+
+
+async def _read(consumer: Any, count: int) -> AsyncIterator[bytes]:
+    """The next ``count`` values ``consumer`` reads (from the beginning, for a new group)."""
+    deadline = time.monotonic() + FAULT_WAIT_SECONDS
+    read = 0
+    while read < count:
+        assert time.monotonic() < deadline, f"read {read} of {count}"
+        try:
+            polled = await consumer.getmany(timeout_ms=200)
+        except NoOffsetForPartitionError as exc:
+            await consumer.seek_to_beginning(*exc.args)
+            continue
+        for records in polled.values():
+            for record in records:
+                read += 1
+                yield record.value
+
+
+async def _send_until_the_broker_answers(
+    producer: Any, topic: TopicPartition, value: bytes
+) -> None:
+    deadline = time.monotonic() + FAULT_WAIT_SECONDS
+    while True:
+        try:
+            await producer.send_and_wait(topic.topic, value, partition=topic.partition)
+            return
+        except KafkaError as exc:
+            assert time.monotonic() < deadline, f"the restarted broker never answered: {exc!r}"
+            await asyncio.sleep(0.1)
 
 
 async def _write_until_the_broker_answers(writer: TopicWriter[bytes], values: list[bytes]) -> str:
