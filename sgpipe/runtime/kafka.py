@@ -143,9 +143,7 @@ class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
         coordinator = getattr(self, "_coordinator", None)
         if coordinator is None or getattr(coordinator, "_do_commit_offsets", None) is None:
             return  # no group (group_id None)
-        self._member_commits = commit_as_member(coordinator)
-        coordinator._do_commit_offsets = self._member_commits
-        coordinator.commit_offsets = self._member_commits.tag(coordinator.commit_offsets)
+        self._member_commits = member_commits(coordinator)
 
     def subscribe(
         self, topics: Sequence[str] = (), pattern: str | None = None, listener: Any = None
@@ -155,7 +153,9 @@ class GroupMemberConsumer(AIOKafkaConsumer):  # type: ignore[misc]
 
 # Which membership (MemberCommits.incarnation) a commit was started in: set by the commit
 # loop's wrapper, read by each of its attempts (tasks copy the context they are created in).
-_STARTED_IN: contextvars.ContextVar[int] = contextvars.ContextVar("sgpipe_commit_started_in")
+_STARTED_IN: contextvars.ContextVar[tuple[MemberCommits, int]] = contextvars.ContextVar(
+    "sgpipe_commit_started_in"
+)
 
 
 class MemberCommits:
@@ -187,7 +187,7 @@ class MemberCommits:
         membership the commit was started in."""
 
         async def tagged(assignment: Any, offsets: Any) -> Any:
-            _STARTED_IN.set(self.incarnation)
+            _STARTED_IN.set((self, self.incarnation))
             return await commit_offsets(assignment, offsets)
 
         return tagged
@@ -213,7 +213,7 @@ class MemberCommits:
                 f"{coordinator.group_id}: not a member of the group (rejoining); "
                 "a commit now would be a group-less one"
             )
-        if self.rejoining or _STARTED_IN.get(self.incarnation) != self.incarnation:
+        if self.rejoining or _STARTED_IN.get((self, self.incarnation)) != (self, self.incarnation):
             raise _left_behind(coordinator.group_id)
         send = asyncio.ensure_future(self._send_commit(assignment, offsets))
         self._sends.add(send)
@@ -235,8 +235,18 @@ class MemberCommits:
 
 
 def commit_as_member(coordinator: Any) -> MemberCommits:
-    """``coordinator``'s commits, made as ``MemberCommits`` says."""
+    """``coordinator``'s commit attempts, made as ``MemberCommits`` says (not wired in)."""
     return MemberCommits(coordinator)
+
+
+def member_commits(coordinator: Any) -> MemberCommits:
+    """Wires ``MemberCommits`` into aiokafka's group ``coordinator``: its request builder
+    (each attempt) and its commit loop (which tags the attempts with the membership the
+    commit was started in)."""
+    commits = commit_as_member(coordinator)
+    coordinator._do_commit_offsets = commits
+    coordinator.commit_offsets = commits.tag(coordinator.commit_offsets)
+    return commits
 
 
 def _left_behind(group_id: str) -> UnknownMemberIdError:
