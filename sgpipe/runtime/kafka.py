@@ -213,7 +213,8 @@ class MemberCommits:
                 f"{coordinator.group_id}: not a member of the group (rejoining); "
                 "a commit now would be a group-less one"
             )
-        if self.rejoining or _STARTED_IN.get((self, self.incarnation)) != (self, self.incarnation):
+        membership = (self, self.incarnation)
+        if self.rejoining or _STARTED_IN.get(membership) != membership:
             raise _left_behind(coordinator.group_id)
         send = asyncio.ensure_future(self._send_commit(assignment, offsets))
         self._sends.add(send)
@@ -234,16 +235,11 @@ class MemberCommits:
             self._sends.discard(send)
 
 
-def commit_as_member(coordinator: Any) -> MemberCommits:
-    """``coordinator``'s commit attempts, made as ``MemberCommits`` says (not wired in)."""
-    return MemberCommits(coordinator)
-
-
 def member_commits(coordinator: Any) -> MemberCommits:
     """Wires ``MemberCommits`` into aiokafka's group ``coordinator``: its request builder
     (each attempt) and its commit loop (which tags the attempts with the membership the
     commit was started in)."""
-    commits = commit_as_member(coordinator)
+    commits = MemberCommits(coordinator)
     coordinator._do_commit_offsets = commits
     coordinator.commit_offsets = commits.tag(coordinator.commit_offsets)
     return commits

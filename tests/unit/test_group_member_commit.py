@@ -18,7 +18,7 @@ from aiokafka.structs import TopicPartition
 from sgpipe.runtime.kafka import (
     CommittedTopicMissing,
     GroupMemberConsumer,
-    commit_as_member,
+    MemberCommits,
     member_commits,
 )
 
@@ -53,7 +53,7 @@ async def test_a_commit_that_fails_after_its_caller_gave_up_logs_no_unretrieved_
     loop.set_exception_handler(lambda _loop, context: reports.append(context))
     coordinator = StandInCoordinator()
     try:
-        waiter = asyncio.ensure_future(asyncio.shield(commit_as_member(coordinator)(None, OFFSETS)))
+        waiter = asyncio.ensure_future(asyncio.shield(MemberCommits(coordinator)(None, OFFSETS)))
         await asyncio.sleep(0)
         waiter.cancel()  # the stage gave up
         await asyncio.gather(waiter, return_exceptions=True)
@@ -73,10 +73,10 @@ async def test_whoever_awaits_the_commit_gets_its_failure() -> None:
     member = StandInCoordinator()
     member.answer.set()
     with pytest.raises(CommittedTopicMissing, match="does not list"):
-        await commit_as_member(member)(None, OFFSETS)
+        await MemberCommits(member)(None, OFFSETS)
     rejoining = StandInCoordinator(member=False)
     with pytest.raises(UnknownMemberIdError, match="not a member of the group"):
-        await commit_as_member(rejoining)(None, OFFSETS)
+        await MemberCommits(rejoining)(None, OFFSETS)
     assert rejoining.sent == 0, "a group-less commit was sent"
 
 
@@ -104,7 +104,7 @@ async def test_a_rejoin_cancels_a_commit_request_not_yet_sent() -> None:
     # its old identity; the new group took it, and the sink skipped the new log's first
     # records. Mutation caught: end_all not cancelling the unsent requests (one is sent).
     coordinator = UnsentCoordinator()
-    commits = commit_as_member(coordinator)
+    commits = MemberCommits(coordinator)
     attempt = commits(None, OFFSETS)
     await asyncio.sleep(0)
     # The rejoin begins (before its JoinGroup leaves); it must not wait on the broker.
@@ -187,7 +187,7 @@ async def _ends_commits_at_revocation(consumer: GroupMemberConsumer, calls: list
             calls.append("assigned")
 
     coordinator = UnsentCoordinator()
-    consumer._member_commits = commit_as_member(coordinator)
+    consumer._member_commits = MemberCommits(coordinator)
     consumer.subscribe(["events"], listener=StageListener())
     listener = consumer._subscription.listener  # what aiokafka calls at a rebalance
     attempt = consumer._member_commits(None, OFFSETS)
