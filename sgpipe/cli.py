@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sgpipe.dlq.command import add_commands as add_dlq_commands
 from sgpipe.simulator.command import add_commands as add_simulator_commands
+from sgpipe.up import layout
 
 if TYPE_CHECKING:
     import asyncio
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 # that building the parser does not import the logging stack.
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
-DEFAULT_DATA_DIR = Path("sgpipe-data")
+DEFAULT_DATA_DIR = layout.DEFAULT_DATA_DIR
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -640,12 +641,16 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
     import signal
 
-    from sgpipe.up import UpOptions, run_up
+    from sgpipe.up import UpOptions, forkserver, run_up
 
     log = _log()
     # Before anything is created: every file `sgpipe up` and its children (inheriting it)
     # write holds events, addresses or secrets -- owner only (docs/security.md).
     os.umask(0o077)
+    # Before the event loop and any thread: the children are forked from this copy of us.
+    fork_server = forkserver.start()
+    if isinstance(fork_server, forkserver.ForkedChild):
+        return main(fork_server.argv)  # in a child the server forked: run its command
 
     async def runner() -> int:
         stop, at_once = asyncio.Event(), asyncio.Event()
@@ -671,6 +676,7 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
             config_file=args.config,
             environ=dict(os.environ),
             program=_program(),
+            fork_server=fork_server,
         )
         return await run_up(settings, options, stop, at_once)
 

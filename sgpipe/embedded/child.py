@@ -155,7 +155,7 @@ class ChildProcess:
         Linux sends the death signal when the *thread* that forked the child ends."""
         if self._log_file is None:
             self._process = self._popen(subprocess.PIPE, subprocess.STDOUT)
-            _widen_pipe(self.output.fileno())
+            widen_pipe(self.output.fileno())
             return
         self._log_file.parent.mkdir(parents=True, exist_ok=True)
         rotate_log(self._log_file)
@@ -173,7 +173,7 @@ class ChildProcess:
             cwd=self._cwd,
             start_new_session=True,
             pass_fds=self._pass_fds,
-            preexec_fn=lambda: _exit_with_parent(death_signal),
+            preexec_fn=lambda: exit_with_parent(death_signal),
         )
 
     def send_signal(self, signum: signal.Signals) -> None:
@@ -216,7 +216,7 @@ PIPE_BYTES = 1_048_576
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ, named there only from Python 3.10 on Linux
 
 
-def _widen_pipe(descriptor: int) -> None:
+def widen_pipe(descriptor: int) -> None:
     if sys.platform != "linux":
         return
     with contextlib.suppress(OSError):  # a lower /proc/sys/fs/pipe-max-size: keep the default
@@ -265,7 +265,7 @@ def _signal_group(pid: int, signum: signal.Signals) -> None:
         os.killpg(pid, signum)
 
 
-def _exit_with_parent(death_signal: signal.Signals) -> None:
+def exit_with_parent(death_signal: signal.Signals) -> None:
     """In the child, before exec: ask Linux to send ``death_signal`` when `sgpipe up` dies,
     even by SIGKILL. No-op elsewhere."""
     if sys.platform != "linux":

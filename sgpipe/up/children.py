@@ -1,7 +1,8 @@
 """A child process of `sgpipe up` that the supervisor watches: its output, its lines, its end.
 
-Each child is an ``sgpipe`` command (``ingest``, ``process``, ``sink``, ``serve-clickhouse``)
-run as a ``ChildProcess``: its own process group (a Ctrl-C in the terminal reaches the
+Each child is an ``sgpipe`` command (``ingest``, ``process``, ``sink``, ``serve-clickhouse``),
+forked by the fork server (``sgpipe.up.forkserver``) or, without one, run as a
+``ChildProcess``: either way its own process group (a Ctrl-C in the terminal reaches the
 supervisor only, which then stops the children in order) and ``PR_SET_PDEATHSIG`` (SIGKILL by
 default: if the supervisor is killed, its children die with it at once, as one process would
 have, and no orphan keeps a port or joins the next run's consumer groups).
@@ -17,6 +18,7 @@ message, never a log line's wording. A child is ready when a message meets its
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -28,6 +30,7 @@ import structlog
 
 from sgpipe.embedded.child import ChildProcess
 from sgpipe.runtime.status import Service, StatusKind, StatusMessage, parse_status
+from sgpipe.up.forkserver import ForkedProcess, ForkServer, ForkServerLost, can_fork
 from sgpipe.up.logstream import MAX_LINE_BYTES, LogStream
 
 log = structlog.get_logger(__name__)
@@ -107,6 +110,7 @@ class SupervisedChild:
         stream: LogStream,
         ready: ReadyCondition,
         pass_fds: Sequence[int] = (),
+        fork_server: ForkServer | None = None,
     ) -> None:
         self.name = name
         self.stage = stage
@@ -115,7 +119,8 @@ class SupervisedChild:
         self._env = dict(env)
         self._stream = stream
         self._pass_fds = tuple(pass_fds)
-        self._process: ChildProcess | None = None
+        self._fork_server = fork_server
+        self._process: ChildProcess | ForkedProcess | None = None
         self._exited = asyncio.Event()
         self._waiters: list[tuple[Callable[[Entry], bool], asyncio.Future[Entry]]] = []
         self._reaper: asyncio.Task[None] | None = None
@@ -156,15 +161,9 @@ class SupervisedChild:
         self.stop_requested = False
         status_read, status_write = os.pipe()
         try:
-            self._process = ChildProcess(
-                self.name,
-                [*self._argv(), "--status-fd", str(status_write)],
-                env=self._env,
-                log_file=None,
-                death_signal=signal.SIGKILL,
-                pass_fds=(*self._pass_fds, status_write),
+            self._process = await self._spawn(
+                [*self._argv(), "--status-fd", str(status_write)], (*self._pass_fds, status_write)
             )
-            self._process.spawn()
         except BaseException:
             os.close(status_read)
             raise
@@ -179,6 +178,25 @@ class SupervisedChild:
         await loop.connect_read_pipe(
             lambda: _Lines(self._on_line, self._on_closed), self._process.output
         )
+
+    async def _spawn(
+        self, argv: Sequence[str], pass_fds: Sequence[int]
+    ) -> ChildProcess | ForkedProcess:
+        """Forked by the fork server when there is one, else exec'd (sgpipe.up.forkserver)."""
+        server = self._fork_server
+        if server is not None and not server.lost and can_fork(argv):
+            with contextlib.suppress(ForkServerLost):
+                return await server.spawn(self.name, argv, self._env, pass_fds)
+        process = ChildProcess(
+            self.name,
+            argv,
+            env=self._env,
+            log_file=None,
+            death_signal=signal.SIGKILL,
+            pass_fds=pass_fds,
+        )
+        process.spawn()
+        return process
 
     def wait_for(self, event: str, **fields: Any) -> asyncio.Future[Entry]:
         """The child's next line whose ``event`` (and ``fields``) match; fails with

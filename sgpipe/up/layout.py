@@ -25,6 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+# --data-dir when none is given (relative to where the command runs).
+DEFAULT_DATA_DIR = Path("sgpipe-data")
 STATE_FILE = "sgpipe-up.json"
 CLICKHOUSE_DIR = "clickhouse"
 LOG_DIR = "logs"

@@ -9,7 +9,9 @@ So before its port checks, `sgpipe up` reads the PIDs the previous run recorded 
 file (``sgpipe-up.json``: the supervisor, every child, the broker and its storage), keeps those
 that are still running *and are ours* -- the process's command line names the data dir, or
 its working directory is inside it (tansu's command line names no path, so it runs in
-``<data-dir>/broker``) -- which survives PID reuse, waits a moment for them to finish dying,
+``<data-dir>/broker``), or it is a fork of an `sgpipe up` on the data dir (sgpipe.up.forkserver:
+its command line, its ``--data-dir`` relative to its working directory) -- which survives PID
+reuse, waits a moment for them to finish dying,
 then SIGKILLs what is left (every child is kill-safe: docs/embedded.md) and waits until they
 are gone. A port held by anything else is still a configuration problem (exit 2).
 
@@ -33,7 +35,7 @@ from typing import Any
 
 import structlog
 
-from sgpipe.up.layout import state_file
+from sgpipe.up.layout import DEFAULT_DATA_DIR, state_file
 
 log = structlog.get_logger(__name__)
 
@@ -72,9 +74,33 @@ def belongs_to(pid: int, data_dir: Path) -> bool:
         cwd = os.readlink(proc / "cwd")
     except OSError:
         return False
-    if any(root in word.decode(errors="replace") for word in words):
+    arguments = [word.decode(errors="replace") for word in words]
+    if any(root in argument for argument in arguments):
+        return True
+    # A fork of `sgpipe up` (sgpipe.up.forkserver) has its command line, where the data dir
+    # may be relative to where it ran (`make up`: --data-dir sgpipe-data), or left out.
+    if any(
+        os.path.realpath(os.path.join(cwd, named)) == root
+        for named in data_dir_arguments(arguments)
+    ):
         return True
     return cwd == root or cwd.startswith(root + os.sep)
+
+
+def data_dir_arguments(arguments: list[str]) -> list[str]:
+    """The data dirs an `sgpipe up` command line names (``--data-dir D``, ``--data-dir=D``;
+    the default without one); none for any other command line."""
+    if "up" not in arguments:
+        return []
+    named = [
+        argument.split("=", 1)[1] for argument in arguments if argument.startswith("--data-dir=")
+    ]
+    named += [
+        following
+        for argument, following in zip(arguments, arguments[1:], strict=False)
+        if argument == "--data-dir"
+    ]
+    return named or [str(DEFAULT_DATA_DIR)]
 
 
 def _state(proc: Path) -> str:

@@ -8,6 +8,9 @@
     ├── sgpipe process   × N         } the same commands Kubernetes runs, each its own process
     └── sgpipe ingest               /  and event loop: processing never delays an acknowledgement
 
+The ``sgpipe`` children are forked from a fork server made before anything starts, with the
+stages' modules imported (``sgpipe.up.forkserver``); exec'd where there is none.
+
 The children are declared in one table (``children_table``): per role its command, how many
 (``up.processors``/``up.sinks``, ``--processors``/``--sinks``; by default one per two usable
 cores, never more than the partitions of the role's input topic), the status message that
@@ -106,6 +109,7 @@ from sgpipe.up.report import (
 if TYPE_CHECKING:
     from sgpipe.embedded.broker import EmbeddedKafka
     from sgpipe.embedded.credentials import EmbeddedCredentials
+    from sgpipe.up.forkserver import ForkServer
 
 log = structlog.get_logger(__name__)
 
@@ -284,6 +288,8 @@ class UpOptions:
     environ: Mapping[str, str] = field(default_factory=dict)
     # How the user ran sgpipe, for the commands `sgpipe up` prints (the demo's query).
     program: str = "sgpipe"
+    # Forks the Python children (sgpipe.up.forkserver); without one, each is a new process.
+    fork_server: ForkServer | None = None
 
 
 class StageFailed(RuntimeError):
@@ -686,6 +692,7 @@ class _Supervisor:
             stream=self.stream,
             ready=spec.ready,
             pass_fds=pass_fds,
+            fork_server=self.options.fork_server,
         )
         self.children[name] = child
         self.spec_of[name] = spec

@@ -32,7 +32,9 @@ import pytest
 import yaml
 
 from sgpipe.embedded.broker import EmbeddedBroker
+from sgpipe.preflight import LOCK_FILE
 from sgpipe.simulator import SimulationOptions, simulate
+from sgpipe.up import forkserver
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import metric
 from tests.integration.test_up import (
@@ -109,6 +111,19 @@ def reports(running: RunningPipeline, event: str) -> list[dict[str, Any]]:
     return [entry for entry in log_events(running.log) if entry.get("event") == event]
 
 
+def process_name(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def open_files(pid: int) -> set[str]:
+    """What the process's descriptors point to (paths, ``pipe:[...]``, ``socket:[...]``)."""
+    found = set()
+    for descriptor in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(descriptor))
+    return found
+
+
 def count_rows(running: RunningPipeline) -> int:
     return int(running.query("SELECT count() FROM email_events FINAL"))
 
@@ -127,11 +142,19 @@ def test_stages_run_as_separate_processes_and_the_ingress_port_answers_for_all(
         pids = {name: child["pid"] for name, child in state["children"].items()}
         assert set(pids) == {"ingest", "process", "sink", "clickhouse"}
         assert len({supervisor, state["broker"]["pid"], *pids.values()}) == 6
-        commands = {"ingest": "ingest", "process": "process", "sink": "sink"}
-        commands["clickhouse"] = "serve-clickhouse"
+        # Each a fork of the fork server, a fork of the supervisor (sgpipe.up.forkserver),
+        # named as `sgpipe up` names it, with only the descriptors it was given: stdin, its
+        # output, its status pipe (and the data dir's lock for the embedded ClickHouse).
+        (fork_server,) = {parent_pid(pid) for pid in pids.values()}
+        assert parent_pid(fork_server) == supervisor
+        assert process_name(fork_server) == forkserver.SERVER_NAME
+        assert command_line(fork_server) == command_line(supervisor)
+        lock = str((running.data_dir / LOCK_FILE).resolve())
         for name, pid in pids.items():
-            assert parent_pid(pid) == supervisor, name
-            assert command_line(pid)[2:4] == ["sgpipe", commands[name]], command_line(pid)
+            assert process_name(pid) == name
+            opened = open_files(pid)
+            assert str(running.log.resolve()) not in opened, (name, opened)  # not our output
+            assert (lock in opened) == (name == "clickhouse"), (name, opened)
         assert state["ingest_url"] == running.base_url
         assert stat.S_IMODE((running.data_dir / "run").stat().st_mode) == 0o700
         for config in (running.data_dir / "run").iterdir():

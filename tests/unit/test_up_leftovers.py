@@ -72,6 +72,34 @@ def test_children_naming_the_data_dir_or_running_in_it_are_found(
     assert find_leftovers(data_dir) == sorted([stage.pid, broker.pid])
 
 
+def test_forks_of_sgpipe_up_are_found_by_its_data_dir_argument(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """A forked child (sgpipe.up.forkserver) has the supervisor's command line, whose
+    --data-dir may be relative to where it runs, or left out (the default)."""
+    data_dir = tmp_path / "sgpipe-data"
+    (data_dir / "broker").mkdir(parents=True)
+    up = [*SLEEPER, "sgpipe", "up", "--config", "sgpipe.yaml"]
+    relative = spawn(spawned, [*up, "--data-dir", "sgpipe-data"], cwd=tmp_path)
+    joined = spawn(spawned, [*up, "--data-dir=./sgpipe-data"], cwd=tmp_path)
+    default = spawn(spawned, up, cwd=tmp_path)
+    elsewhere = spawn(spawned, [*up, "--data-dir", "other"], cwd=tmp_path)
+    not_up = spawn(spawned, [*SLEEPER, "sgpipe", "query", "SELECT 1"], cwd=tmp_path)
+    record(
+        data_dir,
+        dead_pid(),
+        **{
+            "ingest": relative.pid,
+            "process": joined.pid,
+            "sink": default.pid,
+            "sink-2": elsewhere.pid,
+            "process-2": not_up.pid,
+        },
+    )
+
+    assert find_leftovers(data_dir) == sorted([relative.pid, joined.pid, default.pid])
+
+
 def test_a_reused_pid_is_not_ours(
     data_dir: Path, tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
 ) -> None:

@@ -1,0 +1,118 @@
+"""A supervisor in miniature for tests/unit/test_forkserver.py, run as its own process (the
+server is a fork of its caller: never of a pytest worker and its threads).
+
+``python -m tests.unit.forkserver_probe SCENARIO``: starts the fork server, forks children
+that describe themselves instead of running ``sgpipe`` (the ``ForkedChild`` branch below), and
+prints one JSON line of what it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from sgpipe.up import forkserver
+
+PREFIX = list(forkserver.COMMAND_PREFIX)
+
+
+def _open(descriptor: int) -> bool:
+    try:
+        os.fstat(descriptor)
+    except OSError:
+        return False
+    return True
+
+
+def describe_self(argv: list[str]) -> int:
+    """In a forked child: write what it has to its status descriptor, then act on argv."""
+    action, status_fd = argv[0], int(argv[-1])
+    described = {
+        "argv": argv,
+        "environment": dict(os.environ),
+        "own_session": os.getsid(0) == os.getpid(),
+        # Those still open once listed (listing opens one of its own for a moment).
+        "descriptors": sorted(
+            int(name)
+            for name in os.listdir("/proc/self/fd")
+            if os.path.lexists(f"/proc/self/fd/{name}") and _open(int(name))
+        ),
+        "stdin": os.readlink("/proc/self/fd/0"),
+        "name": open("/proc/self/comm").read().strip(),  # noqa: SIM115, PTH123
+        "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+    }
+    os.write(status_fd, json.dumps(described).encode() + b"\n")
+    os.close(status_fd)
+    print("a line on stdout")
+    print("a line on stderr", file=sys.stderr)
+    if action == "wait":
+        signal.pause()
+    return int(action) if action.isdigit() else 0
+
+
+async def spawn(server: forkserver.ForkServer, name: str, action: str) -> dict[str, Any]:
+    status_read, status_write = os.pipe()
+    process = await server.spawn(
+        name, [*PREFIX, action, str(status_write)], {"ONLY": "this"}, [status_write]
+    )
+    os.close(status_write)
+    loop = asyncio.get_running_loop()
+    with os.fdopen(status_read, "rb") as status:
+        described = json.loads(await loop.run_in_executor(None, status.readline))
+    output = b""
+    if action != "wait":
+        output = await loop.run_in_executor(None, process.output.read)
+    return {"process": process, "described": described, "output": output.decode()}
+
+
+async def wait_code(process: forkserver.ForkedProcess) -> int | None:
+    for _ in range(1000):
+        if process.returncode is not None:
+            return process.returncode
+        await asyncio.sleep(0.01)
+    return None
+
+
+async def scenario(server: forkserver.ForkServer, name: str) -> dict[str, Any]:
+    if name == "children":
+        exits = await spawn(server, "probe-exits", "3")
+        killed = await spawn(server, "probe-killed", "wait")
+        # Signals for the supervisor's process group or meant to stop it leave the server be.
+        os.kill(server.pid, signal.SIGTERM)
+        os.kill(server.pid, signal.SIGINT)
+        killed["process"].kill()
+        return {
+            "described": exits["described"],
+            "output": exits["output"],
+            "exit_code": await wait_code(exits["process"]),
+            "killed_code": await wait_code(killed["process"]),
+            "server_alive": os.waitpid(server.pid, os.WNOHANG) == (0, 0),
+        }
+    if name == "server_lost":
+        child = await spawn(server, "probe-orphan", "wait")
+        os.kill(server.pid, signal.SIGKILL)
+        code = await wait_code(child["process"])
+        try:
+            await spawn(server, "probe-late", "0")
+            late = "spawned"
+        except forkserver.ForkServerLost:
+            late = "ForkServerLost"
+        return {"orphan_code": code, "orphan_pid": child["process"].pid, "late_spawn": late}
+    raise SystemExit(f"unknown scenario {name}")
+
+
+def main() -> int:
+    server = forkserver.start(preload=())
+    if isinstance(server, forkserver.ForkedChild):
+        return describe_self(server.argv)
+    assert server is not None
+    print(json.dumps(asyncio.run(scenario(server, sys.argv[1]))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
