@@ -680,7 +680,11 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
         )
         return await run_up(settings, options, stop, at_once)
 
-    return asyncio.run(runner())
+    try:
+        return asyncio.run(runner())
+    finally:
+        if fork_server is not None:
+            fork_server.close()  # the server exits at the channel's end
 
 
 def _program() -> str:

@@ -45,6 +45,7 @@ import select
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -81,9 +82,10 @@ def can_fork(argv: Sequence[str]) -> bool:
 
 def start(preload: Sequence[str] = PRELOAD) -> ForkServer | ForkedChild | None:
     """Fork the server. Call before any event loop or thread exists. In the caller: the
-    ``ForkServer`` (None where fork is not available); in a child the server forked later:
-    the ``ForkedChild`` to run."""
-    if sys.platform != "linux":
+    ``ForkServer`` (None where fork is not available or not safe: another thread runs, as
+    when `sgpipe up` is called in-process by a test runner); in a child the server forked
+    later: the ``ForkedChild`` to run."""
+    if sys.platform != "linux" or threading.active_count() > 1:
         return None
     for module in preload:
         __import__(module)
@@ -304,12 +306,9 @@ class ForkServer:
             child.orphaned()
 
     def close(self) -> None:
-        """The server exits once it reads the end of the channel."""
-        if not self.lost:
-            self.lost = True
-            with contextlib.suppress(RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_reader(self._channel)
-            self._channel.close()
+        """The server exits once it reads the end of the channel (after the event loop, too)."""
+        self.lost = True
+        self._channel.close()
 
 
 class ForkServerLost(RuntimeError):
