@@ -46,6 +46,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -294,6 +295,8 @@ class ForkServer:
             return
         self.lost = True
         log.warning("the fork server is gone; children are started as new processes")
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, os.WNOHANG)  # no zombie of it while `sgpipe up` runs on
         with contextlib.suppress(RuntimeError, ValueError):
             asyncio.get_running_loop().remove_reader(self._channel)
         self._channel.close()
@@ -305,10 +308,19 @@ class ForkServer:
         for child in children.values():
             child.orphaned()
 
-    def close(self) -> None:
-        """The server exits once it reads the end of the channel (after the event loop, too)."""
+    def close(self, timeout: float = 2.0) -> None:
+        """End the channel; the server exits once it reads that, and is reaped here (up to
+        ``timeout`` seconds), so that `sgpipe up` ends after its whole tree."""
         self.lost = True
         self._channel.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG) != (0, 0):
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)
 
 
 class ForkServerLost(RuntimeError):

@@ -185,6 +185,7 @@ def test_stages_run_as_separate_processes_and_the_ingress_port_answers_for_all(
     finally:
         stop_pipeline(running)
     assert not [name for name, pid in pids.items() if alive(pid)]
+    assert not alive(fork_server)
     (report,) = reports(running, "stopped in order")
     assert report["drained"] == {
         "ingest_batches": 0,
