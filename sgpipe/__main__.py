@@ -1,7 +1,7 @@
 """``python -m sgpipe``: the same as the ``sgpipe`` command."""
 
-from sgpipe.cli import main
+from sgpipe.cli import program
 
 # Guarded: importing this module (tools that import every module) must not run the command.
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(program())

@@ -57,6 +57,19 @@ def _log() -> Any:
     return structlog.get_logger("sgpipe")
 
 
+# Set by the entry points (the `sgpipe` script, `python -m sgpipe`): only a process that *is*
+# the command may fork itself for `sgpipe up`'s children (sgpipe.up.forkserver), never a
+# program that calls ``main`` in-process (a test runner: a fork of it would run its code on).
+_as_program = False
+
+
+def program() -> int:
+    """The ``sgpipe`` command as a process's entry point."""
+    global _as_program
+    _as_program = True
+    return main()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Only now, with a command to run: the settings, logging and error types.
@@ -648,7 +661,7 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     # write holds events, addresses or secrets -- owner only (docs/security.md).
     os.umask(0o077)
     # Before the event loop and any thread: the children are forked from this copy of us.
-    fork_server = forkserver.start()
+    fork_server = forkserver.start() if _as_program else None
     if isinstance(fork_server, forkserver.ForkedChild):
         return main(fork_server.argv)  # in a child the server forked: run its command
 

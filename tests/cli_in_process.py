@@ -120,6 +120,10 @@ def _set_tripwires(monkeypatch: pytest.MonkeyPatch, reached: list[str]) -> None:
     monkeypatch.setattr("processors.stage.run_processor", tripwire("the processor started"))
     monkeypatch.setattr("sinks.stage.run_sink", tripwire("the sink started"))
 
+    # Never in a test process: a fork of it would run the test runner's code on (only the
+    # `sgpipe` program forks itself for `sgpipe up`'s children, sgpipe.up.forkserver).
+    monkeypatch.setattr("sgpipe.up.forkserver.start", tripwire("sgpipe up forked this process"))
+
     # `sgpipe up` locks its data dir once every check has passed, right before it starts
     # anything; a lock refused (held by another process) is still a refusal.
     def lock_data_dir(data_dir: Path, command: str) -> Any:

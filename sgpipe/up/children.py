@@ -30,7 +30,7 @@ import structlog
 
 from sgpipe.embedded.child import ChildProcess
 from sgpipe.runtime.status import Service, StatusKind, StatusMessage, parse_status
-from sgpipe.up.forkserver import ForkedProcess, ForkServer, ForkServerLost, can_fork
+from sgpipe.up.forkserver import CannotFork, ForkedProcess, ForkServer, can_fork
 from sgpipe.up.logstream import MAX_LINE_BYTES, LogStream
 
 log = structlog.get_logger(__name__)
@@ -185,7 +185,7 @@ class SupervisedChild:
         """Forked by the fork server when there is one, else exec'd (sgpipe.up.forkserver)."""
         server = self._fork_server
         if server is not None and not server.lost and can_fork(argv):
-            with contextlib.suppress(ForkServerLost):
+            with contextlib.suppress(CannotFork):
                 return await server.spawn(self.name, argv, self._env, pass_fds)
         process = ChildProcess(
             self.name,

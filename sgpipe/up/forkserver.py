@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import io
 import json
@@ -49,6 +50,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import structlog
@@ -90,8 +92,13 @@ def start(preload: Sequence[str] = PRELOAD) -> ForkServer | ForkedChild | None:
         return None
     for module in preload:
         __import__(module)
+    if threading.active_count() > 1:  # an import started one
+        return None
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     supervisor = os.getpid()
+    # Nothing buffered may be written twice (by a child at its exit, and by us).
+    sys.stdout.flush()
+    sys.stderr.flush()
     pid = os.fork()
     if pid:
         theirs.close()
@@ -115,6 +122,7 @@ def _serve(channel: socket.socket, supervisor: int) -> ForkedChild:
     for standard in (0, 1, 2):
         os.dup2(devnull, standard)
     os.close(devnull)
+    _close_all_but({0, 1, 2, channel.fileno()})  # what the supervisor had open is not ours
     wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.set_wakeup_fd(wakeup_write)
@@ -131,11 +139,24 @@ def _serve(channel: socket.socket, supervisor: int) -> ForkedChild:
                 os._exit(0)
             if not message:  # the supervisor is gone
                 os._exit(0)
-            pid = os.fork()
+            # Closed by the child once it has its own session and signal handlers: "spawned"
+            # is sent only then, so that a signal to its process group from then on reaches it.
+            settled_read, settled_write = os.pipe2(os.O_CLOEXEC)
+            try:
+                pid = os.fork()
+            except OSError as exc:  # EAGAIN, ENOMEM: this child cannot be forked, others can
+                for descriptor in (*fds, settled_read, settled_write):
+                    os.close(descriptor)
+                _send(channel, {"failed": str(exc)})
+                continue
             if pid == 0:
-                return _become_child(json.loads(message), fds, channel, (wakeup_read, wakeup_write))
-            for descriptor in fds:
+                os.close(settled_read)
+                request = json.loads(message)
+                return _become_child(request, fds, channel, settled_write)
+            for descriptor in (*fds, settled_write):
                 os.close(descriptor)
+            os.read(settled_read, 1)  # the end of the pipe: settled, or dead
+            os.close(settled_read)
             _send(channel, {"spawned": pid})
 
 
@@ -158,10 +179,7 @@ def _send(channel: socket.socket, message: Mapping[str, Any]) -> None:
 
 
 def _become_child(
-    request: Mapping[str, Any],
-    fds: Sequence[int],
-    channel: socket.socket,
-    server_fds: Sequence[int],
+    request: Mapping[str, Any], fds: Sequence[int], channel: socket.socket, settled: int
 ) -> ForkedChild:
     """In the forked child: what an exec'd child had (see the module docstring)."""
     server = os.getppid()
@@ -173,10 +191,9 @@ def _become_child(
     for signum in (signal.SIGCHLD, signal.SIGTERM):
         signal.signal(signum, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    channel.detach()
+    os.close(settled)
+    channel.detach()  # closed below with the server's wakeup pipe and all it was not given
     targets: list[int] = list(request["fds"])
-    # The channel and the server's wakeup pipe go with every descriptor not given to it.
-    del server_fds
     _place_descriptors(list(fds), targets)
     os.environ.clear()
     os.environ.update(request["env"])
@@ -203,7 +220,10 @@ def _place_descriptors(received: list[int], targets: list[int]) -> None:
         os.dup2(descriptor, target)  # dup2 leaves the target inheritable, as pass_fds does
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)
-    keep = {0, 1, 2, *targets[1:]}
+    _close_all_but({0, 1, 2, *targets[1:]})
+
+
+def _close_all_but(keep: set[int]) -> None:
     for name in os.listdir("/proc/self/fd"):
         descriptor = int(name)
         if descriptor not in keep:
@@ -229,7 +249,8 @@ class ForkServer:
     def __init__(self, channel: socket.socket, pid: int) -> None:
         self._channel = channel
         self.pid = pid
-        self._spawning: list[asyncio.Future[int]] = []
+        # One entry per request sent, answered in order: (name, output's read end, future).
+        self._spawning: list[tuple[str, int, asyncio.Future[ForkedProcess]]] = []
         self._children: dict[int, ForkedProcess] = {}
         self._attached = False
         self.lost = False
@@ -244,29 +265,30 @@ class ForkServer:
         self, name: str, argv: Sequence[str], env: Mapping[str, str], pass_fds: Sequence[int]
     ) -> ForkedProcess:
         """Fork ``argv`` (``can_fork``) with output on a new pipe and ``pass_fds`` at their
-        numbers. Raises ForkServerLost if the server is gone (then exec the child instead)."""
+        numbers. Raises CannotFork when this child cannot be forked (ForkServerLost: nor any
+        other); then exec it instead."""
         if self.lost:
             raise ForkServerLost("the fork server is gone")
         self._attach()
         output_read, output_write = os.pipe2(os.O_CLOEXEC)
         widen_pipe(output_read)
         request = {"name": name, "argv": list(argv), "env": dict(env), "fds": [1, *pass_fds]}
-        spawned: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        spawned: asyncio.Future[ForkedProcess] = asyncio.get_running_loop().create_future()
         try:
-            socket.send_fds(
-                self._channel, [json.dumps(request).encode()], [output_write, *pass_fds]
-            )
-            self._spawning.append(spawned)
-            pid = await spawned
-        except (OSError, ForkServerLost) as exc:
+            message = json.dumps(request).encode()
+            socket.send_fds(self._channel, [message], [output_write, *pass_fds])
+        except (BrokenPipeError, ConnectionError, OSError) as exc:
             os.close(output_read)
-            self._lose()
-            raise ForkServerLost(f"the fork server is gone: {exc}") from exc
+            if isinstance(exc, BrokenPipeError | ConnectionError) or exc.errno == errno.EBADF:
+                self._lose()
+                raise ForkServerLost(f"the fork server is gone: {exc}") from exc
+            raise CannotFork(f"could not ask the fork server: {exc}") from exc
         finally:
             os.close(output_write)
-        process = ForkedProcess(name, pid, os.fdopen(output_read, "rb"))
-        self._children[pid] = process
-        return process
+        # From here the entry owns the read end: handed over with the process, or closed
+        # (a cancelled spawn's child is killed when its answer comes; a lost server's die).
+        self._spawning.append((name, output_read, spawned))
+        return await spawned
 
     def _on_message(self) -> None:
         while True:
@@ -280,14 +302,34 @@ class ForkServer:
                 self._lose()
                 return
             report = json.loads(message)
-            if "spawned" in report and self._spawning:
-                future = self._spawning.pop(0)
-                if not future.done():
-                    future.set_result(report["spawned"])
-            elif "exited" in report:
+            if "exited" in report:
                 child = self._children.pop(report["exited"], None)
                 if child is not None:
                     child.returncode = report["code"]
+            elif self._spawning:
+                self._on_answer(report, *self._spawning.pop(0))
+
+    def _on_answer(
+        self,
+        report: Mapping[str, Any],
+        name: str,
+        output_read: int,
+        spawned: asyncio.Future[ForkedProcess],
+    ) -> None:
+        """A spawn's answer: the process is registered at once, so that its exit, which may be
+        the very next message, is never missed."""
+        if "spawned" not in report:
+            os.close(output_read)
+            if not spawned.done():
+                spawned.set_exception(CannotFork(f"the fork server could not fork: {report}"))
+            return
+        process = ForkedProcess(name, report["spawned"], os.fdopen(output_read, "rb"))
+        self._children[process.pid] = process
+        if spawned.done():  # the spawn was cancelled: nobody will watch this child
+            process.kill()
+            process.output.close()
+        else:
+            spawned.set_result(process)
 
     def _lose(self) -> None:
         """The server died (its children die with it: their death signal)."""
@@ -300,7 +342,8 @@ class ForkServer:
         with contextlib.suppress(RuntimeError, ValueError):
             asyncio.get_running_loop().remove_reader(self._channel)
         self._channel.close()
-        for future in self._spawning:
+        for _, output_read, future in self._spawning:
+            os.close(output_read)
             if not future.done():
                 future.set_exception(ForkServerLost("the fork server is gone"))
         self._spawning.clear()
@@ -323,8 +366,12 @@ class ForkServer:
             time.sleep(0.01)
 
 
-class ForkServerLost(RuntimeError):
-    """The fork server is gone: start the child as a new process."""
+class CannotFork(RuntimeError):
+    """This child cannot be forked: start it as a new process."""
+
+
+class ForkServerLost(CannotFork):
+    """The fork server is gone: start this child, and every later one, as a new process."""
 
 
 class ForkedProcess:
@@ -351,24 +398,24 @@ class ForkedProcess:
         gone (so that its ports are free when it is restarted)."""
 
         async def wait_gone() -> None:
-            while _exists(self.pid):
+            while _running(self.pid):
                 await asyncio.sleep(0.02)
             self.returncode = -signal.SIGKILL
 
         self._waiting = asyncio.get_running_loop().create_task(wait_gone())
 
 
-def _exists(pid: int) -> bool:
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie holds no port: it has run)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 __all__ = [
+    "CannotFork",
     "ForkServer",
     "ForkServerLost",
     "ForkedChild",

@@ -29,7 +29,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -88,19 +88,30 @@ def belongs_to(pid: int, data_dir: Path) -> bool:
 
 
 def data_dir_arguments(arguments: list[str]) -> list[str]:
-    """The data dirs an `sgpipe up` command line names (``--data-dir D``, ``--data-dir=D``;
-    the default without one); none for any other command line."""
-    if "up" not in arguments:
+    """The data dirs an `sgpipe up` command line names (``--data-dir D``, ``--data-dir=D``, or
+    an abbreviation argparse takes, ``--data D``; the default without one); none for any other
+    command line."""
+    after_up = _after_sgpipe_up(arguments)
+    if after_up is None:
         return []
-    named = [
-        argument.split("=", 1)[1] for argument in arguments if argument.startswith("--data-dir=")
-    ]
-    named += [
-        following
-        for argument, following in zip(arguments, arguments[1:], strict=False)
-        if argument == "--data-dir"
-    ]
+    named = []
+    for index, argument in enumerate(after_up):
+        option, equals, value = argument.partition("=")
+        if len(option) >= len("--da") and "--data-dir".startswith(option):
+            if equals:
+                named.append(value)
+            elif index + 1 < len(after_up):
+                named.append(after_up[index + 1])
     return named or [str(DEFAULT_DATA_DIR)]
+
+
+def _after_sgpipe_up(arguments: list[str]) -> list[str] | None:
+    """The arguments after ``sgpipe up`` (``python -m sgpipe up``, ``.../bin/sgpipe up``), or
+    None when the command line is not `sgpipe up`'s."""
+    for index, argument in enumerate(arguments[:-1]):
+        if (argument == "sgpipe" or argument.endswith("/sgpipe")) and arguments[index + 1] == "up":
+            return arguments[index + 2 :]
+    return None
 
 
 def _state(proc: Path) -> str:
@@ -114,9 +125,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def find_leftovers(data_dir: Path) -> list[int]:
-    """PIDs of our processes a previous, dead `sgpipe up` on ``data_dir`` left running.
-    Empty if there is no state file, or its supervisor is still running."""
+def find_leftovers(data_dir: Path, spared: Collection[int] = ()) -> list[int]:
+    """PIDs of our processes a previous, dead `sgpipe up` on ``data_dir`` left running, never
+    ours nor ``spared`` (this run's fork server, which has our command line). Empty if there
+    is no state file, or its supervisor is still running."""
     try:
         state = json.loads(state_file(data_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -128,7 +140,8 @@ def find_leftovers(data_dir: Path) -> list[int]:
         # Still running (or its PID went to another `sgpipe up`): its children are no
         # orphans; the data-dir lock and the port check report the conflict.
         return []
-    return sorted({pid for pid in children if pid != os.getpid() and belongs_to(pid, data_dir)})
+    ours = {os.getpid(), *spared}
+    return sorted({pid for pid in children if pid not in ours and belongs_to(pid, data_dir)})
 
 
 def _is_sgpipe_up(pid: int) -> bool:
@@ -139,17 +152,14 @@ def _is_sgpipe_up(pid: int) -> bool:
         words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    for index, word in enumerate(words[:-1]):
-        if (word == b"sgpipe" or word.endswith(b"/sgpipe")) and words[index + 1] == b"up":
-            return True
-    return False
+    return _after_sgpipe_up([word.decode(errors="replace") for word in words]) is not None
 
 
-async def end_leftovers(data_dir: Path) -> list[int]:
+async def end_leftovers(data_dir: Path, spared: Collection[int] = ()) -> list[int]:
     """End what a killed `sgpipe up` left running on ``data_dir`` (see the module docstring);
     returns their PIDs. Raises nothing: whatever still holds a port after this is reported by
     the port check."""
-    leftovers = find_leftovers(data_dir)
+    leftovers = find_leftovers(data_dir, spared)
     if not leftovers:
         return []
     log.warning(

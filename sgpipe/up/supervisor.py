@@ -331,7 +331,8 @@ async def run_up(
         raise PreflightFailed(problems)
     # A crash a moment ago is not a configuration problem: its children, still dying, must
     # not make the port check below fail (exit 2).
-    await end_leftovers(data_dir)
+    fork_server = options.fork_server
+    await end_leftovers(data_dir, spared=[fork_server.pid] if fork_server is not None else [])
     settings = with_oauth_signing_key(settings, data_dir)  # tokens need a key; made once
     build_verifiers(settings)  # a bad key must stop us before anything starts
     await _wait_for_dead_holders_children(data_dir)

@@ -6,10 +6,11 @@ the storage refuses anonymous access."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -290,6 +291,25 @@ async def test_restart_reuses_ports_and_leaves_no_sockets_in_tmp(tmp_path: Path)
     assert not any(path.exists() for path in stale_socket_paths(ports))
 
 
+@contextlib.contextmanager
+def _squatting_the_volume_port(layout: storage.StorageLayout) -> Iterator[storage.StoragePorts]:
+    """Ports recorded as a previous start left them, the volume port then taken by somebody
+    else (chosen again should another process take it first: the suite runs weeds beside)."""
+    for _ in range(20):
+        recorded = storage.choose_ports("127.0.0.1", layout, 0)
+        with socket.socket() as squatter:
+            squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                squatter.bind(("127.0.0.1", recorded.volume))
+            except OSError:
+                layout.ports.unlink()
+                continue
+            squatter.listen()
+            yield recorded
+            return
+    raise AssertionError("no port to squat on")
+
+
 def _lie_that_it_is_free(monkeypatch: pytest.MonkeyPatch, port: int) -> None:
     """``port`` looks free to every check of the storage, as it did in the moment between
     a check and weed's bind, when somebody else took it."""
@@ -303,10 +323,7 @@ async def test_a_weed_that_loses_a_port_race_at_start_starts_again_on_other_port
 ) -> None:
     layout = storage.StorageLayout(tmp_path / "data" / "broker")
     layout.root.mkdir(parents=True)
-    recorded = storage.choose_ports("127.0.0.1", layout, 0)  # as a previous start left them
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", recorded.volume))
-        squatter.listen()
+    with _squatting_the_volume_port(layout) as recorded:
         _lie_that_it_is_free(monkeypatch, recorded.volume)
         weed = storage.SeaweedStorage(tmp_path / "data")
         with capture_logs() as logs:
@@ -338,10 +355,8 @@ async def test_a_weed_that_cannot_start_fails_after_its_attempts_quoting_its_log
     monkeypatch.setattr(storage, "START_ATTEMPTS", 2)  # each one takes weed ~2 s to give up
     scratch = storage.StorageLayout(tmp_path / "scratch")
     scratch.root.mkdir()
-    pinned = storage.choose_ports("127.0.0.1", scratch, 0).s3
-    with socket.socket() as squatter:
-        squatter.bind(("127.0.0.1", pinned))
-        squatter.listen()
+    with _squatting_the_volume_port(scratch) as taken:
+        pinned = taken.volume
         _lie_that_it_is_free(monkeypatch, pinned)
         # A pinned port is never traded for another: every attempt meets the squatter.
         weed = storage.SeaweedStorage(tmp_path / "data", s3_port=pinned)

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 from sgpipe.up import forkserver
@@ -31,6 +32,8 @@ def _open(descriptor: int) -> bool:
 def describe_self(argv: list[str]) -> int:
     """In a forked child: write what it has to its status descriptor, then act on argv."""
     action, status_fd = argv[0], int(argv[-1])
+    if action == "now":  # exits before anything: its exit may share a read with its spawn
+        return 5
     described = {
         "argv": argv,
         "environment": dict(os.environ),
@@ -69,6 +72,39 @@ async def spawn(server: forkserver.ForkServer, name: str, action: str) -> dict[s
     return {"process": process, "described": described, "output": output.decode()}
 
 
+async def spawn_only(server: forkserver.ForkServer, name: str, action: str) -> Any:
+    """Spawned, not waited for: the status pipe's read end is left open for it."""
+    status_read, status_write = os.pipe()
+    try:
+        return await server.spawn(name, [*PREFIX, action, str(status_write)], {}, [status_write])
+    finally:
+        os.close(status_write)
+
+
+async def terminated_at_once(server: forkserver.ForkServer) -> int | None:
+    """A SIGTERM the moment spawn returns reaches the child, with the default action."""
+    process = await spawn_only(server, "probe-term", "wait")
+    process.send_signal(signal.SIGTERM)
+    return await wait_code(process)
+
+
+def children_named(parent: int, name: str) -> list[int]:
+    """The running children of ``parent`` whose name starts with ``name``."""
+    try:
+        pids = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return []
+    found = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if state != "Z" and Path(f"/proc/{pid}/comm").read_text().startswith(name):
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
 async def wait_code(process: forkserver.ForkedProcess) -> int | None:
     for _ in range(1000):
         if process.returncode is not None:
@@ -86,11 +122,28 @@ async def scenario(server: forkserver.ForkServer, name: str) -> dict[str, Any]:
         os.kill(server.pid, signal.SIGINT)
         killed["process"].kill()
         return {
+            "exited_at_once_code": await wait_code(await spawn_only(server, "probe-now", "now")),
+            "terminated_at_once_code": await terminated_at_once(server),
             "described": exits["described"],
             "output": exits["output"],
             "exit_code": await wait_code(exits["process"]),
             "killed_code": await wait_code(killed["process"]),
             "server_alive": os.waitpid(server.pid, os.WNOHANG) == (0, 0),
+        }
+    if name == "cancelled":
+        spawning = asyncio.create_task(spawn_only(server, "probe-cancelled", "wait"))
+        await asyncio.sleep(0)  # sent, not answered
+        spawning.cancel()
+        await asyncio.gather(spawning, return_exceptions=True)
+        for _ in range(1000):  # it is forked all the same, then killed when its answer comes
+            named = children_named(server.pid, "probe-cancelled")
+            if named == [] and children_named(server.pid, "") == []:
+                break
+            await asyncio.sleep(0.01)
+        later = await spawn(server, "probe-later", "7")
+        return {
+            "left": children_named(server.pid, "probe-cancelled"),
+            "later_code": await wait_code(later["process"]),
         }
     if name == "server_lost":
         child = await spawn(server, "probe-orphan", "wait")

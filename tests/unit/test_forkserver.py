@@ -18,6 +18,13 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork server: Linux only")
 
 
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def probe(scenario: str) -> dict[str, Any]:
     completed = subprocess.run(
         [sys.executable, "-m", "tests.unit.forkserver_probe", scenario],
@@ -48,10 +55,21 @@ def test_a_forked_child_has_what_an_execd_child_had_and_its_exit_is_reported() -
     assert seen["exit_code"] == 3
     assert seen["killed_code"] == -9
     assert seen["server_alive"], "SIGTERM and SIGINT are the supervisor's to act on"
+    # An exit right after the spawn (one read may hold both answers) is not missed.
+    assert seen["exited_at_once_code"] == 5
+    # "spawned" comes once the child has its session and handlers: a SIGTERM sent at once
+    # reaches its process group and ends it (not ignored as the server ignores it).
+    assert seen["terminated_at_once_code"] == -15
+
+
+def test_a_cancelled_spawn_leaves_no_child_behind() -> None:
+    seen = probe("cancelled")
+    assert seen["left"] == []
+    assert seen["later_code"] == 7  # the server answers the next spawn as before
 
 
 def test_a_lost_server_takes_its_children_and_the_next_spawn_is_refused() -> None:
     seen = probe("server_lost")
     assert seen["orphan_code"] == -9
-    assert not Path(f"/proc/{seen['orphan_pid']}").exists()
+    assert not running(seen["orphan_pid"])
     assert seen["late_spawn"] == "ForkServerLost"

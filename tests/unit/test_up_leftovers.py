@@ -80,24 +80,26 @@ def test_forks_of_sgpipe_up_are_found_by_its_data_dir_argument(
     data_dir = tmp_path / "sgpipe-data"
     (data_dir / "broker").mkdir(parents=True)
     up = [*SLEEPER, "sgpipe", "up", "--config", "sgpipe.yaml"]
-    relative = spawn(spawned, [*up, "--data-dir", "sgpipe-data"], cwd=tmp_path)
-    joined = spawn(spawned, [*up, "--data-dir=./sgpipe-data"], cwd=tmp_path)
-    default = spawn(spawned, up, cwd=tmp_path)
-    elsewhere = spawn(spawned, [*up, "--data-dir", "other"], cwd=tmp_path)
-    not_up = spawn(spawned, [*SLEEPER, "sgpipe", "query", "SELECT 1"], cwd=tmp_path)
-    record(
-        data_dir,
-        dead_pid(),
-        **{
-            "ingest": relative.pid,
-            "process": joined.pid,
-            "sink": default.pid,
-            "sink-2": elsewhere.pid,
-            "process-2": not_up.pid,
-        },
-    )
+    forks = {
+        "ingest": spawn(spawned, [*up, "--data-dir", "sgpipe-data"], cwd=tmp_path),
+        "process": spawn(spawned, [*up, "--data-dir=./sgpipe-data"], cwd=tmp_path),
+        "sink": spawn(spawned, [*up, "--data", "sgpipe-data"], cwd=tmp_path),  # argparse's
+        "sink-2": spawn(spawned, up, cwd=tmp_path),  # the default
+    }
+    strangers = {
+        "process-2": spawn(spawned, [*up, "--data-dir", "other"], cwd=tmp_path),
+        "process-3": spawn(spawned, [*SLEEPER, "sgpipe", "query", "SELECT 1"], cwd=tmp_path),
+        "process-4": spawn(spawned, [*SLEEPER, "make", "up"], cwd=tmp_path),  # PIDs reused
+        "process-5": spawn(spawned, [*SLEEPER, "docker", "compose", "up"], cwd=tmp_path),
+    }
+    everyone = {**forks, **strangers}
+    record(data_dir, dead_pid(), **{name: process.pid for name, process in everyone.items()})
 
-    assert find_leftovers(data_dir) == sorted([relative.pid, joined.pid, default.pid])
+    assert find_leftovers(data_dir) == sorted(process.pid for process in forks.values())
+    # A new run's own fork server has the same command line: spared, should a PID collide.
+    own_server = forks.pop("ingest").pid
+    spared = find_leftovers(data_dir, spared=[own_server])
+    assert spared == sorted(process.pid for process in forks.values())
 
 
 def test_a_reused_pid_is_not_ours(
