@@ -34,7 +34,7 @@ LABEL org.opencontainers.image.title="sgpipe" \
 # Only the virtualenv crosses over: no compiler, no wheel cache, no source tree, no pip in it.
 COPY --from=builder /opt/sgpipe /opt/sgpipe
 
-# Read-only root filesystem friendly: nothing writes bytecode at run time (pip compiled it at
+# Read-only root filesystem friendly: nothing writes bytecode at run time (uv compiled it at
 # install), and HOME points at /tmp, the one writable path (an emptyDir in the Helm chart).
 ENV PATH="/opt/sgpipe/bin:${PATH}" \
     PYTHONDONTWRITEBYTECODE=1 \

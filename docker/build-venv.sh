@@ -19,19 +19,27 @@ venv=$3
 python=${PYTHON:-python3}
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-# The image keeps no pip cache in its layers. The tests set BUILD_VENV_PIP_CACHE=1 to reuse the
-# developer's cache: the same packages install either way, ~20 s sooner.
-if [ "${BUILD_VENV_PIP_CACHE:-0}" != 1 ]; then
-    export PIP_NO_CACHE_DIR=1
+# uv builds and installs (the installer the Makefile uses): the same wheel and packages pip
+# would, with a fifth of pip's CPU (measured: 6 s against 21 s). Installed for this build where
+# the builder lacks it; the runtime image never gets it.
+if ! "$python" -m uv --version >/dev/null 2>&1; then
+    "$python" -m pip install --quiet uv
+fi
+# The image keeps no cache in its layers. The tests set BUILD_VENV_PIP_CACHE=1 to reuse the
+# developer's cache: the same packages install either way, sooner.
+cache=--no-cache
+if [ "${BUILD_VENV_PIP_CACHE:-0}" = 1 ]; then
+    cache=
 fi
 
-# The wheel alone (--no-deps): its dependencies come from the index below, as wheels.
-"$python" -m pip wheel --no-deps --wheel-dir "$wheel_dir" "$src"
+# The wheel alone: its dependencies come from the index below, as wheels.
+"$python" -m uv build --quiet $cache --wheel --out-dir "$wheel_dir" "$src"
 wheel=$(ls "$wheel_dir"/sgpipe-*.whl)
 
-# The runtime image needs no installer: the virtualenv is made without pip, and the builder's
-# pip installs into it (--python, pip >= 22.3).
+# The runtime image needs no installer: the virtualenv is made without pip, and uv installs
+# into it. --only-binary: a dependency that would need a compiler fails the build here instead
+# of pulling a toolchain into the builder stage. --compile-bytecode, as pip does by default: the
+# image's root filesystem is read-only, so nothing could write it at run time.
 "$python" -m venv --without-pip "$venv"
-# --only-binary: a dependency that would need a compiler fails the build here instead of
-# pulling a toolchain into the builder stage.
-"$python" -m pip --python "$venv/bin/python" install --only-binary=:all: "$wheel"
+"$python" -m uv pip install --quiet $cache --python "$venv/bin/python" --only-binary :all: \
+    --compile-bytecode "$wheel"

@@ -981,4 +981,4 @@ class QueryFailed(Exception):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(program())

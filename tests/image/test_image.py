@@ -81,7 +81,7 @@ def test_dockerfile_shape() -> None:
 
 
 # One xdist worker runs this module (make test: --dist loadgroup): its module-scoped fixture
-# (the wheel and virtualenv built like the image's, ~30 s) is then set up once, not once per worker.
+# (the wheel and virtualenv built like the image's, ~6 s) is then set up once, not once per worker.
 pytestmark = pytest.mark.xdist_group("image-wheel")
 
 
