@@ -334,6 +334,8 @@ def processes_using(data_dir: Path) -> list[str]:
 def test_a_killed_processor_is_restarted_and_no_acknowledged_event_is_lost(
     tmp_path: Path,
 ) -> None:
+    """And then the fork server killed: every child it forked dies with it, and each is
+    restarted as a new process (``python -m sgpipe <command>``, a child of the supervisor)."""
     key = WebhookKey.generate()
     running = up(tmp_path, key)  # the durable broker: what it acknowledged survives anything
     events = 600
@@ -346,15 +348,7 @@ def test_a_killed_processor_is_restarted_and_no_acknowledged_event_is_lost(
 
         killer = threading.Thread(target=kill_processor_midway)
         killer.start()
-        options = SimulationOptions(
-            url=f"{running.base_url}/webhooks/main",
-            private_key=key.private_key,
-            events=events,
-            rate=200.0,
-            flush_interval_seconds=0.1,
-            seed=7,
-        )
-        summary = asyncio.run(simulate(options))
+        summary = asyncio.run(simulate(simulation(running, key, events, seed=7)))
         killer.join()
         assert summary.events_accepted == events, summary
         wait_until(
@@ -368,14 +362,76 @@ def test_a_killed_processor_is_restarted_and_no_acknowledged_event_is_lost(
             timeout=120,
         )
         assert metric(scrape(running), "sgpipe_up_child_restarts_total", child="process") == 1
+
+        forked = {
+            name: child["pid"] for name, child in read_state(running.data_dir)["children"].items()
+        }
+        (fork_server,) = {parent_pid(pid) for pid in forked.values()}
+        os.kill(fork_server, signal.SIGKILL)
+
+        def all_exec_d() -> bool:
+            now = {
+                name: child["pid"]
+                for name, child in read_state(running.data_dir)["children"].items()
+            }
+            return all(
+                now[name] not in (None, pid)
+                and alive(now[name])
+                and parent_pid(now[name]) == running.process.pid
+                for name, pid in forked.items()
+            )
+
+        wait_until(all_exec_d, 120, "every child restarted as a new process")
+        for name, child in read_state(running.data_dir)["children"].items():
+            assert command_line(child["pid"])[2:4] == ["sgpipe", COMMANDS[name]], name
+        _wait_until_serving(running)
+        wait_until(lambda: get(f"{running.base_url}/readyz")[0] == 200, 120, "every stage ready")
+        more = asyncio.run(simulate(simulation(running, key, 200, seed=8)))
+        assert more.events_accepted == 200, more
+        total = events + 200
+        running.wait_for(
+            "SELECT count(), uniqExact(sg_event_id) FROM email_events FINAL",
+            f"{total}\t{total}\n",
+            timeout=120,
+        )
     finally:
         stop_pipeline(running)
-    (restart,) = [
-        entry
+    restarts = [
+        (entry["child"], entry["exit_status"], entry["restart"])
         for entry in log_events(running.log)
         if entry["event"] == "child process exited; restarting it"
     ]
-    assert (restart["child"], restart["exit_status"], restart["restart"]) == ("process", -9, 1)
+    assert restarts[0] == ("process", -9, 1)
+    after_the_server = {child: (status, restart) for child, status, restart in restarts[1:]}
+    assert after_the_server == {
+        "ingest": (-9, 1),
+        "process": (-9, 2),
+        "sink": (-9, 1),
+        "clickhouse": (-9, 1),
+    }
+    lost = [e for e in log_events(running.log) if e["event"].startswith("the fork server is gone")]
+    assert len(lost) == 1
+
+
+COMMANDS = {
+    "ingest": "ingest",
+    "process": "process",
+    "sink": "sink",
+    "clickhouse": "serve-clickhouse",
+}
+
+
+def simulation(
+    running: RunningPipeline, key: WebhookKey, events: int, seed: int
+) -> SimulationOptions:
+    return SimulationOptions(
+        url=f"{running.base_url}/webhooks/main",
+        private_key=key.private_key,
+        events=events,
+        rate=200.0,
+        flush_interval_seconds=0.1,
+        seed=seed,
+    )
 
 
 # --- isolation -------------------------------------------------------------------------------
