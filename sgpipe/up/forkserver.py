@@ -24,8 +24,9 @@ What a forked child gets, as an exec'd one did: its own session (a Ctrl-C in the
 reaches the supervisor only), SIGKILL when its parent dies (the server; the server gets SIGKILL
 when the supervisor dies), exactly the environment it was given, stdin from /dev/null, no
 descriptor it was not given, default signal handlers, unbuffered stdout and stderr, and the
-process name it has in `sgpipe up` (``ps -o comm``: ``ingest``, ``sink-2``; its command line
-stays the supervisor's; the server is ``sgpipe-up-forks``).
+command line it would have had exec'd (``ps``, ``pkill -f``: setproctitle) and the name it
+has in `sgpipe up` (``ps -o comm``: ``ingest``, ``sink-2``; the server is ``sgpipe-up-forks``,
+with the supervisor's command line).
 Then it runs ``sgpipe.cli.main`` and exits as any ``sgpipe`` command does.
 
 Where no server runs (``run_up`` called in-process, or the server died: its children die with
@@ -195,15 +196,18 @@ def _become_child(
     channel.detach()  # closed below with the server's wakeup pipe and all it was not given
     targets: list[int] = list(request["fds"])
     _place_descriptors(list(fds), targets)
+    argv: list[str] = list(request["argv"])
+    # Before the environment is replaced: setproctitle takes over the memory of the process's
+    # arguments and environment, which it finds through the environment as the process began.
+    _set_command_line(argv)
     os.environ.clear()
     os.environ.update(request["env"])
-    argv: list[str] = list(request["argv"])
     sys.argv = argv
     # As PYTHONUNBUFFERED would have made them: every line reaches the supervisor at once.
     sys.stdout = _unbuffered(1)
     sys.stderr = _unbuffered(2)
     sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 (fd 0, kept open)
-    _set_process_name(request["name"])
+    _set_process_name(request["name"])  # after setproctitle, which sets the name too
     return ForkedChild(argv[len(COMMAND_PREFIX) :])
 
 
@@ -236,6 +240,18 @@ def _unbuffered(descriptor: int) -> io.TextIOWrapper:
     return io.TextIOWrapper(
         raw, encoding="utf-8", errors="backslashreplace", line_buffering=True, write_through=True
     )
+
+
+def _set_command_line(argv: Sequence[str]) -> None:
+    """The command line ``ps``, ``pgrep -f``/``pkill -f`` and leftovers (it names the data
+    dir) read: the one the child would have had exec'd, not the supervisor's. setproctitle
+    rewrites the process's argument area; it comes with the ``embedded`` extra, which
+    `sgpipe up` needs anyway (without it the supervisor's line stays)."""
+    try:
+        import setproctitle
+    except ImportError:
+        return
+    setproctitle.setproctitle(" ".join(argv))
 
 
 def _set_process_name(name: str) -> None:

@@ -152,6 +152,10 @@ def test_stages_run_as_separate_processes_and_the_ingress_port_answers_for_all(
         lock = str((running.data_dir / LOCK_FILE).resolve())
         for name, pid in pids.items():
             assert process_name(pid) == name
+            # The command line it would have had exec'd, for ps, pkill -f and leftovers.
+            (shown, *_) = command_line(pid)
+            run_dir = running.data_dir.resolve() / "run"
+            assert f" -m sgpipe {COMMANDS[name]} --config {run_dir}/{name}.yaml" in shown, shown
             opened = open_files(pid)
             assert str(running.log.resolve()) not in opened, (name, opened)  # not our output
             assert (lock in opened) == (name == "clickhouse"), (name, opened)
