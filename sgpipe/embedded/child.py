@@ -179,7 +179,7 @@ class ChildProcess:
     def send_signal(self, signum: signal.Signals) -> None:
         """Signal the child's process group (nothing if it has exited)."""
         if self._process is not None and self._process.poll() is None:
-            _signal_group(self._process.pid, signum)
+            signal_group(self._process.pid, signum)
 
     async def terminate(self, timeout: float) -> None:
         """SIGTERM the child's process group, SIGKILL it after ``timeout`` seconds; returns
@@ -188,22 +188,22 @@ class ChildProcess:
         if process is None:
             return
         if process.poll() is None:
-            _signal_group(process.pid, signal.SIGTERM)
+            signal_group(process.pid, signal.SIGTERM)
             # A stopped (SIGSTOP) process acts on SIGTERM only once continued (as systemd does).
-            _signal_group(process.pid, signal.SIGCONT)
+            signal_group(process.pid, signal.SIGCONT)
             try:
                 await asyncio.to_thread(process.wait, timeout)
             except subprocess.TimeoutExpired:
                 log.warning("child did not stop in time, killing it", child=self.name)
-                _signal_group(process.pid, signal.SIGKILL)
+                signal_group(process.pid, signal.SIGKILL)
                 await asyncio.to_thread(process.wait)
         # Whatever else is left in its group (nothing, for the binaries we run).
-        _signal_group(process.pid, signal.SIGKILL)
+        signal_group(process.pid, signal.SIGKILL)
 
     def kill(self) -> None:
         """SIGKILL, as a crash would (tests and fault injection)."""
         if self._process is not None and self._process.poll() is None:
-            _signal_group(self._process.pid, signal.SIGKILL)
+            signal_group(self._process.pid, signal.SIGKILL)
 
     async def wait_exited(self) -> None:
         if self._process is not None:
@@ -260,7 +260,17 @@ def rotate_log(path: Path) -> None:
             path.replace(path.with_name(path.name + ".1"))
 
 
-def _signal_group(pid: int, signum: signal.Signals) -> None:
+def is_running(pid: int) -> bool:
+    """Whether ``pid`` exists and has not exited (a zombie holds no port: it has run). Linux
+    (``/proc``); False elsewhere."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def signal_group(pid: int, signum: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signum)
 

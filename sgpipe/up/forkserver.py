@@ -11,8 +11,8 @@ Why written here (small): the standard library's ``multiprocessing`` forkserver 
 function, not a command line; it leaves its server in the caller's process group, without a
 death signal, where a Ctrl-C or a SIGTERM meant for the supervisor kills it (and with it every
 child, before the supervisor could stop them in order); and its children end with
-``os._exit``, skipping the interpreter's shutdown. What is needed is a few dozen lines of
-``fork``/``waitpid`` and ``socket.send_fds``.
+``os._exit``, skipping the interpreter's shutdown. What is needed is ``fork``, ``waitpid`` and
+``socket.send_fds``, and the bookkeeping below.
 
 The protocol, on a SOCK_SEQPACKET socket pair (one message per datagram, descriptors riding
 along): the supervisor sends ``{"name": ..., "argv": [...], "env": {...}, "fds": [...]}`` with one
@@ -51,19 +51,19 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import IO, Any
 
 import structlog
 
-from sgpipe.embedded.child import exit_with_parent, widen_pipe
+from sgpipe.embedded.child import exit_with_parent, is_running, signal_group, widen_pipe
 
 log = structlog.get_logger(__name__)
 
 # The start of every command line the server can run: ``python -m sgpipe <command> ...``.
 COMMAND_PREFIX = (sys.executable, "-m", "sgpipe")
-# Imported by the server before it forks anything: what the stage children import that the
-# supervisor does not (not chdb: it starts threads at import, and a fork keeps only one).
+# Imported before the server is forked, so that every child has them: what the stage children
+# import that the supervisor does not (not chdb: it starts threads at import, and a fork keeps
+# only the thread that forked).
 PRELOAD = ("ingest.server", "processors.stage", "sinks.stage")
 # Process names (``/proc/<pid>/comm``, 15 bytes at most): the server's; a child's is its name
 # in `sgpipe up` (``ingest``, ``process-2``: as in the state file, the logs and `sgpipe top`).
@@ -403,8 +403,7 @@ class ForkedProcess:
 
     def send_signal(self, signum: signal.Signals) -> None:
         if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signum)
+            signal_group(self.pid, signum)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
@@ -414,20 +413,11 @@ class ForkedProcess:
         gone (so that its ports are free when it is restarted)."""
 
         async def wait_gone() -> None:
-            while _running(self.pid):
+            while is_running(self.pid):
                 await asyncio.sleep(0.02)
             self.returncode = -signal.SIGKILL
 
         self._waiting = asyncio.get_running_loop().create_task(wait_gone())
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie holds no port: it has run)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 __all__ = [

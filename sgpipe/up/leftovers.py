@@ -118,13 +118,6 @@ def _state(proc: Path) -> str:
     return proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return _state(Path(f"/proc/{pid}")) != "Z"
-    except OSError:
-        return False
-
-
 def find_leftovers(data_dir: Path, spared: Collection[int] = ()) -> list[int]:
     """PIDs of our processes a previous, dead `sgpipe up` on ``data_dir`` left running, never
     ours nor ``spared`` (this run's fork server, which has our command line). Empty if there
