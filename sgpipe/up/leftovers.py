@@ -9,11 +9,12 @@ So before its port checks, `sgpipe up` reads the PIDs the previous run recorded 
 file (``sgpipe-up.json``: the supervisor, every child, the broker and its storage), keeps those
 that are still running *and are ours* -- the process's command line names the data dir, or
 its working directory is inside it (tansu's command line names no path, so it runs in
-``<data-dir>/broker``), or it is a fork of an `sgpipe up` on the data dir (sgpipe.up.forkserver:
-its command line, its ``--data-dir`` relative to its working directory) -- which survives PID
-reuse, waits a moment for them to finish dying,
-then SIGKILLs what is left (every child is kill-safe: docs/embedded.md) and waits until they
-are gone. A port held by anything else is still a configuration problem (exit 2).
+``<data-dir>/broker``), or it is `sgpipe up` on the data dir by its ``--data-dir``, resolved
+against its working directory (the fork server, sgpipe.up.forkserver, has the supervisor's
+command line; so would a forked child without setproctitle) -- which survives PID reuse,
+waits a moment for them to finish dying, then SIGKILLs what is left (every child is
+kill-safe: docs/embedded.md) and waits until they are gone. A port held by anything else is
+still a configuration problem (exit 2).
 
 Nothing is done while the recorded supervisor itself still runs: that is another `sgpipe up`
 on this data dir, which the data-dir lock reports.
@@ -35,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from sgpipe.embedded.child import is_running
 from sgpipe.up.layout import DEFAULT_DATA_DIR, state_file
 
 log = structlog.get_logger(__name__)
@@ -67,9 +69,9 @@ def belongs_to(pid: int, data_dir: Path) -> bool:
     and for a zombie (it holds no port any more)."""
     proc = Path(f"/proc/{pid}")
     root = str(data_dir.resolve())
+    if not is_running(pid):
+        return False
     try:
-        if _state(proc) == "Z":
-            return False
         words = (proc / "cmdline").read_bytes().split(b"\0")
         cwd = os.readlink(proc / "cwd")
     except OSError:
@@ -77,8 +79,8 @@ def belongs_to(pid: int, data_dir: Path) -> bool:
     arguments = [word.decode(errors="replace") for word in words]
     if any(root in argument for argument in arguments):
         return True
-    # A fork of `sgpipe up` (sgpipe.up.forkserver) has its command line, where the data dir
-    # may be relative to where it ran (`make up`: --data-dir sgpipe-data), or left out.
+    # A fork of `sgpipe up` with its command line (sgpipe.up.forkserver): the data dir may be
+    # relative to where it ran (`make up`: --data-dir sgpipe-data), or left out.
     if any(
         os.path.realpath(os.path.join(cwd, named)) == root
         for named in data_dir_arguments(arguments)
@@ -114,10 +116,6 @@ def _after_sgpipe_up(arguments: list[str]) -> list[str] | None:
     return None
 
 
-def _state(proc: Path) -> str:
-    return proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 def find_leftovers(data_dir: Path, spared: Collection[int] = ()) -> list[int]:
     """PIDs of our processes a previous, dead `sgpipe up` on ``data_dir`` left running, never
     ours nor ``spared`` (this run's fork server, which has our command line). Empty if there
@@ -139,9 +137,9 @@ def find_leftovers(data_dir: Path, spared: Collection[int] = ()) -> list[int]:
 
 def _is_sgpipe_up(pid: int) -> bool:
     """A running `sgpipe up` (``sgpipe up ...`` or ``python -m sgpipe up ...``)."""
+    if not is_running(pid):
+        return False
     try:
-        if _state(Path(f"/proc/{pid}")) == "Z":
-            return False
         words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
