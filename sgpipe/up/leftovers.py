@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import signal
 import time
 from collections.abc import Collection, Iterable
@@ -72,11 +73,10 @@ def belongs_to(pid: int, data_dir: Path) -> bool:
     if not is_running(pid):
         return False
     try:
-        words = (proc / "cmdline").read_bytes().split(b"\0")
+        arguments = command_line(pid)
         cwd = os.readlink(proc / "cwd")
     except OSError:
         return False
-    arguments = [word.decode(errors="replace") for word in words]
     if any(root in argument for argument in arguments):
         return True
     # A fork of `sgpipe up` with its command line (sgpipe.up.forkserver): the data dir may be
@@ -140,10 +140,20 @@ def _is_sgpipe_up(pid: int) -> bool:
     if not is_running(pid):
         return False
     try:
-        words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return _after_sgpipe_up(command_line(pid)) is not None
     except OSError:
         return False
-    return _after_sgpipe_up([word.decode(errors="replace") for word in words]) is not None
+
+
+def command_line(pid: int) -> list[str]:
+    """Process ``pid``'s arguments. A forked `sgpipe` process (sgpipe.up.forkserver) shows its
+    command line as one title, shell-quoted (setproctitle): split as a shell would."""
+    words = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    arguments = [word.decode(errors="replace") for word in words]
+    if len(arguments) == 1:
+        with contextlib.suppress(ValueError):
+            return shlex.split(arguments[0])
+    return arguments
 
 
 async def end_leftovers(data_dir: Path, spared: Collection[int] = ()) -> list[int]:

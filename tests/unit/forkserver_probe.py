@@ -9,6 +9,7 @@ prints one JSON line of what it saw.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sgpipe.up import forkserver
+from sgpipe.up import forkserver, leftovers
 
 PREFIX = list(forkserver.COMMAND_PREFIX)
 
@@ -47,6 +48,10 @@ def describe_self(argv: list[str]) -> int:
         "stdin": os.readlink("/proc/self/fd/0"),
         "name": open("/proc/self/comm").read().strip(),  # noqa: SIM115, PTH123
         "sigterm_default": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+        # Its command line as `ps` and leftovers read it (one title, split back).
+        "command_line": leftovers.command_line(os.getpid()),
+        # What the server had when it forked, out of the collector's sight.
+        "frozen": gc.get_freeze_count(),
     }
     os.write(status_fd, json.dumps(described).encode() + b"\n")
     os.close(status_fd)
@@ -60,7 +65,7 @@ def describe_self(argv: list[str]) -> int:
 async def spawn(server: forkserver.ForkServer, name: str, action: str) -> dict[str, Any]:
     status_read, status_write = os.pipe()
     process = await server.spawn(
-        name, [*PREFIX, action, str(status_write)], {"ONLY": "this"}, [status_write]
+        name, [*PREFIX, action, "two words", str(status_write)], {"ONLY": "this"}, [status_write]
     )
     os.close(status_write)
     loop = asyncio.get_running_loop()

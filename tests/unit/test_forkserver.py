@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from sgpipe.up import forkserver
+
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork server: Linux only")
@@ -43,7 +45,12 @@ def probe(scenario: str) -> dict[str, Any]:
 def test_a_forked_child_has_what_an_execd_child_had_and_its_exit_is_reported() -> None:
     seen = probe("children")
     described = seen["described"]
-    assert described["argv"] == ["3", described["argv"][-1]]  # the arguments after `sgpipe`
+    assert described["argv"] == ["3", "two words", described["argv"][-1]]  # after `sgpipe`
+    # `ps`, pgrep -f and leftovers see the command line it would have had exec'd.
+    assert described["command_line"] == [*forkserver.COMMAND_PREFIX, *described["argv"]]
+    # The server's objects are out of the child's collector's sight: its collections, and
+    # the last at exit, do not walk (and copy) all the server imported.
+    assert described["frozen"] > 10_000
     assert described["environment"] == {"ONLY": "this"}  # exactly what it was given
     assert described["own_session"]  # a terminal's Ctrl-C reaches the supervisor only
     # stdin, the output on 1 and 2, the status descriptor at the number its argv names.

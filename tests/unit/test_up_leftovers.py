@@ -141,6 +141,44 @@ def test_nothing_is_touched_while_the_recorded_supervisor_runs(
     assert find_leftovers(data_dir) == []
 
 
+def titled(title: list[str]) -> list[str]:
+    """A process whose command line is one title, as a forked `sgpipe` process shows it
+    (sgpipe.up.forkserver: setproctitle, shell-quoted)."""
+    script = (
+        "import setproctitle, shlex, sys, time; "
+        "setproctitle.setproctitle(shlex.join(sys.argv[1:])); time.sleep(120)"
+    )
+    return [sys.executable, "-c", script, *title]
+
+
+def wait_titled(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while b"\0" in Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0"):
+        assert time.monotonic() < deadline, "the title never showed"
+        time.sleep(0.01)
+
+
+def test_a_forked_supervisor_or_child_is_read_from_its_title(
+    tmp_path: Path, spawned: list[subprocess.Popen[bytes]]
+) -> None:
+    """A forked `sgpipe up` (a fork server's child, as the tests start it) still runs: its
+    children are no leftovers. Once it is gone, a forked child is found by the data dir its
+    title names, spaces and all."""
+    data_dir = tmp_path / "data dir"
+    (data_dir / "broker").mkdir(parents=True)
+    up = ["python", "-m", "sgpipe", "up", "--config", "sgpipe.yaml"]
+    supervisor = spawn(spawned, titled([*up, "--data-dir", "data dir"]), cwd=tmp_path)
+    child = spawn(spawned, titled([*up, "--data-dir", "data dir"]), cwd=tmp_path)
+    for process in (supervisor, child):
+        wait_titled(process.pid)
+    assert leftovers.command_line(child.pid) == [*up, "--data-dir", "data dir"]
+
+    record(data_dir, supervisor.pid, ingest=child.pid)
+    assert find_leftovers(data_dir) == []  # its supervisor runs
+    record(data_dir, dead_pid(), ingest=child.pid)
+    assert find_leftovers(data_dir) == [child.pid]
+
+
 def test_no_state_file_or_a_broken_one_finds_nothing(data_dir: Path) -> None:
     assert find_leftovers(data_dir) == []
     (data_dir / "sgpipe-up.json").write_text("{not json")
