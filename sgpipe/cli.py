@@ -63,11 +63,12 @@ def _log() -> Any:
 _as_program = False
 
 
-def program() -> int:
-    """The ``sgpipe`` command as a process's entry point."""
+def program(argv: Sequence[str] | None = None) -> int:
+    """The ``sgpipe`` command as a process's entry point (``argv``: the arguments after
+    ``sgpipe``, where they are not the process's own, as in a forked process)."""
     global _as_program
     _as_program = True
-    return main()
+    return main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

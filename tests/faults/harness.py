@@ -40,6 +40,7 @@ from sgpipe.embedded.clickhouse import EmbeddedClickHouse
 from sgpipe.embedded.credentials import EmbeddedCredentials, load_or_create_credentials
 from sgpipe.runtime.settings import EmbeddedSettings
 from sgpipe.simulator.simulation import SimulationOptions, SimulationSummary, simulate
+from tests import forked
 from tests.faults.ledger import DEDUP_VIEW, Ledger, LedgerReport, counts_by_event
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import SGPIPE
@@ -252,7 +253,7 @@ class StageProcesses:
         number = sum(1 for started in self.history if started.stage == stage) + 1
         log = self.directory / f"{stage}-{number}.log"
         with log.open("wb") as output:
-            process = subprocess.Popen(
+            process = forked.Popen(
                 [*SGPIPE, stage, "--config", str(self.config)],
                 stdout=output,
                 stderr=subprocess.STDOUT,
@@ -270,7 +271,7 @@ class StageProcesses:
         number = sum(1 for started in self.history if started.stage == stage) + 1
         log = self.directory / f"{stage}-{number}.log"
         with log.open("wb") as output:
-            process = subprocess.Popen(
+            process = forked.Popen(
                 [*SGPIPE, stage, "--config", str(self.config)],
                 stdout=output,
                 stderr=subprocess.STDOUT,

@@ -26,6 +26,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
+from tests import forked
 from tests.faults.harness import Stream, events_flowing, stream_with_faults
 from tests.faults.ledger import (
     DEDUP_VIEW,
@@ -64,7 +65,7 @@ class Up:
 
     def start(self) -> None:
         with self.log.open("ab") as output:
-            self.process = subprocess.Popen(
+            self.process = forked.Popen(
                 [*SGPIPE, "up", "--config", str(self.config), "--data-dir", str(self.data_dir)]
                 + ["--port", str(self.port), *self.args],
                 stdout=output,
@@ -105,7 +106,7 @@ class Up:
         answer = served_store_answer(self.data_dir, sql)
         if answer is not None:
             return answer
-        result = subprocess.run(
+        result = forked.run(
             [*SGPIPE, "query", "--config", str(self.config), "--data-dir", str(self.data_dir)]
             + ["--format", "TabSeparated", sql],
             capture_output=True,
@@ -114,7 +115,7 @@ class Up:
         )
         if result.returncode != 0:
             raise OSError(result.stderr.decode())
-        return result.stdout.decode()
+        return str(result.stdout.decode())
 
     def rows_by_event(self, relation: str, final: bool) -> Counter[str]:
         text = self.query(

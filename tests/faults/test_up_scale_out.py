@@ -26,6 +26,7 @@ import yaml
 
 from sgpipe.simulator.keys import generate_private_key, public_key_base64
 from sgpipe.up.layout import LOG_DIR, RUN_DIR, state_file
+from tests import forked
 from tests.faults.harness import (
     FAULT_WAIT_SECONDS,
     SERVICE_TIMEOUT,
@@ -100,7 +101,7 @@ class HandStarted:
         self.log = running.log.with_name(f"third-{stage}-{number}.log")
         config = running.data_dir / RUN_DIR / f"{stage}.yaml"
         with self.log.open("wb") as output:
-            self.process = subprocess.Popen(
+            self.process = forked.Popen(
                 [*SGPIPE, stage, "--config", str(config)],
                 stdout=output,
                 stderr=subprocess.STDOUT,

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from tests import forked
+
 SGPIPE = [sys.executable, "-m", "sgpipe.cli"]
 TIMEOUT = 30.0
 
@@ -95,7 +97,7 @@ def write_config(path: Path, document: dict[str, Any]) -> Path:
 
 def start_sgpipe(command: list[str], config: Path, log: Path) -> StageProcess:
     with log.open("wb") as output:
-        process = subprocess.Popen(
+        process = forked.Popen(
             [*SGPIPE, *command, "--config", str(config)],
             stdout=output,
             stderr=subprocess.STDOUT,

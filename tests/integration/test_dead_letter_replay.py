@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from sgpipe.runtime.settings import KafkaSettings, Settings
 from sgpipe.runtime.stage import BatchInfo
 from sinks.clickhouse import TableWriter
 from sinks.dead_letters import DEAD_LETTERS, dead_letter_row
+from tests import forked
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS, read_topic
 from tests.integration.processes import (
     SGPIPE,
@@ -102,9 +102,7 @@ def config_document(
 
 def sgpipe(*args: str) -> Any:
     """Run an sgpipe command to completion; its stdout as JSON."""
-    result = subprocess.run(
-        [*SGPIPE, *args], capture_output=True, text=True, timeout=180, check=False
-    )
+    result = forked.run([*SGPIPE, *args], capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
 
@@ -337,7 +335,7 @@ def test_a_replay_that_kafka_refuses_leaves_the_letter_pending(
 
     asyncio.run(store_letter())
 
-    result = subprocess.run(
+    result = forked.run(
         [*SGPIPE, "dlq", "replay", "--wait", "0", "--config", str(config)],
         capture_output=True,
         text=True,

@@ -24,6 +24,7 @@ from sgpipe.embedded.clickhouse import EmbeddedClickHouse
 from sgpipe.embedded.credentials import load_credentials
 from sgpipe.runtime.clickhouse import connect, with_credentials
 from sgpipe.runtime.settings import ClickHouseSettings
+from tests import forked
 from tests.golden import encoded_events
 from tests.integration.bi_support import Store, batch_info, seeded_batches, tables_containing
 
@@ -60,7 +61,7 @@ VICTIM_ELEMENTS = [
 
 
 def sgpipe(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return forked.run(
         [sys.executable, "-m", "sgpipe", *args],
         capture_output=True,
         text=True,
@@ -182,7 +183,7 @@ def forget_on_a_terminal(data_dir: Path, answer: bytes) -> tuple[int, str]:
     """`sgpipe forget` with a terminal as stdin and stdout, answering its question."""
     leader, follower = pty.openpty()
     try:
-        process = subprocess.Popen(
+        process = forked.Popen(
             [
                 sys.executable,
                 "-m",

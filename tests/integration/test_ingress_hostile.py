@@ -23,6 +23,7 @@ import pytest
 import yaml
 from aiokafka import AIOKafkaConsumer
 
+from tests import forked
 from tests.ingress_corpus import MARKER, HostileCase, Target, hostile_cases, server_config
 from tests.ports import free_port
 from tests.promise_report import REPORT
@@ -148,7 +149,7 @@ def hostile_ingress(
     port = free_port()
     log = directory / "ingest.log"
     with log.open("wb") as output:
-        process = subprocess.Popen(
+        process = forked.Popen(
             [sys.executable, "-m", "sgpipe.cli", "ingest", "--config", str(config)]
             + ["--port", str(port)],
             stdout=output,

@@ -25,6 +25,7 @@ from sgpipe.runtime.migrations import (
 )
 from sgpipe.runtime.settings import ClickHouseSettings
 from sinks.clickhouse import ClickHouseWriter
+from tests import forked
 from tests.integration.bi_support import (
     AGGREGATE_VIEWS,
     RELEASED,
@@ -242,7 +243,7 @@ async def test_a_sink_that_must_not_migrate_refuses_to_start_on_pending_migratio
 
 
 def run_migrate(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return forked.run(
         [sys.executable, "-m", "sgpipe", "migrate", "--config", str(config), *args],
         capture_output=True,
         text=True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +22,7 @@ from sgpipe.runtime.settings import ClickHouseSettings
 from sgpipe.simulator.dataset import simulated_posts
 from sgpipe.simulator.keys import generate_private_key, public_key_base64, sign
 from sgpipe.up import state_file
+from tests import forked
 from tests.integration.bi_support import Store, tables_containing
 from tests.integration.test_up import SGPIPE, _wait_until_serving, start_pipeline, stop_pipeline
 
@@ -102,7 +102,7 @@ def test_hashed_personal_data_stays_out_of_every_table_and_forget_works_while_up
         pseudonym = POLICY.email_pseudonym(victim)
         rows = running.query(f"SELECT count() FROM email_events WHERE email = '{pseudonym}'")
         assert int(rows) > 0
-        forgotten = subprocess.run(
+        forgotten = forked.run(
             [
                 *SGPIPE, "forget", "--config", str(running.config), "--data-dir",
                 str(running.data_dir), "--email", victim.upper(), "--yes",

@@ -22,6 +22,7 @@ pytest.importorskip("chdb")
 from sgpipe.embedded.clickhouse import EmbeddedClickHouse, query_store  # noqa: E402
 from sgpipe.embedded.credentials import load_or_create_credentials  # noqa: E402
 from sgpipe.preflight import lock_data_dir  # noqa: E402
+from tests import forked
 
 pytestmark = pytest.mark.clickhouse
 
@@ -41,7 +42,7 @@ class Store:
 
 
 def run(store: Store, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
+    return forked.run(
         [sys.executable, "-m", "sgpipe", "query", "--log-format", "console", *store.args, *args],
         env=store.env,
         capture_output=True,
@@ -137,7 +138,7 @@ def test_the_querys_own_format_wins(store: Store) -> None:
 def test_a_terminal_gets_a_table(store: Store) -> None:
     leader, follower = pty.openpty()
     try:
-        process = subprocess.run(
+        process = forked.run(
             [sys.executable, "-m", "sgpipe", "query", *store.args, SQL],
             env=store.env,
             stdout=follower,

@@ -5,11 +5,11 @@ duplicates must not show: exactly N distinct events through FINAL."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests import forked
 from tests.integration.test_up import SGPIPE, _wait_until_serving, start_pipeline, stop_pipeline
 
 pytestmark = [pytest.mark.kafka, pytest.mark.clickhouse]
@@ -19,7 +19,7 @@ EVENTS = 2000
 
 def test_a_simulated_run_with_duplicates_ends_with_exactly_n_events(tmp_path: Path) -> None:
     key_file = tmp_path / "simulator.pem"
-    generated = subprocess.run(
+    generated = forked.run(
         [*SGPIPE, "keys", "generate", "--out", str(key_file)],
         capture_output=True,
         timeout=60,
@@ -30,7 +30,7 @@ def test_a_simulated_run_with_duplicates_ends_with_exactly_n_events(tmp_path: Pa
     running = start_pipeline(tmp_path, webhooks=webhooks)
     try:
         _wait_until_serving(running)
-        simulated = subprocess.run(
+        simulated = forked.run(
             [
                 *SGPIPE,
                 "simulate",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from schemas.raw_batch import RawBatch
 from sgpipe.embedded.broker import EmbeddedBroker
 from sgpipe.runtime.kafka import OutgoingRecord, create_producer, ensure_topics, send_all
 from sgpipe.runtime.settings import KafkaSettings
+from tests import forked
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import (
     ServedClickHouse,
@@ -238,7 +238,7 @@ def test_an_incompatible_table_stops_the_sink_with_a_clear_message_and_no_commit
     # The schema as `sgpipe migrate` leaves it, then a botched manual change: a column that
     # cannot hold what the sink writes. The migrations are all applied (their checksums hold),
     # so only the start-up comparison with the contract can catch it.
-    migrate = subprocess.run(
+    migrate = forked.run(
         [sys.executable, "-m", "sgpipe", "migrate", "--config", str(config)],
         capture_output=True,
         timeout=120,

@@ -4,13 +4,13 @@ rates that move, found through the data dir alone -- as an operator runs it."""
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import forked
 from tests.integration.test_up import SGPIPE, start_pipeline, stop_pipeline
 from tests.up_support import (
     WebhookKey,
@@ -55,7 +55,7 @@ def test_top_once_shows_every_stage_moving(tmp_path: Path) -> None:
             120,
             "accepted batches and a stored dead letter",
         )
-        result = subprocess.run(
+        result = forked.run(
             [*SGPIPE, "top", "--data-dir", str(running.data_dir), "--once", "--json"]
             + ["--interval", "3"],
             capture_output=True,
@@ -64,7 +64,7 @@ def test_top_once_shows_every_stage_moving(tmp_path: Path) -> None:
         )
         assert result.returncode == 0, result.stderr.decode()
         snapshot: dict[str, Any] = json.loads(result.stdout)
-        screen = subprocess.run(
+        screen = forked.run(
             [*SGPIPE, "top", "--data-dir", str(running.data_dir), "--once"],
             capture_output=True,
             timeout=60,
@@ -109,7 +109,7 @@ def _ready(base_url: str) -> bool:
 
 
 def test_top_without_a_running_pipeline_says_so_in_one_line(tmp_path: Path) -> None:
-    result = subprocess.run(
+    result = forked.run(
         [*SGPIPE, "top", "--data-dir", str(tmp_path), "--once"],
         capture_output=True,
         timeout=60,

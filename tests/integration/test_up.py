@@ -27,6 +27,7 @@ from sgpipe.embedded.credentials import (
     load_credentials,
     load_or_create_credentials,
 )
+from tests import forked
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import http_get, metric
 from tests.ports import free_port
@@ -73,7 +74,7 @@ class RunningPipeline:
         return result.stdout.decode()
 
     def _sgpipe_query_process(self, sql: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run(
+        return forked.run(
             [*SGPIPE, "query", "--config", str(self.config), "--data-dir", str(self.data_dir), sql],
             capture_output=True,
             timeout=60,
@@ -157,7 +158,7 @@ def start_pipeline(
     log = tmp_path / "sgpipe-up.log"
     data_dir = tmp_path / "data"
     with log.open("wb") as output:
-        process = subprocess.Popen(
+        process = forked.Popen(
             [
                 *SGPIPE,
                 "up",
@@ -283,7 +284,7 @@ def test_signed_vector_becomes_exactly_one_row(pipeline: RunningPipeline) -> Non
 
     # A second `sgpipe up` on the same data dir is refused in one line before it starts
     # anything (its ports are all free: only the data dir is in the way).
-    second = subprocess.run(
+    second = forked.run(
         [
             *SGPIPE,
             "up",
@@ -463,7 +464,7 @@ def test_unsafe_credentials_file_stops_up_before_anything_starts(tmp_path: Path)
     credentials_file(data_dir).chmod(0o644)  # then, say, copied with the wrong umask
     config = tmp_path / "sgpipe.yaml"
     config.write_text(yaml.safe_dump({"embedded": {"kafka_port": 0, "clickhouse_http_port": 0}}))
-    result = subprocess.run(
+    result = forked.run(
         [*SGPIPE, "up", "--config", str(config), "--data-dir", str(data_dir), "--port", "0"],
         capture_output=True,
         timeout=60,

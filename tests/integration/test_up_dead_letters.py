@@ -6,13 +6,13 @@ the embedded broker through the state file."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import forked
 from tests.integration.test_up import (
     SGPIPE,
     RunningPipeline,
@@ -32,7 +32,7 @@ BODY = (
 
 
 def dlq(running: RunningPipeline, *args: str) -> Any:
-    result = subprocess.run(
+    result = forked.run(
         [*SGPIPE, "dlq", *args, "--json", "--config", str(running.config),
          "--data-dir", str(running.data_dir)],
         capture_output=True, text=True, timeout=120, check=False,
@@ -79,7 +79,7 @@ def test_dead_letters_survive_a_restart_and_are_listed_and_replayed_under_up(
     stopped = dlq(running, "list")
     assert counts(stopped) == [("process", "not_an_object", 1, 0)]
     # In a pipe, without --json: tab-separated counts under a header line.
-    tsv = subprocess.run(
+    tsv = forked.run(
         [*SGPIPE, "dlq", "list", "--config", str(running.config),
          "--data-dir", str(running.data_dir)],
         capture_output=True, text=True, timeout=120, check=True,

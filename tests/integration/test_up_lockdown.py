@@ -26,6 +26,7 @@ import pytest
 import yaml
 
 from sgpipe.embedded.storage import BUCKET, StorageLayout, weed_binary
+from tests import forked
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.ports import free_port
 from tests.up_support import WebhookKey, events_body, get, post, read_state, wait_until
@@ -74,7 +75,7 @@ class Up:
 
     def start(self) -> None:
         with self.log.open("ab") as output:
-            self.process = subprocess.Popen(
+            self.process = forked.Popen(
                 [*SGPIPE, "up", "--config", str(self.config), "--data-dir", str(self.data_dir)]
                 + ["--port", str(self.port)],
                 stdout=output,

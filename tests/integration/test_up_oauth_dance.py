@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 import pytest
 
 from sgpipe.up.oauth_key import OAUTH_SIGNING_KEY_FILE
+from tests import forked
 from tests.integration.processes import http_get, metric
 from tests.integration.test_up import (
     SGPIPE,
@@ -47,7 +48,7 @@ POSTS = EVENTS // (RATE // 2)
 
 def create_client(config: Path, into: dict[str, str]) -> None:
     """`sgpipe oauth client create --config` on the file `sgpipe up` will read."""
-    result = subprocess.run(
+    result = forked.run(
         [*SGPIPE, "oauth", "client", "create", "--webhook", "main", "--config", str(config)]
         + ["--json"],
         capture_output=True,
@@ -126,7 +127,7 @@ def test_sendgrid_oauth_dance_through_sgpipe_up_with_a_revoked_signing_key(
         wait_until(lambda: serving(running), 60, "the ingress ready for batches")
         base = running.base_url
         with report.open("wb") as stdout, simulator_log.open("wb") as stderr:
-            simulator = subprocess.Popen(
+            simulator = forked.Popen(
                 [
                     *SGPIPE,
                     "simulate",
@@ -175,7 +176,7 @@ def test_sendgrid_oauth_dance_through_sgpipe_up_with_a_revoked_signing_key(
         assert old_pid is not None
         key_file = running.data_dir / OAUTH_SIGNING_KEY_FILE
         revoked_key = key_file.read_text()
-        subprocess.run(
+        forked.run(
             [*SGPIPE, "oauth", "key", "create", "--out", str(key_file), "--force"],
             capture_output=True,
             timeout=60,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests import forked
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.test_up import (
     SGPIPE,
@@ -42,7 +43,7 @@ def start_up(directory: Path, config: Path) -> RunningPipeline:
     log = directory / "sgpipe-up.log"
     data_dir = directory / "data"
     with log.open("wb") as output:
-        process = subprocess.Popen(
+        process = forked.Popen(
             [*SGPIPE, "up", "--config", str(config), "--data-dir", str(data_dir)]
             + ["--port", str(port)],
             stdout=output,
@@ -54,7 +55,7 @@ def start_up(directory: Path, config: Path) -> RunningPipeline:
 
 def sgpipe_query(running: RunningPipeline, sql: str) -> str:
     # The same config file for both: only the data dir tells them apart.
-    result = subprocess.run(
+    result = forked.run(
         [*SGPIPE, "query", "--config", str(running.config), "--data-dir", str(running.data_dir)]
         + [sql],
         capture_output=True,
@@ -62,7 +63,7 @@ def sgpipe_query(running: RunningPipeline, sql: str) -> str:
         check=False,
     )
     assert result.returncode == 0, result.stderr.decode()
-    return result.stdout.decode()
+    return str(result.stdout.decode())
 
 
 def test_two_ups_with_only_the_ingress_port_differing_both_start(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from sgpipe.embedded.broker import EmbeddedBroker
 from sgpipe.preflight import LOCK_FILE
 from sgpipe.simulator import SimulationOptions, simulate
 from sgpipe.up import forkserver
+from tests import forked
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.integration.processes import metric
 from tests.integration.test_up import (
@@ -727,7 +728,7 @@ def test_demo_lands_rows_and_prints_the_query(tmp_path: Path) -> None:
     args[args.index("--data-dir") + 1] = str(data_dir)
     args[args.index("--config") + 1] = str(config)
     with log.open("wb") as output:
-        process = subprocess.Popen(
+        process = forked.Popen(
             [sys.executable, "-m", "sgpipe", *args],
             stdout=output,
             stderr=subprocess.STDOUT,

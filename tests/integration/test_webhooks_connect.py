@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from sgpipe.webhooks.emulator import TEST_BATCH_EVENTS
+from tests import forked
 from tests.integration.kafka_tools import FAST_GROUP_SETTINGS
 from tests.ports import free_port
 from tests.up_support import served_store_answer, wait_until
@@ -31,7 +32,7 @@ START_TIMEOUT = 90.0
 
 
 def run_cli(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
+    result = forked.run(
         [*SGPIPE, *argv], capture_output=True, text=True, timeout=120, env=env, check=False
     )
     assert API_KEY not in result.stdout + result.stderr, argv
@@ -54,7 +55,7 @@ def wait_until_serving(process: subprocess.Popen[bytes], url: str, log: Path) ->
 
 
 def count_rows(config: Path, data_dir: Path, env: dict[str, str]) -> str:
-    result = subprocess.run(
+    result = forked.run(
         [*SGPIPE, "query", "--config", str(config), "--data-dir", str(data_dir)]
         + ["SELECT count() FROM email_events FINAL"],
         capture_output=True,
@@ -113,7 +114,7 @@ def test_connect_end_to_end_with_sgpipe_up(tmp_path: Path) -> None:
         ]
 
         with log.open("wb") as output:
-            process = subprocess.Popen(
+            process = forked.Popen(
                 [*SGPIPE, "up", "--config", str(config), "--data-dir", str(data_dir)]
                 + ["--port", str(port)],
                 stdout=output,

@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from sgpipe.webhooks.client import SendGridApiError, WebhooksClient
 from sgpipe.webhooks.emulator import EmulatorState
 from sgpipe.webhooks.models import EventWebhookRequest, EventWebhookTestRequest
+from tests import forked
 from tests.ports import free_port
 from tests.webhooks_support import API_KEY, ServerThread, running_emulator
 
@@ -161,7 +162,7 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
 
 def test_the_emulator_command_serves_until_sigterm(tmp_path: Path) -> None:
     port = free_port()
-    process = subprocess.Popen(
+    process = forked.Popen(
         [sys.executable, "-m", "sgpipe", "sendgrid-emulator", "--port", str(port)]
         + ["--state", str(tmp_path / "state.json"), "--api-key", API_KEY],
         stdout=subprocess.PIPE,

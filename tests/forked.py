@@ -1,0 +1,359 @@
+"""`sgpipe` processes for tests, forked from a server that has already imported sgpipe.
+
+Why: the suite starts about two hundred ``python -m sgpipe ...`` processes (stages, `sgpipe up`,
+`query`, `dlq`, `migrate`), and each spent 0.4-0.8 s of CPU importing aiohttp, aiokafka,
+pydantic and our stages before doing anything: about 80 s of a CPU-bound suite on two cores.
+`sgpipe up` already forks its children from a copy of itself made before it started
+(sgpipe.up.forkserver); the tests use that same server, run in a process of its own per test
+process (a test process has threads, and a fork keeps only the forking one), its modules
+imported once.
+
+``Popen`` is ``subprocess.Popen`` for any command line; one that runs ``python -m sgpipe`` (or
+``sgpipe.cli``) with nothing a fork cannot give (another user, a preexec function, a shell) is
+forked by that server instead of exec'd, and is otherwise the same object: pipes, ``input``,
+``communicate``, ``wait(timeout)``, ``send_signal``, ``kill`` and ``returncode`` as Popen
+has them. The forked process has what the exec'd one had (the environment it was given, its
+working directory, its standard descriptors and ``pass_fds``, default signal handlers, its
+command line in ``ps``), runs `sgpipe` as the ``sgpipe`` program does (`sgpipe up` forks its
+own children in turn), and is in a session of its own. Where the server cannot be had or is
+lost, commands are exec'd as before; ``TESTS_EXEC_SGPIPE=1`` execs every one.
+
+Why a ``subprocess.Popen`` subclass that replaces how the child is started (``_execute_child``)
+and waited for (``_internal_poll``, ``_wait``): everything else Popen does (pipes, text mode,
+``communicate``, timeouts) is then the standard library's, not a copy of it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SGPIPE = [sys.executable, "-m", "sgpipe"]
+# What the forked commands import beyond sgpipe.up.forkserver's own list (`sgpipe up`'s
+# stages): the supervisor and the commands the tests run most (query, dlq, migrate, forget).
+PRELOAD = (
+    "sgpipe.cli",
+    "sgpipe.up",
+    "sgpipe.store",
+    "sgpipe.migrate",
+    "sgpipe.forget",
+    "sgpipe.dlq.command",
+    "sgpipe.runtime.clickhouse",
+)
+EXEC_ALWAYS = "TESTS_EXEC_SGPIPE"
+SPAWN_TIMEOUT = 120.0
+MODULES = ("sgpipe", "sgpipe.cli")
+
+
+def forkable(args: Any) -> bool:
+    """``python -m sgpipe ...`` (or ``sgpipe.cli``), as a list of strings or paths."""
+    if isinstance(args, str | bytes) or not isinstance(args, Sequence) or len(args) < 3:
+        return False
+    head = [os.fsdecode(argument) for argument in args[:3]]
+    return head[0] == sys.executable and head[1] == "-m" and head[2] in MODULES
+
+
+class Popen(subprocess.Popen[Any]):
+    """``subprocess.Popen``; ``python -m sgpipe`` forked (see the module docstring)."""
+
+    _forked = False
+
+    def _execute_child(  # Popen's own, private signature
+        self,
+        args: Any,
+        executable: Any,
+        preexec_fn: Any,
+        close_fds: bool,
+        pass_fds: Sequence[int],
+        cwd: Any,
+        env: Mapping[str, str] | None,
+        startupinfo: Any,
+        creationflags: int,
+        shell: bool,
+        p2cread: int,
+        p2cwrite: int,
+        c2pread: int,
+        c2pwrite: int,
+        errread: int,
+        errwrite: int,
+        restore_signals: bool,
+        gid: Any,
+        gids: Any,
+        uid: Any,
+        umask: int,
+        start_new_session: bool,
+        process_group: Any,
+    ) -> None:
+        plain = (
+            executable is None
+            and preexec_fn is None
+            and not shell
+            and (gid, gids, uid) == (None, None, None)
+            and umask < 0
+            and process_group in (None, -1, 0)  # -1: none asked; the child is in its own
+        )
+        server = _server() if plain and forkable(args) else None
+        if server is not None:
+            self._exited = threading.Event()
+            given = {
+                0: p2cread if p2cread != -1 else 0,
+                1: c2pwrite if c2pwrite != -1 else 1,
+                2: errwrite if errwrite != -1 else 2,
+                **{number: number for number in pass_fds},
+            }
+            argv = [os.fsdecode(argument) for argument in args]
+            environment = dict(os.environ if env is None else env)
+            directory = None if cwd is None else os.fsdecode(cwd)
+            pid = server.spawn(self, argv, environment, directory, given)
+            if pid is not None:
+                self.pid = pid
+                self._forked = True
+                self._child_created = True
+                self._close_pipe_fds(  # type: ignore[attr-defined]
+                    p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite
+                )
+                return
+        super()._execute_child(  # type: ignore[misc]
+            args,
+            executable,
+            preexec_fn,
+            close_fds,
+            pass_fds,
+            cwd,
+            env,
+            startupinfo,
+            creationflags,
+            shell,
+            p2cread,
+            p2cwrite,
+            c2pread,
+            c2pwrite,
+            errread,
+            errwrite,
+            restore_signals,
+            gid,
+            gids,
+            uid,
+            umask,
+            start_new_session,
+            process_group,
+        )
+
+    def _internal_poll(self, _deadstate: Any = None, **_: Any) -> int | None:
+        if not self._forked:
+            return super()._internal_poll(_deadstate)  # type: ignore[misc, no-any-return]
+        return self.returncode
+
+    def _wait(self, timeout: float | None) -> int:
+        if not self._forked:
+            return super()._wait(timeout)  # type: ignore[misc, no-any-return]
+        if not self._exited.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        return int(self.returncode)
+
+    def exited(self, code: int) -> None:
+        """Its exit, as the server reported it (from the server's reading thread)."""
+        self.returncode = code
+        self._exited.set()
+
+
+def run(
+    args: Sequence[Any],
+    *,
+    input: str | bytes | None = None,  # noqa: A002 (subprocess.run's name)
+    capture_output: bool = False,
+    timeout: float | None = None,
+    check: bool = False,
+    **kwargs: Any,
+) -> subprocess.CompletedProcess[Any]:
+    """``subprocess.run`` with this module's ``Popen``."""
+    if input is not None:
+        kwargs["stdin"] = subprocess.PIPE
+    if capture_output:
+        kwargs["stdout"] = subprocess.PIPE
+        kwargs["stderr"] = subprocess.PIPE
+    with Popen(args, **kwargs) as process:
+        try:
+            stdout, stderr = process.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise
+        except BaseException:
+            process.kill()
+            raise
+        code = process.poll()
+        assert code is not None
+    if check and code:
+        raise subprocess.CalledProcessError(code, process.args, output=stdout, stderr=stderr)
+    return subprocess.CompletedProcess(process.args, code, stdout, stderr)
+
+
+class _Spawn:
+    def __init__(self, process: Popen) -> None:
+        self.process = process
+        self.answered = threading.Event()
+        self.pid: int | None = None
+
+
+class _Server:
+    """This test process's end of its fork server: a thread reads the server's answers and
+    its children's exits (sgpipe.up.forkserver's protocol)."""
+
+    def __init__(self) -> None:
+        self._channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._lock = threading.Lock()
+        self._spawning: collections.deque[_Spawn] = collections.deque()
+        self._children: dict[int, Popen] = {}
+        self.lost = False
+        # Started by the thread that reads it, which lives as long as the server: the server
+        # dies with the *thread* that started it (its death signal), and a test may first ask
+        # for a process from a short-lived thread (asyncio.to_thread).
+        self.process: subprocess.Popen[bytes] | None = None
+        ready = threading.Event()
+
+        def start_then_read() -> None:
+            with theirs, _setting(ready):
+                self.process = subprocess.Popen(
+                    [sys.executable, "-m", "tests.forked", str(theirs.fileno()), str(os.getpid())],
+                    pass_fds=[theirs.fileno()],
+                    cwd=REPOSITORY,
+                    stdin=subprocess.DEVNULL,
+                )
+            self._read()
+
+        threading.Thread(target=start_then_read, name="sgpipe-forks", daemon=True).start()
+        ready.wait()
+        if self.process is None:
+            raise RuntimeError("the tests' fork server could not be started")
+
+    def spawn(
+        self,
+        process: Popen,
+        argv: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        given: dict[int, int],
+    ) -> int | None:
+        """The forked child's PID; None where it cannot be forked (exec it instead)."""
+        numbers = sorted(given)
+        request = {"name": _name(argv), "argv": argv, "env": env, "cwd": cwd, "fds": numbers}
+        spawn = _Spawn(process)
+        with self._lock:
+            if self.lost:
+                return None
+            self._spawning.append(spawn)
+            try:
+                message = json.dumps(request).encode()
+                socket.send_fds(self._channel, [message], [given[n] for n in numbers])
+            except OSError:
+                self._spawning.remove(spawn)
+                return None
+        if not spawn.answered.wait(SPAWN_TIMEOUT):
+            raise RuntimeError(f"the tests' fork server did not answer in {SPAWN_TIMEOUT} s")
+        return spawn.pid
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._channel.recv(1 << 20)
+            except OSError:
+                message = b""
+            if not message:
+                self._lose()
+                return
+            report = json.loads(message)
+            with self._lock:
+                if "exited" in report:
+                    child = self._children.pop(report["exited"], None)
+                    if child is not None:
+                        child.exited(report["code"])
+                    continue
+                spawn = self._spawning.popleft()
+                if "spawned" in report:
+                    spawn.pid = report["spawned"]
+                    self._children[report["spawned"]] = spawn.process
+            spawn.answered.set()
+
+    def _lose(self) -> None:
+        """The server died: its children die with it (their death signal)."""
+        self._channel.close()
+        with self._lock:
+            self.lost = True
+            children, self._children = self._children, {}
+            for spawn in self._spawning:
+                spawn.answered.set()  # pid None: exec'd instead
+            self._spawning.clear()
+        for pid, child in children.items():
+            while _running(pid):
+                time.sleep(0.02)
+            child.exited(-signal.SIGKILL)
+        if self.process is not None:
+            with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
+                self.process.wait(5)
+
+
+@contextlib.contextmanager
+def _setting(event: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        event.set()
+
+
+_started: _Server | None = None
+_starting = threading.Lock()
+
+
+def _server() -> _Server | None:
+    global _started
+    if sys.platform != "linux" or os.environ.get(EXEC_ALWAYS) == "1":
+        return None
+    with _starting:
+        if _started is None or _started.lost:
+            _started = _Server()
+        return _started
+
+
+def _name(argv: list[str]) -> str:
+    """The process name (``ps -o comm``): ``sgpipe-`` and the command."""
+    command = next((a for a in argv[3:] if not a.startswith("-")), "")
+    return f"sgpipe-{command}"[:15]
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _serve(channel: int, parent: int) -> int:
+    """The server's process: imports, then serves; returns (an exit code) in a forked child,
+    after running its command as the ``sgpipe`` program."""
+    from sgpipe.up import forkserver
+
+    for module in (*forkserver.PRELOAD, *PRELOAD):
+        __import__(module)
+    if threading.active_count() > 1:  # an import started a thread: a fork would lose it
+        return 1  # the channel's end: the tests exec their commands
+    forked = forkserver.serve(socket.socket(fileno=channel), parent)
+    from sgpipe.cli import program
+
+    return program(forked.argv)
+
+
+if __name__ == "__main__":
+    sys.exit(_serve(int(sys.argv[1]), int(sys.argv[2])))
