@@ -154,6 +154,7 @@ def serve(channel: socket.socket, supervisor: int) -> ForkedChild:
             # Closed by the child once it has its own session and signal handlers: "spawned"
             # is sent only then, so that a signal to its process group from then on reaches it.
             settled_read, settled_write = os.pipe2(os.O_CLOEXEC)
+            server = os.getpid()  # the child's parent, checked once its death signal is set
             try:
                 pid = os.fork()
             except OSError as exc:  # EAGAIN, ENOMEM: this child cannot be forked, others can
@@ -164,7 +165,7 @@ def serve(channel: socket.socket, supervisor: int) -> ForkedChild:
             if pid == 0:
                 os.close(settled_read)
                 request = json.loads(message)
-                return _become_child(request, fds, channel, settled_write)
+                return _become_child(request, fds, channel, settled_write, server)
             for descriptor in (*fds, settled_write):
                 os.close(descriptor)
             os.read(settled_read, 1)  # the end of the pipe: settled, or dead
@@ -191,12 +192,15 @@ def _send(channel: socket.socket, message: Mapping[str, Any]) -> None:
 
 
 def _become_child(
-    request: Mapping[str, Any], fds: Sequence[int], channel: socket.socket, settled: int
+    request: Mapping[str, Any],
+    fds: Sequence[int],
+    channel: socket.socket,
+    settled: int,
+    server: int,
 ) -> ForkedChild:
     """In the forked child: what an exec'd child had (see the module docstring)."""
-    server = os.getppid()
     exit_with_parent(signal.SIGKILL)
-    if os.getppid() != server:
+    if os.getppid() != server:  # the server died before the death signal was set
         os._exit(1)
     os.setsid()
     signal.set_wakeup_fd(-1)
