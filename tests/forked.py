@@ -18,6 +18,13 @@ command line in ``ps``), runs `sgpipe` as the ``sgpipe`` program does (`sgpipe u
 own children in turn), and is in a session of its own. Where the server cannot be had or is
 lost, commands are exec'd as before; ``TESTS_EXEC_SGPIPE=1`` execs every one.
 
+What differs from an exec'd process, none of which a test here depends on: its parent is the
+server (``os.getppid``; ``os.waitpid`` on it fails: wait with ``wait``), it is always in a session
+of its own, it gets only 0, 1, 2 and ``pass_fds`` (``close_fds=False`` is not honoured), its
+output is unbuffered, its interpreter started as the server's did -- so a command whose PYTHON*
+variables differ from the suite's at its start is exec'd -- and the server's umask is the test
+process's as it started. It is signalled through a pidfd: its PID is the server's to reap.
+
 Why a ``subprocess.Popen`` subclass that replaces how the child is started (``_execute_child``)
 and waited for (``_internal_poll``, ``_wait``): everything else Popen does (pipes, text mode,
 ``communicate``, timeouts) is then the standard library's, not a copy of it.
@@ -29,12 +36,13 @@ import collections
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,6 +61,10 @@ PRELOAD = (
     "sgpipe.runtime.clickhouse",
 )
 EXEC_ALWAYS = "TESTS_EXEC_SGPIPE"
+# The server's environment: this process's as the suite began (before any test changed it).
+# A command whose PYTHON* variables differ is exec'd: they act as an interpreter starts.
+SERVER_ENVIRONMENT = dict(os.environ)
+AS_THE_CHILD_SETS = {"PYTHONUNBUFFERED"}  # a forked child's output is unbuffered anyway
 SPAWN_TIMEOUT = 120.0
 MODULES = ("sgpipe", "sgpipe.cli")
 
@@ -69,6 +81,7 @@ class Popen(subprocess.Popen[Any]):
     """``subprocess.Popen``; ``python -m sgpipe`` forked (see the module docstring)."""
 
     _forked = False
+    _pidfd: int | None = None
 
     def _execute_child(  # Popen's own, private signature
         self,
@@ -104,9 +117,17 @@ class Popen(subprocess.Popen[Any]):
             and umask < 0
             and process_group in (None, -1, 0)  # -1: none asked; the child is in its own
         )
-        server = _server() if plain and forkable(args) else None
+        directory = os.path.abspath(os.fsdecode(cwd)) if cwd is not None else os.getcwd()
+        environment = {
+            os.fsdecode(name): os.fsdecode(value)
+            for name, value in (os.environ if env is None else env).items()
+        }
+        server = None
+        if plain and forkable(args) and os.path.isdir(directory) and _as_at_start(environment):
+            server = _server()
         if server is not None:
             self._exited = threading.Event()
+            self._signalling = threading.Lock()
             given = {
                 0: p2cread if p2cread != -1 else 0,
                 1: c2pwrite if c2pwrite != -1 else 1,
@@ -114,8 +135,6 @@ class Popen(subprocess.Popen[Any]):
                 **{number: number for number in pass_fds},
             }
             argv = [os.fsdecode(argument) for argument in args]
-            environment = dict(os.environ if env is None else env)
-            directory = None if cwd is None else os.fsdecode(cwd)
             pid = server.spawn(self, argv, environment, directory, given)
             if pid is not None:
                 self.pid = pid
@@ -163,10 +182,44 @@ class Popen(subprocess.Popen[Any]):
             raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
         return int(self.returncode)
 
+    @property
+    def forked(self) -> bool:
+        """Forked by the tests' fork server (else exec'd)."""
+        return self._forked
+
+    def send_signal(self, sig: int) -> None:
+        """Through a pidfd: the server reaps the child before its exit is reported here, and
+        its PID may be another process's by then."""
+        if not self._forked:
+            super().send_signal(sig)
+            return
+        with self._signalling:
+            if self.returncode is None and self._pidfd is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, sig)
+
+    def spawned(self, pid: int) -> None:
+        """Forked (from the server's reading thread, before its exit can be reported)."""
+        try:
+            self._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:  # gone already: its exit report follows
+            self._pidfd = None
+
     def exited(self, code: int) -> None:
         """Its exit, as the server reported it (from the server's reading thread)."""
-        self.returncode = code
+        with self._signalling:
+            self.returncode = code
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
         self._exited.set()
+
+    def wait_gone(self, timeout: float = 60.0) -> int:
+        """Its server died, and it with it (its death signal, SIGKILL): that code, once it is
+        gone (or after ``timeout``)."""
+        if self._pidfd is not None:
+            select.select([self._pidfd], [], [], timeout)
+        return -signal.SIGKILL
 
 
 def run(
@@ -214,10 +267,14 @@ class _Server:
 
     def __init__(self) -> None:
         self._channel, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # _sending orders requests as they are queued and sent (answers come in that order);
+        # _lock guards what the reading thread shares, never held while the channel blocks.
+        self._sending = threading.Lock()
         self._lock = threading.Lock()
         self._spawning: collections.deque[_Spawn] = collections.deque()
         self._children: dict[int, Popen] = {}
         self.lost = False
+        self.answered_once = False
         # Started by the thread that reads it, which lives as long as the server: the server
         # dies with the *thread* that started it (its death signal), and a test may first ask
         # for a process from a short-lived thread (asyncio.to_thread).
@@ -230,37 +287,47 @@ class _Server:
                     [sys.executable, "-m", "tests.forked", str(theirs.fileno()), str(os.getpid())],
                     pass_fds=[theirs.fileno()],
                     cwd=REPOSITORY,
+                    env=SERVER_ENVIRONMENT,
                     stdin=subprocess.DEVNULL,
                 )
-            self._read()
+            try:
+                self._read()
+            finally:
+                self._lose()
 
         threading.Thread(target=start_then_read, name="sgpipe-forks", daemon=True).start()
         ready.wait()
         if self.process is None:
-            raise RuntimeError("the tests' fork server could not be started")
+            self._channel.close()
+            raise OSError("the tests' fork server could not be started")
 
     def spawn(
         self,
         process: Popen,
         argv: list[str],
         env: dict[str, str],
-        cwd: str | None,
+        cwd: str,
         given: dict[int, int],
     ) -> int | None:
         """The forked child's PID; None where it cannot be forked (exec it instead)."""
         numbers = sorted(given)
         request = {"name": _name(argv), "argv": argv, "env": env, "cwd": cwd, "fds": numbers}
+        message = json.dumps(request).encode()
         spawn = _Spawn(process)
-        with self._lock:
-            if self.lost:
-                return None
-            self._spawning.append(spawn)
+        with self._sending:
+            with self._lock:
+                if self.lost:
+                    return None
+                self._spawning.append(spawn)
             try:
-                message = json.dumps(request).encode()
                 socket.send_fds(self._channel, [message], [given[n] for n in numbers])
-            except OSError:
-                self._spawning.remove(spawn)
-                return None
+            except BaseException as exc:
+                with self._lock:
+                    if spawn in self._spawning:  # never sent: no answer will come for it
+                        self._spawning.remove(spawn)
+                if isinstance(exc, OSError):
+                    return None
+                raise
         if not spawn.answered.wait(SPAWN_TIMEOUT):
             raise RuntimeError(f"the tests' fork server did not answer in {SPAWN_TIMEOUT} s")
         return spawn.pid
@@ -270,9 +337,8 @@ class _Server:
             try:
                 message = self._channel.recv(1 << 20)
             except OSError:
-                message = b""
+                return
             if not message:
-                self._lose()
                 return
             report = json.loads(message)
             with self._lock:
@@ -283,8 +349,10 @@ class _Server:
                     continue
                 spawn = self._spawning.popleft()
                 if "spawned" in report:
+                    self.answered_once = True
                     spawn.pid = report["spawned"]
-                    self._children[report["spawned"]] = spawn.process
+                    spawn.process.spawned(spawn.pid)
+                    self._children[spawn.pid] = spawn.process
             spawn.answered.set()
 
     def _lose(self) -> None:
@@ -296,10 +364,8 @@ class _Server:
             for spawn in self._spawning:
                 spawn.answered.set()  # pid None: exec'd instead
             self._spawning.clear()
-        for pid, child in children.items():
-            while _running(pid):
-                time.sleep(0.02)
-            child.exited(-signal.SIGKILL)
+        for child in children.values():
+            child.exited(child.wait_gone())
         if self.process is not None:
             with contextlib.suppress(ChildProcessError, subprocess.TimeoutExpired):
                 self.process.wait(5)
@@ -315,29 +381,47 @@ def _setting(event: threading.Event) -> Iterator[None]:
 
 _started: _Server | None = None
 _starting = threading.Lock()
+_broken = False  # a server that could not start, or ended before its first answer
 
 
 def _server() -> _Server | None:
-    global _started
-    if sys.platform != "linux" or os.environ.get(EXEC_ALWAYS) == "1":
+    global _started, _broken
+    if sys.platform != "linux" or os.environ.get(EXEC_ALWAYS) == "1" or _broken:
         return None
     with _starting:
+        if _started is not None and _started.lost and not _started.answered_once:
+            _broken = True  # it would fail again: exec from now on, once said
+            warnings.warn(
+                "the tests' fork server ended at start: commands are exec'd", stacklevel=3
+            )
+            return None
         if _started is None or _started.lost:
-            _started = _Server()
+            try:
+                _started = _Server()
+            except OSError as exc:
+                _broken = True
+                warnings.warn(f"no fork server for the tests ({exc}): exec'd", stacklevel=3)
+                return None
         return _started
+
+
+def _as_at_start(environment: Mapping[str, str]) -> bool:
+    """Whether ``environment`` starts an interpreter as the server's started it."""
+
+    def startup(variables: Mapping[str, str]) -> dict[str, str]:
+        return {
+            name: value
+            for name, value in variables.items()
+            if name.startswith("PYTHON") and name not in AS_THE_CHILD_SETS
+        }
+
+    return startup(environment) == startup(SERVER_ENVIRONMENT)
 
 
 def _name(argv: list[str]) -> str:
     """The process name (``ps -o comm``): ``sgpipe-`` and the command."""
     command = next((a for a in argv[3:] if not a.startswith("-")), "")
     return f"sgpipe-{command}"[:15]
-
-
-def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _serve(channel: int, parent: int) -> int:

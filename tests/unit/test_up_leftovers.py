@@ -166,12 +166,14 @@ def test_a_forked_supervisor_or_child_is_read_from_its_title(
     title names, spaces and all."""
     data_dir = tmp_path / "data dir"
     (data_dir / "broker").mkdir(parents=True)
-    up = ["python", "-m", "sgpipe", "up", "--config", "sgpipe.yaml"]
-    supervisor = spawn(spawned, titled([*up, "--data-dir", "data dir"]), cwd=tmp_path)
-    child = spawn(spawned, titled([*up, "--data-dir", "data dir"]), cwd=tmp_path)
+    up = ["python", "-m", "sgpipe", "up", "--config", "sgpipe.yaml", "--data-dir", "data dir"]
+    stage = ["python", "-m", "sgpipe", "ingest", "--config", str(data_dir / "run" / "ingest.yaml")]
+    supervisor = spawn(spawned, titled(up), cwd=tmp_path)
+    child = spawn(spawned, titled(stage), cwd=tmp_path)
     for process in (supervisor, child):
         wait_titled(process.pid)
-    assert leftovers.command_line(child.pid) == [*up, "--data-dir", "data dir"]
+    assert leftovers.command_line(supervisor.pid) == up
+    assert leftovers.command_line(child.pid) == stage
 
     record(data_dir, supervisor.pid, ingest=child.pid)
     assert find_leftovers(data_dir) == []  # its supervisor runs
