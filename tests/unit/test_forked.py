@@ -41,7 +41,10 @@ def emulator(tmp_path: Path, **options: Any) -> forked.Popen:
         **{"cwd": tmp_path, **options},
     )
     assert process.stdout is not None
-    assert b"listening on" in process.stdout.readline()
+    first_line = process.stdout.readline()
+    if b"listening on" not in first_line:
+        end(process)  # not left running by a failed test
+        raise AssertionError(f"the emulator did not start: {first_line!r}")
     return process
 
 
