@@ -69,6 +69,35 @@ SPAWN_TIMEOUT = 120.0
 MODULES = ("sgpipe", "sgpipe.cli")
 
 
+# What Popen.__init__ passes its _execute_child (CPython 3.11 to 3.13, POSIX), in order.
+_EXECUTE_CHILD_PARAMETERS = (
+    "args",
+    "executable",
+    "preexec_fn",
+    "close_fds",
+    "pass_fds",
+    "cwd",
+    "env",
+    "startupinfo",
+    "creationflags",
+    "shell",
+    "p2cread",
+    "p2cwrite",
+    "c2pread",
+    "c2pwrite",
+    "errread",
+    "errwrite",
+    "restore_signals",
+    "gid",
+    "gids",
+    "uid",
+    "umask",
+    "start_new_session",
+    "process_group",
+)
+_PIPES = ("p2cread", "p2cwrite", "c2pread", "c2pwrite", "errread", "errwrite")
+
+
 def forkable(args: Any) -> bool:
     """``python -m sgpipe ...`` (or ``sgpipe.cli``), as a list of strings or paths."""
     if isinstance(args, str | bytes) or not isinstance(args, Sequence) or len(args) < 3:
@@ -83,40 +112,20 @@ class Popen(subprocess.Popen[Any]):
     _forked = False
     _pidfd: int | None = None
 
-    def _execute_child(  # Popen's own, private signature
-        self,
-        args: Any,
-        executable: Any,
-        preexec_fn: Any,
-        close_fds: bool,
-        pass_fds: Sequence[int],
-        cwd: Any,
-        env: Mapping[str, str] | None,
-        startupinfo: Any,
-        creationflags: int,
-        shell: bool,
-        p2cread: int,
-        p2cwrite: int,
-        c2pread: int,
-        c2pwrite: int,
-        errread: int,
-        errwrite: int,
-        restore_signals: bool,
-        gid: Any,
-        gids: Any,
-        uid: Any,
-        umask: int,
-        start_new_session: bool,
-        process_group: Any,
-    ) -> None:
+    def _execute_child(self, *arguments: Any) -> None:
+        if len(arguments) != len(_EXECUTE_CHILD_PARAMETERS):  # another Python's Popen: exec
+            super()._execute_child(*arguments)  # type: ignore[misc]
+            return
+        given = dict(zip(_EXECUTE_CHILD_PARAMETERS, arguments, strict=True))
         plain = (
-            executable is None
-            and preexec_fn is None
-            and not shell
-            and (gid, gids, uid) == (None, None, None)
-            and umask < 0
-            and process_group in (None, -1, 0)  # -1: none asked; the child is in its own
+            given["executable"] is None
+            and given["preexec_fn"] is None
+            and not given["shell"]
+            and (given["gid"], given["gids"], given["uid"]) == (None, None, None)
+            and given["umask"] < 0
+            and given["process_group"] in (None, -1, 0)  # -1: none asked; it is in its own
         )
+        cwd, env, args = given["cwd"], given["env"], given["args"]
         directory = os.path.abspath(os.fsdecode(cwd)) if cwd is not None else os.getcwd()
         environment = {
             os.fsdecode(name): os.fsdecode(value)
@@ -128,47 +137,23 @@ class Popen(subprocess.Popen[Any]):
         if server is not None:
             self._exited = threading.Event()
             self._signalling = threading.Lock()
-            given = {
+            pipes = [given[name] for name in _PIPES]
+            p2cread, _, _, c2pwrite, _, errwrite = pipes
+            descriptors = {
                 0: p2cread if p2cread != -1 else 0,
                 1: c2pwrite if c2pwrite != -1 else 1,
                 2: errwrite if errwrite != -1 else 2,
-                **{number: number for number in pass_fds},
+                **{number: number for number in given["pass_fds"]},
             }
             argv = [os.fsdecode(argument) for argument in args]
-            pid = server.spawn(self, argv, environment, directory, given)
+            pid = server.spawn(self, argv, environment, directory, descriptors)
             if pid is not None:
                 self.pid = pid
                 self._forked = True
                 self._child_created = True
-                self._close_pipe_fds(  # type: ignore[attr-defined]
-                    p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite
-                )
+                self._close_pipe_fds(*pipes)  # type: ignore[attr-defined]
                 return
-        super()._execute_child(  # type: ignore[misc]
-            args,
-            executable,
-            preexec_fn,
-            close_fds,
-            pass_fds,
-            cwd,
-            env,
-            startupinfo,
-            creationflags,
-            shell,
-            p2cread,
-            p2cwrite,
-            c2pread,
-            c2pwrite,
-            errread,
-            errwrite,
-            restore_signals,
-            gid,
-            gids,
-            uid,
-            umask,
-            start_new_session,
-            process_group,
-        )
+        super()._execute_child(*arguments)  # type: ignore[misc]
 
     def _internal_poll(self, _deadstate: Any = None, **_: Any) -> int | None:
         if not self._forked:

@@ -135,6 +135,7 @@ def serve(channel: socket.socket, supervisor: int) -> ForkedChild:
         os.dup2(devnull, standard)
     os.close(devnull)
     _close_all_but({0, 1, 2, channel.fileno()})  # what the supervisor had open is not ours
+    server = os.getpid()  # a child's parent, checked once its death signal is set
     wakeup_read, wakeup_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     signal.set_wakeup_fd(wakeup_write)
@@ -154,7 +155,6 @@ def serve(channel: socket.socket, supervisor: int) -> ForkedChild:
             # Closed by the child once it has its own session and signal handlers: "spawned"
             # is sent only then, so that a signal to its process group from then on reaches it.
             settled_read, settled_write = os.pipe2(os.O_CLOEXEC)
-            server = os.getpid()  # the child's parent, checked once its death signal is set
             try:
                 pid = os.fork()
             except OSError as exc:  # EAGAIN, ENOMEM: this child cannot be forked, others can

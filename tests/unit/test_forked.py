@@ -10,22 +10,18 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests import forked
+from tests.up_support import parent_pid, wait_until
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork server: Linux only")
 
 MISSING_STORE = ["query", "--data-dir", "no-such-dir", "SELECT 1"]
-
-
-def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
 def name_of(pid: int) -> str:
@@ -54,13 +50,6 @@ def end(process: forked.Popen) -> None:
     for pipe in (process.stdin, process.stdout):
         if pipe is not None:
             pipe.close()
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} not seen in {timeout} s"
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -106,7 +95,7 @@ def test_a_forked_process_is_the_servers_child_and_signals_and_timeouts_work(
     process = emulator(tmp_path)
     try:
         assert process.forked
-        assert parent_of(process.pid) != os.getpid()
+        assert parent_pid(process.pid) != os.getpid()
         assert name_of(process.pid) == "sgpipe-sendgrid"
         assert os.readlink(f"/proc/{process.pid}/cwd") == str(tmp_path)
         assert process.poll() is None
@@ -152,7 +141,7 @@ def test_other_commands_other_interpreters_and_exec_on_request_are_execd(
     seeded = emulator(tmp_path, env={**os.environ, "PYTHONHASHSEED": "123"})
     try:
         assert not seeded.forked
-        assert parent_of(seeded.pid) == os.getpid()
+        assert parent_pid(seeded.pid) == os.getpid()
     finally:
         end(seeded)
     with pytest.raises(FileNotFoundError):  # as Popen has it, not a child's traceback
@@ -162,7 +151,7 @@ def test_other_commands_other_interpreters_and_exec_on_request_are_execd(
     process = emulator(tmp_path)
     try:
         assert not process.forked
-        assert parent_of(process.pid) == os.getpid()
+        assert parent_pid(process.pid) == os.getpid()
     finally:
         end(process)
 
@@ -178,11 +167,11 @@ def test_the_server_outlives_the_thread_that_first_asked_for_it(tmp_path: Path) 
         asker.start()
         asker.join()
         task = Path(f"/proc/self/task/{asker.native_id}")
-        wait_until(lambda: not task.exists(), "the asking thread's end")
+        wait_until(lambda: not task.exists(), 30, "the asking thread's end", interval=0.01)
         first = started[0]
-        server = parent_of(first.pid)
+        server = parent_pid(first.pid)
         started.append(emulator(tmp_path))
-        assert parent_of(started[1].pid) == server, "the server died with the thread"
+        assert parent_pid(started[1].pid) == server, "the server died with the thread"
         assert first.poll() is None
     finally:
         for process in started:
@@ -202,7 +191,7 @@ def test_a_lost_server_ends_its_children_and_the_next_command_gets_a_new_one(
         later = emulator(tmp_path)
         try:
             assert later.forked
-            assert parent_of(later.pid) != server.process.pid
+            assert parent_pid(later.pid) != server.process.pid
         finally:
             end(later)
     finally:
