@@ -178,16 +178,19 @@ class Popen(subprocess.Popen[Any]):
         if not self._forked:
             super().send_signal(sig)
             return
-        with self._signalling:
-            if self.returncode is None and self._pidfd is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(self._pidfd, sig)
+        with self._signalling, contextlib.suppress(ProcessLookupError):
+            if self.returncode is not None:
+                return
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:  # a kernel without pidfds (before Linux 5.3): by PID, as Popen does
+                os.kill(self.pid, sig)
 
     def spawned(self, pid: int) -> None:
         """Forked (from the server's reading thread, before its exit can be reported)."""
         try:
             self._pidfd = os.pidfd_open(pid)
-        except ProcessLookupError:  # gone already: its exit report follows
+        except OSError:  # gone already (its exit report follows), or no pidfds here
             self._pidfd = None
 
     def exited(self, code: int) -> None:
