@@ -42,8 +42,7 @@ import socket
 import subprocess
 import sys
 import threading
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,15 +268,24 @@ class _Server:
         self.process: subprocess.Popen[bytes] | None = None
         ready = threading.Event()
 
+        failed: list[OSError] = []
+
         def start_then_read() -> None:
-            with theirs, _setting(ready):
-                self.process = subprocess.Popen(
-                    [sys.executable, "-m", "tests.forked", str(theirs.fileno()), str(os.getpid())],
-                    pass_fds=[theirs.fileno()],
-                    cwd=REPOSITORY,
-                    env=SERVER_ENVIRONMENT,
-                    stdin=subprocess.DEVNULL,
-                )
+            try:
+                with theirs:
+                    self.process = subprocess.Popen(
+                        [sys.executable, "-m", "tests.forked", str(theirs.fileno())]
+                        + [str(os.getpid())],
+                        pass_fds=[theirs.fileno()],
+                        cwd=REPOSITORY,
+                        env=SERVER_ENVIRONMENT,
+                        stdin=subprocess.DEVNULL,
+                    )
+            except OSError as exc:  # reported by the caller, not left to the thread's end
+                failed.append(exc)
+                return
+            finally:
+                ready.set()
             try:
                 self._read()
             finally:
@@ -285,9 +293,9 @@ class _Server:
 
         threading.Thread(target=start_then_read, name="sgpipe-forks", daemon=True).start()
         ready.wait()
-        if self.process is None:
+        if failed:
             self._channel.close()
-            raise OSError("the tests' fork server could not be started")
+            raise OSError(f"the tests' fork server could not be started: {failed[0]}")
 
     def spawn(
         self,
@@ -359,14 +367,6 @@ class _Server:
                 self.process.wait(5)
 
 
-@contextlib.contextmanager
-def _setting(event: threading.Event) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        event.set()
-
-
 _started: _Server | None = None
 _starting = threading.Lock()
 _broken = False  # a server that could not start, or ended before its first answer
@@ -379,18 +379,22 @@ def _server() -> _Server | None:
     with _starting:
         if _started is not None and _started.lost and not _started.answered_once:
             _broken = True  # it would fail again: exec from now on, once said
-            warnings.warn(
-                "the tests' fork server ended at start: commands are exec'd", stacklevel=3
-            )
+            _say("the tests' fork server ended at start: commands are exec'd")
             return None
         if _started is None or _started.lost:
             try:
                 _started = _Server()
             except OSError as exc:
                 _broken = True
-                warnings.warn(f"no fork server for the tests ({exc}): exec'd", stacklevel=3)
+                _say(f"no fork server for the tests ({exc}): commands are exec'd")
                 return None
         return _started
+
+
+def _say(problem: str) -> None:
+    """Said on stderr, not as a warning: the suite turns warnings into errors, and the test
+    that met the problem would fail instead of having its command exec'd."""
+    print(f"tests/forked.py: {problem}", file=sys.stderr)
 
 
 def _as_at_start(environment: Mapping[str, str]) -> bool:

@@ -196,3 +196,22 @@ def test_a_lost_server_ends_its_children_and_the_next_command_gets_a_new_one(
             end(later)
     finally:
         end(first)
+
+
+@pytest.mark.usefixtures("own_server")
+def test_a_server_that_cannot_start_means_exec_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Not a warning, which the suite would turn into this test's failure: the command is
+    exec'd, and later ones too without trying again."""
+    monkeypatch.setattr(forked, "_broken", False)
+    monkeypatch.setattr(forked, "REPOSITORY", tmp_path / "missing")  # its start fails
+    for _ in range(2):
+        process = emulator(tmp_path)
+        try:
+            assert not process.forked
+            assert parent_pid(process.pid) == os.getpid()
+        finally:
+            end(process)
+    said = capfd.readouterr().err
+    assert said.count("no fork server for the tests") == 1
