@@ -5,6 +5,7 @@ PID since reused by something else, never while the recorded supervisor still ru
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -151,9 +152,12 @@ def titled(title: list[str]) -> list[str]:
     return [sys.executable, "-c", script, *title]
 
 
-def wait_titled(pid: int) -> None:
+def wait_titled(pid: int, title: list[str]) -> None:
+    """Until /proc shows the whole title: setproctitle clears, then writes, and a read in
+    between sees an empty or a partial command line (seen under a loaded `make test`)."""
+    whole = shlex.join(title).encode()
     deadline = time.monotonic() + 10
-    while b"\0" in Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0"):
+    while Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0") != whole:
         assert time.monotonic() < deadline, "the title never showed"
         time.sleep(0.01)
 
@@ -170,8 +174,8 @@ def test_a_forked_supervisor_or_child_is_read_from_its_title(
     stage = ["python", "-m", "sgpipe", "ingest", "--config", str(data_dir / "run" / "ingest.yaml")]
     supervisor = spawn(spawned, titled(up), cwd=tmp_path)
     child = spawn(spawned, titled(stage), cwd=tmp_path)
-    for process in (supervisor, child):
-        wait_titled(process.pid)
+    wait_titled(supervisor.pid, up)
+    wait_titled(child.pid, stage)
     assert leftovers.command_line(supervisor.pid) == up
     assert leftovers.command_line(child.pid) == stage
 
